@@ -1,0 +1,239 @@
+// CPU backward of attention: dq, dk, dv from dout, recomputing the probabilities from
+// the forward's logsumexp (P = exp(scale * q kᵀ - lse)), never storing an Nq x Nk matrix.
+//
+// With S = scale * q kᵀ, P = softmax(S), out = P v:
+//   dv = Pᵀ dout
+//   dP = dout vᵀ,  dS = P ∘ (dP - rowsum(dout ∘ out))
+//   dq = scale * dS k,   dk = scale * dSᵀ q
+//
+// Work item: one (batch, head, share of the key blocks). A key block's dk and dv are
+// summed over all query blocks in scratch and written once; dq is summed into a buffer
+// per work item, and the buffers of one (batch, head) are added in a fixed order at the
+// end (deterministic). A (batch, head) is split over several work items only when there
+// are fewer (batch, head) pairs than threads.
+// As in the forward, score tiles are transposed: key rows x query columns.
+#include "../attention.h"
+#include "tile.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+
+namespace selfattn {
+namespace cpu {
+namespace {
+
+constexpr int64_t kBlockQ = 64;  // queries per tile (columns)
+constexpr int64_t kBlockK = 64;  // keys per tile (rows), the unit of work splitting
+
+struct BackwardShape {
+  int64_t batch, heads, nq, nk, dim, dim_v;
+  int64_t dim_padded, dim_v_padded;  // row widths of the GEMM operands
+  int64_t block_q, block_k, q_blocks, k_blocks;
+  int64_t splits;          // work items per (batch, head)
+  int64_t blocks_per_split;
+};
+
+// grad_out (dO): (B, H, Nq, Dv_padded) T, unit last stride      out: (B, H, Nq, Dv) scalar_t, any strides
+// q: (B, H, Nq, D_padded) T, unit last stride                   lse: (B, H, Nq) T, any strides
+// k: (B, H, Nk, D_padded) T, unit last stride                   v: (B, H, Nk, Dv) T, any strides
+// grad_q_partial: (B * H * splits, Nq, D_padded) T, zeroed; grad_k/grad_v: (B, H, Nk, D/Dv) scalar_t, any strides
+template <typename scalar_t, typename T>
+void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                     const at::Tensor& lse, bool causal, T scale, const at::Tensor& grad_q_partial,
+                     const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  constexpr int64_t W = kVecWidth<T>;
+  const Strided4<const T> do_view(grad_out), q_view(q), k_view(k), v_view(v);
+  const Strided4<const scalar_t> out_view(out);
+  const Strided4<scalar_t> dk_view(grad_k), dv_view(grad_v);
+  const T* lse_data = lse.data_ptr<T>();
+  T* dq_partial = grad_q_partial.data_ptr<T>();
+  const int64_t block_q = s.block_q, block_k = s.block_k;
+  const int64_t nq_padded = s.q_blocks * block_q;
+
+  using Carver = ScratchCarver<T>;
+  const int64_t scratch_size =
+      Carver::padded(s.dim * nq_padded) + Carver::padded(s.dim_v * nq_padded) +
+      2 * Carver::padded(nq_padded) + 2 * Carver::padded(block_k * block_q) +
+      Carver::padded(block_k * s.dim_padded) + Carver::padded(block_k * s.dim_v_padded);
+
+  at::parallel_for(0, s.batch * s.heads * s.splits, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(scratch_size);
+    Carver carve(scratch.get());
+    T* q_t = carve.take(s.dim * nq_padded);      // (D, Nq_padded): all queries as columns, times scale
+    T* do_t = carve.take(s.dim_v * nq_padded);   // (Dv, Nq_padded): all rows of dO as columns
+    T* lse_row = carve.take(nq_padded);          // lse per query; +inf on padding so P = 0 there
+    T* delta = carve.take(nq_padded);            // rowsum(dO ∘ out) per query
+    T* p_t = carve.take(block_k * block_q);      // (block_k, block_q): P, transposed
+    T* ds_t = carve.take(block_k * block_q);     // (block_k, block_q): dP, then dS, transposed
+    T* dk_acc = carve.take(block_k * s.dim_padded);
+    T* dv_acc = carve.take(block_k * s.dim_v_padded);
+
+    int64_t packed_bh = -1;  // the (batch, head) whose queries q_t/do_t hold
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / s.splits, b = bh / s.heads, h = bh % s.heads;
+      const int64_t split = item % s.splits;
+      T* dq_acc = dq_partial + item * s.nq * s.dim_padded;  // (Nq, D_padded)
+
+      if (bh != packed_bh) {
+        pack_columns(q_view, b, h, 0, s.nq, s.dim, scale, q_t, nq_padded);
+        pack_columns(do_view, b, h, 0, s.nq, s.dim_v, T(1), do_t, nq_padded);
+        for (int64_t i = 0; i < nq_padded; ++i) {
+          if (i < s.nq) {
+            lse_row[i] = lse_data[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)];
+            const T* do_row = do_view.row(b, h, i);
+            const scalar_t* out_row = out_view.row(b, h, i);
+            T dot = 0;
+            for (int64_t d = 0; d < s.dim_v; ++d) {
+              dot += do_row[d] * static_cast<T>(out_row[d * out_view.stride_d]);
+            }
+            delta[i] = dot;
+          } else {
+            lse_row[i] = std::numeric_limits<T>::infinity();
+            delta[i] = 0;
+          }
+        }
+        packed_bh = bh;
+      }
+
+      const int64_t kb_begin = split * s.blocks_per_split;
+      const int64_t kb_end = std::min(s.k_blocks, kb_begin + s.blocks_per_split);
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+        const int64_t k0 = kb * block_k, k_rows = std::min(block_k, s.nk - k0);
+        fill(dk_acc, block_k * s.dim_padded, T(0));
+        fill(dv_acc, block_k * s.dim_v_padded, T(0));
+
+        // Causal: query blocks that end before this key block's first key see none of it.
+        for (int64_t qb = causal ? k0 / block_q : 0; qb < s.q_blocks; ++qb) {
+          const int64_t q0 = qb * block_q, q_rows = std::min(block_q, s.nq - q0);
+          // Causal: keys past the query block's last query are masked for all of it.
+          const int64_t kv_rows = causal ? std::min(k_rows, q0 + q_rows - k0) : k_rows;
+          if (kv_rows <= 0) {
+            continue;
+          }
+          const T* k_rows_ptr = k_view.row(b, h, k0);
+
+          // P (transposed) = exp(k · q_t - lse), recomputed from the forward's logsumexp.
+          gemm<T>(kv_rows, block_q, s.dim, k_rows_ptr, k_view.stride_n, 1, q_t + q0, nq_padded,
+                  p_t, block_q, /*accumulate=*/false);
+          for (int64_t j = 0; j < kv_rows; ++j) {
+            T* p_row = p_t + j * block_q;
+            for (int64_t c = 0; c < block_q; c += W) {
+              vec_exp<T>(Vec<T>::loadu(p_row + c) - Vec<T>::loadu(lse_row + q0 + c)).store(p_row + c);
+            }
+            if (causal && k0 + j > q0) {  // queries before key k0 + j do not see it
+              fill(p_row, std::min(block_q, k0 + j - q0), T(0));
+            }
+          }
+
+          // dv (kv_rows x Dv) += Pᵀ · dO rows of the block.
+          gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_view.row(b, h, q0),
+                  do_view.stride_n, dv_acc, s.dim_v_padded, /*accumulate=*/true);
+
+          // dP (transposed) = v · dO_t, then dS = P ∘ (dP - delta).
+          gemm<T>(kv_rows, block_q, s.dim_v, v_view.row(b, h, k0), v_view.stride_n,
+                  v_view.stride_d, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
+          for (int64_t j = 0; j < kv_rows; ++j) {
+            for (int64_t c = 0; c < block_q; c += W) {
+              const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
+              const Vec<T> dp = Vec<T>::loadu(ds_t + j * block_q + c);
+              (p * (dp - Vec<T>::loadu(delta + q0 + c))).store(ds_t + j * block_q + c);
+            }
+          }
+
+          // dk (kv_rows x D) += dSᵀ · q rows;  dq (q_rows x D) += dS · k rows (dS read transposed).
+          gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_view.row(b, h, q0),
+                  q_view.stride_n, dk_acc, s.dim_padded, /*accumulate=*/true);
+          gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_rows_ptr, k_view.stride_n,
+                  dq_acc + q0 * s.dim_padded, s.dim_padded, /*accumulate=*/true);
+        }
+
+        for (int64_t j = 0; j < k_rows; ++j) {
+          scalar_t* dk_row = dk_view.row(b, h, k0 + j);
+          scalar_t* dv_row = dv_view.row(b, h, k0 + j);
+          for (int64_t d = 0; d < s.dim; ++d) {
+            dk_row[d * dk_view.stride_d] = static_cast<scalar_t>(dk_acc[j * s.dim_padded + d] * scale);
+          }
+          for (int64_t d = 0; d < s.dim_v; ++d) {
+            dv_row[d * dv_view.stride_d] = static_cast<scalar_t>(dv_acc[j * s.dim_v_padded + d]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// dq[b, h, i] = scale * sum over splits of the partial sums, in split order.
+template <typename scalar_t, typename T>
+void reduce_grad_q(const BackwardShape& s, const at::Tensor& grad_q_partial, T scale,
+                   const at::Tensor& grad_q) {
+  const T* partial = grad_q_partial.data_ptr<T>();
+  const Strided4<scalar_t> dq_view(grad_q);
+  at::parallel_for(0, s.batch * s.heads * s.nq, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / s.nq, i = row % s.nq, b = bh / s.heads, h = bh % s.heads;
+      scalar_t* dq_row = dq_view.row(b, h, i);
+      for (int64_t d = 0; d < s.dim; ++d) {
+        T sum = 0;
+        for (int64_t split = 0; split < s.splits; ++split) {
+          sum += partial[((bh * s.splits + split) * s.nq + i) * s.dim_padded + d];
+        }
+        dq_row[d * dq_view.stride_d] = static_cast<scalar_t>(sum * scale);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                            bool causal, double scale, const at::Tensor& grad_q,
+                            const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  using namespace cpu;
+  BackwardShape s;
+  s.batch = q.size(0), s.heads = q.size(1), s.nq = q.size(2), s.nk = k.size(2);
+  s.dim = q.size(3), s.dim_v = v.size(3);
+  if (s.batch * s.heads == 0) {
+    return;
+  }
+  if (s.nq == 0 || s.nk == 0) {  // nothing attends to anything: every gradient is zero
+    grad_q.zero_();
+    grad_k.zero_();
+    grad_v.zero_();
+    return;
+  }
+  const at::ScalarType acc_type = accumulate_type(q.scalar_type());
+  s.dim_padded = gemm_width(s.dim, acc_type);
+  s.dim_v_padded = gemm_width(s.dim_v, acc_type);
+  const int64_t vec = acc_type == at::kDouble ? kVecWidth<double> : kVecWidth<float>;
+  s.block_q = std::min(kBlockQ, round_up(s.nq, vec));
+  s.block_k = kBlockK;
+  s.q_blocks = ceil_div(s.nq, s.block_q);
+  s.k_blocks = ceil_div(s.nk, s.block_k);
+  // Split a (batch, head) over several work items only to give every thread work.
+  const int64_t threads = at::get_num_threads();
+  s.splits = std::min(s.k_blocks, ceil_div(threads, s.batch * s.heads));
+  s.blocks_per_split = ceil_div(s.k_blocks, s.splits);
+  s.splits = ceil_div(s.k_blocks, s.blocks_per_split);
+
+  // q, k and dO are read as whole rows by the tile GEMM; v only element by element.
+  const at::Tensor q_rows = rows_for_gemm(q, acc_type, s.dim_padded);
+  const at::Tensor k_rows = rows_for_gemm(k, acc_type, s.dim_padded);
+  const at::Tensor do_rows = rows_for_gemm(grad_out, acc_type, s.dim_v_padded);
+  const at::Tensor v_acc = v.scalar_type() == acc_type ? v : v.to(acc_type);
+  const at::Tensor grad_q_partial =
+      at::zeros({s.batch * s.heads * s.splits, s.nq, s.dim_padded}, q.options().dtype(acc_type));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t, acc_t>(s, do_rows, q_rows, k_rows, v_acc, out, lse, causal,
+                                     static_cast<acc_t>(scale), grad_q_partial, grad_k, grad_v);
+    reduce_grad_q<scalar_t, acc_t>(s, grad_q_partial, static_cast<acc_t>(scale), grad_q);
+  });
+}
+
+}  // namespace selfattn

@@ -1,0 +1,168 @@
+// CPU forward of attention: out = softmax(scale * q kᵀ) v, and the logsumexp of each row.
+//
+// Tiled with online softmax: one work item is one (batch, head, block of queries); key
+// blocks stream through it, and only a running max and sum per query are kept, so no
+// Nq x Nk matrix ever exists. Scores are held transposed (key rows x query columns):
+// the max and sum of each query are then vectors across columns, the softmax needs no
+// horizontal reductions, and the tile GEMM (which broadcasts A elements one at a time)
+// reads the transposed probabilities for P·V at no cost.
+#include "../attention.h"
+#include "tile.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+
+namespace selfattn {
+namespace cpu {
+namespace {
+
+constexpr int64_t kBlockQ = 64;  // queries per work item (columns of the score tile)
+constexpr int64_t kBlockK = 64;  // keys per step of the stream (rows of the score tile)
+
+// Under causal masking the last query blocks see the most keys. Work items are handed
+// to threads in contiguous ranges, so pair each light block with a heavy one.
+inline int64_t balanced_block(int64_t rank, int64_t num_blocks) {
+  return rank % 2 == 0 ? rank / 2 : num_blocks - 1 - rank / 2;
+}
+
+// q: (B, H, Nq, D) scalar_t, any strides
+// k: (B, H, Nk, D) T, any strides
+// v: (B, H, Nk, Dv_padded) T, unit last stride (read as whole rows by the tile GEMM)
+// out: (B, H, Nq, Dv) scalar_t, any strides;  lse: (B, H, Nq) T, any strides
+template <typename scalar_t, typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                    T scale, const at::Tensor& out, const at::Tensor& lse) {
+  constexpr int64_t W = kVecWidth<T>;
+  const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dim = q.size(3);
+  const int64_t nk = k.size(2), dim_v = out.size(3), dim_v_padded = v.size(3);
+  const int64_t block_q = std::min(kBlockQ, round_up(nq, W));  // short sequences: no idle columns
+  const int64_t block_k = kBlockK;
+  const int64_t q_blocks = ceil_div(nq, block_q);
+
+  const Strided4<const scalar_t> q_view(q);
+  const Strided4<const T> k_view(k);
+  const Strided4<const T> v_view(v);
+  const Strided4<scalar_t> out_view(out);
+  T* const lse_data = lse.data_ptr<T>();
+  const int64_t lse_stride_b = lse.stride(0), lse_stride_h = lse.stride(1),
+                lse_stride_n = lse.stride(2);
+
+  using Carver = ScratchCarver<T>;
+  const int64_t scratch_size = Carver::padded(dim * block_q) + Carver::padded(block_k * block_q) +
+                               Carver::padded(block_q * dim_v_padded) +
+                               3 * Carver::padded(block_q);
+
+  at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(scratch_size);
+    Carver carve(scratch.get());
+    T* q_t = carve.take(dim * block_q);           // (D, block_q): the block's queries as columns, times scale
+    T* p_t = carve.take(block_k * block_q);       // (block_k, block_q): scores, then probabilities
+    T* acc = carve.take(block_q * dim_v_padded);  // (block_q, Dv_padded): unnormalized output rows
+    T* row_max = carve.take(block_q);             // running max of each query's scores
+    T* row_sum = carve.take(block_q);             // running sum of exp(score - row_max)
+    T* rescale = carve.take(block_q);             // exp(old max - new max), per query
+
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / q_blocks, b = bh / heads, h = bh % heads;
+      const int64_t rank = item % q_blocks;
+      const int64_t q0 = (causal ? balanced_block(rank, q_blocks) : rank) * block_q;
+      const int64_t q_rows = std::min(block_q, nq - q0);
+
+      // 1. The block's queries as columns, with the scale folded in; padding columns are zero.
+      pack_columns(q_view, b, h, q0, q_rows, dim, scale, q_t, block_q);
+      fill(row_max, block_q, -std::numeric_limits<T>::infinity());
+      fill(row_sum, block_q, T(0));
+      fill(acc, block_q * dim_v_padded, T(0));
+
+      // Causal: key j is visible to query i when j <= i, so keys past the block's last
+      // query are never touched.
+      const int64_t k_end = causal ? std::min(nk, q0 + q_rows) : nk;
+      for (int64_t k0 = 0; k0 < k_end; k0 += block_k) {
+        const int64_t k_rows = std::min(block_k, k_end - k0);
+
+        // 2. Scores, transposed: p_t (k_rows x block_q) = k rows · q_t.
+        gemm<T>(k_rows, block_q, dim, k_view.row(b, h, k0), k_view.stride_n, k_view.stride_d, q_t,
+                block_q, p_t, block_q, /*accumulate=*/false);
+        if (causal && k0 + k_rows - 1 > q0) {  // the block crosses the diagonal
+          for (int64_t j = 0; j < k_rows; ++j) {
+            const int64_t first_visible = std::min(block_q, std::max<int64_t>(0, k0 + j - q0));
+            fill(p_t + j * block_q, first_visible, -std::numeric_limits<T>::infinity());
+          }
+        }
+
+        // 3. Online softmax down each column: new max, probabilities, and the factor
+        //    that brings what was accumulated under the old max to the new one.
+        for (int64_t c = 0; c < block_q; c += W) {
+          const Vec<T> old_max = Vec<T>::loadu(row_max + c);
+          Vec<T> new_max = old_max;
+          for (int64_t j = 0; j < k_rows; ++j) {
+            new_max = at::vec::maximum(new_max, Vec<T>::loadu(p_t + j * block_q + c));
+          }
+          Vec<T> block_sum(T(0));
+          for (int64_t j = 0; j < k_rows; ++j) {
+            const Vec<T> p = vec_exp<T>(Vec<T>::loadu(p_t + j * block_q + c) - new_max);
+            p.store(p_t + j * block_q + c);
+            block_sum = block_sum + p;
+          }
+          const Vec<T> alpha = vec_exp<T>(old_max - new_max);  // 0 on the first block
+          at::vec::fmadd(alpha, Vec<T>::loadu(row_sum + c), block_sum).store(row_sum + c);
+          alpha.store(rescale + c);
+          new_max.store(row_max + c);
+        }
+        for (int64_t i = 0; i < q_rows; ++i) {
+          if (rescale[i] != T(1)) {
+            const Vec<T> alpha(rescale[i]);
+            for (int64_t d = 0; d < dim_v_padded; d += W) {
+              (Vec<T>::loadu(acc + i * dim_v_padded + d) * alpha).store(acc + i * dim_v_padded + d);
+            }
+          }
+        }
+
+        // 4-5. Weight each value row by its probability and sum per query:
+        //      acc (q_rows x Dv) += P (q_rows x k_rows) · v rows, P read through p_t's transpose.
+        gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q,
+                v_view.row(b, h, k0), v_view.stride_n, acc, dim_v_padded, /*accumulate=*/true);
+      }
+
+      // 6. Normalize and write the rows out, with their logsumexp.
+      for (int64_t i = 0; i < q_rows; ++i) {
+        const T inv_sum = T(1) / row_sum[i];
+        scalar_t* out_row = out_view.row(b, h, q0 + i);
+        for (int64_t d = 0; d < dim_v; ++d) {
+          out_row[d * out_view.stride_d] = static_cast<scalar_t>(acc[i * dim_v_padded + d] * inv_sum);
+        }
+        lse_data[b * lse_stride_b + h * lse_stride_h + (q0 + i) * lse_stride_n] =
+            row_max[i] + std::log(row_sum[i]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+}  // namespace cpu
+
+void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           bool causal, double scale, const at::Tensor& out, const at::Tensor& lse) {
+  if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) {
+    return;
+  }
+  if (k.size(2) == 0) {  // no key to attend to: an empty sum
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return;
+  }
+  const at::ScalarType acc_type = accumulate_type(q.scalar_type());
+  // k is broadcast element by element (any strides do); v is read as whole rows.
+  const at::Tensor k_acc = k.scalar_type() == acc_type ? k : k.to(acc_type);
+  const at::Tensor v_rows = cpu::rows_for_gemm(v, acc_type, cpu::gemm_width(v.size(3), acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cpu::forward_kernel<scalar_t, acc_t>(q, k_acc, v_rows, causal, static_cast<acc_t>(scale), out, lse);
+  });
+}
+
+}  // namespace selfattn

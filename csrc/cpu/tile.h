@@ -1,0 +1,218 @@
+// The small shared pieces of the CPU kernels: a register-blocked tile GEMM, strided
+// tensor access, aligned per-call scratch and vectorized row operations.
+//
+// Everything here is templated on T, the accumulation type (float, or double for
+// float64 inputs). Vector width follows the CPU capability this file is compiled for
+// (CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 / neither), chosen by setup.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Unroll.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <utility>
+
+namespace selfattn::cpu {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+constexpr int64_t kVecWidth = Vec<T>::size();
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---------------------------------------------------------------------------------------
+// Register blocking of the micro-kernel: kTileRows rows of C times kTileVecs vectors of
+// columns live in registers. rows*vecs accumulators + vecs loads of B + 1 broadcast of A
+// must fit the register file (32 zmm with AVX-512, 16 ymm with AVX2).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTileRows = 6, kTileVecs = 4;  // 24 + 4 + 1 <= 32
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kTileRows = 6, kTileVecs = 2;  // 12 + 2 + 1 <= 16
+#else
+constexpr int kTileRows = 4, kTileVecs = 1;
+#endif
+
+// C[i, :] (+)= sum_p A[i, p] * B[p, :] for ROWS rows and VECS vectors of columns.
+//   A: element (i, p) at a[i * a_row + p * a_col], any strides (each element is broadcast alone,
+//      so a transposed A costs nothing);
+//   B: row p at b + p * ldb, VECS * width contiguous elements;
+//   C: row i at c + i * ldc.
+template <typename T, int ROWS, int VECS>
+void micro_kernel(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+                  T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = kVecWidth<T>;
+  Vec<T> acc[ROWS][VECS];
+  c10::ForcedUnroll<ROWS>{}([&](auto i) {
+    c10::ForcedUnroll<VECS>{}([&](auto j) {
+      acc[i][j] = accumulate ? Vec<T>::loadu(c + i * ldc + j * W) : Vec<T>(T(0));
+    });
+  });
+  for (int64_t p = 0; p < depth; ++p) {
+    Vec<T> b_row[VECS];
+    c10::ForcedUnroll<VECS>{}([&](auto j) { b_row[j] = Vec<T>::loadu(b + p * ldb + j * W); });
+    c10::ForcedUnroll<ROWS>{}([&](auto i) {
+      const Vec<T> a_elem(a[i * a_row + p * a_col]);
+      c10::ForcedUnroll<VECS>{}(
+          [&](auto j) { acc[i][j] = at::vec::fmadd(a_elem, b_row[j], acc[i][j]); });
+    });
+  }
+  c10::ForcedUnroll<ROWS>{}([&](auto i) {
+    c10::ForcedUnroll<VECS>{}([&](auto j) { acc[i][j].store(c + i * ldc + j * W); });
+  });
+}
+
+template <typename T>
+using MicroKernel = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t,
+                             bool);
+
+// kMicroKernels<T>[rows - 1][vecs - 1]: the micro-kernel for a rows x vecs block, so edge
+// blocks run register-blocked too.
+template <typename T, int ROWS, int... V>
+constexpr std::array<MicroKernel<T>, sizeof...(V)> kernels_of_row(std::integer_sequence<int, V...>) {
+  return {{&micro_kernel<T, ROWS, V + 1>...}};
+}
+template <typename T, int... R>
+constexpr std::array<std::array<MicroKernel<T>, kTileVecs>, sizeof...(R)> kernel_table(
+    std::integer_sequence<int, R...>) {
+  return {{kernels_of_row<T, R + 1>(std::make_integer_sequence<int, kTileVecs>{})...}};
+}
+template <typename T>
+inline constexpr auto kMicroKernels = kernel_table<T>(std::make_integer_sequence<int, kTileRows>{});
+
+// C (m x n) (+)= A (m x depth) * B (depth x n), strides as in micro_kernel.
+// n must be a multiple of the vector width (callers pad their buffers to it).
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+          const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = kVecWidth<T>;
+  TORCH_INTERNAL_ASSERT(n % W == 0, "selfattn: gemm width ", n, " is not a multiple of ", W);
+  for (int64_t n0 = 0; n0 < n; n0 += kTileVecs * W) {
+    const int vecs = static_cast<int>(std::min<int64_t>(kTileVecs, (n - n0) / W));
+    for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - m0));
+      kMicroKernels<T>[rows - 1][vecs - 1](depth, a + m0 * a_row, a_row, a_col, b + n0, ldb,
+                                           c + m0 * ldc + n0, ldc, accumulate);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// A (B, H, N, D) tensor with any strides, seen through a raw pointer.
+template <typename scalar_t>
+struct Strided4 {
+  scalar_t* data;
+  int64_t stride_b, stride_h, stride_n, stride_d;
+
+  explicit Strided4(const at::Tensor& t)
+      : data(static_cast<scalar_t*>(t.data_ptr())),
+        stride_b(t.stride(0)),
+        stride_h(t.stride(1)),
+        stride_n(t.stride(2)),
+        stride_d(t.stride(3)) {}
+
+  scalar_t* row(int64_t b, int64_t h, int64_t n) const {
+    return data + b * stride_b + h * stride_h + n * stride_n;
+  }
+};
+
+// Uninitialized, 64-byte aligned scratch owned by one thread for one call
+// (never static: two Python threads may run the op at once).
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t count)
+      : ptr_(static_cast<T*>(c10::alloc_cpu(std::max<int64_t>(count, 1) * sizeof(T)))) {}
+  ~Scratch() { c10::free_cpu(ptr_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_;
+};
+
+// Splits one scratch allocation into consecutive pieces, each rounded up to 64 bytes.
+template <typename T>
+class ScratchCarver {
+ public:
+  explicit ScratchCarver(T* base) : next_(base) {}
+  T* take(int64_t count) {
+    T* piece = next_;
+    next_ += round_up(count, 64 / sizeof(T));
+    return piece;
+  }
+  static int64_t padded(int64_t count) { return round_up(count, 64 / sizeof(T)); }
+
+ private:
+  T* next_;
+};
+
+// ---------------------------------------------------------------------------------------
+// Operand preparation.
+
+// Width of a row as the tile GEMM reads it: dim rounded up to the vector width.
+inline int64_t gemm_width(int64_t dim, at::ScalarType acc_type) {
+  const int64_t vec = acc_type == at::kDouble ? kVecWidth<double> : kVecWidth<float>;
+  return round_up(std::max<int64_t>(dim, 1), vec);
+}
+
+// t, or a copy of it, that the tile GEMM can read as whole rows (its B operand): dtype
+// acc_type, unit stride along the last dim and `width` readable elements per row, zeros
+// past size(-1). Float inputs with a contiguous last dim and a vector-multiple head dim —
+// including the strided views into the fused op's packed qkv buffer — are used as they are.
+inline at::Tensor rows_for_gemm(const at::Tensor& t, at::ScalarType acc_type, int64_t width) {
+  if (t.scalar_type() == acc_type && t.stride(-1) == 1 && t.size(-1) == width) {
+    return t;
+  }
+  auto sizes = t.sizes().vec();
+  const int64_t dim = sizes.back();
+  sizes.back() = width;
+  at::Tensor copy = at::empty(sizes, t.options().dtype(acc_type));
+  copy.narrow(-1, 0, dim).copy_(t);
+  copy.narrow(-1, dim, width - dim).zero_();
+  return copy;
+}
+
+// dst (dim x ld), column i = rows n0 + i of src (b, h) times scale, for i < rows; the
+// columns rows..ld-1 are zero (padding that the score GEMM computes on and nobody reads).
+template <typename scalar_t, typename T>
+void pack_columns(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0,
+                  int64_t rows, int64_t dim, T scale, T* dst, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* row = src.row(b, h, n0 + i);
+    for (int64_t d = 0; d < dim; ++d) {
+      dst[d * ld + i] = static_cast<T>(row[d * src.stride_d]) * scale;
+    }
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    std::fill(dst + d * ld + rows, dst + (d + 1) * ld, T(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Vector helpers on rows whose length is a multiple of the vector width.
+
+template <typename T>
+inline Vec<T> vec_exp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();  // ~1e-6 relative error, several times faster than exp()
+  } else {
+    return x.exp();
+  }
+}
+
+template <typename T>
+inline void fill(T* dst, int64_t n, T value) {
+  std::fill(dst, dst + n, value);
+}
+
+}  // namespace selfattn::cpu

@@ -1,0 +1,51 @@
+"""Builds selfattn._C, the C++ (and, where a CUDA toolkit is present, CUDA) library.
+
+    pip install --no-build-isolation .      # compiles against the torch already installed
+
+Sources and flags come from selfattn/_build.py, which the JIT build uses too.
+Environment: MAX_JOBS (parallel compile jobs), SELFATTN_CUDA=0|1 (force the CUDA sources
+off or on), TORCH_CUDA_ARCH_LIST (GPU archs; default 8.0;9.0 when no GPU is visible),
+SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 (instruction set; default: this machine's).
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+# Execute selfattn/_build.py on its own: the package cannot be imported before it is built.
+_spec = importlib.util.spec_from_file_location("selfattn_build", ROOT / "selfattn" / "_build.py")
+_build = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _build  # dataclasses look their module up there
+_spec.loader.exec_module(_build)
+
+config = _build.extension_config()  # settles CUDA_HOME before cpp_extension reads it
+if config.with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    import torch
+
+    if not torch.cuda.is_available():  # building on a machine without a GPU
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+Extension = CUDAExtension if config.with_cuda else CppExtension
+print(f"selfattn: building {'C++ and CUDA' if config.with_cuda else 'C++ (no CUDA)'} sources, "
+      f"CPU instruction set {config.cpu_capability}")
+
+setup(
+    packages=find_packages(include=["selfattn", "selfattn.*"]),
+    ext_modules=[
+        Extension(
+            "selfattn._C",
+            sources=[os.path.relpath(src, ROOT) for src in config.sources],
+            include_dirs=config.include_dirs,
+            extra_compile_args={"cxx": config.cxx_flags, "nvcc": config.nvcc_flags},
+            extra_link_args=config.link_flags,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+)
