@@ -1,0 +1,100 @@
+"""Shared pieces of the tests: input sampling, the float64 references and the tolerance rule.
+
+Tolerance (FlashAttention's rule, DESIGN.md): a result's largest error against a float64
+computation may be at most ``FACTOR`` times the error of the same computation done in eager
+PyTorch at the same precision, plus a small floor (eager's error can be exactly 0, e.g. N = 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import selfattn
+
+FACTOR = 2.0
+# Absolute floor, in units of the largest |expected| value: a few roundings of the dtype.
+FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.bfloat16: 3 * 2.0**-8,
+    torch.float16: 3 * 2.0**-11,
+}
+ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def make_tensor(shape, dtype, device="cpu", layout="contiguous", requires_grad=False):
+    """Fresh standard-normal values in (B, H, N, D) shape, stored in one of several layouts.
+
+    layout: "contiguous"; "transposed" — memory (B, N, H, D) as in a projection's output;
+    "sliced" — every other element of a twice-as-long batch; "strided_last" — the last dim
+    not contiguous (a transposed view).
+    """
+    b, h, n, d = shape
+    if layout == "contiguous":
+        t = torch.randn(b, h, n, d, dtype=dtype, device=device)
+    elif layout == "transposed":
+        t = torch.randn(b, n, h, d, dtype=dtype, device=device).transpose(1, 2)
+    elif layout == "sliced":
+        t = torch.randn(2 * b, h, n, d, dtype=dtype, device=device)[::2]
+    elif layout == "strided_last":
+        t = torch.randn(b, h, d, n, dtype=dtype, device=device).transpose(2, 3)
+    else:
+        raise ValueError(layout)
+    return t.requires_grad_(requires_grad)
+
+
+def sample_inputs(batch, heads, nq, nk, dim, dim_v=None, *, dtype=torch.float32, device="cpu",
+                  layout="contiguous", requires_grad=False):
+    """q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) with fresh random values."""
+    dim_v = dim if dim_v is None else dim_v
+    return (make_tensor((batch, heads, nq, dim), dtype, device, layout, requires_grad),
+            make_tensor((batch, heads, nk, dim), dtype, device, layout, requires_grad),
+            make_tensor((batch, heads, nk, dim_v), dtype, device, layout, requires_grad))
+
+
+def eager_attention(q, k, v, causal=False, scale=None):
+    """Attention by matmul + softmax + matmul, at the inputs' precision (the 'eager' baseline)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        hidden = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def attention_with_grads(fn, q, k, v, grad_out, **kwargs):
+    """fn(q, k, v, **kwargs) and its gradients for grad_out, on fresh leaves of the inputs."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return out.detach(), [g.detach() for g in grads]
+
+
+def max_error(actual, expected64):
+    return (actual.detach().to(torch.float64).cpu() - expected64.detach().cpu()).abs().max().item() \
+        if expected64.numel() else 0.0
+
+
+def assert_close(actual, expected64, eager, name=""):
+    """actual within FACTOR x eager's error against the float64 expected value, plus a floor."""
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    if expected64.numel() == 0:
+        return
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values in the result"
+    err = max_error(actual, expected64)
+    eager_err = max_error(eager, expected64)
+    scale = max(expected64.abs().max().item(), 1e-30)
+    bound = FACTOR * eager_err + FLOOR[actual.dtype] * scale
+    assert err <= bound, (f"{name}: max error {err:.3e} > {FACTOR} x eager's {eager_err:.3e} + floor "
+                          f"({bound:.3e}), dtype {actual.dtype}")
+
+
+def reference_layer_float64(module: selfattn.reference.SelfAttention) -> selfattn.reference.SelfAttention:
+    """A float64 copy of a reference module (the expected values come from it)."""
+    ref = selfattn.reference.SelfAttention(module.embed_dim, module.model_dim, module.num_heads,
+                                           bias=module.to_query.bias is not None, causal=module.causal,
+                                           scale=module.scale).to(torch.float64)
+    ref.load_state_dict({k: v.detach().to(torch.float64) for k, v in module.state_dict().items()})
+    return ref
