@@ -33,6 +33,18 @@ if config.with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 Extension = CUDAExtension if config.with_cuda else CppExtension
+
+
+class BuildExt(BuildExtension):
+    """Keeps object files in build/ across pip runs, so that rebuilding recompiles only what
+    changed (pip hands each editable install a fresh temporary folder otherwise)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"{sys.implementation.cache_tag}-torch{_build._torch_version_tag()}"
+        self.build_temp = str(ROOT / "build" / f"temp-{tag}-{'cuda' if config.with_cuda else 'cpu'}")
+
+
 print(f"selfattn: building {'C++ and CUDA' if config.with_cuda else 'C++ (no CUDA)'} sources, "
       f"CPU instruction set {config.cpu_capability}")
 
@@ -47,5 +59,5 @@ setup(
             extra_link_args=config.link_flags,
         )
     ],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -102,10 +102,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_bwd(
   const auto [grad_q, grad_k, grad_v] = split_heads(grad_qkv, s);
   attention_backward(per_head(grad_out), q, k, v, per_head(out), lse, causal, scale, grad_q, grad_k, grad_v);
 
-  const at::Tensor nothing = at::empty({0}, x.options());
-  const at::Tensor grad_x = output_mask[0] ? at::mm(grad_qkv, w_qkv).view({s.batch, s.seq, s.embed}) : nothing;
-  const at::Tensor grad_w = output_mask[1] ? at::mm(grad_qkv.t(), x.reshape({s.batch * s.seq, s.embed})) : nothing;
-  const at::Tensor grad_b = output_mask[2] ? grad_qkv.sum(0) : nothing;
+  // Outputs must not alias each other, so each skipped gradient gets its own empty tensor.
+  const auto nothing = [&] { return at::empty({0}, x.options()); };
+  const at::Tensor grad_x = output_mask[0] ? at::mm(grad_qkv, w_qkv).view({s.batch, s.seq, s.embed}) : nothing();
+  const at::Tensor grad_w = output_mask[1] ? at::mm(grad_qkv.t(), x.reshape({s.batch * s.seq, s.embed})) : nothing();
+  const at::Tensor grad_b = output_mask[2] ? grad_qkv.sum(0) : nothing();
   return {grad_x, grad_w, grad_b};
 }
 

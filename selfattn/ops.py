@@ -205,10 +205,10 @@ def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale):
 @torch.library.register_fake("selfattn::self_attention_bwd")
 def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask):
     model_dim = _check_layer_inputs(x, w_qkv, None, num_heads)
-    nothing = x.new_empty((0,))
-    grad_x = x.new_empty(x.shape) if output_mask[0] else nothing
-    grad_w = x.new_empty(w_qkv.shape) if output_mask[1] else nothing
-    grad_b = x.new_empty((3 * model_dim,)) if output_mask[2] else nothing
+    # A skipped gradient is an empty tensor of its own (outputs must not alias).
+    grad_x = x.new_empty(x.shape if output_mask[0] else (0,))
+    grad_w = x.new_empty(w_qkv.shape if output_mask[1] else (0,))
+    grad_b = x.new_empty((3 * model_dim,) if output_mask[2] else (0,))
     return grad_x, grad_w, grad_b
 
 

@@ -1,0 +1,82 @@
+"""Which build the tests run against, and how the loader reports the builds it cannot use."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import selfattn
+from selfattn import _build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_build_under_test_is_the_expected_one():
+    info = selfattn.build_info()
+    assert info.kind in ("compiled", "jit")
+    assert info.torch == torch.__version__
+    assert Path(info.path).exists()
+    # CI installs with the README's command and sets this, so the tests cannot silently run
+    # against a different build (a JIT build from csrc/, say) than the one users get.
+    expected = os.environ.get("SELFATTN_EXPECT_BUILD")
+    if expected:
+        assert info.kind == expected, f"tests ran against the {info.kind} build, expected {expected}: {info}"
+    expected_cuda = os.environ.get("SELFATTN_EXPECT_CUDA")
+    if expected_cuda:
+        assert (info.cuda is not None) == (expected_cuda == "1"), f"CUDA in the build: {info.cuda}"
+
+
+def test_library_built_for_another_torch_is_reported_in_words(tmp_path):
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(b"\x7fELF junk " + _build.BUILD_MARKER + b"torch:1.0.0,cpu:AVX2,cuda:none\0 more")
+    info = _build.read_build_info(str(fake), "compiled")
+    assert (info.torch, info.cpu_capability, info.cuda) == ("1.0.0", "AVX2", None)
+    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0.*pip install --no-build-isolation"):
+        _build._check_compatible(info)
+
+
+def test_library_built_for_a_missing_instruction_set_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(_build, "host_cpu_capability", lambda: "AVX2")
+    info = _build.BuildInfo("compiled", "x.so", torch.__version__, "AVX512", None)
+    with pytest.raises(ImportError, match="AVX512 instructions, which this CPU lacks"):
+        _build._check_compatible(info)
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=900)
+
+
+def test_a_second_build_in_one_process_is_refused():
+    result = run_python("import selfattn\nfrom selfattn import _build\n_build._loaded = None\n_build.load()")
+    assert result.returncode != 0 and "already registered" in result.stderr
+
+
+def test_jit_build_from_csrc(tmp_path):
+    """SELFATTN_JIT=1 compiles csrc/ with ninja into a cache and uses it (CPU sources only here, to
+    keep the test to a couple of minutes)."""
+    code = ("import torch, selfattn\n"
+            "info = selfattn.build_info()\n"
+            "q, k, v = (torch.randn(2, 3, 70, 16, dtype=torch.float64) for _ in range(3))\n"
+            "out = selfattn.attention(q, k, v, causal=True)\n"
+            "ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)\n"
+            "print(info.kind, float((out - ref).abs().max()))\n")
+    env = dict(SELFATTN_JIT="1", SELFATTN_JIT_CACHE=str(tmp_path), SELFATTN_CUDA="0", MAX_JOBS="2")
+    result = run_python(code, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kind, error = result.stdout.split()
+    assert kind == "jit" and float(error) < 1e-12
+    assert "JIT-building csrc/" in result.stderr  # it says what it is doing
+    # The second import reuses the cache.
+    again = run_python(code, **env)
+    assert again.returncode == 0 and again.stdout.split()[0] == "jit"
+
+
+def test_demo_runs():
+    result = subprocess.run([sys.executable, "-m", "selfattn", "--no-timing"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1.0491,  2.0474,  4.9491" in result.stdout
