@@ -10,7 +10,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/alloc_cpu.h>
-#include <c10/util/Unroll.h>
 
 #include <algorithm>
 #include <array>
@@ -46,28 +45,44 @@ constexpr int kTileRows = 4, kTileVecs = 1;
 //      so a transposed A costs nothing);
 //   B: row p at b + p * ldb, VECS * width contiguous elements;
 //   C: row i at c + i * ldc.
+//
+// Written as plain loops under `#pragma GCC unroll`: GCC then keeps acc[][] in registers.
+// (The same loops through c10::ForcedUnroll lambdas left the accumulators on the stack,
+// with a load and a store around every FMA.)
 template <typename T, int ROWS, int VECS>
 void micro_kernel(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
                   T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t W = kVecWidth<T>;
   Vec<T> acc[ROWS][VECS];
-  c10::ForcedUnroll<ROWS>{}([&](auto i) {
-    c10::ForcedUnroll<VECS>{}([&](auto j) {
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < VECS; ++j) {
       acc[i][j] = accumulate ? Vec<T>::loadu(c + i * ldc + j * W) : Vec<T>(T(0));
-    });
-  });
+    }
+  }
   for (int64_t p = 0; p < depth; ++p) {
     Vec<T> b_row[VECS];
-    c10::ForcedUnroll<VECS>{}([&](auto j) { b_row[j] = Vec<T>::loadu(b + p * ldb + j * W); });
-    c10::ForcedUnroll<ROWS>{}([&](auto i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < VECS; ++j) {
+      b_row[j] = Vec<T>::loadu(b + p * ldb + j * W);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
       const Vec<T> a_elem(a[i * a_row + p * a_col]);
-      c10::ForcedUnroll<VECS>{}(
-          [&](auto j) { acc[i][j] = at::vec::fmadd(a_elem, b_row[j], acc[i][j]); });
-    });
+#pragma GCC unroll 8
+      for (int j = 0; j < VECS; ++j) {
+        acc[i][j] = at::vec::fmadd(a_elem, b_row[j], acc[i][j]);
+      }
+    }
   }
-  c10::ForcedUnroll<ROWS>{}([&](auto i) {
-    c10::ForcedUnroll<VECS>{}([&](auto j) { acc[i][j].store(c + i * ldc + j * W); });
-  });
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < VECS; ++j) {
+      acc[i][j].store(c + i * ldc + j * W);
+    }
+  }
 }
 
 template <typename T>
