@@ -10,6 +10,7 @@ SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 (instruction set; default: this mach
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +23,11 @@ _spec = importlib.util.spec_from_file_location("selfattn_build", ROOT / "selfatt
 _build = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _build  # dataclasses look their module up there
 _spec.loader.exec_module(_build)
+
+_compiler = os.environ.get("CXX", "c++")
+if shutil.which(_compiler) is None:
+    sys.exit(f"selfattn: building the extension needs a C++ compiler, but {_compiler!r} is not on PATH "
+             "(install g++, or point CXX at one).")
 
 config = _build.extension_config()  # settles CUDA_HOME before cpp_extension reads it
 if config.with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):

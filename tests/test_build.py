@@ -55,6 +55,13 @@ def test_a_second_build_in_one_process_is_refused():
     assert result.returncode != 0 and "already registered" in result.stderr
 
 
+def test_missing_compiler_is_reported_in_words(tmp_path):
+    result = run_python("import selfattn", SELFATTN_JIT="1", SELFATTN_JIT_CACHE=str(tmp_path),
+                        CXX="no-such-compiler")
+    assert result.returncode != 0
+    assert "needs a C++ compiler, but 'no-such-compiler' is not on PATH" in result.stderr
+
+
 def test_jit_build_from_csrc(tmp_path):
     """SELFATTN_JIT=1 compiles csrc/ with ninja into a cache and uses it (CPU sources only here, to
     keep the test to a couple of minutes)."""
