@@ -113,28 +113,46 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
           if (kv_rows <= 0) {
             continue;
           }
-          const T* k_rows_ptr = k_view.row(b, h, k0);
+          const T* k_block = k_view.row(b, h, k0);
+          const T* v_block = v_view.row(b, h, k0);
+          const T* do_block = do_view.row(b, h, q0);
+          const T* q_block = q_view.row(b, h, q0);
+          // On a tile that crosses the diagonal, pairs that nobody sees are skipped (tile.h)
+          // and their P and dS entries set to 0.
+          const bool diagonal = causal && k0 + kv_rows - 1 > q0;
+          const int64_t offset = k0 - q0;
+          const auto mask_hidden = [&](T* tile) {
+            for (int64_t j = 0; j < kv_rows; ++j) {
+              fill(tile + j * block_q, std::min(block_q, std::max<int64_t>(0, offset + j)), T(0));
+            }
+          };
 
           // P (transposed) = exp(k · q_t - lse), recomputed from the forward's logsumexp.
-          gemm<T>(kv_rows, block_q, s.dim, k_rows_ptr, k_view.stride_n, 1, q_t + q0, nq_padded,
-                  p_t, block_q, /*accumulate=*/false);
+          if (!diagonal) {
+            gemm<T>(kv_rows, block_q, s.dim, k_block, k_view.stride_n, 1, q_t + q0, nq_padded, p_t,
+                    block_q, /*accumulate=*/false);
+          } else {
+            gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim, k_block, k_view.stride_n, 1, q_t + q0,
+                                   nq_padded, p_t, block_q, /*accumulate=*/false);
+          }
           for (int64_t j = 0; j < kv_rows; ++j) {
             T* p_row = p_t + j * block_q;
             for (int64_t c = 0; c < block_q; c += W) {
               vec_exp<T>(Vec<T>::loadu(p_row + c) - Vec<T>::loadu(lse_row + q0 + c)).store(p_row + c);
             }
-            if (causal && k0 + j > q0) {  // queries before key k0 + j do not see it
-              fill(p_row, std::min(block_q, k0 + j - q0), T(0));
-            }
+          }
+          if (diagonal) {
+            mask_hidden(p_t);
           }
 
-          // dv (kv_rows x Dv) += Pᵀ · dO rows of the block.
-          gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_view.row(b, h, q0),
-                  do_view.stride_n, dv_acc, s.dim_v_padded, /*accumulate=*/true);
-
           // dP (transposed) = v · dO_t, then dS = P ∘ (dP - delta).
-          gemm<T>(kv_rows, block_q, s.dim_v, v_view.row(b, h, k0), v_view.stride_n,
-                  v_view.stride_d, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
+          if (!diagonal) {
+            gemm<T>(kv_rows, block_q, s.dim_v, v_block, v_view.stride_n, v_view.stride_d, do_t + q0,
+                    nq_padded, ds_t, block_q, /*accumulate=*/false);
+          } else {
+            gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim_v, v_block, v_view.stride_n,
+                                   v_view.stride_d, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
+          }
           for (int64_t j = 0; j < kv_rows; ++j) {
             for (int64_t c = 0; c < block_q; c += W) {
               const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
@@ -142,12 +160,27 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
               (p * (dp - Vec<T>::loadu(delta + q0 + c))).store(ds_t + j * block_q + c);
             }
           }
+          if (diagonal) {
+            mask_hidden(ds_t);  // the skipped dP entries were never written
+          }
 
-          // dk (kv_rows x D) += dSᵀ · q rows;  dq (q_rows x D) += dS · k rows (dS read transposed).
-          gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_view.row(b, h, q0),
-                  q_view.stride_n, dk_acc, s.dim_padded, /*accumulate=*/true);
-          gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_rows_ptr, k_view.stride_n,
-                  dq_acc + q0 * s.dim_padded, s.dim_padded, /*accumulate=*/true);
+          // dv (kv_rows x Dv) += Pᵀ · dO rows;  dk (kv_rows x D) += dSᵀ · q rows;
+          // dq (q_rows x D) += dS · k rows (dS read through ds_t's transpose).
+          if (!diagonal) {
+            gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block, do_view.stride_n, dv_acc,
+                    s.dim_v_padded, /*accumulate=*/true);
+            gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block, q_view.stride_n, dk_acc,
+                    s.dim_padded, /*accumulate=*/true);
+            gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block, k_view.stride_n,
+                    dq_acc + q0 * s.dim_padded, s.dim_padded, /*accumulate=*/true);
+          } else {
+            gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block,
+                                         do_view.stride_n, dv_acc, s.dim_v_padded);
+            gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block,
+                                         q_view.stride_n, dk_acc, s.dim_padded);
+            gemm_queries_x_keys<T>(offset, q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block,
+                                   k_view.stride_n, dq_acc + q0 * s.dim_padded, s.dim_padded);
+          }
         }
 
         for (int64_t j = 0; j < k_rows; ++j) {

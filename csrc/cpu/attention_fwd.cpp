@@ -83,10 +83,16 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t k0 = 0; k0 < k_end; k0 += block_k) {
         const int64_t k_rows = std::min(block_k, k_end - k0);
 
-        // 2. Scores, transposed: p_t (k_rows x block_q) = k rows · q_t.
-        gemm<T>(k_rows, block_q, dim, k_view.row(b, h, k0), k_view.stride_n, k_view.stride_d, q_t,
-                block_q, p_t, block_q, /*accumulate=*/false);
-        if (causal && k0 + k_rows - 1 > q0) {  // the block crosses the diagonal
+        // 2. Scores, transposed: p_t (k_rows x block_q) = k rows · q_t. On a block that crosses
+        //    the diagonal, pairs that nobody sees are skipped, then masked.
+        const bool diagonal = causal && k0 + k_rows - 1 > q0;
+        const T* k_block = k_view.row(b, h, k0);
+        if (!diagonal) {
+          gemm<T>(k_rows, block_q, dim, k_block, k_view.stride_n, k_view.stride_d, q_t, block_q, p_t,
+                  block_q, /*accumulate=*/false);
+        } else {
+          gemm_keys_x_queries<T>(k0 - q0, k_rows, block_q, dim, k_block, k_view.stride_n, k_view.stride_d,
+                                 q_t, block_q, p_t, block_q, /*accumulate=*/false);
           for (int64_t j = 0; j < k_rows; ++j) {
             const int64_t first_visible = std::min(block_q, std::max<int64_t>(0, k0 + j - q0));
             fill(p_t + j * block_q, first_visible, -std::numeric_limits<T>::infinity());
@@ -123,17 +129,24 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
         // 4-5. Weight each value row by its probability and sum per query:
         //      acc (q_rows x Dv) += P (q_rows x k_rows) · v rows, P read through p_t's transpose.
-        gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q,
-                v_view.row(b, h, k0), v_view.stride_n, acc, dim_v_padded, /*accumulate=*/true);
+        const T* v_block = v_view.row(b, h, k0);
+        if (!diagonal) {
+          gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q, v_block,
+                  v_view.stride_n, acc, dim_v_padded, /*accumulate=*/true);
+        } else {
+          gemm_queries_x_keys<T>(k0 - q0, q_rows, dim_v_padded, k_rows, p_t, 1, block_q, v_block,
+                                 v_view.stride_n, acc, dim_v_padded);
+        }
       }
 
       // 6. Normalize and write the rows out, with their logsumexp.
       for (int64_t i = 0; i < q_rows; ++i) {
-        const T inv_sum = T(1) / row_sum[i];
-        scalar_t* out_row = out_view.row(b, h, q0 + i);
-        for (int64_t d = 0; d < dim_v; ++d) {
-          out_row[d * out_view.stride_d] = static_cast<scalar_t>(acc[i * dim_v_padded + d] * inv_sum);
+        T* acc_row = acc + i * dim_v_padded;
+        const Vec<T> inv_sum(T(1) / row_sum[i]);
+        for (int64_t d = 0; d < dim_v_padded; d += W) {
+          (Vec<T>::loadu(acc_row + d) * inv_sum).store(acc_row + d);
         }
+        store_row(acc_row, out_view.row(b, h, q0 + i), out_view.stride_d, dim_v);
         lse_data[b * lse_stride_b + h * lse_stride_h + (q0 + i) * lse_stride_n] =
             row_max[i] + std::log(row_sum[i]);
       }

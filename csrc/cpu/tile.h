@@ -121,6 +121,57 @@ void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_
 }
 
 // ---------------------------------------------------------------------------------------
+// Tiles that cross the causal diagonal. Key k0 + j is visible to query q0 + i iff
+// k0 + j <= q0 + i; `offset` = k0 - q0. Work on pairs nobody sees is skipped a slab of
+// kTileRows rows at a time, which brings a diagonal tile close to half the cost of a full one.
+
+// Rows are keys, columns queries (score tiles): a slab of keys starts at the first vector of
+// columns holding a query that sees its first key. Columns before that are left unwritten
+// (the caller masks them).
+template <typename T>
+void gemm_keys_x_queries(int64_t offset, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
+                         int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = kVecWidth<T>;
+  for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
+    const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
+    const int64_t first = std::clamp<int64_t>(offset + m0, 0, n) / W * W;
+    if (first < n) {
+      gemm(rows, n - first, depth, a + m0 * a_row, a_row, a_col, b + first, ldb, c + m0 * ldc + first,
+           ldc, accumulate);
+    }
+  }
+}
+
+// Rows are queries, the depth runs over keys (P·V, dS·K): a slab of queries stops at the last
+// key that its last query sees.
+template <typename T>
+void gemm_queries_x_keys(int64_t offset, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
+                         int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
+    const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
+    const int64_t keys = std::min(depth, m0 + rows - offset);
+    if (keys > 0) {
+      gemm(rows, n, keys, a + m0 * a_row, a_row, a_col, b, ldb, c + m0 * ldc, ldc, /*accumulate=*/true);
+    }
+  }
+}
+
+// Rows are keys, the depth runs over queries (Pᵀ·dO, dSᵀ·Q): a slab of keys starts at the
+// first query that sees its first key.
+template <typename T>
+void gemm_keys_x_queries_depth(int64_t offset, int64_t m, int64_t n, int64_t depth, const T* a,
+                               int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
+    const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
+    const int64_t first = std::max<int64_t>(0, offset + m0);
+    if (first < depth) {
+      gemm(rows, n, depth - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb,
+           c + m0 * ldc, ldc, /*accumulate=*/true);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // A (B, H, N, D) tensor with any strides, seen through a raw pointer.
 template <typename scalar_t>
 struct Strided4 {
@@ -222,6 +273,18 @@ inline Vec<T> vec_exp(const Vec<T>& x) {
     return x.exp_u20();  // ~1e-6 relative error, several times faster than exp()
   } else {
     return x.exp();
+  }
+}
+
+// dst[d * stride] = src[d] for d < n, converted to scalar_t; vectorized when dst is contiguous.
+template <typename T, typename scalar_t>
+inline void store_row(const T* src, scalar_t* dst, int64_t stride, int64_t n) {
+  if (stride == 1) {
+    at::vec::convert(src, dst, n);
+  } else {
+    for (int64_t d = 0; d < n; ++d) {
+      dst[d * stride] = static_cast<scalar_t>(src[d]);
+    }
   }
 }
 
