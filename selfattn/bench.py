@@ -264,8 +264,7 @@ def sdpa_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str:
         from torch.nn.attention import SDPBackend
 
         names = {int(member): name for name, member in SDPBackend.__members__.items()}
-        with torch.no_grad():
-            return names[int(torch._fused_sdp_choice(q, k, v, None, 0.0, causal))].lower()
+        return names[int(torch._fused_sdp_choice(q, k, v, None, 0.0, causal))].lower()
     except Exception:  # a private API: any failure only loses the label
         return "?"
 
@@ -303,7 +302,8 @@ def _build_linear_sdpa(case: Case, device: torch.device, example: Sequence[Tenso
         q, k, v = _split_heads(F.linear(x, weight), heads)
         return _merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
-    q, k, v = _split_heads(F.linear(example[0].detach(), weight.detach()), heads)
+    with torch.set_grad_enabled(example[0].requires_grad):  # the choice depends on it
+        q, k, v = _split_heads(F.linear(example[0], weight), heads)
     return Built(forward, [weight], backend=f"default → {sdpa_choice(q, k, v, causal)}")
 
 
@@ -771,52 +771,69 @@ def plan_skips(impls: List[Impl], case: Case, level: str, modes: Sequence[str], 
 
 
 def _new_record(case: Case, level: str, impl: Impl) -> dict:
-    return {"case": case.to_json(), "level": level, "impl": impl.name, "backend": "", "note": impl.note,
-            "modes": {}, "memory": {}}
+    return {"case": case.to_json(), "level": level, "impl": impl.name, "note": impl.note, "modes": {}, "memory": {}}
+
+
+def _warnings_text(caught: List[warnings.WarningMessage]) -> str:
+    """The first lines of the distinct warnings (SDPA says there why a backend refused)."""
+    lines = dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip())
+    return "; ".join(list(lines)[:2])
+
+
+def ready_contestant(impl: Impl, case: Case, level: str, mode: str, dev, inputs: tuple, timing: Tuple[float, float]):
+    """(the implementation built, warmed up and calibrated, its backend) — or raises with the reason
+    it cannot run, SDPA's warnings included."""
+    input_sets, grad_outs = inputs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            built = impl.build(case, dev.device, input_sets[0])
+            contestant = Contestant(impl.name, make_step(built, input_sets, grad_outs, mode))
+            warm_up(contestant, dev, *timing)
+        except Exception as exc:
+            why = _warnings_text(caught)
+            raise RuntimeError(f"{why} ({_first_line(exc)})" if why else _first_line(exc)) from exc
+    return contestant, built.backend
+
+
+def _timing_entry(case: Case, level: str, mode: str, impl: Impl, contestant: Contestant,
+                  samples: Dict[str, List[float]], gemm_rate: float) -> dict:
+    flops = case_flops(case, level, mode) + impl.extra_flops(case.shape, mode)
+    stats = summarize(samples[impl.name])
+    rate = flops / (stats["median_ms"] / 1e3)
+    theirs = impl.name != "selfattn" and "selfattn" in samples
+    return dict(status="ok", **stats, calls_per_sample=contestant.number, flops=flops, flop_rate=rate,
+                pct_gemm=100.0 * rate / gemm_rate,
+                speedup=pair_ratios(samples[impl.name], samples["selfattn"]) if theirs else None)
 
 
 def run_timing_group(dev, case: Case, level: str, mode: str, impls: List[Impl], records: Dict[str, dict],
                      skips: dict, opts: Options) -> dict:
     """Times every implementation of a (case, level, mode) and the GEMM, interleaved; fills records."""
     n_sets = n_input_sets(case, level, opts.n_sets_max)
-    input_sets = [make_inputs(case, level, dev.device, mode != "fwd") for _ in range(n_sets)]
-    grad_outs = [torch.randn(output_shape(case, level), device=dev.device, dtype=case.torch_dtype)
-                 for _ in range(n_sets)]
+    inputs = ([make_inputs(case, level, dev.device, mode != "fwd") for _ in range(n_sets)],
+              [torch.randn(output_shape(case, level), device=dev.device, dtype=case.torch_dtype)
+               for _ in range(n_sets)])
+    timing = (opts.target_s or dev.target_s, opts.warmup_s or dev.warmup_s)
     gemm_name, gemm_flops, gemm_fn = dev.gemm(case.dtype)
-    contestants = [Contestant(gemm_name, gemm_fn)]
-    target_s, warmup_s = opts.target_s or dev.target_s, opts.warmup_s or dev.warmup_s
+    gemm = Contestant(gemm_name, gemm_fn)
+    warm_up(gemm, dev, *timing)
+    ready: Dict[str, Tuple[Impl, Contestant]] = {}
     for impl in impls:
-        record = records[impl.name]
         if (impl.name, mode) in skips:
-            record["modes"][mode] = skips[(impl.name, mode)]
+            records[impl.name]["modes"][mode] = skips[(impl.name, mode)]
             continue
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                built = impl.build(case, dev.device, input_sets[0])
-                record["backend"] = record["backend"] or built.backend
-                contestant = Contestant(impl.name, make_step(built, input_sets, grad_outs, mode))
-                warm_up(contestant, dev, target_s, warmup_s)
-            contestants.append(contestant)
+            contestant, backend = ready_contestant(impl, case, level, mode, dev, inputs, timing)
         except Exception as exc:  # noqa: BLE001 - e.g. a forced SDPA backend that refuses the inputs
-            reason = _first_line(exc)
-            if caught:
-                reason += " (" + str(caught[0].message).strip().splitlines()[0] + ")"
-            record["modes"][mode] = {"status": "unavailable", "reason": reason}
-    warm_up(contestants[0], dev, target_s, warmup_s)
-    samples = time_interleaved(contestants, dev, opts.repeats)
+            records[impl.name]["modes"][mode] = {"status": "unavailable", "reason": str(exc)}
+            continue
+        ready[impl.name] = (impl, contestant)
+        records[impl.name]["modes"][mode] = {"backend": backend}
+    samples = time_interleaved([gemm] + [c for _, c in ready.values()], dev, opts.repeats)
     gemm_rate = gemm_flops / statistics.median(samples[gemm_name])
-    by_name = {impl.name: impl for impl in impls}
-    for c in contestants[1:]:
-        impl = by_name[c.name]
-        flops = case_flops(case, level, mode) + impl.extra_flops(case.shape, mode)
-        stats = summarize(samples[c.name])
-        rate = flops / (stats["median_ms"] / 1e3)
-        records[c.name]["modes"][mode] = dict(
-            status="ok", **stats, calls_per_sample=c.number, flops=flops, flop_rate=rate,
-            pct_gemm=100.0 * rate / gemm_rate,
-            speedup=(pair_ratios(samples[c.name], samples["selfattn"])
-                     if c.name != "selfattn" and "selfattn" in samples else None))
+    for name, (impl, contestant) in ready.items():
+        records[name]["modes"][mode].update(_timing_entry(case, level, mode, impl, contestant, samples, gemm_rate))
     return {"case": case.to_json(), "level": level, "mode": mode, "gemm": gemm_name, "gemm_flop_rate": gemm_rate,
             "repeats": opts.repeats, "input_sets": n_sets}
 
@@ -825,9 +842,12 @@ def plan_memory(case: Case, level: str, impls: List[Impl], records: Dict[str, di
     """Fills each record's memory entries with its estimate or skip; returns what is to be measured."""
     todo = []
     for impl in impls:
+        refused = next((e for e in records[impl.name]["modes"].values() if e.get("status") == "unavailable"), None)
         for mode in MEMORY_MODES:
             if (impl.name, mode) in skips:
                 records[impl.name]["memory"][mode] = skips[(impl.name, mode)]
+            elif refused:  # it did not run when timed: no use trying again
+                records[impl.name]["memory"][mode] = refused
             else:
                 records[impl.name]["memory"][mode] = {"estimate_bytes": impl.estimate(case, mode)}
                 todo.append((level, impl.name, mode))
@@ -909,12 +929,14 @@ def _fmt_memory(entry: dict) -> str:
         return f"skipped ({entry['reason']})"
     if entry.get("status") == "error":
         return f"error: {entry['error']}"
-    return "—"
+    return entry.get("status", "—")  # e.g. unavailable: its reason is under the table
 
 
 def _mode_cells(entry: Optional[dict], flop_scale: float) -> List[str]:
     if entry is None:
         return ["not timed", "", "", ""]
+    if entry["status"] == "unavailable":  # the reason, often long, goes under the table
+        return ["unavailable", "—", "—", "—"]
     if entry["status"] != "ok":
         return [f"{entry['status']}: {entry['reason']}", "—", "—", "—"]
     return [_fmt_ms(entry), f"{entry['flop_rate'] / flop_scale:.3g}", f"{entry['pct_gemm']:.0f}%",
@@ -922,8 +944,10 @@ def _mode_cells(entry: Optional[dict], flop_scale: float) -> List[str]:
 
 
 def _impl_label(record: dict) -> str:
+    """The name, † when it has a note, and the SDPA backend(s) it used."""
     label = record["impl"] + (" †" if record["note"] else "")
-    return f"{label} [{record['backend']}]" if record["backend"] else label
+    backends = " / ".join(dict.fromkeys(e["backend"] for e in record["modes"].values() if e.get("backend")))
+    return f"{label} [{backends}]" if backends else label
 
 
 def case_table(records: List[dict], groups: List[dict], modes: Sequence[str], flop_unit: str, flop_scale: float) -> List[str]:
@@ -938,8 +962,12 @@ def case_table(records: List[dict], groups: List[dict], modes: Sequence[str], fl
             cells += _mode_cells(record["modes"].get(mode), flop_scale)
         cells += [_fmt_memory(record["memory"].get(m, {})) for m in MEMORY_MODES]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for record in records:
+        reasons = dict.fromkeys(e["reason"] for e in record["modes"].values() if e.get("status") == "unavailable")
+        lines += [f"- {record['impl']} unavailable: {reason}" for reason in reasons]
     for group in groups:
-        lines.append(f"\n{group['mode']}: {group['gemm']} at {group['gemm_flop_rate'] / flop_scale:.3g} {flop_unit} "
+        lines.append(f"{group['mode']}: {group['gemm']} at {group['gemm_flop_rate'] / flop_scale:.3g} {flop_unit} "
                      f"in the same rounds; {group['repeats']} rounds, {group['input_sets']} input sets rotated.")
     return lines
 

@@ -133,3 +133,17 @@ def test_parse_shapes():
 def test_cuda_without_gpu_fails_gracefully():
     with pytest.raises(SystemExit, match="cuda"):
         bench.main(["--device", "cuda", "--quick"])
+
+
+def test_forced_sdpa_backends_report_unavailable(tmp_path, capsys, monkeypatch):
+    """The CUDA rows (SDPA per forced backend), run on CPU: flash runs there, the others are
+    reported unavailable with SDPA's reason, and the run goes on."""
+    all_impls = bench.implementations
+    monkeypatch.setattr(bench, "implementations", lambda device_type: all_impls("cuda"))
+    result, table = run_bench(tmp_path, capsys, "--level", "core", "--no-memory", "--no-plot")
+    modes = {r["impl"]: r["modes"] for r in result["records"]}
+    assert modes["sdpa[flash]"]["fwd"]["status"] == "ok"
+    assert modes["sdpa[flash]"]["fwd"]["backend"] == "forced flash_attention"
+    for name in set(modes) & {"sdpa[efficient]", "sdpa[cudnn]"}:
+        assert modes[name]["fwd"]["status"] == "unavailable" and modes[name]["fwd"]["reason"]
+        assert f"- {name} unavailable: " in table
