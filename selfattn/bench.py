@@ -571,6 +571,8 @@ def _square_gemm(device: torch.device, n: int, dtype: torch.dtype) -> Tuple[str,
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     c = torch.empty(n, n, device=device, dtype=dtype)
     name = {torch.float32: "sgemm", torch.bfloat16: "bf16 GEMM", torch.float16: "fp16 GEMM"}.get(dtype, f"{dtype} GEMM")
+    if device.type == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        name += " (TF32 allowed)"
     return f"{name} {n}³", 2.0 * n**3, lambda: torch.mm(a, b, out=c)
 
 
@@ -893,7 +895,7 @@ def _progress_line(records: Dict[str, dict], mode: str) -> str:
         entry = record["modes"].get(mode, {})
         if entry.get("status") == "ok":
             ratio = f" (selfattn {entry['speedup']['median']:.2f}×)" if entry.get("speedup") else ""
-            parts.append(f"{name} {entry['median_ms']:.3g} ms{ratio}")
+            parts.append(f"{name} {_num(entry['median_ms'])} ms{ratio}")
         else:
             parts.append(f"{name} {entry.get('status', '?')}")
     return ", ".join(parts)
@@ -908,8 +910,13 @@ def _memory_line(records: Dict[str, dict]) -> str:
 # Report: markdown tables, JSON, plot
 
 
+def _num(x: float) -> str:
+    """3 significant digits, without exponents: 0.0412, 4.12, 41.2, 412, 4120."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def _fmt_ms(entry: dict) -> str:
-    return f"{entry['median_ms']:.3g} ({entry['min_ms']:.3g}–{entry['max_ms']:.3g})"
+    return f"{_num(entry['median_ms'])} ({_num(entry['min_ms'])}–{_num(entry['max_ms'])})"
 
 
 def _fmt_ratio(speedup: Optional[dict]) -> str:
@@ -923,23 +930,24 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _fmt_memory(entry: dict) -> str:
-    if entry.get("status") == "ok":
+    status = entry.get("status")
+    if status == "ok":
         return _fmt_bytes(entry["peak_bytes"])
-    if entry.get("status") == "skipped":
+    if status == "skipped":
         return f"skipped ({entry['reason']})"
-    if entry.get("status") == "error":
+    if status == "error":
         return f"error: {entry['error']}"
-    return entry.get("status", "—")  # e.g. unavailable: its reason is under the table
+    return status or "—"  # unavailable: the reason is under the table
 
 
 def _mode_cells(entry: Optional[dict], flop_scale: float) -> List[str]:
     if entry is None:
         return ["not timed", "", "", ""]
-    if entry["status"] == "unavailable":  # the reason, often long, goes under the table
-        return ["unavailable", "—", "—", "—"]
-    if entry["status"] != "ok":
-        return [f"{entry['status']}: {entry['reason']}", "—", "—", "—"]
-    return [_fmt_ms(entry), f"{entry['flop_rate'] / flop_scale:.3g}", f"{entry['pct_gemm']:.0f}%",
+    if entry["status"] == "skipped":
+        return [f"skipped ({entry['reason']})", "—", "—", "—"]
+    if entry["status"] != "ok":  # unavailable: the reason, often long, goes under the table
+        return [entry["status"], "—", "—", "—"]
+    return [_fmt_ms(entry), _num(entry["flop_rate"] / flop_scale), f"{entry['pct_gemm']:.0f}%",
             _fmt_ratio(entry["speedup"])]
 
 
@@ -950,109 +958,119 @@ def _impl_label(record: dict) -> str:
     return f"{label} [{backends}]" if backends else label
 
 
+def _table(head: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def case_table(records: List[dict], groups: List[dict], modes: Sequence[str], flop_unit: str, flop_scale: float) -> List[str]:
+    """Every implementation of one (case, level): times, rates, speedups, peak memory."""
     head = ["impl"]
     for mode in modes:
         head += [f"{mode} ms (min–max)", flop_unit, "% GEMM", "selfattn speedup (min–max)"]
     head += [f"peak {m}" for m in MEMORY_MODES]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for record in records:
         cells = [_impl_label(record)]
         for mode in modes:
             cells += _mode_cells(record["modes"].get(mode), flop_scale)
-        cells += [_fmt_memory(record["memory"].get(m, {})) for m in MEMORY_MODES]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+        rows.append(cells + [_fmt_memory(record["memory"].get(m, {})) for m in MEMORY_MODES])
+    lines = _table(head, rows) + [""]
     for record in records:
         reasons = dict.fromkeys(e["reason"] for e in record["modes"].values() if e.get("status") == "unavailable")
         lines += [f"- {record['impl']} unavailable: {reason}" for reason in reasons]
-    for group in groups:
-        lines.append(f"{group['mode']}: {group['gemm']} at {group['gemm_flop_rate'] / flop_scale:.3g} {flop_unit} "
-                     f"in the same rounds; {group['repeats']} rounds, {group['input_sets']} input sets rotated.")
+    lines += [f"- {g['mode']}: {g['gemm']} at {_num(g['gemm_flop_rate'] / flop_scale)} {flop_unit} in the same "
+              f"rounds; {g['repeats']} rounds, {g['input_sets']} input sets rotated." for g in groups]
     return lines
 
 
-def _case_key(d: dict) -> tuple:
-    return (d["batch"], d["seq"], d["embed"], d["heads"], d["dtype"], d["causal"])
+def _by_case(records: List[dict], level: str) -> Dict[str, Dict[str, dict]]:
+    """{case as JSON: {impl: record}} for one level, in run order."""
+    by_case: Dict[str, Dict[str, dict]] = {}
+    for r in records:
+        if r["level"] == level:
+            by_case.setdefault(json.dumps(r["case"], sort_keys=True), {})[r["impl"]] = r
+    return by_case
+
+
+def _case_cells(case_json: str) -> List[str]:
+    c = json.loads(case_json)
+    return [f"({c['batch']}, {c['seq']}, {c['embed']}, {c['heads']})", c["dtype"], "yes" if c["causal"] else "no"]
+
+
+CASE_HEAD = ["(B, N, E, H)", "dtype", "causal"]
 
 
 def summary_table(records: List[dict], level: str, modes: Sequence[str]) -> List[str]:
-    """One line per case: selfattn's time and its speedup over each other implementation."""
-    rows = [r for r in records if r["level"] == level]
-    others = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "selfattn"))
-    mode_names = " / ".join(modes)
-    head = ["(B, N, E, H)", "dtype", "causal", f"selfattn ms {mode_names}"] + [f"vs {name}" for name in others]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by_case: Dict[tuple, Dict[str, dict]] = {}
-    for r in rows:
-        by_case.setdefault(_case_key(r["case"]), {})[r["impl"]] = r
-    for key, impls in by_case.items():
-        ours = impls.get("selfattn", {"modes": {}})
-        if not ours["modes"]:
+    """One line per timed case: selfattn's time and its speedup over each other implementation."""
+    by_case = _by_case(records, level)
+    others = list(dict.fromkeys(name for impls in by_case.values() for name in impls if name != "selfattn"))
+    rows = []
+    for case_json, impls in by_case.items():
+        ours = impls.get("selfattn", {"modes": {}})["modes"]
+        if not ours:  # a memory point
             continue
-        cells = [f"({key[0]}, {key[1]}, {key[2]}, {key[3]})", key[4], "yes" if key[5] else "no",
-                 " / ".join(f"{ours['modes'][m]['median_ms']:.3g}" if ours["modes"].get(m, {}).get("status") == "ok"
-                            else "—" for m in modes)]
+        cells = _case_cells(case_json) + [" / ".join(_num(ours[m]["median_ms"]) if ours.get(m, {}).get("status") == "ok"
+                                                     else "—" for m in modes)]
         for name in others:
             entries = [impls.get(name, {"modes": {}})["modes"].get(m, {}) for m in modes]
             cells.append(" / ".join(f"{e['speedup']['median']:.2f}×" if e.get("speedup") else
                                     ("skip" if e.get("status") == "skipped" else "—") for e in entries))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return _table(CASE_HEAD + [f"selfattn ms {' / '.join(modes)}"] + [f"vs {name}" for name in others], rows)
 
 
 def memory_summary_table(records: List[dict], level: str) -> List[str]:
     """One line per case: each implementation's peak memory, fwd / fwd+bwd."""
-    rows = [r for r in records if r["level"] == level and r["memory"]]
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    head = ["(B, N, E, H)", "dtype", "causal"] + impls
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by_case: Dict[tuple, Dict[str, dict]] = {}
-    for r in rows:
-        by_case.setdefault(_case_key(r["case"]), {})[r["impl"]] = r
-    for key, by_impl in by_case.items():
-        cells = [f"({key[0]}, {key[1]}, {key[2]}, {key[3]})", key[4], "yes" if key[5] else "no"]
+    by_case = _by_case(records, level)
+    impls = list(dict.fromkeys(name for by_impl in by_case.values() for name in by_impl))
+    rows = []
+    for case_json, by_impl in by_case.items():
+        cells = _case_cells(case_json)
         for name in impls:
             memory = by_impl.get(name, {"memory": {}})["memory"]
             cells.append(" / ".join(_fmt_bytes(e["peak_bytes"]) if e.get("status") == "ok" else
                                     ("skip" if e.get("status") == "skipped" else "—")
                                     for e in (memory.get(m, {}) for m in MEMORY_MODES)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return _table(CASE_HEAD + impls, rows)
+
+
+def _case_title(case_json: str, level: str) -> str:
+    c = Case.from_json(json.loads(case_json))
+    s = c.shape
+    where = (f"attention core, q k v (B, H, N, D) = ({s.batch}, {s.heads}, {s.seq}, {s.head_dim})" if level == "core"
+             else f"whole layer, x (B, N, E) = ({s.batch}, {s.seq}, {s.embed}), {s.heads} heads, M = E")
+    return f"{where}, {c.dtype}, {'causal' if c.causal else 'non-causal'}"
 
 
 def report(result: dict, modes: Sequence[str]) -> str:
-    meta = result["meta"]
-    unit, scale = meta["flop_unit"], meta["flop_scale"]
+    meta, records = result["meta"], result["records"]
     out = [f"# selfattn benchmark — {meta['device']}",
            "",
-           f"torch {meta['torch']}, {meta['selfattn_build']}; memory budget {_fmt_bytes(meta['memory_budget_bytes'])}; "
-           f"{meta['repeats']} interleaved rounds per timing; {meta['wall_s']:.0f} s wall.",
-           "Times: median (min–max) per call. selfattn speedup: median (min–max) of per-round ratios "
-           "t_impl / t_selfattn (> 1: selfattn faster). Peak: memory growth above inputs and parameters "
-           f"({meta['memory_method']}).",
-           "† nn.MultiheadAttention also runs its output projection (+2·B·N·M·E FLOP forward, counted in its rate).",
-           "Causal FLOPs are half the full count for every implementation (eager and reference compute all "
-           "scores, then mask).",
+           f"torch {meta['torch']}; {meta['selfattn_build']}; {meta['repeats']} interleaved rounds per timing; "
+           f"memory budget {_fmt_bytes(meta['memory_budget_bytes'])}; {meta['wall_s']:.0f} s wall.",
+           "",
+           "- Times: median (min–max) per call. selfattn speedup: median (min–max) of the per-round ratios "
+           "t_impl / t_selfattn (> 1: selfattn faster).",
+           f"- Peak: memory growth above inputs and parameters ({meta['memory_method']}).",
+           "- † nn.MultiheadAttention also runs its output projection (+2·B·N·M·E FLOP forward, counted in its rate).",
+           "- Causal FLOPs are half the full count for everyone (eager and reference compute all scores, then mask).",
            ""]
     if meta.get("note"):
         out += [f"Sweep: {meta['note']}.", ""]
     for level in meta["levels"]:
-        title = {"core": "Attention core (B, H, N, D)", "layer": "Whole layer (B, N, E) → (B, N, M), M = E"}[level]
-        for case_json in dict.fromkeys(json.dumps(r["case"], sort_keys=True) for r in result["records"]
-                                       if r["level"] == level):
-            case = json.loads(case_json)
-            records = [r for r in result["records"] if r["level"] == level and r["case"] == case]
-            groups = [g for g in result["groups"] if g["level"] == level and g["case"] == case]
-            out += [f"## {title}: {Case.from_json(case).label()}", ""]
-            out += case_table(records, groups, modes, unit, scale) + [""]
-    out += [f"## Summary: selfattn ms and speedup ({' / '.join(modes)}; > 1: selfattn faster)", ""]
-    for level in meta["levels"]:
-        out += [f"### {level}", ""] + summary_table(result["records"], level, modes) + [""]
-    if any(r["memory"] for r in result["records"]):
-        out += [f"## Summary: peak memory ({' / '.join(MEMORY_MODES)}; skip: estimated over the budget)", ""]
+        for case_json, by_impl in _by_case(records, level).items():
+            groups = [g for g in result["groups"] if g["level"] == level
+                      and json.dumps(g["case"], sort_keys=True) == case_json]
+            out += [f"## {_case_title(case_json, level)}", ""]
+            out += case_table(list(by_impl.values()), groups, modes, meta["flop_unit"], meta["flop_scale"]) + [""]
+    if any(r["memory"] for r in records):
+        out += [f"## Summary: peak memory, {' / '.join(MEMORY_MODES)} (skip: estimated over the budget)", ""]
         for level in meta["levels"]:
-            out += [f"### {level}", ""] + memory_summary_table(result["records"], level) + [""]
+            out += [f"### {level}", ""] + memory_summary_table(records, level) + [""]
+    out += [f"## Summary: selfattn ms and speedup, {' / '.join(modes)} (> 1: selfattn faster)", ""]
+    for level in meta["levels"]:  # last: the compact table a log's tail shows
+        out += [f"### {level}", ""] + summary_table(records, level, modes) + [""]
     return "\n".join(out)
 
 
@@ -1069,33 +1087,26 @@ def write_plot(result: dict, path: Path, modes: Sequence[str]) -> Optional[str]:
     fig, axes = plt.subplots(len(levels), len(modes), figsize=(7 * len(modes), 4.5 * len(levels)), squeeze=False)
     for row, level in enumerate(levels):
         for col, mode in enumerate(modes):
-            _plot_panel(axes[row][col], [r for r in result["records"] if r["level"] == level], mode,
-                        f"{level}, {mode}", result["meta"])
+            _plot_panel(axes[row][col], result["records"], level, mode, result["meta"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
 
 
-def _plot_panel(ax, records: List[dict], mode: str, title: str, meta: dict) -> None:
-    cases = list(dict.fromkeys(json.dumps(r["case"], sort_keys=True) for r in records
-                               if r["modes"].get(mode, {}).get("status") == "ok"))
-    impls = list(dict.fromkeys(r["impl"] for r in records))
-    width = 0.8 / max(1, len(impls))
-    for i, impl in enumerate(impls):
-        values = []
-        for case in cases:
-            entry = next((r["modes"].get(mode, {}) for r in records
-                          if r["impl"] == impl and json.dumps(r["case"], sort_keys=True) == case), {})
-            values.append(entry["flop_rate"] / meta["flop_scale"] if entry.get("status") == "ok" else 0.0)
-        ax.bar([x + i * width for x in range(len(cases))], values, width, label=impl)
-    labels = []
-    for case in cases:
-        c = json.loads(case)
-        labels.append(f"{c['batch']},{c['seq']},{c['embed']},{c['heads']}\n{c['dtype'][:4]}{' causal' if c['causal'] else ''}")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], labels, fontsize=7)
+def _plot_panel(ax, records: List[dict], level: str, mode: str, meta: dict) -> None:
+    by_case = {case: impls for case, impls in _by_case(records, level).items()
+               if any(r["modes"].get(mode, {}).get("status") == "ok" for r in impls.values())}
+    names = list(dict.fromkeys(name for impls in by_case.values() for name in impls))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        entries = [impls.get(name, {"modes": {}})["modes"].get(mode, {}) for impls in by_case.values()]
+        values = [e["flop_rate"] / meta["flop_scale"] if e.get("status") == "ok" else 0.0 for e in entries]
+        ax.bar([x + i * width for x in range(len(by_case))], values, width, label=name)
+    labels = ["\n".join(_case_cells(case)[:2]) + (" causal" if json.loads(case)["causal"] else "") for case in by_case]
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(by_case))], labels, fontsize=7)
     ax.set_ylabel(meta["flop_unit"])
-    ax.set_title(title)
+    ax.set_title(f"{level}, {mode}")
     ax.legend(fontsize=7)
 
 
@@ -1103,8 +1114,27 @@ def _plot_panel(ax, records: List[dict], mode: str, title: str, meta: dict) -> N
 # Command line
 
 
+DESCRIPTION = """\
+Times selfattn against PyTorch's attention: the attention core (selfattn.attention vs SDPA) and the
+whole layer (the tutorial's module, eager, F.linear + SDPA, nn.MultiheadAttention, selfattn's
+SelfAttention), forward and forward+backward, interleaved in rounds with a large GEMM. Reports
+median (min-max) times, FLOP rates, % of the GEMM rate, selfattn's speedup over each (median of
+per-round ratios) and peak memory; prints markdown tables, writes JSON and a PNG plot."""
+
+
+def _sweeps_help() -> str:
+    lines = ["sweeps (shapes as B x N x E x H, M = E; each causal and not):"]
+    for name, sweep in SWEEPS.items():
+        shapes = ", ".join(f"{s.batch}x{s.seq}x{s.embed}x{s.heads}" + ("" if s.timed else " (memory only)")
+                           for s in sweep.shapes)
+        lines.append(f"  {name}: {shapes}; {', '.join(sweep.dtypes)}; {', '.join(sweep.levels)}; {', '.join(sweep.modes)}")
+    names = dict.fromkeys(f"{i.level}: {i.name}" for i in implementations("cuda"))
+    lines.append("implementations (--impls): " + ", ".join(names) + " (sdpa[...]: CUDA only)")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m selfattn.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m selfattn.bench", description=DESCRIPTION, epilog=_sweeps_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="shape sweep (default: 'default'; "
@@ -1127,12 +1157,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+def _dtype_names(text: str) -> Tuple[str, ...]:
+    names = tuple(DTYPE_ALIASES.get(d.strip(), d.strip()) for d in text.split(","))
+    for name in names:
+        if name not in ("float32", "bfloat16", "float16", "float64"):
+            raise SystemExit(f"selfattn.bench: unknown dtype {name!r} (float32, bfloat16, float16, float64)")
+    return names
+
+
 def _cases(sweep: Sweep, args: argparse.Namespace) -> List[Case]:
     shapes = args.shapes or sweep.shapes
-    dtypes = tuple(d.strip() for d in args.dtype.split(",")) if args.dtype else sweep.dtypes
-    for d in dtypes:
-        if not isinstance(getattr(torch, d, None), torch.dtype):
-            raise SystemExit(f"selfattn.bench: unknown dtype {d!r}")
+    dtypes = _dtype_names(args.dtype) if args.dtype else sweep.dtypes
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     return [Case(shape, causal, dtype) for shape in shapes for dtype in dtypes for causal in causals]
 
