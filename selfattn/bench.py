@@ -488,6 +488,7 @@ class CpuDevice:
     flop_unit, flop_scale = "GFLOP/s", 1e9
     target_s, warmup_s = 0.03, 0.3
     memory_method = "peak RSS growth in a child process per case: VmHWM − VmRSS after malloc_trim and clear_refs"
+    gemm_note = "GEMM rate timed in the same rounds: a float32 sgemm for every dtype, so bfloat16 can pass 100 %"
 
     def __init__(self, threads: int):
         self.device = torch.device("cpu")
@@ -519,6 +520,7 @@ class CudaDevice:
     flop_unit, flop_scale = "TFLOP/s", 1e12
     target_s, warmup_s = 0.01, 0.2
     memory_method = "torch.cuda.max_memory_allocated − memory_allocated, reset between measurements"
+    gemm_note = "GEMM rate timed in the same rounds, a matmul in the case's dtype"
 
     def __init__(self):
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -1053,7 +1055,10 @@ def report(result: dict, modes: Sequence[str]) -> str:
            "- Times: median (min–max) per call. selfattn speedup: median (min–max) of the per-round ratios "
            "t_impl / t_selfattn (> 1: selfattn faster).",
            f"- Peak: memory growth above inputs and parameters ({meta['memory_method']}).",
-           "- † nn.MultiheadAttention also runs its output projection (+2·B·N·M·E FLOP forward, counted in its rate).",
+           f"- % GEMM: of the {meta['gemm_note']}.",
+           "- † nn.MultiheadAttention also runs its output projection (+2·B·N·M·E FLOP forward, counted in its "
+           "rate). Causal, it is called as documented, attn_mask = the causal mask with is_causal=True; it "
+           "converts that mask to N² elements of the dtype.",
            "- Causal FLOPs are half the full count for everyone (eager and reference compute all scores, then mask).",
            ""]
     if meta.get("note"):
@@ -1084,7 +1089,9 @@ def write_plot(result: dict, path: Path, modes: Sequence[str]) -> Optional[str]:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib, or the 'bench' extra): no plot"
     levels = result["meta"]["levels"]
-    fig, axes = plt.subplots(len(levels), len(modes), figsize=(7 * len(modes), 4.5 * len(levels)), squeeze=False)
+    width = max(7.0, 0.12 * len(result["records"]))  # about 0.6 inch per case and level
+    fig, axes = plt.subplots(len(levels), len(modes), figsize=(width * len(modes), 4.5 * len(levels)), squeeze=False)
+    fig.suptitle(f"{result['meta']['device']} — x: B×N, E/H, dtype, c = causal", fontsize=9)
     for row, level in enumerate(levels):
         for col, mode in enumerate(modes):
             _plot_panel(axes[row][col], result["records"], level, mode, result["meta"])
@@ -1092,6 +1099,12 @@ def write_plot(result: dict, path: Path, modes: Sequence[str]) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _short_label(case_json: str) -> str:
+    c = json.loads(case_json)
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}[c["dtype"]]
+    return f"{c['batch']}×{c['seq']}\n{c['embed']}/{c['heads']}\n{dtype}{' c' if c['causal'] else ''}"
 
 
 def _plot_panel(ax, records: List[dict], level: str, mode: str, meta: dict) -> None:
@@ -1103,8 +1116,7 @@ def _plot_panel(ax, records: List[dict], level: str, mode: str, meta: dict) -> N
         entries = [impls.get(name, {"modes": {}})["modes"].get(mode, {}) for impls in by_case.values()]
         values = [e["flop_rate"] / meta["flop_scale"] if e.get("status") == "ok" else 0.0 for e in entries]
         ax.bar([x + i * width for x in range(len(by_case))], values, width, label=name)
-    labels = ["\n".join(_case_cells(case)[:2]) + (" causal" if json.loads(case)["causal"] else "") for case in by_case]
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(by_case))], labels, fontsize=7)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(by_case))], [_short_label(c) for c in by_case], fontsize=7)
     ax.set_ylabel(meta["flop_unit"])
     ax.set_title(f"{level}, {mode}")
     ax.legend(fontsize=7)
@@ -1216,7 +1228,7 @@ def run(opts: Options, dev, sweep_note: str = "") -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
         "levels": list(opts.levels), "modes": list(opts.modes), "repeats": opts.repeats,
         "memory_budget_bytes": opts.budget, "flop_unit": dev.flop_unit, "flop_scale": dev.flop_scale,
-        "memory_method": dev.memory_method,
+        "memory_method": dev.memory_method, "gemm_note": dev.gemm_note,
         "threads": getattr(dev, "threads", None), "note": sweep_note,
         "wall_s": time.perf_counter() - started,
     }
