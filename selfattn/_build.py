@@ -159,9 +159,13 @@ def extension_config() -> ExtensionConfig:
     sources = sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
     if with_cuda:
         sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu")))
-    defines = [f"-DSELFATTN_BUILD_INFO={info}"] + (["-DSELFATTN_WITH_CUDA"] if with_cuda else [])
-    cxx = ["-O3", "-fopenmp"] + CAPABILITY_FLAGS[capability] + defines
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + defines
+    cuda_define = ["-DSELFATTN_WITH_CUDA"] if with_cuda else []
+    cxx = ["-O3", "-fopenmp"] + CAPABILITY_FLAGS[capability] + [f"-DSELFATTN_BUILD_INFO={info}"] + cuda_define
+    # No -std here: torch's cpp_extension adds the standard its headers need (C++20 from torch
+    # 2.10 on), and only when no -std is given; a fixed -std=c++17 breaks those headers.
+    # No SELFATTN_BUILD_INFO either (only selfattn.cpp reads it): nvcc splits -D values at
+    # commas, and its "cuda:13.0" piece would define a macro `cuda` that breaks thrust's headers.
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_define
     return ExtensionConfig(
         sources=sources,
         cxx_flags=cxx,
