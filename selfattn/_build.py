@@ -157,8 +157,8 @@ def extension_config() -> ExtensionConfig:
     info = (f"torch:{torch.__version__},cpu:{capability},"
             f"cuda:{torch.version.cuda if with_cuda else 'none'}")
     sources = sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
-    if with_cuda:
-        sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu")))
+    if with_cuda:  # the kernels (.cu) and their host side (.cpp: tensors, dispatch)
+        sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu"))) + sorted(glob.glob(str(CSRC / "cuda" / "*.cpp")))
     cuda_define = ["-DSELFATTN_WITH_CUDA"] if with_cuda else []
     cxx = ["-O3", "-fopenmp"] + CAPABILITY_FLAGS[capability] + [f"-DSELFATTN_BUILD_INFO={info}"] + cuda_define
     # No -std here: torch's cpp_extension adds the standard its headers need (C++20 from torch

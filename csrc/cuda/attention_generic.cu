@@ -1,0 +1,198 @@
+// CUDA attention for float64 (the dtype gradcheck uses): one warp per row, a key (or query) at
+// a time, the warp's lanes splitting the head dims. Slow, but float64 throughout, and
+// deterministic (no atomics; every sum in a fixed order).
+#include "kernels.h"
+#include "launch.cuh"
+
+namespace selfattn::cuda {
+
+constexpr int kGenericPerLane = 8;  // head-dim elements per lane: D, Dv <= 32 * 8 = 256
+
+// The lane's elements lane + 32t of a row (zero at and past dim).
+template <typename T, typename A>
+__device__ __forceinline__ void load_lane_elements(const T* row, int64_t stride_d, int dim, int lane,
+                                                   A (&x)[kGenericPerLane]) {
+#pragma unroll
+  for (int t = 0; t < kGenericPerLane; ++t) {
+    const int d = lane + 32 * t;
+    x[t] = d < dim ? static_cast<A>(row[d * stride_d]) : A(0);
+  }
+}
+
+// sum over d < dim of x[d] * row[d], the whole warp's lanes together (all lanes get it).
+template <typename T, typename A>
+__device__ __forceinline__ A warp_dot(const A (&x)[kGenericPerLane], const T* row, int64_t stride_d,
+                                      int dim, int lane) {
+  A dot = 0;
+#pragma unroll
+  for (int t = 0; t < kGenericPerLane; ++t) {
+    const int d = lane + 32 * t;
+    if (d < dim) {
+      dot += x[t] * static_cast<A>(row[d * stride_d]);
+    }
+  }
+  return group_sum<32>(dot);
+}
+
+// Tensors as for attention_forward_kernel. Grid: ceil(B * H * Nq / 4) blocks of 128 threads,
+// a warp per query row. Requires Nk >= 1 and D, Dv <= 256.
+template <typename T>
+__global__ void __launch_bounds__(128) attention_forward_generic_kernel(const ForwardParams<T> p) {
+  using A = acc_t<T>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.batch_heads * p.nq) {
+    return;  // the whole warp
+  }
+  const int64_t bh = row / p.nq, b = bh / p.heads, h = bh % p.heads;
+  const int i = static_cast<int>(row % p.nq);
+  A q[kGenericPerLane], acc[kGenericPerLane];
+  load_lane_elements(p.q.row(b, h, i), p.q.stride_d, p.dim, lane, q);
+#pragma unroll
+  for (int t = 0; t < kGenericPerLane; ++t) {
+    acc[t] = 0;
+  }
+  A row_max = -INFINITY, row_sum = 0;
+  const int k_end = p.causal ? imin(p.nk, i + 1) : p.nk;
+  for (int j = 0; j < k_end; ++j) {
+    const A s = warp_dot(q, p.k.row(b, h, j), p.k.stride_d, p.dim, lane) * p.scale;
+    const A new_max = s > row_max ? s : row_max;
+    const A alpha = exp(row_max - new_max);  // 0 for the first key
+    const A prob = exp(s - new_max);
+    row_sum = row_sum * alpha + prob;
+    row_max = new_max;
+    const T* v_row = p.v.row(b, h, j);
+#pragma unroll
+    for (int t = 0; t < kGenericPerLane; ++t) {
+      const int c = lane + 32 * t;
+      if (c < p.dim_v) {
+        acc[t] = acc[t] * alpha + prob * static_cast<A>(v_row[c * p.v.stride_d]);
+      }
+    }
+  }
+  T* out_row = p.out.row(b, h, i);
+#pragma unroll
+  for (int t = 0; t < kGenericPerLane; ++t) {
+    const int c = lane + 32 * t;
+    if (c < p.dim_v) {
+      out_row[c * p.out.stride_d] = static_cast<T>(row_sum > 0 ? acc[t] / row_sum : A(0));
+    }
+  }
+  if (lane == 0) {
+    p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n] =
+        row_sum > 0 ? row_max + log(row_sum) : -INFINITY;
+  }
+}
+
+// dq of one query row per warp. Grid: ceil(B * H * Nq / 4) blocks of 128 threads.
+template <typename T>
+__global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(const BackwardParams<T> p) {
+  using A = acc_t<T>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.batch_heads * p.nq) {
+    return;
+  }
+  const int64_t bh = row / p.nq, b = bh / p.heads, h = bh % p.heads;
+  const int i = static_cast<int>(row % p.nq);
+  A q[kGenericPerLane], grad_out[kGenericPerLane], dq[kGenericPerLane];
+  load_lane_elements(p.q.row(b, h, i), p.q.stride_d, p.dim, lane, q);
+  load_lane_elements(p.grad_out.row(b, h, i), p.grad_out.stride_d, p.dim_v, lane, grad_out);
+#pragma unroll
+  for (int t = 0; t < kGenericPerLane; ++t) {
+    dq[t] = 0;
+  }
+  const A lse = p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n];
+  const A delta = p.delta[row];
+  const int k_end = p.causal ? imin(p.nk, i + 1) : p.nk;
+  for (int j = 0; j < k_end; ++j) {
+    const T* k_row = p.k.row(b, h, j);
+    const A prob = exp(warp_dot(q, k_row, p.k.stride_d, p.dim, lane) * p.scale - lse);
+    const A dp = warp_dot(grad_out, p.v.row(b, h, j), p.v.stride_d, p.dim_v, lane);
+    const A ds = prob * (dp - delta);
+#pragma unroll
+    for (int t = 0; t < kGenericPerLane; ++t) {
+      const int d = lane + 32 * t;
+      if (d < p.dim) {
+        dq[t] += ds * static_cast<A>(k_row[d * p.k.stride_d]);
+      }
+    }
+  }
+  T* dq_row = p.grad_q.row(b, h, i);
+#pragma unroll
+  for (int t = 0; t < kGenericPerLane; ++t) {
+    const int d = lane + 32 * t;
+    if (d < p.dim) {
+      dq_row[d * p.grad_q.stride_d] = static_cast<T>(dq[t] * p.scale);
+    }
+  }
+}
+
+// dk and dv of one key row per warp. Grid: ceil(B * H * Nk / 4) blocks of 128 threads.
+template <typename T>
+__global__ void __launch_bounds__(128) attention_backward_dkdv_generic_kernel(const BackwardParams<T> p) {
+  using A = acc_t<T>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.batch_heads * p.nk) {
+    return;
+  }
+  const int64_t bh = row / p.nk, b = bh / p.heads, h = bh % p.heads;
+  const int j = static_cast<int>(row % p.nk);
+  A k[kGenericPerLane], v[kGenericPerLane], dk[kGenericPerLane], dv[kGenericPerLane];
+  load_lane_elements(p.k.row(b, h, j), p.k.stride_d, p.dim, lane, k);
+  load_lane_elements(p.v.row(b, h, j), p.v.stride_d, p.dim_v, lane, v);
+#pragma unroll
+  for (int t = 0; t < kGenericPerLane; ++t) {
+    dk[t] = 0;
+    dv[t] = 0;
+  }
+  // Causal: only queries i >= j see key j.
+  for (int i = p.causal ? j : 0; i < p.nq; ++i) {
+    const T* q_row = p.q.row(b, h, i);
+    const T* do_row = p.grad_out.row(b, h, i);
+    const A lse = p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n];
+    const A prob = exp(warp_dot(k, q_row, p.q.stride_d, p.dim, lane) * p.scale - lse);
+    const A dp = warp_dot(v, do_row, p.grad_out.stride_d, p.dim_v, lane);
+    const A ds = prob * (dp - p.delta[bh * p.nq + i]);
+#pragma unroll
+    for (int t = 0; t < kGenericPerLane; ++t) {
+      const int d = lane + 32 * t;
+      if (d < p.dim) {
+        dk[t] += ds * static_cast<A>(q_row[d * p.q.stride_d]);
+      }
+      if (d < p.dim_v) {
+        dv[t] += prob * static_cast<A>(do_row[d * p.grad_out.stride_d]);
+      }
+    }
+  }
+  T* dk_row = p.grad_k.row(b, h, j);
+  T* dv_row = p.grad_v.row(b, h, j);
+#pragma unroll
+  for (int t = 0; t < kGenericPerLane; ++t) {
+    const int d = lane + 32 * t;
+    if (d < p.dim) {
+      dk_row[d * p.grad_k.stride_d] = static_cast<T>(dk[t] * p.scale);
+    }
+    if (d < p.dim_v) {
+      dv_row[d * p.grad_v.stride_d] = static_cast<T>(dv[t]);
+    }
+  }
+}
+
+template <typename T>
+void forward_generic(const ForwardParams<T>& p, cudaStream_t stream) {
+  launch(attention_forward_generic_kernel<T>, ceil_div(p.batch_heads * p.nq, 4), 128, 0, stream, p);
+}
+
+// dq, dk and dv; delta must be written already.
+template <typename T>
+void backward_generic(const BackwardParams<T>& p, cudaStream_t stream) {
+  launch(attention_backward_dq_generic_kernel<T>, ceil_div(p.batch_heads * p.nq, 4), 128, 0, stream, p);
+  launch(attention_backward_dkdv_generic_kernel<T>, ceil_div(p.batch_heads * p.nk, 4), 128, 0, stream, p);
+}
+
+template void forward_generic<double>(const ForwardParams<double>&, cudaStream_t);
+template void backward_generic<double>(const BackwardParams<double>&, cudaStream_t);
+
+}  // namespace selfattn::cuda

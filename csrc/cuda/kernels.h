@@ -1,0 +1,37 @@
+// The launchers of the attention kernels, each defined (and instantiated for the dtypes it
+// serves) in its own .cu file so that the files compile in parallel; attention_cuda.cpp calls
+// them. Only kernel-argument structs cross this line, no tensors: the .cu files stay free of
+// ATen's heavy headers (compile time).
+//
+//   attention_fwd.cu        forward_tiled       float, half, bfloat16
+//   attention_bwd.cu        launch_delta        all four dtypes
+//   attention_bwd_dkdv.cu   backward_dkdv_tiled float, half, bfloat16
+//   attention_bwd_dq.cu     backward_dq_tiled   float, half, bfloat16
+//   attention_generic.cu    forward_generic, backward_generic   double
+//
+// All launch on `stream` and return without synchronising.
+#pragma once
+
+#include "params.h"
+
+namespace selfattn::cuda {
+
+// Tiled kernels (float32 accumulation); head dims up to 256.
+template <typename T>
+void forward_tiled(const ForwardParams<T>& p, cudaStream_t stream);
+template <typename T>
+void backward_dkdv_tiled(const BackwardParams<T>& p, cudaStream_t stream);
+template <typename T>
+void backward_dq_tiled(const BackwardParams<T>& p, cudaStream_t stream);
+
+// p.delta = rowsum(grad_out ∘ out), which both backward kernels read.
+template <typename T>
+void launch_delta(const BackwardParams<T>& p, cudaStream_t stream);
+
+// A warp per row, for float64; head dims up to 256.
+template <typename T>
+void forward_generic(const ForwardParams<T>& p, cudaStream_t stream);
+template <typename T>
+void backward_generic(const BackwardParams<T>& p, cudaStream_t stream);
+
+}  // namespace selfattn::cuda
