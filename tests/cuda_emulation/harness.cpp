@@ -1,0 +1,43 @@
+// The CUDA attention kernels (csrc/cuda/*.cu, compiled here as C++) run on the CPU through
+// emulation.h, behind a small Python module: test_cuda_emulation.py builds it with
+// torch.utils.cpp_extension.load and compares its results with float64 references.
+//
+// The same host code runs as on the GPU (attention_cuda.cpp's run_forward / run_backward:
+// kernel arguments, kernel choice, launch configuration); only the device guard and the stream
+// are left out.
+#include "emulation.h"
+
+#include "../../csrc/cuda/attention_bwd.cu"
+#include "../../csrc/cuda/attention_bwd_dkdv.cu"
+#include "../../csrc/cuda/attention_bwd_dq.cu"
+#include "../../csrc/cuda/attention_cuda.cpp"
+#include "../../csrc/cuda/attention_fwd.cu"
+#include "../../csrc/cuda/attention_generic.cu"
+
+#include <torch/extension.h>
+
+namespace {
+
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+             double scale, const at::Tensor& out, const at::Tensor& lse) {
+  selfattn::cuda::run_forward(q, k, v, causal, scale, out, lse, nullptr);
+}
+
+void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
+              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+              const at::Tensor& grad_v) {
+  selfattn::cuda::run_backward(grad_out, q, k, v, out, lse, causal, scale, grad_q, grad_k, grad_v,
+                               nullptr);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "selfattn's CUDA kernels on the CPU, through a fiber-per-thread emulation";
+  m.def("forward", &forward, "fills out (B, H, Nq, Dv) and lse (B, H, Nq) like attention_forward_cuda");
+  m.def("backward", &backward, "fills grad_q, grad_k, grad_v like attention_backward_cuda");
+  m.def("seed", [](int64_t seed) { emu::state().rng.seed(static_cast<uint32_t>(seed)); },
+        "seed of the thread-order shuffling");
+  m.def("blocks_run", [] { return emu::state().blocks_run; }, "blocks emulated so far");
+}
