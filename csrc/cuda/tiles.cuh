@@ -34,7 +34,7 @@ struct TileConfig {
   static constexpr int kAccCols = kDMax / 8;         // accumulator columns per lane
   static constexpr int kStride = kDMax + 4;          // floats per row of a shared tile
   // A warp's buffer of one score tile, transposed (kBlockCols x 4R); padded so that the 8 column
-  // groups' writes fall in different banks.
+  // groups' writes fall in different banks (for R = 2 and 4; 2-way conflicts at R = 1).
   static constexpr int kWarpBufStride = 4 * R + 4;
   static constexpr int kWarpBufSize = kBlockCols * kWarpBufStride;
 
