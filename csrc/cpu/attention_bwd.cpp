@@ -5,6 +5,7 @@
 //   dv = Pᵀ dout
 //   dP = dout vᵀ,  dS = P ∘ (dP - rowsum(dout ∘ out))
 //   dq = scale * dS k,   dk = scale * dSᵀ q
+// (the kernels fold `scale` into dS, so nothing is rescaled afterwards).
 //
 // Work item: one (batch, head, share of the key blocks). A key block's dk and dv are
 // summed over all query blocks in scratch and written once; dq is summed into a buffer
@@ -38,18 +39,21 @@ struct BackwardShape {
 // grad_out (dO): (B, H, Nq, Dv_padded) T, unit last stride      out: (B, H, Nq, Dv) scalar_t, any strides
 // q: (B, H, Nq, D_padded) T, unit last stride                   lse: (B, H, Nq) T, any strides
 // k: (B, H, Nk, D_padded) T, unit last stride                   v: (B, H, Nk, Dv) T, any strides
-// grad_q_partial: (B * H * splits, Nq, D_padded) T, zeroed; grad_k/grad_v: (B, H, Nk, D/Dv) scalar_t, any strides
+// dq_sums: (B, H, splits, Nq, D_padded) T, unit last stride, zeroed: each work item's dq sum
+//          (grad_q itself when one split covers a (batch, head) and grad_q's rows can take it)
+// grad_k/grad_v: (B, H, Nk, D/Dv) scalar_t, any strides
 template <typename scalar_t, typename T>
 void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                     const at::Tensor& lse, bool causal, T scale, const at::Tensor& grad_q_partial,
+                     const at::Tensor& lse, bool causal, T scale, const at::Tensor& dq_sums,
                      const at::Tensor& grad_k, const at::Tensor& grad_v) {
   constexpr int64_t W = kVecWidth<T>;
   const Strided4<const T> do_view(grad_out), q_view(q), k_view(k), v_view(v);
   const Strided4<const scalar_t> out_view(out);
   const Strided4<scalar_t> dk_view(grad_k), dv_view(grad_v);
   const T* lse_data = lse.data_ptr<T>();
-  T* dq_partial = grad_q_partial.data_ptr<T>();
+  T* const dq_data = dq_sums.data_ptr<T>();
+  const int64_t dq_stride_n = dq_sums.stride(3);
   const int64_t block_q = s.block_q, block_k = s.block_k;
   const int64_t nq_padded = s.q_blocks * block_q;
 
@@ -75,7 +79,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / s.splits, b = bh / s.heads, h = bh % s.heads;
       const int64_t split = item % s.splits;
-      T* dq_acc = dq_partial + item * s.nq * s.dim_padded;  // (Nq, D_padded)
+      T* dq_acc = dq_data + b * dq_sums.stride(0) + h * dq_sums.stride(1) + split * dq_sums.stride(2);
 
       if (bh != packed_bh) {
         pack_columns(q_view, b, h, 0, s.nq, s.dim, scale, q_t, nq_padded);
@@ -153,11 +157,12 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
             gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim_v, v_block, v_view.stride_n,
                                    v_view.stride_d, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
           }
+          const Vec<T> scale_vec(scale);
           for (int64_t j = 0; j < kv_rows; ++j) {
             for (int64_t c = 0; c < block_q; c += W) {
               const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
               const Vec<T> dp = Vec<T>::loadu(ds_t + j * block_q + c);
-              (p * (dp - Vec<T>::loadu(delta + q0 + c))).store(ds_t + j * block_q + c);
+              (p * (dp - Vec<T>::loadu(delta + q0 + c)) * scale_vec).store(ds_t + j * block_q + c);
             }
           }
           if (diagonal) {
@@ -165,56 +170,52 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
           }
 
           // dv (kv_rows x Dv) += Pᵀ · dO rows;  dk (kv_rows x D) += dSᵀ · q rows;
-          // dq (q_rows x D) += dS · k rows (dS read through ds_t's transpose).
+          // dq (q_rows x D) += dS · k rows (dS read through ds_t's transpose). dS includes scale.
           if (!diagonal) {
             gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block, do_view.stride_n, dv_acc,
                     s.dim_v_padded, /*accumulate=*/true);
             gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block, q_view.stride_n, dk_acc,
                     s.dim_padded, /*accumulate=*/true);
             gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block, k_view.stride_n,
-                    dq_acc + q0 * s.dim_padded, s.dim_padded, /*accumulate=*/true);
+                    dq_acc + q0 * dq_stride_n, dq_stride_n, /*accumulate=*/true);
           } else {
             gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block,
                                          do_view.stride_n, dv_acc, s.dim_v_padded);
             gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block,
                                          q_view.stride_n, dk_acc, s.dim_padded);
             gemm_queries_x_keys<T>(offset, q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block,
-                                   k_view.stride_n, dq_acc + q0 * s.dim_padded, s.dim_padded);
+                                   k_view.stride_n, dq_acc + q0 * dq_stride_n, dq_stride_n);
           }
         }
 
         for (int64_t j = 0; j < k_rows; ++j) {
-          scalar_t* dk_row = dk_view.row(b, h, k0 + j);
-          scalar_t* dv_row = dv_view.row(b, h, k0 + j);
-          for (int64_t d = 0; d < s.dim; ++d) {
-            dk_row[d * dk_view.stride_d] = static_cast<scalar_t>(dk_acc[j * s.dim_padded + d] * scale);
-          }
-          for (int64_t d = 0; d < s.dim_v; ++d) {
-            dv_row[d * dv_view.stride_d] = static_cast<scalar_t>(dv_acc[j * s.dim_v_padded + d]);
-          }
+          store_row(dk_acc + j * s.dim_padded, dk_view.row(b, h, k0 + j), dk_view.stride_d, s.dim);
+          store_row(dv_acc + j * s.dim_v_padded, dv_view.row(b, h, k0 + j), dv_view.stride_d, s.dim_v);
         }
       }
     }
   });
 }
 
-// dq[b, h, i] = scale * sum over splits of the partial sums, in split order.
+// dq[b, h, i] = the sum of the work items' partial sums, in split order (deterministic).
 template <typename scalar_t, typename T>
-void reduce_grad_q(const BackwardShape& s, const at::Tensor& grad_q_partial, T scale,
-                   const at::Tensor& grad_q) {
-  const T* partial = grad_q_partial.data_ptr<T>();
+void reduce_grad_q(const BackwardShape& s, const at::Tensor& dq_sums, const at::Tensor& grad_q) {
+  constexpr int64_t W = kVecWidth<T>;
+  const T* partial = dq_sums.data_ptr<T>();  // contiguous (B, H, splits, Nq, D_padded)
   const Strided4<scalar_t> dq_view(grad_q);
   at::parallel_for(0, s.batch * s.heads * s.nq, 64, [&](int64_t begin, int64_t end) {
+    Scratch<T> row_sum(s.dim_padded);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / s.nq, i = row % s.nq, b = bh / s.heads, h = bh % s.heads;
-      scalar_t* dq_row = dq_view.row(b, h, i);
-      for (int64_t d = 0; d < s.dim; ++d) {
-        T sum = 0;
-        for (int64_t split = 0; split < s.splits; ++split) {
-          sum += partial[((bh * s.splits + split) * s.nq + i) * s.dim_padded + d];
+      const int64_t bh = row / s.nq, i = row % s.nq;
+      const T* first = partial + (bh * s.splits * s.nq + i) * s.dim_padded;
+      for (int64_t d = 0; d < s.dim_padded; d += W) {
+        Vec<T> sum = Vec<T>::loadu(first + d);
+        for (int64_t split = 1; split < s.splits; ++split) {
+          sum = sum + Vec<T>::loadu(first + split * s.nq * s.dim_padded + d);
         }
-        dq_row[d * dq_view.stride_d] = static_cast<scalar_t>(sum * scale);
+        sum.store(row_sum.get() + d);
       }
+      store_row(row_sum.get(), dq_view.row(bh / s.heads, bh % s.heads, i), dq_view.stride_d, s.dim);
     }
   });
 }
@@ -258,14 +259,25 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   const at::Tensor k_rows = rows_for_gemm(k, acc_type, s.dim_padded);
   const at::Tensor do_rows = rows_for_gemm(grad_out, acc_type, s.dim_v_padded);
   const at::Tensor v_acc = v.scalar_type() == acc_type ? v : v.to(acc_type);
-  const at::Tensor grad_q_partial =
-      at::zeros({s.batch * s.heads * s.splits, s.nq, s.dim_padded}, q.options().dtype(acc_type));
+  // dq is summed over key blocks. With one work item per (batch, head), straight into grad_q
+  // when its rows can take the GEMM's output; otherwise into per-item sums added up afterwards.
+  const bool dq_in_place = s.splits == 1 && grad_q.scalar_type() == acc_type && grad_q.stride(3) == 1 &&
+                           s.dim == s.dim_padded;
+  at::Tensor dq_sums;
+  if (dq_in_place) {
+    grad_q.zero_();
+    dq_sums = grad_q.unsqueeze(2);
+  } else {
+    dq_sums = at::zeros({s.batch, s.heads, s.splits, s.nq, s.dim_padded}, q.options().dtype(acc_type));
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t, acc_t>(s, do_rows, q_rows, k_rows, v_acc, out, lse, causal,
-                                     static_cast<acc_t>(scale), grad_q_partial, grad_k, grad_v);
-    reduce_grad_q<scalar_t, acc_t>(s, grad_q_partial, static_cast<acc_t>(scale), grad_q);
+                                     static_cast<acc_t>(scale), dq_sums, grad_k, grad_v);
+    if (!dq_in_place) {
+      reduce_grad_q<scalar_t, acc_t>(s, dq_sums, grad_q);
+    }
   });
 }
 
