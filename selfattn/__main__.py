@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn import reference, tutorial
+from selfattn.bench import mem_available_bytes
 
 
 def rows(t: torch.Tensor) -> list[str]:
@@ -54,17 +55,6 @@ def batched_check() -> None:
     print(f"   d W_query    largest difference {(w - w_ref).abs().max().item():.1e}\n")
 
 
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def compare_with_eager(repeats: int) -> None:
     batch, n, e, heads = 8, 512, 512, 8
     print(f"3. One forward, (B, N, E, H) = ({batch}, {n}, {e}, {heads}), float32, "
@@ -81,7 +71,7 @@ def compare_with_eager(repeats: int) -> None:
     impls = {"selfattn.SelfAttention": lambda: fused(x), "F.linear + F.scaled_dot_product_attention": linear_sdpa}
     # The tutorial's broadcast holds B·H·N²·D products at once (twice, briefly).
     broadcast_bytes = 2 * batch * n * n * e * 4
-    if broadcast_bytes < 0.6 * available_memory_bytes():
+    if broadcast_bytes < 0.6 * (mem_available_bytes() or 0):
         impls["tutorial's reference module"] = lambda: ref(x)
     else:
         print(f"   (skipping the reference module: its broadcast needs {broadcast_bytes / 2**30:.1f} GiB)")

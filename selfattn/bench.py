@@ -461,7 +461,7 @@ def _read_status_kib(field_name: str) -> int:
     raise OSError(f"{field_name} not in /proc/self/status")
 
 
-def _mem_available_bytes() -> Optional[float]:
+def mem_available_bytes() -> Optional[float]:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -508,7 +508,7 @@ class CpuDevice:
         return _square_gemm(self.device, CPU_GEMM_SIZE, torch.float32)
 
     def memory_budget(self) -> float:
-        available = _mem_available_bytes()
+        available = mem_available_bytes()
         return 0.6 * available if available else 8 * GIB
 
     def measure_memory(self, case: Case, todo: List[MemoryItem]) -> Dict[MemoryItem, dict]:
