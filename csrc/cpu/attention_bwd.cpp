@@ -36,24 +36,30 @@ struct BackwardShape {
   int64_t blocks_per_split;
 };
 
-// grad_out (dO): (B, H, Nq, Dv_padded) T, unit last stride      out: (B, H, Nq, Dv) scalar_t, any strides
-// q: (B, H, Nq, D_padded) T, unit last stride                   lse: (B, H, Nq) T, any strides
-// k: (B, H, Nk, D_padded) T, unit last stride                   v: (B, H, Nk, Dv) T, any strides
-// dq_sums: (B, H, splits, Nq, D_padded) T, unit last stride, zeroed: each work item's dq sum
-//          (grad_q itself when one split covers a (batch, head) and grad_q's rows can take it)
-// grad_k/grad_v: (B, H, Nk, D/Dv) scalar_t, any strides
+// grad_out (dO), out: (B, H, Nq, Dv), q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv):
+//          scalar_t, any strides;  lse: (B, H, Nq) T, any strides
+// dq_sums: (B, H, splits, Nq, D_padded) T, unit last stride, zeroed: where each work item sums
+//          its dq (grad_q itself when its rows can take that); undefined when one work item
+//          covers a (batch, head) but grad_q cannot: it then sums in scratch and writes grad_q.
+// grad_q, grad_k, grad_v: (B, H, Nq / Nk, D / Dv) scalar_t, any strides
 template <typename scalar_t, typename T>
 void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                      const at::Tensor& lse, bool causal, T scale, const at::Tensor& dq_sums,
-                     const at::Tensor& grad_k, const at::Tensor& grad_v) {
+                     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
   constexpr int64_t W = kVecWidth<T>;
-  const Strided4<const T> do_view(grad_out), q_view(q), k_view(k), v_view(v);
-  const Strided4<const scalar_t> out_view(out);
-  const Strided4<scalar_t> dk_view(grad_k), dv_view(grad_v);
+  const Strided4<const scalar_t> do_view(grad_out), q_view(q), k_view(k), v_view(v), out_view(out);
+  // Rows in T for the tile GEMMs (tile.h): q, k and dO are read as whole rows (B operands), v
+  // element by element; each is converted a block at a time unless it can be read in place.
+  const BlockReader<scalar_t, T> q_reader(q_view, s.dim, s.dim_padded, /*whole_rows=*/true);
+  const BlockReader<scalar_t, T> k_reader(k_view, s.dim, s.dim_padded, /*whole_rows=*/true);
+  const BlockReader<scalar_t, T> do_reader(do_view, s.dim_v, s.dim_v_padded, /*whole_rows=*/true);
+  const BlockReader<scalar_t, T> v_reader(v_view, s.dim_v, s.dim_v, /*whole_rows=*/false);
+  const Strided4<scalar_t> dq_view(grad_q), dk_view(grad_k), dv_view(grad_v);
   const T* lse_data = lse.data_ptr<T>();
-  T* const dq_data = dq_sums.data_ptr<T>();
-  const int64_t dq_stride_n = dq_sums.stride(3);
+  const bool dq_in_scratch = !dq_sums.defined();
+  T* const dq_data = dq_in_scratch ? nullptr : dq_sums.data_ptr<T>();
+  const int64_t dq_stride_n = dq_in_scratch ? s.dim_padded : dq_sums.stride(3);
   const int64_t block_q = s.block_q, block_k = s.block_k;
   const int64_t nq_padded = s.q_blocks * block_q;
 
@@ -61,7 +67,10 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
   const int64_t scratch_size =
       Carver::padded(s.dim * nq_padded) + Carver::padded(s.dim_v * nq_padded) +
       2 * Carver::padded(nq_padded) + 2 * Carver::padded(block_k * block_q) +
-      Carver::padded(block_k * s.dim_padded) + Carver::padded(block_k * s.dim_v_padded);
+      Carver::padded(block_k * s.dim_padded) + Carver::padded(block_k * s.dim_v_padded) +
+      Carver::padded(q_reader.scratch_size(block_q)) + Carver::padded(do_reader.scratch_size(block_q)) +
+      Carver::padded(k_reader.scratch_size(block_k)) + Carver::padded(v_reader.scratch_size(block_k)) +
+      (dq_in_scratch ? Carver::padded(s.nq * s.dim_padded) : 0);
 
   at::parallel_for(0, s.batch * s.heads * s.splits, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(scratch_size);
@@ -74,12 +83,22 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     T* ds_t = carve.take(block_k * block_q);     // (block_k, block_q): dP, then dS, transposed
     T* dk_acc = carve.take(block_k * s.dim_padded);
     T* dv_acc = carve.take(block_k * s.dim_v_padded);
+    T* q_scratch = carve.take(q_reader.scratch_size(block_q));  // blocks converted to T, when needed
+    T* do_scratch = carve.take(do_reader.scratch_size(block_q));
+    T* k_scratch = carve.take(k_reader.scratch_size(block_k));
+    T* v_scratch = carve.take(v_reader.scratch_size(block_k));
+    T* dq_scratch = dq_in_scratch ? carve.take(s.nq * s.dim_padded) : nullptr;  // (Nq, D_padded)
 
     int64_t packed_bh = -1;  // the (batch, head) whose queries q_t/do_t hold
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / s.splits, b = bh / s.heads, h = bh % s.heads;
       const int64_t split = item % s.splits;
-      T* dq_acc = dq_data + b * dq_sums.stride(0) + h * dq_sums.stride(1) + split * dq_sums.stride(2);
+      T* dq_acc = dq_scratch;
+      if (dq_in_scratch) {
+        fill(dq_scratch, s.nq * s.dim_padded, T(0));
+      } else {
+        dq_acc = dq_data + b * dq_sums.stride(0) + h * dq_sums.stride(1) + split * dq_sums.stride(2);
+      }
 
       if (bh != packed_bh) {
         pack_columns(q_view, b, h, 0, s.nq, s.dim, scale, q_t, nq_padded);
@@ -87,11 +106,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
         for (int64_t i = 0; i < nq_padded; ++i) {
           if (i < s.nq) {
             lse_row[i] = lse_data[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)];
-            const T* do_row = do_view.row(b, h, i);
+            const scalar_t* do_row = do_view.row(b, h, i);
             const scalar_t* out_row = out_view.row(b, h, i);
             T dot = 0;
             for (int64_t d = 0; d < s.dim_v; ++d) {
-              dot += do_row[d] * static_cast<T>(out_row[d * out_view.stride_d]);
+              dot += static_cast<T>(do_row[d * do_view.stride_d]) * static_cast<T>(out_row[d * out_view.stride_d]);
             }
             delta[i] = dot;
           } else {
@@ -108,6 +127,8 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
         const int64_t k0 = kb * block_k, k_rows = std::min(block_k, s.nk - k0);
         fill(dk_acc, block_k * s.dim_padded, T(0));
         fill(dv_acc, block_k * s.dim_v_padded, T(0));
+        const RowBlock<T> k_block = k_reader.read(b, h, k0, k_rows, k_scratch);
+        const RowBlock<T> v_block = v_reader.read(b, h, k0, k_rows, v_scratch);
 
         // Causal: query blocks that end before this key block's first key see none of it.
         for (int64_t qb = causal ? k0 / block_q : 0; qb < s.q_blocks; ++qb) {
@@ -117,10 +138,8 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
           if (kv_rows <= 0) {
             continue;
           }
-          const T* k_block = k_view.row(b, h, k0);
-          const T* v_block = v_view.row(b, h, k0);
-          const T* do_block = do_view.row(b, h, q0);
-          const T* q_block = q_view.row(b, h, q0);
+          const RowBlock<T> q_block = q_reader.read(b, h, q0, q_rows, q_scratch);
+          const RowBlock<T> do_block = do_reader.read(b, h, q0, q_rows, do_scratch);
           // On a tile that crosses the diagonal, pairs that nobody sees are skipped (tile.h)
           // and their P and dS entries set to 0.
           const bool diagonal = causal && k0 + kv_rows - 1 > q0;
@@ -133,10 +152,10 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
 
           // P (transposed) = exp(k · q_t - lse), recomputed from the forward's logsumexp.
           if (!diagonal) {
-            gemm<T>(kv_rows, block_q, s.dim, k_block, k_view.stride_n, 1, q_t + q0, nq_padded, p_t,
+            gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_t + q0, nq_padded, p_t,
                     block_q, /*accumulate=*/false);
           } else {
-            gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim, k_block, k_view.stride_n, 1, q_t + q0,
+            gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_t + q0,
                                    nq_padded, p_t, block_q, /*accumulate=*/false);
           }
           for (int64_t j = 0; j < kv_rows; ++j) {
@@ -151,11 +170,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
 
           // dP (transposed) = v · dO_t, then dS = P ∘ (dP - delta).
           if (!diagonal) {
-            gemm<T>(kv_rows, block_q, s.dim_v, v_block, v_view.stride_n, v_view.stride_d, do_t + q0,
+            gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_t + q0,
                     nq_padded, ds_t, block_q, /*accumulate=*/false);
           } else {
-            gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim_v, v_block, v_view.stride_n,
-                                   v_view.stride_d, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
+            gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride,
+                                   v_block.col_stride, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
           }
           const Vec<T> scale_vec(scale);
           for (int64_t j = 0; j < kv_rows; ++j) {
@@ -172,25 +191,30 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
           // dv (kv_rows x Dv) += Pᵀ · dO rows;  dk (kv_rows x D) += dSᵀ · q rows;
           // dq (q_rows x D) += dS · k rows (dS read through ds_t's transpose). dS includes scale.
           if (!diagonal) {
-            gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block, do_view.stride_n, dv_acc,
+            gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data, do_block.row_stride, dv_acc,
                     s.dim_v_padded, /*accumulate=*/true);
-            gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block, q_view.stride_n, dk_acc,
+            gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data, q_block.row_stride, dk_acc,
                     s.dim_padded, /*accumulate=*/true);
-            gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block, k_view.stride_n,
+            gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data, k_block.row_stride,
                     dq_acc + q0 * dq_stride_n, dq_stride_n, /*accumulate=*/true);
           } else {
-            gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block,
-                                         do_view.stride_n, dv_acc, s.dim_v_padded);
-            gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block,
-                                         q_view.stride_n, dk_acc, s.dim_padded);
-            gemm_queries_x_keys<T>(offset, q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block,
-                                   k_view.stride_n, dq_acc + q0 * dq_stride_n, dq_stride_n);
+            gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data,
+                                         do_block.row_stride, dv_acc, s.dim_v_padded);
+            gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data,
+                                         q_block.row_stride, dk_acc, s.dim_padded);
+            gemm_queries_x_keys<T>(offset, q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data,
+                                   k_block.row_stride, dq_acc + q0 * dq_stride_n, dq_stride_n);
           }
         }
 
         for (int64_t j = 0; j < k_rows; ++j) {
           store_row(dk_acc + j * s.dim_padded, dk_view.row(b, h, k0 + j), dk_view.stride_d, s.dim);
           store_row(dv_acc + j * s.dim_v_padded, dv_view.row(b, h, k0 + j), dv_view.stride_d, s.dim_v);
+        }
+      }
+      if (dq_in_scratch) {
+        for (int64_t i = 0; i < s.nq; ++i) {
+          store_row(dq_scratch + i * s.dim_padded, dq_view.row(b, h, i), dq_view.stride_d, s.dim);
         }
       }
     }
@@ -254,28 +278,24 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   s.blocks_per_split = ceil_div(s.k_blocks, s.splits);
   s.splits = ceil_div(s.k_blocks, s.blocks_per_split);
 
-  // q, k and dO are read as whole rows by the tile GEMM; v only element by element.
-  const at::Tensor q_rows = rows_for_gemm(q, acc_type, s.dim_padded);
-  const at::Tensor k_rows = rows_for_gemm(k, acc_type, s.dim_padded);
-  const at::Tensor do_rows = rows_for_gemm(grad_out, acc_type, s.dim_v_padded);
-  const at::Tensor v_acc = v.scalar_type() == acc_type ? v : v.to(acc_type);
-  // dq is summed over key blocks. With one work item per (batch, head), straight into grad_q
-  // when its rows can take the GEMM's output; otherwise into per-item sums added up afterwards.
-  const bool dq_in_place = s.splits == 1 && grad_q.scalar_type() == acc_type && grad_q.stride(3) == 1 &&
-                           s.dim == s.dim_padded;
+  // dq is summed over key blocks: straight into grad_q when one work item covers a (batch, head)
+  // and grad_q's rows can take the GEMM's output; with one work item but other rows (bfloat16, a
+  // padded head dim), in a thread's scratch; with several, into per-item sums added up afterwards.
   at::Tensor dq_sums;
-  if (dq_in_place) {
-    grad_q.zero_();
-    dq_sums = grad_q.unsqueeze(2);
+  if (s.splits == 1) {
+    if (grad_q.scalar_type() == acc_type && grad_q.stride(3) == 1 && s.dim == s.dim_padded) {
+      grad_q.zero_();
+      dq_sums = grad_q.unsqueeze(2);
+    }
   } else {
     dq_sums = at::zeros({s.batch, s.heads, s.splits, s.nq, s.dim_padded}, q.options().dtype(acc_type));
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t>(s, do_rows, q_rows, k_rows, v_acc, out, lse, causal,
-                                     static_cast<acc_t>(scale), dq_sums, grad_k, grad_v);
-    if (!dq_in_place) {
+    backward_kernel<scalar_t, acc_t>(s, grad_out, q, k, v, out, lse, causal,
+                                     static_cast<acc_t>(scale), dq_sums, grad_q, grad_k, grad_v);
+    if (s.splits > 1) {
       reduce_grad_q<scalar_t, acc_t>(s, dq_sums, grad_q);
     }
   });

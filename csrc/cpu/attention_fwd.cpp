@@ -28,23 +28,22 @@ inline int64_t balanced_block(int64_t rank, int64_t num_blocks) {
   return rank % 2 == 0 ? rank / 2 : num_blocks - 1 - rank / 2;
 }
 
-// q: (B, H, Nq, D) scalar_t, any strides
-// k: (B, H, Nk, D) T, any strides
-// v: (B, H, Nk, Dv_padded) T, unit last stride (read as whole rows by the tile GEMM)
-// out: (B, H, Nq, Dv) scalar_t, any strides;  lse: (B, H, Nq) T, any strides
+// q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv), out: (B, H, Nq, Dv): scalar_t, any strides
+// lse: (B, H, Nq) T, any strides. T (float, or double for double) is the accumulation type.
 template <typename scalar_t, typename T>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                     T scale, const at::Tensor& out, const at::Tensor& lse) {
   constexpr int64_t W = kVecWidth<T>;
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dim = q.size(3);
-  const int64_t nk = k.size(2), dim_v = out.size(3), dim_v_padded = v.size(3);
+  const int64_t nk = k.size(2), dim_v = v.size(3), dim_v_padded = round_up(dim_v, W);
   const int64_t block_q = std::min(kBlockQ, round_up(nq, W));  // short sequences: no idle columns
   const int64_t block_k = kBlockK;
   const int64_t q_blocks = ceil_div(nq, block_q);
 
   const Strided4<const scalar_t> q_view(q);
-  const Strided4<const T> k_view(k);
-  const Strided4<const T> v_view(v);
+  // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
+  const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, dim, /*whole_rows=*/false);
+  const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);
   const Strided4<scalar_t> out_view(out);
   T* const lse_data = lse.data_ptr<T>();
   const int64_t lse_stride_b = lse.stride(0), lse_stride_h = lse.stride(1),
@@ -53,7 +52,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size = Carver::padded(dim * block_q) + Carver::padded(block_k * block_q) +
                                Carver::padded(block_q * dim_v_padded) +
-                               3 * Carver::padded(block_q);
+                               3 * Carver::padded(block_q) + Carver::padded(k_reader.scratch_size(block_k)) +
+                               Carver::padded(v_reader.scratch_size(block_k));
 
   at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(scratch_size);
@@ -64,6 +64,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     T* row_max = carve.take(block_q);             // running max of each query's scores
     T* row_sum = carve.take(block_q);             // running sum of exp(score - row_max)
     T* rescale = carve.take(block_q);             // exp(old max - new max), per query
+    T* k_scratch = carve.take(k_reader.scratch_size(block_k));  // a key block in T, if k is not
+    T* v_scratch = carve.take(v_reader.scratch_size(block_k));  // a value block, padded rows
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_blocks, b = bh / heads, h = bh % heads;
@@ -86,13 +88,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         // 2. Scores, transposed: p_t (k_rows x block_q) = k rows · q_t. On a block that crosses
         //    the diagonal, pairs that nobody sees are skipped, then masked.
         const bool diagonal = causal && k0 + k_rows - 1 > q0;
-        const T* k_block = k_view.row(b, h, k0);
+        const RowBlock<T> k_block = k_reader.read(b, h, k0, k_rows, k_scratch);
         if (!diagonal) {
-          gemm<T>(k_rows, block_q, dim, k_block, k_view.stride_n, k_view.stride_d, q_t, block_q, p_t,
-                  block_q, /*accumulate=*/false);
+          gemm<T>(k_rows, block_q, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, block_q,
+                  p_t, block_q, /*accumulate=*/false);
         } else {
-          gemm_keys_x_queries<T>(k0 - q0, k_rows, block_q, dim, k_block, k_view.stride_n, k_view.stride_d,
-                                 q_t, block_q, p_t, block_q, /*accumulate=*/false);
+          gemm_keys_x_queries<T>(k0 - q0, k_rows, block_q, dim, k_block.data, k_block.row_stride,
+                                 k_block.col_stride, q_t, block_q, p_t, block_q, /*accumulate=*/false);
           for (int64_t j = 0; j < k_rows; ++j) {
             const int64_t first_visible = std::min(block_q, std::max<int64_t>(0, k0 + j - q0));
             fill(p_t + j * block_q, first_visible, -std::numeric_limits<T>::infinity());
@@ -129,13 +131,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
         // 4-5. Weight each value row by its probability and sum per query:
         //      acc (q_rows x Dv) += P (q_rows x k_rows) · v rows, P read through p_t's transpose.
-        const T* v_block = v_view.row(b, h, k0);
+        const RowBlock<T> v_block = v_reader.read(b, h, k0, k_rows, v_scratch);
         if (!diagonal) {
-          gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q, v_block,
-                  v_view.stride_n, acc, dim_v_padded, /*accumulate=*/true);
+          gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q, v_block.data,
+                  v_block.row_stride, acc, dim_v_padded, /*accumulate=*/true);
         } else {
-          gemm_queries_x_keys<T>(k0 - q0, q_rows, dim_v_padded, k_rows, p_t, 1, block_q, v_block,
-                                 v_view.stride_n, acc, dim_v_padded);
+          gemm_queries_x_keys<T>(k0 - q0, q_rows, dim_v_padded, k_rows, p_t, 1, block_q, v_block.data,
+                                 v_block.row_stride, acc, dim_v_padded);
         }
       }
 
@@ -168,13 +170,9 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
     lse.fill_(-std::numeric_limits<double>::infinity());
     return;
   }
-  const at::ScalarType acc_type = accumulate_type(q.scalar_type());
-  // k is broadcast element by element (any strides do); v is read as whole rows.
-  const at::Tensor k_acc = k.scalar_type() == acc_type ? k : k.to(acc_type);
-  const at::Tensor v_rows = cpu::rows_for_gemm(v, acc_type, cpu::gemm_width(v.size(3), acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cpu::forward_kernel<scalar_t, acc_t>(q, k_acc, v_rows, causal, static_cast<acc_t>(scale), out, lse);
+    cpu::forward_kernel<scalar_t, acc_t>(q, k, v, causal, static_cast<acc_t>(scale), out, lse);
   });
 }
 

@@ -233,22 +233,58 @@ inline int64_t gemm_width(int64_t dim, at::ScalarType acc_type) {
   return round_up(std::max<int64_t>(dim, 1), vec);
 }
 
-// t, or a copy of it, that the tile GEMM can read as whole rows (its B operand): dtype
-// acc_type, unit stride along the last dim and `width` readable elements per row, zeros
-// past size(-1). Float inputs with a contiguous last dim and a vector-multiple head dim —
-// including the strided views into the fused op's packed qkv buffer — are used as they are.
-inline at::Tensor rows_for_gemm(const at::Tensor& t, at::ScalarType acc_type, int64_t width) {
-  if (t.scalar_type() == acc_type && t.stride(-1) == 1 && t.size(-1) == width) {
-    return t;
+// A block of rows of a (B, H, N, D) tensor as the tile GEMM reads it: element (j, d) at
+// data[j * row_stride + d * col_stride].
+template <typename T>
+struct RowBlock {
+  const T* data;
+  int64_t row_stride, col_stride;
+};
+
+// Hands out blocks of rows of `src` in T, read where they lie when they can be and converted
+// into the caller's scratch when not — block by block, so that no converted copy of a whole
+// tensor ever exists. As the GEMM's A operand (read element by element) any strides do, only
+// the dtype must be T; as its B operand (read as whole vectors) a row must also be contiguous
+// and `width` long (the head dim rounded up to the vector width; scratch rows are zero-padded).
+template <typename scalar_t, typename T>
+class BlockReader {
+ public:
+  BlockReader(const Strided4<const scalar_t>& src, int64_t dim, int64_t width, bool whole_rows)
+      : src_(src),
+        dim_(dim),
+        width_(whole_rows ? width : dim),
+        in_place_(std::is_same_v<scalar_t, T> && (!whole_rows || (src.stride_d == 1 && dim == width))) {}
+
+  bool in_place() const { return in_place_; }
+  // Scratch a block of `rows` rows needs (none when read in place).
+  int64_t scratch_size(int64_t rows) const { return in_place_ ? 0 : rows * width_; }
+
+  RowBlock<T> read(int64_t b, int64_t h, int64_t n0, int64_t rows, T* scratch) const {
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      if (in_place_) {
+        return {src_.row(b, h, n0), src_.stride_n, src_.stride_d};
+      }
+    }
+    for (int64_t j = 0; j < rows; ++j) {
+      const scalar_t* row = src_.row(b, h, n0 + j);
+      T* dst = scratch + j * width_;
+      if (src_.stride_d == 1) {
+        at::vec::convert(row, dst, dim_);
+      } else {
+        for (int64_t d = 0; d < dim_; ++d) {
+          dst[d] = static_cast<T>(row[d * src_.stride_d]);
+        }
+      }
+      std::fill(dst + dim_, dst + width_, T(0));
+    }
+    return {scratch, width_, 1};
   }
-  auto sizes = t.sizes().vec();
-  const int64_t dim = sizes.back();
-  sizes.back() = width;
-  at::Tensor copy = at::empty(sizes, t.options().dtype(acc_type));
-  copy.narrow(-1, 0, dim).copy_(t);
-  copy.narrow(-1, dim, width - dim).zero_();
-  return copy;
-}
+
+ private:
+  Strided4<const scalar_t> src_;
+  int64_t dim_, width_;
+  bool in_place_;
+};
 
 // dst (dim x ld), column i = rows n0 + i of src (b, h) times scale, for i < rows; the
 // columns rows..ld-1 are zero (padding that the score GEMM computes on and nobody reads).
