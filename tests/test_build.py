@@ -62,24 +62,46 @@ def test_missing_compiler_is_reported_in_words(tmp_path):
     assert "needs a C++ compiler, but 'no-such-compiler' is not on PATH" in result.stderr
 
 
-def test_jit_build_from_csrc(tmp_path):
-    """SELFATTN_JIT=1 compiles csrc/ with ninja into a cache and uses it (CPU sources only here, to
-    keep the test to a couple of minutes)."""
-    code = ("import torch, selfattn\n"
-            "info = selfattn.build_info()\n"
-            "q, k, v = (torch.randn(2, 3, 70, 16, dtype=torch.float64) for _ in range(3))\n"
-            "out = selfattn.attention(q, k, v, causal=True)\n"
-            "ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)\n"
-            "print(info.kind, float((out - ref).abs().max()))\n")
-    env = dict(SELFATTN_JIT="1", SELFATTN_JIT_CACHE=str(tmp_path), SELFATTN_CUDA="0", MAX_JOBS="2")
-    result = run_python(code, **env)
+JIT_CHECK = """
+import torch, selfattn
+torch.manual_seed(0)
+worst = 0.0
+for dtype, shape, causal in [(torch.float32, (2, 3, 70, 70, 64, 64), False), (torch.float32, (1, 2, 130, 77, 33, 7), True),
+                             (torch.bfloat16, (2, 2, 65, 65, 64, 64), True), (torch.float64, (1, 1, 1, 5, 3, 3), False)]:
+    b, h, nq, nk, d, dv = shape
+    q, k, v = (torch.randn(b, h, n, e, dtype=dtype, requires_grad=True) for n, e in ((nq, d), (nk, d), (nk, dv)))
+    g = torch.randn(b, h, nq, dv, dtype=dtype)
+    out = selfattn.attention(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, is_causal=causal)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    tol = 0.05 if dtype == torch.bfloat16 else 1e-4
+    for a, e in zip((out,) + grads, (ref,) + ref_grads):
+        worst = max(worst, float((a.double() - e).abs().max()) / tol)
+info = selfattn.build_info()
+print(info.kind, info.cpu_capability, worst)
+"""
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_jit_build_from_csrc(tmp_path, capability):
+    """SELFATTN_JIT=1 compiles csrc/ with ninja into a cache and uses it. Built here for the
+    instruction sets other machines fall back to (AVX2, and none), so their kernels are checked
+    against float64 too. CPU sources only, to keep it to a minute or two each."""
+    if capability == "AVX2" and _build.host_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU cannot run AVX2 code")
+    env = dict(SELFATTN_JIT="1", SELFATTN_JIT_CACHE=str(tmp_path), SELFATTN_CUDA="0", MAX_JOBS="2",
+               SELFATTN_CPU_CAPABILITY=capability)
+    result = run_python(JIT_CHECK, **env)
     assert result.returncode == 0, result.stderr[-3000:]
-    kind, error = result.stdout.split()
-    assert kind == "jit" and float(error) < 1e-12
+    kind, built_for, worst = result.stdout.split()
+    assert (kind, built_for) == ("jit", capability)
+    assert float(worst) < 1.0, f"error {worst} x tolerance"
     assert "JIT-building csrc/" in result.stderr  # it says what it is doing
     # The second import reuses the cache.
-    again = run_python(code, **env)
-    assert again.returncode == 0 and again.stdout.split()[0] == "jit"
+    again = run_python(JIT_CHECK, **env)
+    assert again.returncode == 0 and again.stdout.split()[:2] == ["jit", capability]
 
 
 def test_demo_runs():
