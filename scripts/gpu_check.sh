@@ -125,7 +125,7 @@ bench_step() {  # bench_step NAME CAP RESERVE ARGS...: one benchmark run, its TF
     note "bench $name" "ok -- $log"
     # The last section of the report: every implementation's TFLOP/s, one line per case.
     TABLES+=("" "--- bench $name ($*)")
-    while IFS= read -r l; do TABLES+=("$l"); done < <(sed -n '/^## Summary: TFLOP\/s/,$p' "$log" | grep -v '^\s*$')
+    while IFS= read -r l; do TABLES+=("$l"); done < <(sed -n '/^## Summary: [GT]FLOP\/s/,$p' "$log" | grep -v '^\s*$')
   else
     note "bench $name" "$([[ $rc == 124 ]] && echo "TIMED OUT" || echo "FAILED (rc $rc)"): $(tail -1 "$log")"
   fi
