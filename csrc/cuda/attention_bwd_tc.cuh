@@ -235,6 +235,7 @@ struct DkdvTcConfig {
 
   static_assert(kBlockM % 32 == 0, "query tiles of whole 16-query k-steps, lse/delta 128-byte aligned");
   static_assert(kSubM % 16 == 0 && kBlockM % kSubM == 0, "sub-tiles of whole k-steps");
+  static_assert(2 * kBlockM <= kThreads, "one thread per lse or delta value of a tile");
   static_assert(kSmemBytes <= 99 * 1024, "fits sm_86/89 (99 KB per block)");
 };
 
@@ -280,11 +281,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
     const int row0 = m * kBM;
     load_tile_async<kBM, D, Cfg::kThreads>(stage, q_src, p.q.stride_n, row0, p.nq);
     load_tile_async<kBM, D, Cfg::kThreads>(stage + Cfg::kTileBytes, do_src, p.grad_out.stride_n, row0, p.nq);
-    const SmemAddr lse_a = smem_addr(stage + 2 * Cfg::kTileBytes);
-    for (int c = threadIdx.x; c < kBM; c += Cfg::kThreads) {
-      const bool valid = row0 + c < p.nq;
-      cp_async_4(lse_a + 4 * c, valid ? lse_src + (row0 + c) * p.lse_stride_n : lse_src, valid);
-      cp_async_4(lse_a + 4 * (kBM + c), valid ? delta_src + row0 + c : delta_src, valid);
+    // Threads 0 .. kBM-1 copy lse, the next kBM delta: one float each.
+    const int c = threadIdx.x, i = c % kBM;
+    if (c < 2 * kBM) {
+      const bool valid = row0 + i < p.nq;
+      const float* from = c < kBM ? lse_src + (row0 + i) * p.lse_stride_n : delta_src + row0 + i;
+      cp_async_4(smem_addr(stage + 2 * Cfg::kTileBytes) + 4 * c, valid ? from : lse_src, valid);
     }
   };
 

@@ -218,11 +218,17 @@ __device__ __forceinline__ void load_tile_async(char* tile, const T* src, int64_
 #ifndef SELFATTN_CUDA_EMULATION
   asm volatile("" : "+r"(dst));  // keep dst + constant next to each copy (see FragOffsets)
 #endif
+  // Walked by one 64-bit add per row (the compiler would otherwise multiply per row); rows past
+  // nrows read nothing (src-size 0) but still get an address inside the tensor.
+  const int64_t step = kRowStep * stride;
   const T* from = src + (row0 + r) * stride + c * 8;
+  int row = row0 + r;
 #pragma unroll
   for (int i = 0; i < kRows / kRowStep; ++i) {
-    const bool valid = row0 + r + i * kRowStep < nrows;
-    cp_async_16(dst + i * kRowStep * S::kRowBytes, valid ? from + i * kRowStep * stride : src, valid);
+    const bool valid = row < nrows;
+    cp_async_16(dst + i * kRowStep * S::kRowBytes, valid ? from : src, valid);
+    from += step;
+    row += kRowStep;
   }
 }
 
