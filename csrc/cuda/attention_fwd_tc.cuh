@@ -164,8 +164,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
         }
       }
 
-      // Online softmax: new row max (over the quad's lanes), the factor that rescales what was
-      // accumulated under the old max, and the probabilities exp2(s * scale_log2 - max_scaled).
+      // Online softmax: new row max (over the quad's lanes), the factor alpha that rescales what
+      // was accumulated under the old max, and the probabilities exp2(s * scale_log2 - max_scaled).
+      float alpha[kMT][2];
+      bool rescale = false;
 #pragma unroll
       for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
@@ -176,9 +178,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
             tile_max = fmaxf(tile_max, fmaxf(s[mi][j][2 * r], s[mi][j][2 * r + 1]));
           }
           tile_max = group_max<4>(tile_max);
-          // A row that has seen no key yet (all masked so far) keeps base 0: no inf - inf.
-          const float base = tile_max == -INFINITY ? 0.f : tile_max * scale_log2;
-          const float alpha = fast_exp2(row_max[mi][r] * scale_log2 - base);  // 0 on first keys
+          // A row that has seen no key yet (all masked so far) keeps base 0 and alpha 1: no
+          // inf - inf. An unchanged max gives alpha = exp2(0) = 1 exactly.
+          const bool none = tile_max == -INFINITY;
+          const float base = none ? 0.f : tile_max * scale_log2;
+          alpha[mi][r] = none ? 1.f : fast_exp2((row_max[mi][r] - tile_max) * scale_log2);
+          rescale = rescale || alpha[mi][r] != 1.f;
           row_max[mi][r] = tile_max;
           float sum = 0.f;
 #pragma unroll
@@ -189,16 +194,26 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
               sum += s[mi][j][e];
             }
           }
-          row_sum[mi][r] = row_sum[mi][r] * alpha + sum;
-#pragma unroll
-          for (int j = 0; j < kOTiles; ++j) {
-            o[mi][j][2 * r] *= alpha;
-            o[mi][j][2 * r + 1] *= alpha;
-          }
+          row_sum[mi][r] = row_sum[mi][r] * alpha[mi][r] + sum;
         }
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk) {
           accumulators_to_a<T>(pa[mi][kk], s[mi][2 * kk], s[mi][2 * kk + 1]);
+        }
+      }
+      // Rescale the output accumulators, unless no row of the warp raised its max (the common
+      // case after the first tiles: multiplying by exactly 1 changes nothing, so skipping it is
+      // bitwise neutral).
+      if (__any_sync(kFullMask, rescale)) {
+#pragma unroll
+        for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+          for (int j = 0; j < kOTiles; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              o[mi][j][e] *= alpha[mi][e >> 1];
+            }
+          }
         }
       }
     }

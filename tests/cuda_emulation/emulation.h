@@ -378,6 +378,20 @@ inline void cp_async_wait(int n) {
   me->copies.swap(still);
 }
 
+// __any_sync over the whole warp: whether any lane's predicate is nonzero.
+inline int any_sync(int predicate) {
+  State& s = state();
+  const unsigned tid = current()->thread_idx.x, base = tid - tid % 32;
+  s.exchange[tid] = predicate != 0;
+  barrier<true>();
+  int any = 0;
+  for (unsigned l = base; l < base + 32 && l < s.block_dim.x; ++l) {
+    any |= static_cast<int>(s.exchange[l]);
+  }
+  barrier<true>();
+  return any;
+}
+
 inline void fiber_entry() {
   state().body();
   if (!current()->copies.empty()) {
@@ -473,6 +487,7 @@ void launch(void (*kernel)(Params), int blocks, int threads, int smem_bytes, con
 
 inline void __syncthreads() { ::emu::barrier<false>(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::barrier<true>(); }
+inline int __any_sync(unsigned, int predicate) { return ::emu::any_sync(predicate); }
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   return ::emu::shfl_xor(value, lane_mask);
