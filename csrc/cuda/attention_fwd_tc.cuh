@@ -47,7 +47,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
   constexpr int D = Cfg::kDim, kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kMT = Cfg::kMTiles;
   constexpr int kSTiles = kBN / 8;  // n-tiles of a score row block
   constexpr int kOTiles = D / 8;    // n-tiles of an output row block
-  using S = Swizzle<D>;
 
   char* const q_s = reinterpret_cast<char*>(dynamic_smem());  // (kBM, D): the block's queries
   char* const k_s = q_s + Cfg::kQBytes;                         // (kBN, D): a tile of keys
