@@ -9,10 +9,15 @@
 #   1. environment (nvidia-smi, torch, nvcc)
 #   2. build for this GPU's arch only (pip editable install, or setup.py build_ext --inplace)
 #   3. pytest tests/test_cuda.py
-#   4. compute-sanitizer memcheck and racecheck on scripts/sanitize_case.py
-#   5. python -m selfattn.bench --device cuda --quick (if the module exists)
+#   4. benchmarks, short timings (--quick: 2 ms samples, 7 interleaved rounds, no memory):
+#      a. FlashAttention's shapes (--sweep fa: bf16, batch·seqlen = 16384, heads·head_dim = 2048,
+#         head_dim 64 and 128, seqlen 512..8192, causal and not), forward and backward,
+#         selfattn next to SDPA with each backend forced in turn (flash, efficient, cuDNN);
+#      b. the fused layer (projections + attention) in bf16 against F.linear + SDPA;
+#   5. compute-sanitizer memcheck and racecheck on scripts/sanitize_case.py
 #   6. the CPU test suite, if time is left
-# and prints a summary table last. Logs go to $GPU_CHECK_LOGS (default gpu_check_logs/).
+# and prints a summary last, ending with the benchmarks' TFLOP/s tables. Logs go to
+# $GPU_CHECK_LOGS (default gpu_check_logs/).
 set -u
 
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}  # the whole run, seconds
@@ -94,7 +99,7 @@ pytest_line() {  # the "N passed, M failed ... in Xs" line of a pytest log
 
 banner "3. pytest tests/test_cuda.py"
 if (( BUILD_OK )); then
-  timeout "$(allow 200 150)" $PYTHON -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py \
+  timeout "$(allow 180 260)" $PYTHON -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py \
     >"$LOGS/test_cuda.log" 2>&1
   rc=$?
   tail -25 "$LOGS/test_cuda.log"
@@ -106,7 +111,38 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-banner "4. compute-sanitizer"
+banner "4. benchmarks"
+declare -a TABLES=()
+bench_step() {  # bench_step NAME CAP RESERVE ARGS...: one benchmark run, its TFLOP/s table kept
+  local name=$1 cap=$2 reserve=$3
+  shift 3
+  local log="$LOGS/bench_$name.log"
+  timeout "$(allow "$cap" "$reserve")" $PYTHON -m selfattn.bench --device cuda --quick --no-memory --no-plot \
+    --json "$LOGS/bench_$name.json" "$@" >"$log" 2>&1
+  local rc=$?
+  tail -25 "$log"
+  if (( rc == 0 )); then
+    note "bench $name" "ok -- $log"
+    # The last section of the report: every implementation's TFLOP/s, one line per case.
+    TABLES+=("" "--- bench $name ($*)")
+    while IFS= read -r l; do TABLES+=("$l"); done < <(sed -n '/^## Summary: [GT]FLOP\/s/,$p' "$log" | grep -v '^\s*$')
+  else
+    note "bench $name" "$([[ $rc == 124 ]] && echo "TIMED OUT" || echo "FAILED (rc $rc)"): $(tail -1 "$log")"
+  fi
+}
+if (( ! BUILD_OK )); then
+  note "benchmarks" "not run (no build)"
+else
+  # About 2 minutes: 40 timing groups of 6 contestants (selfattn, SDPA default and forced
+  # flash / efficient / cuDNN, the GEMM), each warmed up for 40 ms.
+  bench_step fa 150 150 --sweep fa
+  # The fused layer at FlashAttention's token count, head dims 128 and 64: about 30 s.
+  bench_step layer 60 110 --level layer --dtype bfloat16 --impls linear+sdpa --modes fwd,fwd+bwd \
+    --shapes 8x2048x2048x16,8x2048x2048x32
+fi
+
+# ---------------------------------------------------------------------------------------------
+banner "5. compute-sanitizer"
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 for tool in memcheck racecheck; do
   if (( ! BUILD_OK )); then
@@ -117,10 +153,10 @@ for tool in memcheck racecheck; do
     note "sanitizer $tool" "not run: compute-sanitizer not found"
     continue
   fi
-  reserve=$([[ $tool == memcheck ]] && echo 100 || echo 60)
+  reserve=$([[ $tool == memcheck ]] && echo 60 || echo 10)
   # No caching allocator: each tensor its own cudaMalloc, so an access past a tensor's end is
   # caught by memcheck instead of landing in a neighbouring block of the pool.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(allow 150 $reserve)" "$SANITIZER" --tool "$tool" \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(allow 120 $reserve)" "$SANITIZER" --tool "$tool" \
     --error-exitcode 99 $PYTHON scripts/sanitize_case.py >"$LOGS/sanitizer_$tool.log" 2>&1
   rc=$?
   tail -6 "$LOGS/sanitizer_$tool.log"
@@ -135,24 +171,6 @@ for tool in memcheck racecheck; do
   (( ran == 0 && rc == 0 )) && status="INCOMPLETE (the case did not finish)"
   note "sanitizer $tool" "$status: ${result:-no summary line} -- $LOGS/sanitizer_$tool.log"
 done
-
-# ---------------------------------------------------------------------------------------------
-banner "5. benchmark"
-if (( ! BUILD_OK )); then
-  note "benchmark" "not run (no build)"
-elif ! $PYTHON -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('selfattn.bench') is None)" 2>/dev/null; then
-  note "benchmark" "not run: selfattn.bench does not exist in this tree"
-else
-  timeout "$(allow 120 20)" $PYTHON -m selfattn.bench --device cuda --quick >"$LOGS/bench.log" 2>&1
-  rc=$?
-  tail -30 "$LOGS/bench.log"
-  if (( rc == 0 )); then
-    note "benchmark" "ok -- headline (last lines of $LOGS/bench.log):"
-    while IFS= read -r l; do SUMMARY+=("    $l"); done < <(grep -v '^\s*$' "$LOGS/bench.log" | tail -6)
-  else
-    note "benchmark" "$([[ $rc == 124 ]] && echo "TIMED OUT" || echo "FAILED (rc $rc)"): $(tail -1 "$LOGS/bench.log")"
-  fi
-fi
 
 # ---------------------------------------------------------------------------------------------
 banner "6. CPU test suite (if time is left)"
@@ -175,3 +193,4 @@ fi
 echo
 echo "=================================== GPU CHECK SUMMARY ($(elapsed)s) ==================================="
 for line in "${SUMMARY[@]}"; do echo "$line"; done
+for line in "${TABLES[@]}"; do echo "$line"; done

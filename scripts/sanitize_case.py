@@ -5,7 +5,9 @@
 
 Covers each tiled configuration's code paths in miniature: every head-dim bucket, float32 /
 float16 / bfloat16 and the float64 kernels, causal and not, partial blocks, Nq != Nk, D != Dv,
-element-wise (odd head dim, sliced) and vector (aligned) accesses, and the fused layer.
+element-wise (odd head dim, sliced) and vector (aligned) accesses, and the fused layer; and the
+tensor-core kernels (half / bfloat16 at D = 64 and 128) over several tiles, so that racecheck
+sees their cp.async double buffering turn over.
 Sizes are small because the tools slow kernels down by orders of magnitude.
 """
 
@@ -44,6 +46,12 @@ def main() -> None:
             for causal in (False, True):
                 run(1, 2, 37, 21, dim, dim_v, dtype, causal)
                 cases += 1
+    for dtype in (torch.float16, torch.bfloat16):  # tensor cores: 2+ blocks and 3+ tiles each way
+        for dim in (64, 128):
+            run(1, 1, 200, 150, dim, dim, dtype, True)
+            cases += 1
+    run(1, 1, 130, 260, 128, 128, torch.bfloat16, False)
+    cases += 1
     run(1, 2, 33, 40, 33, 33, torch.float16, True, sliced=True)  # element-wise path
     run(2, 1, 19, 19, 40, 40, torch.float32, False, sliced=True)
     for causal in (False, True):

@@ -1021,6 +1021,23 @@ def summary_table(records: List[dict], level: str, modes: Sequence[str]) -> List
     return _table(CASE_HEAD + [f"selfattn ms {' / '.join(modes)}"] + [f"vs {name}" for name in others], rows)
 
 
+def rate_summary_table(records: List[dict], level: str, modes: Sequence[str], flop_scale: float) -> List[str]:
+    """One line per timed case: every implementation's FLOP rate (DESIGN.md's count), mode by mode."""
+    by_case = _by_case(records, level)
+    names = list(dict.fromkeys(name for impls in by_case.values() for name in impls))
+    rows = []
+    for case_json, impls in by_case.items():
+        if not impls.get("selfattn", {"modes": {}})["modes"]:  # a memory point
+            continue
+        cells = _case_cells(case_json) + [str(json.loads(case_json)["head_dim"])]
+        for name in names:
+            entries = [impls.get(name, {"modes": {}})["modes"].get(m, {}) for m in modes]
+            cells.append(" / ".join(_num(e["flop_rate"] / flop_scale) if e.get("status") == "ok" else
+                                    ("skip" if e.get("status") == "skipped" else "—") for e in entries))
+        rows.append(cells)
+    return _table(CASE_HEAD + ["D"] + names, rows)
+
+
 def memory_summary_table(records: List[dict], level: str) -> List[str]:
     """One line per case: each implementation's peak memory, fwd / fwd+bwd."""
     by_case = _by_case(records, level)
@@ -1074,8 +1091,12 @@ def report(result: dict, modes: Sequence[str]) -> str:
         for level in meta["levels"]:
             out += [f"### {level}", ""] + memory_summary_table(records, level) + [""]
     out += [f"## Summary: selfattn ms and speedup, {' / '.join(modes)} (> 1: selfattn faster)", ""]
-    for level in meta["levels"]:  # last: the compact table a log's tail shows
+    for level in meta["levels"]:
         out += [f"### {level}", ""] + summary_table(records, level, modes) + [""]
+    # Last: the compact table a log's tail shows.
+    out += [f"## Summary: {meta['flop_unit']} of every implementation, {' / '.join(modes)}", ""]
+    for level in meta["levels"]:
+        out += [f"### {level}", ""] + rate_summary_table(records, level, modes, meta["flop_scale"]) + [""]
     return "\n".join(out)
 
 

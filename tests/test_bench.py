@@ -62,6 +62,8 @@ def test_quick_run_structure(tmp_path, capsys):
     assert mha["note"] and mha["modes"]["fwd"]["flops"] > bench.case_flops(
         bench.Case.from_json(mha["case"]), "layer", "fwd")  # its output projection is counted
     assert "| impl |" in table and "## Summary" in table and "nn.MultiheadAttention †" in table
+    assert table.rstrip().splitlines()[-1].startswith("| (1, 32, 64, 2) | float32 | yes | 32 |")  # rates last
+    assert "## Summary: GFLOP/s of every implementation, fwd / fwd+bwd" in table
     try:
         import matplotlib  # noqa: F401
     except ImportError:

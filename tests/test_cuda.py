@@ -154,17 +154,16 @@ def test_head_dim_limit():
 # The fused layer
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_self_attention_module(dtype, causal, bias):
-    ref = selfattn.reference.SelfAttention(48, 64, 4, bias=bias, causal=causal)  # head dim 16
+def check_module(dtype, causal, bias, embed, model_dim, heads, seq):
+    """selfattn.SelfAttention (the fused op: packed QKV projection, attention on strided views)
+    against the reference module in float64, outputs and every gradient."""
+    ref = selfattn.reference.SelfAttention(embed, model_dim, heads, bias=bias, causal=causal)
     ref64 = reference_layer_float64(ref)
     module = selfattn.SelfAttention.from_reference(ref).to(CUDA, dtype)
-    eager_module = selfattn.reference.SelfAttention(48, 64, 4, bias=bias, causal=causal).to(CUDA, dtype)
+    eager_module = selfattn.reference.SelfAttention(embed, model_dim, heads, bias=bias, causal=causal).to(CUDA, dtype)
     eager_module.load_state_dict(ref.state_dict())
-    x = torch.randn(3, 77, 48)
-    grad_out = torch.randn(3, 77, 64)
+    x = torch.randn(3, seq, embed)
+    grad_out = torch.randn(3, seq, model_dim)
 
     def run(m, x, grad_out):
         x = x.detach().clone().requires_grad_(True)
@@ -189,6 +188,13 @@ def test_self_attention_module(dtype, causal, bias):
         assert_close(module.in_proj_bias.grad, b64, b_eager, "db")
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_self_attention_module(dtype, causal, bias):
+    check_module(dtype, causal, bias, embed=48, model_dim=64, heads=4, seq=77)  # head dim 16
+
+
 def test_self_attention_function():
     """selfattn.self_attention on CUDA, batched and single-sequence, against the projections and
     attention in float64 on the CPU."""
@@ -211,13 +217,75 @@ def test_self_attention_function():
 
 
 # ---------------------------------------------------------------------------------------------
+# The tensor-core kernels: half and bfloat16 at D = Dv = 64 or 128 with aligned layouts
+
+TC_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch,heads,nq,nk", [
+    (2, 3, 257, 257),  # one past two 128-query blocks: partial blocks and tiles everywhere
+    (1, 2, 200, 513),  # Nq < Nk: several key tiles, the last partial
+    (1, 2, 513, 130),  # Nq > Nk: causal rows past Nk see every key
+])
+def test_tensor_cores(dtype, dim, causal, batch, heads, nq, nk):
+    check_attention(*sample_inputs(batch, heads, nq, nk, dim, dtype=dtype, device=CUDA), causal)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_tensor_cores_packed_qkv(dim):
+    """The fused op's layout: q, k, v views of one (B, N, 3, H, D) buffer, grad_out with
+    (B, N, H, D) memory."""
+    b, n, h = 2, 300, 4
+    qkv = torch.randn(b, n, 3, h, dim, dtype=torch.bfloat16, device=CUDA)
+    q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
+    grad_out = torch.randn(b, n, h, dim, dtype=torch.bfloat16, device=CUDA).transpose(1, 2)
+    check_attention(q, k, v, True, grad_out=grad_out)
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_module_tensor_cores(dtype, head_dim, causal):
+    check_module(dtype, causal, True, embed=96, model_dim=2 * head_dim, heads=2, seq=150)
+
+
+def cuda_kernel_names(fn):
+    """Names of the CUDA kernels fn() launches (torch.profiler; skips where CUPTI is missing)."""
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except RuntimeError as error:  # pragma: no cover - depends on the machine
+        pytest.skip(f"torch.profiler cannot trace CUDA here: {error}")
+    return " ".join(event.key for event in prof.key_averages())
+
+
+def test_tensor_core_dispatch():
+    """Aligned half / bfloat16 at D = 64 / 128 runs the tensor-core kernels; a layout they cannot
+    read (last dim not contiguous) the tiled ones."""
+    q, k, v = sample_inputs(1, 2, 100, 100, 128, dtype=torch.bfloat16, device=CUDA)
+    names = cuda_kernel_names(lambda: ops.attention_bwd(torch.randn_like(q), q, k, v,
+                                                        *ops.attention_fwd(q, k, v, True, 0.1), True, 0.1))
+    for kernel in ("attention_forward_tc_kernel", "attention_backward_dq_tc_kernel",
+                   "attention_backward_dkdv_tc_kernel"):
+        assert kernel in names, names
+    q, k, v = sample_inputs(1, 2, 100, 100, 64, dtype=torch.float16, device=CUDA, layout="strided_last")
+    names = cuda_kernel_names(lambda: ops.attention_fwd(q, k, v, True, 0.1))
+    assert "attention_forward_kernel" in names and "_tc_kernel" not in names, names
+
+
+# ---------------------------------------------------------------------------------------------
 # Behaviour
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_bitwise_deterministic(dtype):
-    q, k, v = sample_inputs(2, 4, 300, 300, 64, dtype=dtype, device=CUDA)
-    grad_out = torch.randn(2, 4, 300, 64, dtype=dtype, device=CUDA)
+@pytest.mark.parametrize("dim", [64, 128])  # the tensor-core kernels for half and bfloat16
+def test_bitwise_deterministic(dtype, dim):
+    q, k, v = sample_inputs(2, 4, 300, 300, dim, dtype=dtype, device=CUDA)
+    grad_out = torch.randn(2, 4, 300, dim, dtype=dtype, device=CUDA)
     first = run_attention(q, k, v, grad_out, True, 0.125)
     for _ in range(2):
         again = run_attention(q, k, v, grad_out, True, 0.125)

@@ -35,7 +35,7 @@ def emu():
     build_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "selfattn" / f"cuda_emulation_{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(name=f"selfattn_cuda_emulation_{tag}", sources=[str(HERE / "cuda_emulation" / "harness.cpp")],
-                extra_cflags=["-O2", "-DSELFATTN_CUDA_EMULATION"], build_directory=str(build_dir),
+                extra_cflags=["-O2", "-fno-strict-aliasing", "-DSELFATTN_CUDA_EMULATION"], build_directory=str(build_dir),
                 with_cuda=False)
 
 
@@ -196,6 +196,139 @@ def test_writes_stay_inside_views(emu, offset):
     emu.forward(q, k, v, False, 0.25, out, lse)
     grad_out = torch.randn_like(q)
     emu.backward(grad_out, q, k, v, out, lse, False, 0.25, *grads)
+    assert (big[~inside] == 7.0).all()
+    expected, _ = reference(q, k, v, False, 0.25)
+    assert_close(out, expected, eager_attention(q, k, v, False, 0.25), "out")
+    _, grads64 = attention_with_grads(eager_attention, q.double(), k.double(), v.double(), grad_out.double(),
+                                      scale=0.25)
+    _, grads_eager = attention_with_grads(eager_attention, q, k, v, grad_out, scale=0.25)
+    for name, g, g64, ge in zip(("dq", "dk", "dv"), grads, grads64, grads_eager):
+        assert_close(g, g64, ge, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core kernels (half and bfloat16 at D = Dv = 64 or 128, aligned layouts): their
+# mma.sync / ldmatrix / cp.async run as the emulation's warp collectives, whose fragment layouts
+# come from the PTX ISA, so a wrong fragment, swizzle or pipeline step shows up here.
+
+TC_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def tc_counters(emu, fn):
+    """fn() and the tensor-core instructions it ran."""
+    emu.reset_counters()
+    fn()
+    return emu.counters()
+
+
+def assert_tensor_cores(counters):
+    assert counters["mma"] > 0, "the tensor-core kernels did not run"
+    # The swizzled tiles make every ldmatrix phase conflict-free.
+    assert counters["ldmatrix_extra_wavefronts"] == 0, counters
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq,nk", [
+    (1, 1),
+    (70, 45),    # partial query block and key tile, Nq > Nk
+    (45, 200),   # Nq < Nk: several key tiles, the last partial; causal rows see a prefix
+    (150, 130),  # two query blocks (forward), three dk/dv key blocks, partial everything
+])
+def test_tensor_cores(emu, dim, dtype, causal, nq, nk):
+    counters = tc_counters(emu, lambda: run_case(emu, (1, 2, nq, nk, dim, dim), dtype, causal))
+    assert_tensor_cores(counters)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_tensor_cores_strided(emu, layout, dim):
+    """(B, N, H, D) memory (a projection's output) and every other batch: still aligned rows, so
+    still the tensor cores; gradients are views of one packed buffer (run_case)."""
+    counters = tc_counters(emu, lambda: run_case(emu, (2, 2, 37, 37, dim, dim), torch.bfloat16, True, layout))
+    assert_tensor_cores(counters)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_tensor_cores_packed_qkv(emu, dim):
+    """The fused op's layout: q, k, v are views of one (B, N, 3, H, D) buffer, out is (B, H, N, D)
+    with (B, N, H, D) memory, the gradients are views of one packed buffer."""
+    b, n, h = 2, 77, 3
+    qkv = torch.randn(b, n, 3, h, dim, dtype=torch.float16)
+    q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
+    scale = dim ** -0.5
+    emu.reset_counters()
+    out, lse = emu_forward(emu, q, k, v, True, scale)
+    expected, expected_lse = reference(q, k, v, True, scale)
+    assert_close(out, expected, eager_attention(q, k, v, True, scale), "out")
+    check_lse(lse, expected_lse)
+    grad_out = torch.randn(b, n, h, dim, dtype=torch.float16).transpose(1, 2)
+    grads = packed_grads(q, k, v)
+    emu.backward(grad_out, q, k, v, out, lse, True, scale, *grads)
+    assert_tensor_cores(emu.counters())
+    _, grads64 = attention_with_grads(eager_attention, q.double(), k.double(), v.double(), grad_out.double(),
+                                      causal=True, scale=scale)
+    _, grads_eager = attention_with_grads(eager_attention, q, k, v, grad_out, causal=True, scale=scale)
+    for name, g, g64, ge in zip(("dq", "dk", "dv"), grads, grads64, grads_eager):
+        assert_close(g, g64, ge, name)
+
+
+@pytest.mark.parametrize("case", ["strided_last", "misaligned", "negative_scale", "dim_v"])
+def test_tensor_core_fallbacks(emu, case):
+    """Where the tensor-core kernels do not apply, the tiled kernels give the same contract."""
+    dim, dim_v, scale, layout = 64, 64, 0.125, "contiguous"
+    if case == "strided_last":
+        layout = "strided_last"
+    elif case == "negative_scale":
+        scale = -0.125  # the forward keeps raw-score maxima: needs scale > 0
+    elif case == "dim_v":
+        dim_v = 32
+    if case == "misaligned":  # rows 16-byte aligned, base 2 bytes off
+        buf = torch.randn(3 * 2 * 40 * 64 + 1, dtype=torch.bfloat16)
+        q, k, v = (buf[1 + i * 2 * 40 * 64:1 + (i + 1) * 2 * 40 * 64].view(1, 2, 40, 64) for i in range(3))
+    else:
+        q, k, v = sample_inputs(1, 2, 40, 40, dim, dim_v, dtype=torch.bfloat16, layout=layout)
+    emu.reset_counters()
+    out, lse = emu_forward(emu, q, k, v, True, scale)
+    assert emu.counters()["mma"] == 0
+    expected, expected_lse = reference(q, k, v, True, scale)
+    assert_close(out, expected, eager_attention(q, k, v, True, scale), "out")
+    check_lse(lse, expected_lse)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_tensor_cores_deterministic(emu, dim):
+    """Bitwise identical results under other thread orders and other cp.async landing times."""
+    q, k, v = sample_inputs(1, 2, 150, 150, dim, dtype=torch.bfloat16)
+    grad_out = torch.randn(1, 2, 150, dim, dtype=torch.bfloat16)
+    results = []
+    for seed in (1, 2):
+        emu.seed(seed)
+        out, lse = emu_forward(emu, q, k, v, True, 0.1)
+        grads = packed_grads(q, k, v)
+        emu.backward(grad_out, q, k, v, out, lse, True, 0.1, *grads)
+        results.append([out, lse, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_tensor_cores_write_inside_views(emu):
+    """Outputs and gradients that are aligned views into a larger buffer (16-byte offset): every
+    element of each view written, nothing outside them."""
+    dim, offset = 64, 8
+    q, k, v = sample_inputs(2, 2, 21, 21, dim, dtype=torch.float16)
+    big = torch.full((2, 21, 4, 2, dim + 2 * offset), float("nan"), dtype=torch.float16)
+    views = [big[:, :, i, :, offset:offset + dim].transpose(1, 2) for i in range(4)]
+    inside = torch.zeros(big.shape, dtype=torch.bool)
+    inside[..., offset:offset + dim] = True
+    big[~inside] = 7.0
+    out, grads = views[0], views[1:]
+    lse = torch.full((2, 2, 21), float("nan"))
+    grad_out = torch.randn_like(q)
+    counters = tc_counters(emu, lambda: (emu.forward(q, k, v, False, 0.25, out, lse),
+                                         emu.backward(grad_out, q, k, v, out, lse, False, 0.25, *grads)))
+    assert_tensor_cores(counters)
     assert (big[~inside] == 7.0).all()
     expected, _ = reference(q, k, v, False, 0.25)
     assert_close(out, expected, eager_attention(q, k, v, False, 0.25), "out")

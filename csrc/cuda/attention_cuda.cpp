@@ -3,11 +3,15 @@
 // dtype. Host C++ only; the kernels and their launchers are in the .cu files next to this one
 // (kernels.h lists them).
 //
-//   forward:  float / half / bfloat16 -> forward_tiled      (attention_fwd.cu)
-//             double                  -> forward_generic    (attention_generic.cu)
-//   backward: delta = rowsum(dO ∘ out) (attention_bwd.cu), then
-//             float / half / bfloat16 -> backward_dkdv_tiled, backward_dq_tiled
-//             double                  -> backward_generic
+//   forward:  half / bfloat16, D = Dv = 64 or 128, aligned layouts -> forward_tc (tensor cores)
+//             other float / half / bfloat16 -> forward_tiled      (attention_fwd.cu)
+//             double                        -> forward_generic    (attention_generic.cu)
+//   backward: half / bfloat16 as above      -> backward_tc (dq and delta, then dk and dv)
+//             other float / half / bfloat16 -> delta = rowsum(dO ∘ out) (attention_bwd.cu), then
+//                                              backward_dkdv_tiled, backward_dq_tiled
+//             double                        -> delta, then backward_generic
+// SELFATTN_TENSOR_CORES=0 in the environment turns the tensor-core kernels off (read once), for
+// comparisons; they also need an sm_80 or newer GPU.
 #include "kernels.h"
 
 #include <ATen/core/Tensor.h>
@@ -15,10 +19,15 @@
 #include <c10/util/Exception.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
 #include <limits>
 
 #ifndef SELFATTN_CUDA_EMULATION
+#include <ATen/cuda/CUDAContextLight.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -55,6 +64,53 @@ void check_sizes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) 
   TORCH_CHECK_VALUE(q.size(2) < INT_MAX && k.size(2) < INT_MAX,
                     "selfattn: sequence lengths must be below 2^31 on CUDA, got Nq = ", q.size(2),
                     " and Nk = ", k.size(2));
+}
+
+// What the tensor-core kernels need of a tensor's layout (kernels.h): unit stride along D, the
+// other strides (of dims longer than 1) multiples of 8 elements, a 16-byte aligned base. The
+// fused op's strided views into its packed (B, N, 3, H, D) buffer qualify.
+bool tc_layout(const at::Tensor& t) {
+  if (t.stride(3) != 1) {
+    return false;
+  }
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) {
+      return false;
+    }
+  }
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+bool tensor_cores_enabled(const at::Tensor& q) {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SELFATTN_TENSOR_CORES");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+#ifdef SELFATTN_CUDA_EMULATION
+  (void)q;
+  return enabled;
+#else
+  return enabled && at::cuda::getDeviceProperties(q.get_device())->major >= 8;
+#endif
+}
+
+// The head dim of the tensor-core kernels for these tensors, or 0 where they do not apply (the
+// tiled kernels serve those). The forward keeps raw-score maxima, so it needs scale > 0.
+// `tensors`: every tensor the kernels read or write.
+int tc_head_dim(const at::Tensor& q, const at::Tensor& v, double scale,
+                std::initializer_list<const at::Tensor*> tensors) {
+  const int64_t dim = q.size(3);
+  if ((q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) ||
+      (dim != 64 && dim != 128) || v.size(3) != dim ||
+      !(static_cast<float>(scale) > 0.f && std::isfinite(static_cast<float>(scale)))) {
+    return 0;
+  }
+  for (const at::Tensor* t : tensors) {
+    if (!tc_layout(*t)) {
+      return 0;
+    }
+  }
+  return tensor_cores_enabled(q) ? static_cast<int>(dim) : 0;
 }
 
 template <typename T>
@@ -121,6 +177,29 @@ void backward_tiled(const BackwardParams<T>& p, cudaStream_t stream) {
   backward_dq_tiled(p, stream);
 }
 
+// half / bfloat16: the tensor-core kernels at tc_dim = 64 or 128, else the tiled ones.
+template <typename T>
+void forward_reduced(const ForwardParams<T>& p, int tc_dim, cudaStream_t stream) {
+  if (tc_dim == 64) {
+    return forward_tc<T, 64>(p, stream);
+  }
+  if (tc_dim == 128) {
+    return forward_tc<T, 128>(p, stream);
+  }
+  forward_tiled(p, stream);
+}
+
+template <typename T>
+void backward_reduced(const BackwardParams<T>& p, int tc_dim, cudaStream_t stream) {
+  if (tc_dim == 64) {
+    return backward_tc<T, 64>(p, stream);
+  }
+  if (tc_dim == 128) {
+    return backward_tc<T, 128>(p, stream);
+  }
+  backward_tiled(p, stream);
+}
+
 }  // namespace
 
 // Shapes as in attention.h; the caller has checked them and allocated out and lse.
@@ -135,13 +214,16 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     return;
   }
   check_sizes(q, k, v);
+  const int tc_dim = tc_head_dim(q, v, scale, {&q, &k, &v, &out});
   switch (q.scalar_type()) {
     case at::kFloat:
       return forward_tiled(forward_params<float>(q, k, v, causal, scale, out, lse), stream);
     case at::kHalf:
-      return forward_tiled(forward_params<c10::Half>(q, k, v, causal, scale, out, lse), stream);
+      return forward_reduced(forward_params<c10::Half>(q, k, v, causal, scale, out, lse), tc_dim,
+                             stream);
     case at::kBFloat16:
-      return forward_tiled(forward_params<c10::BFloat16>(q, k, v, causal, scale, out, lse), stream);
+      return forward_reduced(forward_params<c10::BFloat16>(q, k, v, causal, scale, out, lse),
+                             tc_dim, stream);
     case at::kDouble:
       return forward_generic(forward_params<double>(q, k, v, causal, scale, out, lse), stream);
     default:
@@ -174,13 +256,15 @@ void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
     return backward_params<T>(grad_out, q, k, v, out, lse, causal, scale, grad_q, grad_k, grad_v,
                               delta);
   };
+  const int tc_dim =
+      tc_head_dim(q, v, scale, {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v});
   switch (q.scalar_type()) {
     case at::kFloat:
       return backward_tiled(params(float()), stream);
     case at::kHalf:
-      return backward_tiled(params(c10::Half()), stream);
+      return backward_reduced(params(c10::Half()), tc_dim, stream);
     case at::kBFloat16:
-      return backward_tiled(params(c10::BFloat16()), stream);
+      return backward_reduced(params(c10::BFloat16()), tc_dim, stream);
     case at::kDouble: {
       const BackwardParams<double> p = params(double());
       launch_delta(p, stream);

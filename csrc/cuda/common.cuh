@@ -5,7 +5,7 @@
 // Every header under csrc/cuda/ also compiles as plain C++ on the CPU when
 // SELFATTN_CUDA_EMULATION is defined (tests/cuda_emulation/ runs the kernels there, a fiber per
 // thread), so device code here keeps to what that emulation provides: threadIdx/blockIdx,
-// __syncthreads, __syncwarp, __shfl_xor_sync, float2/float4, and the C math functions.
+// __syncthreads, __syncwarp, __shfl_xor_sync, __any_sync, float2/float4, and the C math functions.
 #pragma once
 
 #include "params.h"

@@ -8,6 +8,8 @@
 //   attention_bwd_dkdv.cu   backward_dkdv_tiled float, half, bfloat16
 //   attention_bwd_dq.cu     backward_dq_tiled   float, half, bfloat16
 //   attention_generic.cu    forward_generic, backward_generic   double
+//   attention_fwd_tc_hd{64,128}_{f16,bf16}.cu   forward_tc        half, bfloat16 (tensor cores)
+//   attention_bwd_tc_hd{64,128}_{f16,bf16}.cu   backward_tc       half, bfloat16 (tensor cores)
 //
 // All launch on `stream` and return without synchronising.
 #pragma once
@@ -27,6 +29,14 @@ void backward_dq_tiled(const BackwardParams<T>& p, cudaStream_t stream);
 // p.delta = rowsum(grad_out ∘ out), which both backward kernels read.
 template <typename T>
 void launch_delta(const BackwardParams<T>& p, cudaStream_t stream);
+
+// Tensor-core kernels (sm_80+, mma.sync): T = c10::Half or c10::BFloat16, D = Dv = kDim = 64 or
+// 128, every tensor with unit stride along D, its other strides multiples of 8 elements and a
+// 16-byte aligned base; scale > 0. backward_tc computes delta itself (no launch_delta).
+template <typename T, int kDim>
+void forward_tc(const ForwardParams<T>& p, cudaStream_t stream);
+template <typename T, int kDim>
+void backward_tc(const BackwardParams<T>& p, cudaStream_t stream);
 
 // A warp per row, for float64; head dims up to 256.
 template <typename T>

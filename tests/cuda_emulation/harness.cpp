@@ -10,11 +10,22 @@
 #include "../../csrc/cuda/attention_bwd.cu"
 #include "../../csrc/cuda/attention_bwd_dkdv.cu"
 #include "../../csrc/cuda/attention_bwd_dq.cu"
+#include "../../csrc/cuda/attention_bwd_tc_hd128_bf16.cu"
+#include "../../csrc/cuda/attention_bwd_tc_hd128_f16.cu"
+#include "../../csrc/cuda/attention_bwd_tc_hd64_bf16.cu"
+#include "../../csrc/cuda/attention_bwd_tc_hd64_f16.cu"
 #include "../../csrc/cuda/attention_cuda.cpp"
 #include "../../csrc/cuda/attention_fwd.cu"
+#include "../../csrc/cuda/attention_fwd_tc_hd128_bf16.cu"
+#include "../../csrc/cuda/attention_fwd_tc_hd128_f16.cu"
+#include "../../csrc/cuda/attention_fwd_tc_hd64_bf16.cu"
+#include "../../csrc/cuda/attention_fwd_tc_hd64_f16.cu"
 #include "../../csrc/cuda/attention_generic.cu"
 
 #include <torch/extension.h>
+
+#include <map>
+#include <string>
 
 namespace {
 
@@ -40,4 +51,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("seed", [](int64_t seed) { emu::state().rng.seed(static_cast<uint32_t>(seed)); },
         "seed of the thread-order shuffling");
   m.def("blocks_run", [] { return emu::state().blocks_run; }, "blocks emulated so far");
+  m.def(
+      "counters",
+      [] {
+        const emu::Counters& c = emu::state().counters;
+        return std::map<std::string, uint64_t>{
+            {"mma", c.mma},
+            {"ldmatrix", c.ldmatrix},
+            {"cp_async", c.cp_async},
+            {"ldmatrix_phases", c.ldmatrix_phases},
+            {"ldmatrix_extra_wavefronts", c.ldmatrix_extra_wavefronts}};
+      },
+      "tensor-core instructions emulated so far (warp-level mma and ldmatrix, thread-level cp.async) "
+      "and ldmatrix bank-conflict replays");
+  m.def("reset_counters", [] { emu::state().counters = emu::Counters{}; });
 }

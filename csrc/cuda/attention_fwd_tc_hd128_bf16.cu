@@ -1,0 +1,9 @@
+// Tensor-core forward, head dim 128, bfloat16 (attention_fwd_tc.cuh). One
+// instantiation per file: the eight tensor-core files compile in parallel.
+#include "attention_fwd_tc.cuh"
+
+namespace selfattn::cuda {
+
+template void forward_tc<c10::BFloat16, 128>(const ForwardParams<c10::BFloat16>&, cudaStream_t);
+
+}  // namespace selfattn::cuda
