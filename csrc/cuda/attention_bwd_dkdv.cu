@@ -137,21 +137,12 @@ void launch_dkdv(BackwardParams<T> p, cudaStream_t stream) {
          dkdv_smem_bytes<Cfg>(), stream, p);
 }
 
-// Tile configurations by head dim, as in forward_tiled (attention_fwd.cu). This kernel holds two
-// accumulators (dk and dv), so it owns fewer rows per lane. Requires max(D, Dv) <= 256.
-// (Tensor-core kernels for fp16/bf16 at D = Dv = 64 or 128 slot in here, ahead of these.)
+// The tile configuration by head dim: with_backward_tile_config (tiles.cuh). The tensor-core
+// kernels for fp16/bf16 at D = Dv = 64 or 128 are chosen ahead of these (attention_cuda.cpp).
 template <typename T>
 void backward_dkdv_tiled(const BackwardParams<T>& p, cudaStream_t stream) {
-  const int dim_max = std::max(p.dim, p.dim_v);
-  if (dim_max <= 32) {
-    launch_dkdv<T, TileConfig<32, 4, 8>>(p, stream);
-  } else if (dim_max <= 64) {
-    launch_dkdv<T, TileConfig<64, 4, 4>>(p, stream);
-  } else if (dim_max <= 128) {
-    launch_dkdv<T, TileConfig<128, 2, 4>>(p, stream);
-  } else {
-    launch_dkdv<T, TileConfig<256, 1, 2>>(p, stream);
-  }
+  with_backward_tile_config(std::max(p.dim, p.dim_v),
+                            [&](auto cfg) { launch_dkdv<T, decltype(cfg)>(p, stream); });
 }
 
 template void backward_dkdv_tiled<float>(const BackwardParams<float>&, cudaStream_t);

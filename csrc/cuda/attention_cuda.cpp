@@ -113,16 +113,14 @@ int tc_head_dim(const at::Tensor& q, const at::Tensor& v, double scale,
   return tensor_cores_enabled(q) ? static_cast<int>(dim) : 0;
 }
 
-template <typename T>
-ForwardParams<T> forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                bool causal, double scale, const at::Tensor& out,
-                                const at::Tensor& lse) {
-  ForwardParams<T> p;
+// The fields ForwardParams and BackwardParams share: inputs, lse, sizes, scale, causal.
+template <typename T, typename Params>
+void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& lse, bool causal, double scale) {
   p.q = strided4<const T>(q);
   p.k = strided4<const T>(k);
   p.v = strided4<const T>(v);
-  p.out = strided4<T>(out);
-  p.lse = static_cast<acc_t<T>*>(lse.data_ptr());
+  p.lse = static_cast<decltype(p.lse)>(lse.data_ptr());
   p.lse_stride_b = lse.stride(0);
   p.lse_stride_h = lse.stride(1);
   p.lse_stride_n = lse.stride(2);
@@ -135,6 +133,15 @@ ForwardParams<T> forward_params(const at::Tensor& q, const at::Tensor& k, const 
   p.row_blocks = 0;
   p.scale = static_cast<acc_t<T>>(scale);
   p.causal = causal;
+}
+
+template <typename T>
+ForwardParams<T> forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                bool causal, double scale, const at::Tensor& out,
+                                const at::Tensor& lse) {
+  ForwardParams<T> p;
+  set_shared_params<T>(p, q, k, v, lse, causal, scale);
+  p.out = strided4<T>(out);
   return p;
 }
 
@@ -145,28 +152,13 @@ BackwardParams<T> backward_params(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& grad_q, const at::Tensor& grad_k,
                                   const at::Tensor& grad_v, const at::Tensor& delta) {
   BackwardParams<T> p;
-  p.q = strided4<const T>(q);
-  p.k = strided4<const T>(k);
-  p.v = strided4<const T>(v);
+  set_shared_params<T>(p, q, k, v, lse, causal, scale);
   p.grad_out = strided4<const T>(grad_out);
   p.out = strided4<const T>(out);
   p.grad_q = strided4<T>(grad_q);
   p.grad_k = strided4<T>(grad_k);
   p.grad_v = strided4<T>(grad_v);
-  p.lse = static_cast<const acc_t<T>*>(lse.data_ptr());
-  p.lse_stride_b = lse.stride(0);
-  p.lse_stride_h = lse.stride(1);
-  p.lse_stride_n = lse.stride(2);
   p.delta = static_cast<acc_t<T>*>(delta.data_ptr());
-  p.heads = static_cast<int>(q.size(1));
-  p.nq = static_cast<int>(q.size(2));
-  p.nk = static_cast<int>(k.size(2));
-  p.dim = static_cast<int>(q.size(3));
-  p.dim_v = static_cast<int>(v.size(3));
-  p.batch_heads = q.size(0) * q.size(1);
-  p.row_blocks = 0;
-  p.scale = static_cast<acc_t<T>>(scale);
-  p.causal = causal;
   return p;
 }
 

@@ -42,6 +42,22 @@ struct TileConfig {
   static_assert(R == 1 || R == 2 || R == 4, "rows per lane must be 1, 2 or 4");
 };
 
+// Calls launch(Cfg{}) with the backward kernels' tile configuration for head dims up to
+// dim_max (<= 256). Both backward kernels (dk/dv, dq) hold two row accumulators or a wider
+// streamed operand, so they own fewer rows per lane than the forward.
+template <typename Launch>
+void with_backward_tile_config(int dim_max, Launch&& launch) {
+  if (dim_max <= 32) {
+    launch(TileConfig<32, 4, 8>{});
+  } else if (dim_max <= 64) {
+    launch(TileConfig<64, 4, 4>{});
+  } else if (dim_max <= 128) {
+    launch(TileConfig<128, 2, 4>{});
+  } else {
+    launch(TileConfig<256, 1, 2>{});
+  }
+}
+
 struct Lane {
   int warp, row_group, col_group;
 };
