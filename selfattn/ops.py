@@ -221,12 +221,15 @@ def _attention_setup_context(ctx, inputs, output):
     q, k, v, causal, scale = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.causal = causal
     ctx.scale = scale
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:
+        return None, None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v = _ops.attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
     return grad_q, grad_k, grad_v, None, None
@@ -236,6 +239,9 @@ def _self_attention_setup_context(ctx, inputs, output):
     x, w_qkv, b_qkv, num_heads, causal, scale = inputs
     out, qkv, lse = output
     ctx.mark_non_differentiable(qkv, lse)
+    # Otherwise autograd hands the backward a zero tensor the size of qkv (B·N·3M) as the
+    # gradient of that non-differentiable output: measured +48 MiB peak at N = 8192, E = 512.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, w_qkv, qkv, out, lse)
     ctx.has_bias = b_qkv is not None
     ctx.num_heads = num_heads
@@ -244,6 +250,8 @@ def _self_attention_setup_context(ctx, inputs, output):
 
 
 def _self_attention_backward(ctx, grad_out, _grad_qkv, _grad_lse):
+    if grad_out is None:
+        return None, None, None, None, None, None
     x, w_qkv, qkv, out, lse = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask: Sequence[bool] = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
