@@ -7,6 +7,7 @@ reported as skipped, not run. Speed goals live in the benchmark's numbers, not h
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -127,7 +128,7 @@ def test_flop_counts():
 def test_parse_shapes():
     assert bench.parse_shapes("8x512x512x8, 1x16x32x2") == (bench.Shape(8, 512, 512, 8), bench.Shape(1, 16, 32, 2))
     for bad in ("8x512x512", "8x512x510x8", "ax1x1x1"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError, match="shape"):
             bench.parse_shapes(bad)
 
 
