@@ -165,20 +165,25 @@ def test_empty(emu, dtype):
         assert all((g == 0).all() for g in grads)  # (vacuous for B = 0: nothing to write)
 
 
+def assert_same_under_two_seeds(emu, q, k, v, grad_out, scale):
+    """Causal forward and backward under two emulation seeds (thread orders, cp.async landing
+    times) give bitwise identical out, lse and gradients."""
+    results = []
+    for seed in (1, 2):
+        emu.seed(seed)
+        out, lse = emu_forward(emu, q, k, v, True, scale)
+        grads = packed_grads(q, k, v)
+        emu.backward(grad_out, q, k, v, out, lse, True, scale, *grads)
+        results.append([out, lse, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_deterministic_under_any_thread_order(emu, dtype):
     """Bitwise identical results when the threads between barriers run in other orders."""
     q, k, v = sample_inputs(1, 2, 70, 70, 40, dtype=dtype)
-    grad_out = torch.randn(1, 2, 70, 40, dtype=dtype)
-    results = []
-    for seed in (1, 2):
-        emu.seed(seed)
-        out, lse = emu_forward(emu, q, k, v, True, 0.3)
-        grads = packed_grads(q, k, v)
-        emu.backward(grad_out, q, k, v, out, lse, True, 0.3, *grads)
-        results.append([out, lse, *grads])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    assert_same_under_two_seeds(emu, q, k, v, torch.randn(1, 2, 70, 40, dtype=dtype), 0.3)
 
 
 @pytest.mark.parametrize("offset", [2, 4])  # element-wise stores (unaligned base), vector stores
@@ -301,16 +306,7 @@ def test_tensor_core_fallbacks(emu, case):
 def test_tensor_cores_deterministic(emu, dim):
     """Bitwise identical results under other thread orders and other cp.async landing times."""
     q, k, v = sample_inputs(1, 2, 150, 150, dim, dtype=torch.bfloat16)
-    grad_out = torch.randn(1, 2, 150, dim, dtype=torch.bfloat16)
-    results = []
-    for seed in (1, 2):
-        emu.seed(seed)
-        out, lse = emu_forward(emu, q, k, v, True, 0.1)
-        grads = packed_grads(q, k, v)
-        emu.backward(grad_out, q, k, v, out, lse, True, 0.1, *grads)
-        results.append([out, lse, *grads])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    assert_same_under_two_seeds(emu, q, k, v, torch.randn(1, 2, 150, dim, dtype=torch.bfloat16), 0.1)
 
 
 def test_tensor_cores_write_inside_views(emu):
