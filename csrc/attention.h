@@ -4,18 +4,15 @@
 // Shapes, for every function below:
 //   q   (B, H, Nq, D)    k (B, H, Nk, D)    v (B, H, Nk, Dv)    any strides
 //   out (B, H, Nq, Dv)   lse (B, H, Nq): natural-log logsumexp of the scaled scores of each row
-// The caller has checked dtypes, devices and sizes and allocated the outputs;
+// The caller has checked every argument (checks.h) and allocated the outputs;
 // the kernels only fill them. lse is float32, or float64 for float64 inputs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-namespace selfattn {
+#include "checks.h"
 
-// Scalar type of lse and of all accumulation for inputs of `dtype`.
-inline at::ScalarType accumulate_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace selfattn {
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            bool causal, double scale, const at::Tensor& out, const at::Tensor& lse);
@@ -43,8 +40,5 @@ void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const a
                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                         bool causal, double scale, const at::Tensor& grad_q,
                         const at::Tensor& grad_k, const at::Tensor& grad_v);
-
-// Argument checks shared by the ops; each names the argument and what was expected.
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 }  // namespace selfattn

@@ -1,6 +1,7 @@
 // Every schema of the selfattn op library, in one place. The kernels live in
-// attention.cpp (attention forward/backward) and self_attention.cpp (the fused layer);
-// fake kernels and autograd are registered from Python (selfattn/ops.py).
+// attention.cpp (attention forward/backward) and self_attention.cpp (the fused layer), and
+// every one of them first checks all its arguments (checks.h); fake kernels, which make the
+// same checks, and autograd are registered from Python (selfattn/ops.py, selfattn/_checks.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -38,9 +39,10 @@ TORCH_LIBRARY(selfattn, m) {
   m.def(
       "self_attention_fwd(Tensor x, Tensor w_qkv, Tensor? b_qkv, int num_heads, bool causal, "
       "float scale) -> (Tensor out, Tensor qkv, Tensor lse)");
-  // output_mask says which of (grad_x, grad_w, grad_b) to compute; the others come back empty.
+  // output_mask, 3 entries, says which of (grad_x, grad_w, grad_b) to compute; the others come
+  // back empty. (bool[], not bool[3]: the op then names a list of the wrong length itself.)
   m.def(
       "self_attention_bwd(Tensor grad_out, Tensor x, Tensor w_qkv, Tensor qkv, Tensor out, "
-      "Tensor lse, int num_heads, bool causal, float scale, bool[3] output_mask) "
+      "Tensor lse, int num_heads, bool causal, float scale, bool[] output_mask) "
       "-> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
 }

@@ -9,8 +9,9 @@ The C++ library (csrc/) registers four ops with the dispatcher:
         -> (grad_x, grad_w, grad_b)
 
 This file gives each a fake kernel (shapes, dtypes and strides, for torch.compile and meta
-tensors), wires the backward ops in as the forward ops' autograd, and offers the two public
-functions, which resolve ``scale``, accept SDPA's spellings and check their arguments.
+tensors; it checks the arguments as the C++ op does, with _checks.py), wires the backward ops in
+as the forward ops' autograd, and offers the two public functions, which resolve ``scale`` and
+accept SDPA's spellings; the ops check the rest.
 """
 
 from __future__ import annotations
@@ -21,75 +22,20 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-_ops = torch.ops.selfattn
+from . import _checks
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_ops = torch.ops.selfattn
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks. The C++ ops make the same checks for direct callers of torch.ops.selfattn;
-# these run first, and in the fake kernels, so that torch.compile reports them at trace time.
+# Argument normalisation. The ops check every argument themselves (csrc/checks.cpp, and
+# _checks.py in the fake kernels); the public functions only turn SDPA's spellings, 3-D inputs
+# and scale=None into the ops' arguments, checking just what that needs.
 
 
-def _check_tensor(t, name: str) -> None:
+def _require_tensor(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"selfattn: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"selfattn: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
-
-
-def _check_same(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
-    if t.dtype != ref.dtype:
-        raise TypeError(f"selfattn: {name} and {ref_name} must have the same dtype, got {t.dtype} and {ref.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"selfattn: {name} and {ref_name} must be on the same device, got {t.device} and {ref.device}")
-
-
-def _check_attention_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_tensor(t, name)
-    for t, name, shape in ((q, "q", "(B, H, Nq, D)"), (k, "k", "(B, H, Nk, D)"), (v, "v", "(B, H, Nk, Dv)")):
-        if t.dim() != 4:
-            raise ValueError(f"selfattn: {name} must be 4-D {shape}, got shape {tuple(t.shape)}")
-    _check_same(k, "k", q, "q")
-    _check_same(v, "v", q, "q")
-    if not q.shape[0] == k.shape[0] == v.shape[0]:
-        raise ValueError("selfattn: q, k and v must have the same batch size (dim 0), got "
-                         f"{q.shape[0]}, {k.shape[0]} and {v.shape[0]}")
-    if not q.shape[1] == k.shape[1] == v.shape[1]:
-        raise ValueError("selfattn: q, k and v must have the same number of heads (dim 1), got "
-                         f"{q.shape[1]}, {k.shape[1]} and {v.shape[1]}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"selfattn: k must have the head dim of q (dim 3), got {k.shape[3]} for k "
-                         f"and {q.shape[3]} for q")
-    if v.shape[2] != k.shape[2]:
-        raise ValueError("selfattn: k and v must have the same sequence length (dim 2), got "
-                         f"{k.shape[2]} and {v.shape[2]}")
-
-
-def _check_layer_inputs(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int) -> int:
-    """Checks the fused op's arguments; returns model_dim."""
-    _check_tensor(x, "x")
-    _check_tensor(w_qkv, "w_qkv")
-    if x.dim() != 3:
-        raise ValueError(f"selfattn: x must be 3-D (B, N, E), got shape {tuple(x.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"selfattn: num_heads must be an int >= 1, got {num_heads!r}")
-    if w_qkv.dim() != 2 or w_qkv.shape[0] % 3 != 0 or w_qkv.shape[0] == 0 or w_qkv.shape[1] != x.shape[2]:
-        raise ValueError("selfattn: w_qkv must have shape (3 * model_dim, embed_dim) with embed_dim = "
-                         f"x.size(-1) = {x.shape[2]}, got {tuple(w_qkv.shape)}")
-    _check_same(w_qkv, "w_qkv", x, "x")
-    model_dim = w_qkv.shape[0] // 3
-    if model_dim % num_heads != 0:
-        raise ValueError(f"selfattn: model_dim = w_qkv.size(0) / 3 = {model_dim} must be divisible by "
-                         f"num_heads = {num_heads}")
-    if b_qkv is not None:
-        _check_tensor(b_qkv, "b_qkv")
-        if tuple(b_qkv.shape) != (3 * model_dim,):
-            raise ValueError(f"selfattn: b_qkv must have shape (3 * model_dim,) = ({3 * model_dim},), "
-                             f"got {tuple(b_qkv.shape)}")
-        _check_same(b_qkv, "b_qkv", x, "x")
-    return model_dim
 
 
 def _resolve_scale(scale, head_dim: int) -> float:
@@ -106,8 +52,10 @@ def _check_causal(causal) -> bool:
     return causal
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _check_num_heads(num_heads) -> int:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"selfattn: num_heads must be an int, got {type(num_heads).__name__}")
+    return num_heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,14 +90,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         causal = _check_causal(is_causal) or causal
     causal = _check_causal(causal)
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_tensor(t, name)
+        _require_tensor(t, name)
     three_d = q.dim() == 3
     if three_d:
         if k.dim() != 3 or v.dim() != 3:
             raise ValueError("selfattn: q, k and v must all be 3-D (B, N, D) or all 4-D (B, H, N, D), got "
                              f"shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-    _check_attention_inputs(q, k, v)
     out, _ = _ops.attention_fwd(q, k, v, causal, _resolve_scale(scale, q.shape[-1]))
     return out.squeeze(1) if three_d else out
 
@@ -163,12 +110,15 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
     heads side by side. ``scale=None`` is 1/sqrt(M / num_heads).
     """
     causal = _check_causal(causal)
-    _check_tensor(x, "x")
+    num_heads = _check_num_heads(num_heads)
+    _require_tensor(x, "x")
+    _require_tensor(w_qkv, "w_qkv")
     single = x.dim() == 2
     if single:
         x = x.unsqueeze(0)
-    model_dim = _check_layer_inputs(x, w_qkv, b_qkv, num_heads)
-    scale = _resolve_scale(scale, model_dim // num_heads)
+    # head_dim for scale=None; 0 when the arguments cannot give one (the op then says why).
+    head_dim = w_qkv.shape[0] // 3 // num_heads if w_qkv.dim() == 2 and num_heads > 0 else 0
+    scale = _resolve_scale(scale, head_dim)
     out, _, _ = _ops.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale)
     return out.squeeze(0) if single else out
 
@@ -179,36 +129,36 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
 
 @torch.library.register_fake("selfattn::attention_fwd")
 def _attention_fwd_fake(q, k, v, causal, scale):
-    _check_attention_inputs(q, k, v)
-    batch, heads, nq, _ = q.shape
-    out = q.new_empty((batch, nq, heads, v.shape[3])).transpose(1, 2)
-    lse = q.new_empty((batch, heads, nq), dtype=_accumulate_dtype(q.dtype))
+    s = _checks.check_attention_inputs(q, k, v, scale)
+    out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
+    lse = q.new_empty((s.batch, s.heads, s.nq), dtype=_checks.accumulate_dtype(q.dtype))
     return out, lse
 
 
 @torch.library.register_fake("selfattn::attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
-    _check_attention_inputs(q, k, v)
+    s = _checks.check_attention_inputs(q, k, v, scale)
+    _checks.check_attention_grad_inputs(s, q, grad_out, out, lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("selfattn::self_attention_fwd")
 def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale):
-    model_dim = _check_layer_inputs(x, w_qkv, b_qkv, num_heads)
-    batch, seq, _ = x.shape
-    out = x.new_empty((batch, seq, model_dim))
-    qkv = x.new_empty((batch, seq, 3 * model_dim))
-    lse = x.new_empty((batch, num_heads, seq), dtype=_accumulate_dtype(x.dtype))
+    s = _checks.check_layer_inputs(x, w_qkv, b_qkv, num_heads, scale)
+    out = x.new_empty((s.batch, s.seq, s.model))
+    qkv = x.new_empty((s.batch, s.seq, 3 * s.model))
+    lse = x.new_empty((s.batch, s.heads, s.seq), dtype=_checks.accumulate_dtype(x.dtype))
     return out, qkv, lse
 
 
 @torch.library.register_fake("selfattn::self_attention_bwd")
 def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask):
-    model_dim = _check_layer_inputs(x, w_qkv, None, num_heads)
+    s = _checks.check_layer_inputs(x, w_qkv, None, num_heads, scale)
+    _checks.check_layer_grad_inputs(s, x, grad_out, qkv, out, lse, output_mask)
     # A skipped gradient is an empty tensor of its own (outputs must not alias).
     grad_x = x.new_empty(x.shape if output_mask[0] else (0,))
     grad_w = x.new_empty(w_qkv.shape if output_mask[1] else (0,))
-    grad_b = x.new_empty((3 * model_dim,) if output_mask[2] else (0,))
+    grad_b = x.new_empty((3 * s.model,) if output_mask[2] else (0,))
     return grad_x, grad_w, grad_b
 
 

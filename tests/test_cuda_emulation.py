@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.common import assert_close, attention_with_grads, eager_attention, make_tensor, sample_inputs
+from tests.test_bad_inputs import ATTENTION as ATTENTION_CASES
 
 pytestmark = pytest.mark.skipif(os.environ.get("SELFATTN_TEST_EMULATION") != "1",
                                 reason="set SELFATTN_TEST_EMULATION=1 to run the CUDA kernels in CPU emulation")
@@ -333,3 +334,21 @@ def test_tensor_cores_write_inside_views(emu):
     _, grads_eager = attention_with_grads(eager_attention, q, k, v, grad_out, scale=0.25)
     for name, g, g64, ge in zip(("dq", "dk", "dv"), grads, grads64, grads_eager):
         assert_close(g, g64, ge, name)
+
+
+@pytest.mark.parametrize("case", [c for c in ATTENTION_CASES if c.op == "attention_bwd"], ids=lambda c: c.name)
+def test_bad_backward_arguments_stop_before_the_cuda_host_code(emu, case):
+    """The emulated CUDA path meets the ops' checks (csrc/checks.cpp) before any kernel argument
+    is formed, and says what the CPU op says."""
+    grad_out, q, k, v, out, lse, causal, scale = case.make("cpu")
+    with pytest.raises(case.error, match=case.message) as from_cpu_op:
+        torch.ops.selfattn.attention_bwd(grad_out, q, k, v, out, lse, causal, scale)
+    if case.mixes_devices:  # the dispatcher took a meta tensor to the fake kernel: call C++ directly
+        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+        with pytest.raises(case.error, match=case.message) as from_cpu_op:
+            torch.ops.selfattn.attention_bwd.default.redispatch(keys, grad_out, q, k, v, out, lse, causal, scale)
+    grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
+    with pytest.raises(case.error, match=case.message) as from_emulation:
+        emu.backward(grad_out, q, k, v, out, lse, causal, scale, *grads)
+    assert str(from_emulation.value).splitlines()[0] == str(from_cpu_op.value).splitlines()[0]
+    assert all(torch.isnan(g).all() for g in grads)  # nothing was written

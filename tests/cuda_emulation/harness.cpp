@@ -3,9 +3,11 @@
 // torch.utils.cpp_extension.load and compares its results with float64 references.
 //
 // The same host code runs as on the GPU (attention_cuda.cpp's run_forward / run_backward:
-// kernel arguments, kernel choice, launch configuration); only the device guard and the stream
-// are left out.
+// kernel arguments, kernel choice, launch configuration), after the same argument checks as the
+// ops make (checks.cpp); only the device guard and the stream are left out.
 #include "emulation.h"
+
+#include "../../csrc/checks.cpp"
 
 #include "../../csrc/cuda/attention_bwd.cu"
 #include "../../csrc/cuda/attention_bwd_dkdv.cu"
@@ -31,6 +33,7 @@ namespace {
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
              double scale, const at::Tensor& out, const at::Tensor& lse) {
+  selfattn::check_attention_inputs(q, k, v, scale);
   selfattn::cuda::run_forward(q, k, v, causal, scale, out, lse, nullptr);
 }
 
@@ -38,6 +41,8 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
               double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
               const at::Tensor& grad_v) {
+  const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
+  selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
   selfattn::cuda::run_backward(grad_out, q, k, v, out, lse, causal, scale, grad_q, grad_k, grad_v,
                                nullptr);
 }

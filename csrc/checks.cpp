@@ -1,0 +1,137 @@
+// The argument checks of every op (checks.h). selfattn/_checks.py mirrors this file function by
+// function, message by message: change both together.
+#include "checks.h"
+
+#include <c10/core/ScalarType.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace selfattn {
+namespace {
+
+// Python's spelling of a dtype ("torch.float32"), so C++ and the fake kernels read alike.
+std::string dtype_name(at::ScalarType dtype) {
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
+
+void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), "selfattn: ", name, " must be a tensor, got None");
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "selfattn: ", name, " must be float32, float64, bfloat16 or float16, got ",
+                   dtype_name(dtype));
+}
+
+void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* meaning) {
+  TORCH_CHECK_VALUE(t.dim() == rank, "selfattn: ", name, " must be ", rank, "-D ", meaning,
+                    ", got shape ", t.sizes());
+}
+
+// Same dtype and device as `ref`, which has been checked already.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "selfattn: ", name, " must have the dtype of ",
+                   ref_name, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "selfattn: ", name, " must be on the device of ",
+                    ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+void check_shape(const at::Tensor& t, const char* name, const std::vector<int64_t>& expected,
+                 const char* meaning) {
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), "selfattn: ", name, " must have shape ",
+                    meaning, " = ", at::IntArrayRef(expected), ", got ", t.sizes());
+}
+
+// A saved logsumexp: the accumulation dtype of the inputs, their device, the given shape.
+void check_lse(const at::Tensor& lse, const at::Tensor& ref, const char* ref_name,
+               const std::vector<int64_t>& expected, const char* meaning) {
+  TORCH_CHECK_VALUE(lse.defined(), "selfattn: lse must be a tensor, got None");
+  const at::ScalarType want = accumulate_type(ref.scalar_type());
+  TORCH_CHECK_TYPE(lse.scalar_type() == want, "selfattn: lse must be ", dtype_name(want), " for ",
+                   dtype_name(ref.scalar_type()), " inputs, got ", dtype_name(lse.scalar_type()));
+  TORCH_CHECK_VALUE(lse.device() == ref.device(), "selfattn: lse must be on the device of ", ref_name,
+                    " (", ref.device(), "), got ", lse.device());
+  check_shape(lse, "lse", expected, meaning);
+}
+
+void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
+}
+
+}  // namespace
+
+AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      double scale) {
+  check_float_tensor(q, "q");
+  check_float_tensor(k, "k");
+  check_float_tensor(v, "v");
+  check_rank(q, "q", 4, "(B, H, Nq, D)");
+  check_rank(k, "k", 4, "(B, H, Nk, D)");
+  check_rank(v, "v", 4, "(B, H, Nk, Dv)");
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
+  const AttentionShape s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  check_shape(k, "k", {s.batch, s.heads, s.nk, s.dim}, "(B, H, Nk, D) with B, H, D of q");
+  check_shape(v, "v", {s.batch, s.heads, s.nk, s.dim_v}, "(B, H, Nk, Dv) with B, H, Nk of q and k");
+  check_scale(scale);
+  return s;
+}
+
+void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
+                                 const at::Tensor& grad_out, const at::Tensor& out,
+                                 const at::Tensor& lse) {
+  check_float_tensor(grad_out, "grad_out");
+  check_float_tensor(out, "out");
+  check_like(grad_out, "grad_out", q, "q");
+  check_like(out, "out", q, "q");
+  const std::vector<int64_t> out_shape = {s.batch, s.heads, s.nq, s.dim_v};
+  check_shape(grad_out, "grad_out", out_shape, "(B, H, Nq, Dv)");
+  check_shape(out, "out", out_shape, "(B, H, Nq, Dv)");
+  check_lse(lse, q, "q", {s.batch, s.heads, s.nq}, "(B, H, Nq)");
+}
+
+LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
+                              const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
+                              double scale) {
+  check_float_tensor(x, "x");
+  check_float_tensor(w_qkv, "w_qkv");
+  check_rank(x, "x", 3, "(B, N, E)");
+  check_rank(w_qkv, "w_qkv", 2, "(3 * model_dim, embed_dim)");
+  check_like(w_qkv, "w_qkv", x, "x");
+  TORCH_CHECK_VALUE(num_heads >= 1, "selfattn: num_heads must be >= 1, got ", num_heads);
+  const int64_t rows = w_qkv.size(0), embed = x.size(2);
+  TORCH_CHECK_VALUE(rows >= 3 && rows % 3 == 0 && w_qkv.size(1) == embed,
+                    "selfattn: w_qkv must have shape (3 * model_dim, embed_dim) with embed_dim = "
+                    "x.size(-1) = ", embed, ", got ", w_qkv.sizes());
+  const int64_t model = rows / 3;
+  TORCH_CHECK_VALUE(model % num_heads == 0, "selfattn: model_dim = w_qkv.size(0) / 3 = ", model,
+                    " must be divisible by num_heads = ", num_heads);
+  if (b_qkv.has_value()) {
+    check_float_tensor(*b_qkv, "b_qkv");
+    check_like(*b_qkv, "b_qkv", x, "x");
+    check_shape(*b_qkv, "b_qkv", {rows}, "(3 * model_dim,)");
+  }
+  check_scale(scale);
+  return {x.size(0), x.size(1), embed, model, num_heads, model / num_heads};
+}
+
+void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,
+                             const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+                             const c10::List<bool>& output_mask) {
+  TORCH_CHECK_VALUE(output_mask.size() == 3, "selfattn: output_mask must have 3 entries "
+                    "(grad_x, grad_w, grad_b), got ", output_mask.size());
+  check_float_tensor(grad_out, "grad_out");
+  check_float_tensor(qkv, "qkv");
+  check_float_tensor(out, "out");
+  check_like(grad_out, "grad_out", x, "x");
+  check_like(qkv, "qkv", x, "x");
+  check_like(out, "out", x, "x");
+  const std::vector<int64_t> out_shape = {s.batch, s.seq, s.model};
+  check_shape(grad_out, "grad_out", out_shape, "(B, N, M)");
+  check_shape(out, "out", out_shape, "(B, N, M)");
+  check_shape(qkv, "qkv", {s.batch, s.seq, 3 * s.model}, "(B, N, 3M)");
+  check_lse(lse, x, "x", {s.batch, s.heads, s.seq}, "(B, num_heads, N)");
+}
+
+}  // namespace selfattn

@@ -1,0 +1,56 @@
+// The argument checks of every op, forward and backward, made before any data is touched.
+//
+// Each check names the argument and what was expected, and raises a Python ValueError
+// (TORCH_CHECK_VALUE) or TypeError (TORCH_CHECK_TYPE). The fake kernels (selfattn/_checks.py)
+// make the same checks with the same messages, so an error reads the same whether it comes
+// from the kernel, from meta tensors or from torch.compile's tracing; tests/test_bad_inputs.py
+// holds the two definitions to that.
+//
+// Shapes (the kernels read every tensor through its strides, so no layout is required):
+//   attention   q (B, H, Nq, D)  k (B, H, Nk, D)  v (B, H, Nk, Dv)
+//               out, grad_out (B, H, Nq, Dv)      lse (B, H, Nq)
+//   layer       x (B, N, E)  w_qkv (3M, E)  b_qkv (3M)   M = H·D
+//               qkv (B, N, 3M)  out, grad_out (B, N, M)  lse (B, H, N)
+// lse is float32, or float64 for float64 inputs (accumulate_type).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
+
+#include <optional>
+
+namespace selfattn {
+
+// Scalar type of lse and of all accumulation for inputs of `dtype`.
+inline at::ScalarType accumulate_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct AttentionShape {
+  int64_t batch, heads, nq, nk, dim, dim_v;
+};
+
+struct LayerShape {
+  int64_t batch, seq, embed, model, heads, head_dim;
+};
+
+// q, k, v of attention_fwd; the scale it multiplies the scores by.
+AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      double scale);
+
+// The rest of attention_bwd's arguments, against the shape of q, k and v.
+void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
+                                 const at::Tensor& grad_out, const at::Tensor& out,
+                                 const at::Tensor& lse);
+
+// x, w_qkv, b_qkv, num_heads and scale of self_attention_fwd.
+LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
+                              const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
+                              double scale);
+
+// The rest of self_attention_bwd's arguments, against the layer's shape.
+void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,
+                             const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+                             const c10::List<bool>& output_mask);
+
+}  // namespace selfattn

@@ -1,0 +1,156 @@
+"""The ops' argument checks for the fake kernels: csrc/checks.cpp, function by function and
+message by message, so that meta tensors and torch.compile's tracing report a bad argument in
+the words the kernels use. Change both together; tests/test_bad_inputs.py compares them.
+
+Works on fake tensors with symbolic sizes (comparisons of sizes become guards).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse and of all accumulation for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    heads: int
+    nq: int
+    nk: int
+    dim: int
+    dim_v: int
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    batch: int
+    seq: int
+    embed: int
+    model: int
+    heads: int
+    head_dim: int
+
+
+def _sizes(t: Tensor) -> list:
+    return list(t.shape)
+
+
+def _check_float_tensor(t: Optional[Tensor], name: str) -> None:
+    if t is None:
+        raise ValueError(f"selfattn: {name} must be a tensor, got None")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"selfattn: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_rank(t: Tensor, name: str, rank: int, meaning: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"selfattn: {name} must be {rank}-D {meaning}, got shape {_sizes(t)}")
+
+
+def _check_like(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"selfattn: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"selfattn: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def _check_shape(t: Tensor, name: str, expected: Sequence, meaning: str) -> None:
+    if _sizes(t) != list(expected):
+        raise ValueError(f"selfattn: {name} must have shape {meaning} = {list(expected)}, got {_sizes(t)}")
+
+
+def _check_lse(lse: Optional[Tensor], ref: Tensor, ref_name: str, expected: Sequence, meaning: str) -> None:
+    if lse is None:
+        raise ValueError("selfattn: lse must be a tensor, got None")
+    want = accumulate_dtype(ref.dtype)
+    if lse.dtype != want:
+        raise TypeError(f"selfattn: lse must be {want} for {ref.dtype} inputs, got {lse.dtype}")
+    if lse.device != ref.device:
+        raise ValueError(f"selfattn: lse must be on the device of {ref_name} ({ref.device}), got {lse.device}")
+    _check_shape(lse, "lse", expected, meaning)
+
+
+def _check_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        raise ValueError(f"selfattn: scale must be finite, got {scale}")
+
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float) -> AttentionShape:
+    _check_float_tensor(q, "q")
+    _check_float_tensor(k, "k")
+    _check_float_tensor(v, "v")
+    _check_rank(q, "q", 4, "(B, H, Nq, D)")
+    _check_rank(k, "k", 4, "(B, H, Nk, D)")
+    _check_rank(v, "v", 4, "(B, H, Nk, Dv)")
+    _check_like(k, "k", q, "q")
+    _check_like(v, "v", q, "q")
+    s = AttentionShape(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+    _check_shape(k, "k", [s.batch, s.heads, s.nk, s.dim], "(B, H, Nk, D) with B, H, D of q")
+    _check_shape(v, "v", [s.batch, s.heads, s.nk, s.dim_v], "(B, H, Nk, Dv) with B, H, Nk of q and k")
+    _check_scale(scale)
+    return s
+
+
+def check_attention_grad_inputs(s: AttentionShape, q: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor) -> None:
+    _check_float_tensor(grad_out, "grad_out")
+    _check_float_tensor(out, "out")
+    _check_like(grad_out, "grad_out", q, "q")
+    _check_like(out, "out", q, "q")
+    out_shape = [s.batch, s.heads, s.nq, s.dim_v]
+    _check_shape(grad_out, "grad_out", out_shape, "(B, H, Nq, Dv)")
+    _check_shape(out, "out", out_shape, "(B, H, Nq, Dv)")
+    _check_lse(lse, q, "q", [s.batch, s.heads, s.nq], "(B, H, Nq)")
+
+
+def check_layer_inputs(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int,
+                       scale: float) -> LayerShape:
+    _check_float_tensor(x, "x")
+    _check_float_tensor(w_qkv, "w_qkv")
+    _check_rank(x, "x", 3, "(B, N, E)")
+    _check_rank(w_qkv, "w_qkv", 2, "(3 * model_dim, embed_dim)")
+    _check_like(w_qkv, "w_qkv", x, "x")
+    if num_heads < 1:
+        raise ValueError(f"selfattn: num_heads must be >= 1, got {num_heads}")
+    rows, embed = w_qkv.shape[0], x.shape[2]
+    if not (rows >= 3 and rows % 3 == 0 and w_qkv.shape[1] == embed):
+        raise ValueError("selfattn: w_qkv must have shape (3 * model_dim, embed_dim) with embed_dim = "
+                         f"x.size(-1) = {embed}, got {_sizes(w_qkv)}")
+    model = rows // 3
+    if model % num_heads != 0:
+        raise ValueError(f"selfattn: model_dim = w_qkv.size(0) / 3 = {model} must be divisible by "
+                         f"num_heads = {num_heads}")
+    if b_qkv is not None:
+        _check_float_tensor(b_qkv, "b_qkv")
+        _check_like(b_qkv, "b_qkv", x, "x")
+        _check_shape(b_qkv, "b_qkv", [rows], "(3 * model_dim,)")
+    _check_scale(scale)
+    return LayerShape(x.shape[0], x.shape[1], embed, model, num_heads, model // num_heads)
+
+
+def check_layer_grad_inputs(s: LayerShape, x: Tensor, grad_out: Tensor, qkv: Tensor, out: Tensor,
+                            lse: Tensor, output_mask: Sequence[bool]) -> None:
+    if len(output_mask) != 3:
+        raise ValueError(f"selfattn: output_mask must have 3 entries (grad_x, grad_w, grad_b), got "
+                         f"{len(output_mask)}")
+    _check_float_tensor(grad_out, "grad_out")
+    _check_float_tensor(qkv, "qkv")
+    _check_float_tensor(out, "out")
+    _check_like(grad_out, "grad_out", x, "x")
+    _check_like(qkv, "qkv", x, "x")
+    _check_like(out, "out", x, "x")
+    out_shape = [s.batch, s.seq, s.model]
+    _check_shape(grad_out, "grad_out", out_shape, "(B, N, M)")
+    _check_shape(out, "out", out_shape, "(B, N, M)")
+    _check_shape(qkv, "qkv", [s.batch, s.seq, 3 * s.model], "(B, N, 3M)")
+    _check_lse(lse, x, "x", [s.batch, s.heads, s.seq], "(B, num_heads, N)")

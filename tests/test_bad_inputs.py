@@ -1,0 +1,232 @@
+"""Every bad tensor argument, through every door that can carry it, gets the same clear error.
+
+The doors: the public function (where it can carry the argument); the raw op
+``torch.ops.selfattn.*`` (normal dispatch: the C++ kernel, or the fake kernel when a meta tensor
+is among the arguments); the device's C++ kernel called directly (``redispatch``, so a meta
+tensor mixed with CPU ones still reaches the C++ checks); and meta tensors (the fake kernel,
+which torch.compile traces with). The C++ checks (csrc/checks.cpp) and the fake kernels'
+(selfattn/_checks.py) are two definitions: these tests hold them to the same words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+import selfattn
+
+ops = torch.ops.selfattn
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DISPATCH_KEY = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
+
+
+@dataclass
+class Case:
+    name: str
+    op: str                      # the raw op that takes the bad argument
+    make: Callable               # device -> the op's arguments, one of them bad
+    error: type
+    message: str                 # a regex for the distinctive part of the message
+    public: Optional[Callable] = None  # op arguments -> the public call that carries them
+    mixes_devices: bool = False  # moving every tensor to meta would remove the fault
+
+
+def randn(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+# --- attention_fwd / attention_bwd ---------------------------------------------------------------
+
+def attn_fwd(q_shape=(2, 2, 5, 8), k_shape=(2, 2, 6, 8), v_shape=(2, 2, 6, 4), dtypes=(torch.float32,) * 3,
+             devices=(None,) * 3, scale=0.3):
+    def make(device):
+        tensors = [randn(*s, device=d or device).to(t) for s, t, d in zip((q_shape, k_shape, v_shape), dtypes, devices)]
+        return (*tensors, False, scale)
+    return make
+
+
+def attention_public(q, k, v, causal, scale):
+    return selfattn.attention(q, k, v, causal=causal, scale=scale)
+
+
+def attn_bwd(change: Callable):
+    """attention_bwd's arguments from a real forward on (2, 2, 5, 8) x (2, 2, 6, 8) x (2, 2, 6, 4),
+    then ``change`` swaps one of them for a bad one."""
+    def make(device):
+        q, k, v = randn(2, 2, 5, 8, device=device), randn(2, 2, 6, 8, device=device), randn(2, 2, 6, 4, device=device)
+        out, lse = ops.attention_fwd(q, k, v, False, 0.3)
+        args = dict(grad_out=torch.randn_like(out), q=q, k=k, v=v, out=out, lse=lse)
+        args.update(change(args))
+        return (*args.values(), False, 0.3)
+    return make
+
+
+f32, f64, bf16, i64 = torch.float32, torch.float64, torch.bfloat16, torch.int64
+ATTENTION = [
+    Case("q 5-D", "attention_fwd", attn_fwd(q_shape=(1, 2, 2, 5, 8)), ValueError, r"q must be 4-D \(B, H, Nq, D\)"),
+    Case("k 3-D", "attention_fwd", attn_fwd(k_shape=(2, 6, 8)), ValueError, r"k must be 4-D \(B, H, Nk, D\)"),
+    Case("batch", "attention_fwd", attn_fwd(k_shape=(3, 2, 6, 8), v_shape=(3, 2, 6, 4)), ValueError,
+         r"k must have shape \(B, H, Nk, D\) with B, H, D of q = \[2, 2, 6, 8\], got \[3, 2, 6, 8\]", attention_public),
+    Case("heads", "attention_fwd", attn_fwd(v_shape=(2, 1, 6, 4)), ValueError,
+         r"v must have shape \(B, H, Nk, Dv\) .* = \[2, 2, 6, 4\], got \[2, 1, 6, 4\]", attention_public),
+    Case("head dim", "attention_fwd", attn_fwd(k_shape=(2, 2, 6, 7)), ValueError,
+         r"k must have shape .* got \[2, 2, 6, 7\]", attention_public),
+    Case("k/v lengths", "attention_fwd", attn_fwd(v_shape=(2, 2, 7, 4)), ValueError,
+         r"v must have shape .* = \[2, 2, 6, 4\], got \[2, 2, 7, 4\]", attention_public),
+    Case("mixed dtypes", "attention_fwd", attn_fwd(dtypes=(f32, f64, f32)), TypeError,
+         r"k must have the dtype of q \(torch.float32\), got torch.float64", attention_public),
+    Case("integer q", "attention_fwd", attn_fwd(dtypes=(i64,) * 3), TypeError,
+         r"q must be float32, float64, bfloat16 or float16, got torch.int64", attention_public),
+    Case("bool k", "attention_fwd", attn_fwd(dtypes=(f32, torch.bool, f32)), TypeError,
+         r"k must be float32, .* got torch.bool", attention_public),
+    Case("v on meta", "attention_fwd", attn_fwd(devices=(None, None, "meta")), ValueError,
+         r"v must be on the device of q \((cpu|cuda:0)\), got meta", attention_public, mixes_devices=True),
+    Case("scale nan", "attention_fwd", attn_fwd(scale=float("nan")), ValueError, r"scale must be finite, got nan",
+         attention_public),
+    Case("lse shape", "attention_bwd", attn_bwd(lambda a: {"lse": a["lse"][:, :, :4]}), ValueError,
+         r"lse must have shape \(B, H, Nq\) = \[2, 2, 5\], got \[2, 2, 4\]"),
+    Case("lse heads", "attention_bwd", attn_bwd(lambda a: {"lse": a["lse"][:, :1]}), ValueError,
+         r"lse must have shape \(B, H, Nq\) = \[2, 2, 5\], got \[2, 1, 5\]"),
+    Case("lse dtype", "attention_bwd", attn_bwd(lambda a: {"lse": a["lse"].double()}), TypeError,
+         r"lse must be torch.float32 for torch.float32 inputs, got torch.float64"),
+    Case("lse on meta", "attention_bwd", attn_bwd(lambda a: {"lse": a["lse"].to("meta")}), ValueError,
+         r"lse must be on the device of q \((cpu|cuda:0)\), got meta", mixes_devices=True),
+    Case("out shape", "attention_bwd", attn_bwd(lambda a: {"out": a["out"][:, :, :, :3]}), ValueError,
+         r"out must have shape \(B, H, Nq, Dv\) = \[2, 2, 5, 4\], got \[2, 2, 5, 3\]"),
+    Case("out dtype", "attention_bwd", attn_bwd(lambda a: {"out": a["out"].bfloat16()}), TypeError,
+         r"out must have the dtype of q \(torch.float32\), got torch.bfloat16"),
+    Case("grad_out shape", "attention_bwd", attn_bwd(lambda a: {"grad_out": a["grad_out"][:1]}), ValueError,
+         r"grad_out must have shape \(B, H, Nq, Dv\) = \[2, 2, 5, 4\], got \[1, 2, 5, 4\]"),
+    Case("grad_out on meta", "attention_bwd", attn_bwd(lambda a: {"grad_out": a["grad_out"].to("meta")}), ValueError,
+         r"grad_out must be on the device of q \((cpu|cuda:0)\), got meta", mixes_devices=True),
+    Case("q of bwd integer", "attention_bwd", attn_bwd(lambda a: {"q": a["q"].long()}), TypeError,
+         r"q must be float32, .* got torch.int64"),
+]
+
+
+# --- self_attention_fwd / self_attention_bwd -----------------------------------------------------
+
+def layer_fwd(change: Callable = lambda a: {}):
+    """x (2, 5, 8), w_qkv (3·6, 8), b_qkv (18), 2 heads, then ``change`` makes one bad."""
+    def make(device):
+        args = dict(x=randn(2, 5, 8, device=device), w=randn(18, 8, device=device), b=randn(18, device=device), heads=2)
+        args.update(change(args))
+        return (*args.values(), False, 0.3)
+    return make
+
+
+def layer_public(x, w, b, heads, causal, scale):
+    return selfattn.self_attention(x, w, b, num_heads=heads, causal=causal, scale=scale)
+
+
+def layer_bwd(change: Callable, heads=2):
+    """self_attention_bwd's arguments from a real forward (x (2, 5, 8), M = 8, 2 heads), then
+    ``change`` swaps one of them for a bad one; ``heads`` is the num_heads the backward is given."""
+    def make(device):
+        x, w = randn(2, 5, 8, device=device), randn(24, 8, device=device)
+        out, qkv, lse = ops.self_attention_fwd(x, w, None, 2, False, 0.3)
+        args = dict(grad_out=torch.randn_like(out), x=x, w=w, qkv=qkv, out=out, lse=lse)
+        args.update(change(args))
+        mask = args.pop("mask", [True, True, False])
+        return (*args.values(), heads, False, 0.3, mask)
+    return make
+
+
+LAYER = [
+    Case("x 4-D", "self_attention_fwd", layer_fwd(lambda a: {"x": a["x"][None]}), ValueError,
+         r"x must be 3-D \(B, N, E\), got shape \[1, 2, 5, 8\]", layer_public),
+    Case("w rows not 3M", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"][:-1]}), ValueError,
+         r"w_qkv must have shape \(3 \* model_dim, embed_dim\) with embed_dim = x.size\(-1\) = 8, got \[17, 8\]",
+         layer_public),
+    Case("w width", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"][:, :-1]}), ValueError,
+         r"w_qkv must have shape .* got \[18, 7\]", layer_public),
+    Case("w 1-D", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"][0]}), ValueError,
+         r"w_qkv must be 2-D \(3 \* model_dim, embed_dim\), got shape \[8\]", layer_public),
+    Case("b shape", "self_attention_fwd", layer_fwd(lambda a: {"b": a["b"][:-1]}), ValueError,
+         r"b_qkv must have shape \(3 \* model_dim,\) = \[18\], got \[17\]", layer_public),
+    Case("heads do not divide M", "self_attention_fwd", layer_fwd(lambda a: {"heads": 4}), ValueError,
+         r"model_dim = w_qkv.size\(0\) / 3 = 6 must be divisible by num_heads = 4", layer_public),
+    Case("num_heads 0", "self_attention_fwd", layer_fwd(lambda a: {"heads": 0}), ValueError,
+         r"num_heads must be >= 1, got 0", layer_public),
+    Case("w dtype", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"].double()}), TypeError,
+         r"w_qkv must have the dtype of x \(torch.float32\), got torch.float64", layer_public),
+    Case("b dtype", "self_attention_fwd", layer_fwd(lambda a: {"b": a["b"].bfloat16()}), TypeError,
+         r"b_qkv must have the dtype of x \(torch.float32\), got torch.bfloat16", layer_public),
+    Case("w on meta", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"].to("meta")}), ValueError,
+         r"w_qkv must be on the device of x \((cpu|cuda:0)\), got meta", layer_public, mixes_devices=True),
+    Case("x integer", "self_attention_fwd", layer_fwd(lambda a: {"x": a["x"].long()}), TypeError,
+         r"x must be float32, .* got torch.int64", layer_public),
+    Case("layer lse shape", "self_attention_bwd", layer_bwd(lambda a: {"lse": a["lse"][:, :, 1:]}), ValueError,
+         r"lse must have shape \(B, num_heads, N\) = \[2, 2, 5\], got \[2, 2, 4\]"),
+    Case("layer lse dtype", "self_attention_bwd", layer_bwd(lambda a: {"lse": a["lse"].half()}), TypeError,
+         r"lse must be torch.float32 for torch.float32 inputs, got torch.float16"),
+    Case("layer lse on meta", "self_attention_bwd", layer_bwd(lambda a: {"lse": a["lse"].to("meta")}), ValueError,
+         r"lse must be on the device of x \((cpu|cuda:0)\), got meta", mixes_devices=True),
+    Case("num_heads disagrees", "self_attention_bwd", layer_bwd(lambda a: {}, heads=4), ValueError,
+         r"lse must have shape \(B, num_heads, N\) = \[2, 4, 5\], got \[2, 2, 5\]"),
+    Case("qkv shape", "self_attention_bwd", layer_bwd(lambda a: {"qkv": a["qkv"][:, :, :-1]}), ValueError,
+         r"qkv must have shape \(B, N, 3M\) = \[2, 5, 24\], got \[2, 5, 23\]"),
+    Case("qkv dtype", "self_attention_bwd", layer_bwd(lambda a: {"qkv": a["qkv"].double()}), TypeError,
+         r"qkv must have the dtype of x \(torch.float32\), got torch.float64"),
+    Case("out shape (layer)", "self_attention_bwd", layer_bwd(lambda a: {"out": a["out"][:, 1:]}), ValueError,
+         r"out must have shape \(B, N, M\) = \[2, 5, 8\], got \[2, 4, 8\]"),
+    Case("grad_out shape (layer)", "self_attention_bwd", layer_bwd(lambda a: {"grad_out": a["grad_out"][None]}),
+         ValueError, r"grad_out must have shape \(B, N, M\) = \[2, 5, 8\], got \[1, 2, 5, 8\]"),
+    Case("output_mask short", "self_attention_bwd", layer_bwd(lambda a: {"mask": [True, True]}), ValueError,
+         r"output_mask must have 3 entries \(grad_x, grad_w, grad_b\), got 2"),
+    Case("output_mask long", "self_attention_bwd", layer_bwd(lambda a: {"mask": [True] * 4}), ValueError,
+         r"output_mask must have 3 entries \(grad_x, grad_w, grad_b\), got 4"),
+]
+
+CASES = ATTENTION + LAYER
+
+
+def to_meta(args):
+    return tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def doors(case: Case, device: str):
+    """(door name, a call) for every door that can carry the case's bad argument."""
+    op = getattr(ops, case.op)
+    keys = torch._C.DispatchKeySet(DISPATCH_KEY[device])
+    found = [("op", lambda: op(*case.make(device))),
+             ("kernel", lambda: op.default.redispatch(keys, *case.make(device)))]
+    if not case.mixes_devices:
+        found.append(("meta", lambda: op(*to_meta(case.make(device)))))
+    if case.public is not None:
+        found.append(("public", lambda: case.public(*case.make(device))))
+    return found
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_same_clear_error_from_every_door(case, device):
+    messages = {}
+    for door, call in doors(case, device):
+        with pytest.raises(case.error, match=case.message) as caught:
+            call()
+        messages[door] = str(caught.value).splitlines()[0]
+    assert all(m.startswith("selfattn: ") for m in messages.values()), messages
+    assert len(set(messages.values())) == 1, f"the doors disagree: {messages}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.public is not None][:3], ids=lambda c: c.name)
+def test_compile_reports_bad_inputs_at_trace_time(case):
+    """torch.compile traces with the fake kernels: the same error, before any kernel runs."""
+    torch._dynamo.reset()
+    compiled = torch.compile(case.public, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=case.message):
+        compiled(*case.make("cpu"))
+
+
+def test_good_arguments_pass_every_door():
+    """The negative control: the same builders, unchanged, raise nowhere."""
+    for case in (Case("ok", "attention_fwd", attn_fwd(), ValueError, "", attention_public),
+                 Case("ok", "attention_bwd", attn_bwd(lambda a: {}), ValueError, ""),
+                 Case("ok", "self_attention_fwd", layer_fwd(), ValueError, "", layer_public),
+                 Case("ok", "self_attention_bwd", layer_bwd(lambda a: {}), ValueError, "")):
+        for _, call in doors(case, "cpu"):
+            call()
