@@ -69,7 +69,8 @@ def test_fused_layer_against_reference(shape, dtype, causal, bias):
     grad_out = torch.randn(*lead, n, m, dtype=dtype)
 
     # The reference module where its broadcast fits (N <= 128); above that the same computation by
-    # matmul (DESIGN.md). Expected in float64; "eager" is the same at the test's precision.
+    # matmul (DESIGN.md, "Testing conventions": the matmul fallback). Expected in float64; "eager"
+    # is the same at the test's precision.
     # (functional_call runs the module on the weights passed in, at their precision.)
     expected_fn = eager_fn = reference_fn(ref) if n <= 128 else matmul_layer
     kwargs = dict(num_heads=h, causal=causal)
