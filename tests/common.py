@@ -1,8 +1,9 @@
 """Shared pieces of the tests: input sampling, the float64 references and the tolerance rule.
 
-Tolerance (FlashAttention's rule, DESIGN.md): a result's largest error against a float64
-computation may be at most ``FACTOR`` times the error of the same computation done in eager
-PyTorch at the same precision, plus a small floor (eager's error can be exactly 0, e.g. N = 1).
+Tolerance (FlashAttention's rule; DESIGN.md, "Testing conventions"): a result's largest error
+against a float64 computation may be at most ``FACTOR`` times the error of the same computation
+done in eager PyTorch at the same precision, plus a small floor (eager's error can be exactly 0,
+e.g. N = 1).
 """
 
 from __future__ import annotations

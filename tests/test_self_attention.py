@@ -4,6 +4,7 @@ and a float64 computation: forward and the gradients of x, w_qkv and b_qkv."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import selfattn
 from tests.common import ALL_DTYPES, assert_close, eager_attention
@@ -69,7 +70,8 @@ def test_fused_layer_against_reference(shape, dtype, causal, bias):
     grad_out = torch.randn(*lead, n, m, dtype=dtype)
 
     # The reference module where its broadcast fits (N <= 128); above that the same computation by
-    # matmul (DESIGN.md). Expected in float64; "eager" is the same at the test's precision.
+    # matmul (DESIGN.md, "Testing conventions": the matmul fallback). Expected in float64; "eager"
+    # is the same at the test's precision.
     # (functional_call runs the module on the weights passed in, at their precision.)
     expected_fn = eager_fn = reference_fn(ref) if n <= 128 else matmul_layer
     kwargs = dict(num_heads=h, causal=causal)
@@ -94,9 +96,44 @@ def test_module_from_reference(bias):
     assert (fused.in_proj_bias is not None) == bias
     x = torch.randn(3, 20, 12)
     torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5)
-    # Loading into nn.MultiheadAttention's in_proj is a plain copy: the names and layout agree.
-    mha = torch.nn.MultiheadAttention(8, 2, bias=bias)
-    assert mha.in_proj_weight.shape[0] == 24
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_module_matches_multihead_attention(causal, bias):
+    """SelfAttention on nn.MultiheadAttention's in-projection, followed by that module's
+    out-projection, is nn.MultiheadAttention: forward and the gradients of x, in_proj_weight and
+    in_proj_bias, in float64."""
+    batch, n, embed, heads = 3, 37, 24, 4
+    mha = nn.MultiheadAttention(embed, heads, bias=bias, batch_first=True, dtype=torch.float64)
+    if bias:  # nn.MultiheadAttention starts its biases at zero, where a dropped bias would not show
+        with torch.no_grad():
+            mha.in_proj_bias.copy_(torch.randn_like(mha.in_proj_bias))
+            mha.out_proj.bias.copy_(torch.randn_like(mha.out_proj.bias))
+    layer = selfattn.SelfAttention(embed, embed, heads, bias=bias, causal=causal, dtype=torch.float64)
+    with torch.no_grad():  # the same names and layout: a plain copy
+        layer.in_proj_weight.copy_(mha.in_proj_weight)
+        if bias:
+            layer.in_proj_bias.copy_(mha.in_proj_bias)
+    x = torch.randn(batch, n, embed, dtype=torch.float64)
+    grad_out = torch.randn(batch, n, embed, dtype=torch.float64)
+    causal_mask = {}
+    if causal:
+        causal_mask = dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(n, dtype=torch.float64),
+                           is_causal=True)
+
+    x_mha = x.clone().requires_grad_(True)
+    expected = mha(x_mha, x_mha, x_mha, need_weights=False, **causal_mask)[0]
+    expected.backward(grad_out)
+    x_fused = x.clone().requires_grad_(True)
+    out = F.linear(layer(x_fused), mha.out_proj.weight, mha.out_proj.bias)
+    out.backward(grad_out)
+
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x_fused.grad, x_mha.grad)
+    torch.testing.assert_close(layer.in_proj_weight.grad, mha.in_proj_weight.grad)
+    if bias:
+        torch.testing.assert_close(layer.in_proj_bias.grad, mha.in_proj_bias.grad)
 
 
 def test_module_parameters_and_init():

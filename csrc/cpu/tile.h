@@ -3,12 +3,12 @@
 //
 // Everything here is templated on T, the accumulation type (float, or double for
 // float64 inputs). Vector width follows the CPU capability this file is compiled for
-// (CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 / neither), chosen by setup.py.
+// (CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 / neither), chosen by the build settings
+// (selfattn/_settings.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/empty.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
@@ -255,7 +255,6 @@ class BlockReader {
         width_(whole_rows ? width : dim),
         in_place_(std::is_same_v<scalar_t, T> && (!whole_rows || (src.stride_d == 1 && dim == width))) {}
 
-  bool in_place() const { return in_place_; }
   // Scratch a block of `rows` rows needs (none when read in place).
   int64_t scratch_size(int64_t rows) const { return in_place_ ? 0 : rows * width_; }
 

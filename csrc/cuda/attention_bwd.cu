@@ -4,7 +4,8 @@
 // With S = scale * q kᵀ, P = softmax(S), out = P v and delta = rowsum(dO ∘ out):
 //   dv = Pᵀ dO,   dP = dO vᵀ,   dS = P ∘ (dP - delta),   dq = scale * dS k,   dk = scale * dSᵀ q.
 //
-// Three kernels, none with atomics, so results are bitwise reproducible run to run:
+// Three kernels, none with atomics, so results are bitwise reproducible run to run by design
+// (checked in the CPU emulation under varied thread orders; not yet run on a GPU):
 //   delta (here):                  one warp per query row;
 //   dk/dv (attention_bwd_dkdv.cu): a block per key block, streaming query tiles;
 //   dq    (attention_bwd_dq.cu):   a block per query block, streaming key tiles.

@@ -1,5 +1,6 @@
-// Tensor-core backward of attention for fp16/bf16 at head dims 64 and 128, deterministic (no
-// atomics: every gradient element is summed by one warp in a fixed order, bitwise reproducible).
+// Tensor-core backward of attention for fp16/bf16 at head dims 64 and 128, deterministic by
+// design (no atomics: every gradient element is summed by one warp in a fixed order; checked
+// bitwise in the CPU emulation under varied thread orders, not yet run on a GPU).
 //
 // With S = scale q kᵀ, P = exp(S - lse), delta = rowsum(dO ∘ out):
 //   dv = Pᵀ dO,   dP = dO vᵀ,   dS = P ∘ (dP - delta),   dq = scale dS k,   dk = scale dSᵀ q.
@@ -11,8 +12,8 @@
 //      backward split); a warp owns 16 keys and computes Sᵀ = k qᵀ and dPᵀ = v dOᵀ directly, so
 //      Pᵀ and dSᵀ are the A operands of Pᵀ dO and dSᵀ q without a trip through shared memory.
 // Recomputing S and dP in the dq kernel costs 7 GEMMs where FlashAttention-2 does 5 plus
-// atomic adds of dq: the price of determinism, partly repaid by neither kernel needing shared
-// memory for P or dS, nor a dq accumulation buffer.
+// atomic adds of dq: the price of determinism. In exchange neither kernel needs shared memory
+// for P or dS, nor a dq accumulation buffer (what that saves in time is not measured yet).
 //
 // Both stream their tiles through a two-stage cp.async ring: tile n+1 is fetched while tile n
 // is computed, one barrier per tile. Causal: tiles entirely above the diagonal are skipped (never

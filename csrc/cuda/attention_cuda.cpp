@@ -12,6 +12,9 @@
 //             double                        -> delta, then backward_generic
 // SELFATTN_TENSOR_CORES=0 in the environment turns the tensor-core kernels off (read once), for
 // comparisons; they also need an sm_80 or newer GPU.
+//
+// Status: the kernels of csrc/cuda/ are compiled for sm_80/sm_90 and tested in the CPU emulation
+// (tests/cuda_emulation/, tests/test_cuda_emulation.py); none has run on a GPU yet.
 #include "kernels.h"
 
 #include <ATen/core/Tensor.h>

@@ -140,7 +140,8 @@ void launch_forward(ForwardParams<T> p, cudaStream_t stream) {
 // lane>, i.e. blocks of 16R queries and key tiles of 8KPL keys; larger head dims take smaller
 // tiles to stay within registers (the accumulator is R x bucket/8 floats per lane) and 99 KB of
 // shared memory. Requires max(D, Dv) <= 256.
-// (A tensor-core kernel for fp16/bf16 at D = Dv = 64 or 128 slots in here, ahead of these.)
+// fp16/bf16 at D = Dv = 64 or 128 with aligned layouts do not come here: attention_cuda.cpp
+// gives them the tensor-core kernel (forward_tc) instead, unless SELFATTN_TENSOR_CORES=0.
 template <typename T>
 void forward_tiled(const ForwardParams<T>& p, cudaStream_t stream) {
   const int dim_max = std::max(p.dim, p.dim_v);

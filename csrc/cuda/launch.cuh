@@ -18,7 +18,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // kernel<<<blocks, threads, smem_bytes, stream>>>(params), checked. Dynamic shared memory above
 // 48 KB needs the kernel's opt-in first (every kernel here stays below the 99 KB that sm_86/89
-// allow, so the same configurations run on every GPU from sm_80 on). No host synchronisation:
+// allow, so the same configurations fit every GPU from sm_80 on). No host synchronisation:
 // the launch can be captured in a CUDA graph.
 template <typename Params>
 void launch(void (*kernel)(Params), int64_t blocks, int threads, int smem_bytes,
