@@ -9,22 +9,21 @@ The C++ library (csrc/) registers four ops with the dispatcher:
         -> (grad_x, grad_w, grad_b)
 
 This file gives each a fake kernel (shapes, dtypes and strides, for torch.compile and meta
-tensors; it checks the arguments as the C++ op does, with _checks.py), wires the backward ops in
-as the forward ops' autograd, and offers the two public functions, which resolve ``scale`` and
-accept SDPA's spellings; the ops check the rest.
+tensors; it checks the arguments as the C++ op does, with _checks.py) and offers the two public
+functions, which resolve ``scale`` and accept SDPA's spellings; the ops check the rest. Their
+autograd (reverse mode, torch.func, and the refusals of forward mode and double backward) is in
+_autograd.py.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _checks
-
-_ops = torch.ops.selfattn
+from . import _autograd, _checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +96,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             raise ValueError("selfattn: q, k and v must all be 3-D (B, N, D) or all 4-D (B, H, N, D), got "
                              f"shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-    out, _ = _ops.attention_fwd(q, k, v, causal, _resolve_scale(scale, q.shape[-1]))
+    out, _ = _autograd.attention_fwd(q, k, v, causal, _resolve_scale(scale, q.shape[-1]))
     return out.squeeze(1) if three_d else out
 
 
@@ -119,7 +118,7 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
     # head_dim for scale=None; 0 when the arguments cannot give one (the op then says why).
     head_dim = w_qkv.shape[0] // 3 // num_heads if w_qkv.dim() == 2 and num_heads > 0 else 0
     scale = _resolve_scale(scale, head_dim)
-    out, _, _ = _ops.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale)
+    out, _, _ = _autograd.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale)
     return out.squeeze(0) if single else out
 
 
@@ -160,58 +159,3 @@ def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causa
     grad_w = x.new_empty(w_qkv.shape if output_mask[1] else (0,))
     grad_b = x.new_empty((3 * s.model,) if output_mask[2] else (0,))
     return grad_x, grad_w, grad_b
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd: each forward op's backward is the matching backward op. lse (and the fused op's
-# qkv buffer) are kept for backward and are not differentiable.
-
-
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal = causal
-    ctx.scale = scale
-
-
-def _attention_backward(ctx, grad_out, _grad_lse):
-    if grad_out is None:
-        return None, None, None, None, None
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v = _ops.attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return grad_q, grad_k, grad_v, None, None
-
-
-def _self_attention_setup_context(ctx, inputs, output):
-    x, w_qkv, b_qkv, num_heads, causal, scale = inputs
-    out, qkv, lse = output
-    ctx.mark_non_differentiable(qkv, lse)
-    # Otherwise autograd hands the backward a zero tensor the size of qkv (B·N·3M) as the
-    # gradient of that non-differentiable output: measured +48 MiB peak at N = 8192, E = 512.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, w_qkv, qkv, out, lse)
-    ctx.has_bias = b_qkv is not None
-    ctx.num_heads = num_heads
-    ctx.causal = causal
-    ctx.scale = scale
-
-
-def _self_attention_backward(ctx, grad_out, _grad_qkv, _grad_lse):
-    if grad_out is None:
-        return None, None, None, None, None, None
-    x, w_qkv, qkv, out, lse = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    mask: Sequence[bool] = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
-    grad_x, grad_w, grad_b = _ops.self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, ctx.num_heads,
-                                                     ctx.causal, ctx.scale, mask)
-    return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
-            None, None, None)
-
-
-torch.library.register_autograd("selfattn::attention_fwd", _attention_backward,
-                                setup_context=_attention_setup_context)
-torch.library.register_autograd("selfattn::self_attention_fwd", _self_attention_backward,
-                                setup_context=_self_attention_setup_context)

@@ -1,0 +1,342 @@
+"""Autograd for the four ops: reverse mode, the torch.func transforms, and clear refusals of what
+is not implemented yet.
+
+Supported: reverse mode (backward, torch.autograd.grad) and torch.func.grad, vjp, jacrev and vmap
+with their compositions (vmap(grad(f)): per-sample gradients). Refused at once, with an error
+naming the op and the alternative: forward mode (torch.func.jvp, jacfwd, hessian, dual tensors of
+torch.autograd.forward_ad) and double backward (a derivative of a gradient).
+
+Each op gets a Python kernel on the dispatcher's Autograd key, so the raw torch.ops.selfattn.* ops
+and the public functions behave alike. When something is to be differentiated, the kernel applies
+the op's autograd Function: for a forward op, backward is the matching backward op; for a backward
+op, backward refuses (a double-backward kernel slots in there: `_refuse_double_backward`). Every
+Function's jvp refuses (a forward-mode kernel slots in there: `_refuse_forward_mode`).
+
+Why not torch.library.register_autograd, as before: the Function it generates takes ctx in
+forward and has no setup_context, so every torch.func transform refuses it (pytorch#168393,
+#179652); it has no jvp, and an input carrying only a tangent does not require grad, so it
+skipped autograd altogether and forward mode got a zero tangent, silently; and nothing covered
+the backward ops, so a backward through a gradient only warned and left the gradient None.
+
+How torch.func gets through: like a C++ autograd kernel, not like an autograd.Function called
+from Python. The kernel runs once per grad level, on that level's wrapped tensors, so it applies a
+*single-level* Function (what functorch itself generates for each level of an autograd.Function);
+its forward goes below autograd and the dispatcher carries the call on to the next level down.
+(A plain autograd.Function cannot be applied from inside a dispatcher kernel under torch.func: it
+re-enters functorch through the custom_function_call operator, which finds no kernel there.)
+Its forward takes ctx, the classic form: a setup_context Function binds its arguments with
+inspect.signature on every call (~28 µs here; pytorch#189573). vmap never reaches the Function:
+each op's batching rule (below) runs before autograd and folds the vmapped dim into the batch dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch import Tensor
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
+from torch.autograd.function import _SingleLevelFunction
+
+from . import _checks
+
+_attention_fwd = torch.ops.selfattn.attention_fwd.default
+_attention_bwd = torch.ops.selfattn.attention_bwd.default
+_self_attention_fwd = torch.ops.selfattn.self_attention_fwd.default
+_self_attention_bwd = torch.ops.selfattn.self_attention_bwd.default
+
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_lib = torch.library.Library("selfattn", "IMPL")
+
+_SDPA_MATH = "F.scaled_dot_product_attention under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
+_LAYER_ALTERNATIVE = f"F.linear followed by {_SDPA_MATH}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The refusals
+
+
+def _refuse_forward_mode(op: str, public: str, alternative: str) -> Callable:
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"{public} (torch.ops.selfattn.{op}): forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+            f"torch.autograd.forward_ad dual tensors) is not supported yet; for forward-mode "
+            f"derivatives use {alternative}")
+    return jvp
+
+
+def _refuse_double_backward(op: str, public: str, alternative: str) -> Callable:
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{public} (torch.ops.selfattn.{op}): double backward, a derivative of its gradient "
+            f"(backward through a create_graph=True gradient, gradgradcheck, torch.func.grad of grad, "
+            f"jacrev of jacrev) is not supported yet; for second-order derivatives use {alternative}")
+    return backward
+
+
+# ---------------------------------------------------------------------------------------------
+# When autograd is involved
+
+
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_any_autocast_enabled = torch._C._is_any_autocast_enabled
+
+
+def _differentiating(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a call must go through the op's autograd Function: a gradient is wanted of one of
+    its tensors, or forward-mode AD is on (an input carrying only a tangent does not require grad,
+    so requires_grad alone would miss it). A loop, not torch._C._any_requires_grad: ~5x faster."""
+    if _forward_ad._current_level >= 0:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def _plain_eager() -> bool:
+    """No compiler tracing, torch.func transform or autocast: a call may then skip the
+    dispatcher's Python Autograd kernel (a C++ -> Python -> C++ round trip, ~5 µs) and apply the
+    Function, or run below autograd, itself. Otherwise the dispatcher must order things: autocast
+    casts before autograd records, and each torch.func level sets up its own state. is_compiling
+    comes first so that Dynamo folds it to True and does not trace the rest."""
+    return not (_is_compiling() or _functorch_active() or _any_autocast_enabled())
+
+
+def call(op, function, args: tuple, tensors: tuple):
+    """op(*args) with its autograd, as the Autograd kernel would run it, but in plain eager mode
+    without the trip through that kernel. ``tensors`` are the tensor arguments among ``args``.
+    For the public functions and the backward formulas."""
+    if not _plain_eager():
+        return op(*args)
+    if _differentiating(tensors):
+        return function.apply(*args)
+    with _BelowAutograd():
+        return op(*args)
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
+    return call(_attention_fwd, attention_fwd_function, (q, k, v, causal, scale), (q, k, v))
+
+
+def self_attention_fwd(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int, causal: bool,
+                       scale: float):
+    return call(_self_attention_fwd, self_attention_fwd_function, (x, w_qkv, b_qkv, num_heads, causal, scale),
+                (x, w_qkv, b_qkv))
+
+
+def _register(op, setup_context: Callable, backward: Callable, jvp: Callable):
+    """The op's autograd Function and its Autograd kernel; returns the Function."""
+    name = op._opname
+    tensor_positions = [i for i, arg in enumerate(op._schema.arguments)
+                        if arg.type in (torch._C.TensorType.get(), torch._C.OptionalType(torch._C.TensorType.get()))]
+
+    def forward(ctx, *args):
+        if _functorch_active():
+            # Function.apply turned both gradient modes off; the torch.func levels below this one
+            # (the outer grad of grad(grad(f)), the jvp of jacfwd(jacrev(f))) must still record
+            # this call. functorch's own single-level Functions do the same.
+            with torch.enable_grad(), _set_fwd_grad_enabled(True), _BelowAutograd():
+                output = op(*args)
+        else:
+            with _BelowAutograd():
+                output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    function = type(f"{name}_function", (_SingleLevelFunction,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
+
+    def autograd_kernel(keyset, *args):
+        if not _differentiating([args[i] for i in tensor_positions]):
+            with _BelowAutograd():
+                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        if _functorch_active():
+            with enable_single_level_autograd_function():
+                return function.apply(*args)
+        return function.apply(*args)
+
+    _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    return function
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward ops: their own autograd refuses a second derivative, at the moment one is taken.
+# (Refusing as soon as a backward runs with create_graph=True would break torch.func.grad, which
+# always builds a graph of the gradient.)
+
+
+def _nothing_to_save(ctx, inputs, output):
+    pass
+
+
+attention_bwd_function = _register(
+    _attention_bwd, _nothing_to_save,
+    _refuse_double_backward("attention_bwd", "selfattn.attention", _SDPA_MATH),
+    _refuse_forward_mode("attention_bwd", "selfattn.attention's backward", _SDPA_MATH))
+
+self_attention_bwd_function = _register(
+    _self_attention_bwd, _nothing_to_save,
+    _refuse_double_backward("self_attention_bwd", "selfattn.self_attention", _LAYER_ALTERNATIVE),
+    _refuse_forward_mode("self_attention_bwd", "selfattn.self_attention's backward", _LAYER_ALTERNATIVE))
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward ops. lse (and the fused op's qkv buffer) are kept for backward and are not
+# differentiable.
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal = causal
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:
+        return None, None, None, None, None
+    q, k, v, out, lse = ctx.saved_tensors
+    tensors = (grad_out, q, k, v, out, lse)
+    grad_q, grad_k, grad_v = call(_attention_bwd, attention_bwd_function, (*tensors, ctx.causal, ctx.scale), tensors)
+    return grad_q, grad_k, grad_v, None, None
+
+
+def _self_attention_setup_context(ctx, inputs, output):
+    x, w_qkv, b_qkv, num_heads, causal, scale = inputs
+    out, qkv, lse = output
+    ctx.mark_non_differentiable(qkv, lse)
+    # Otherwise autograd hands the backward a zero tensor the size of qkv (B·N·3M) as the
+    # gradient of that non-differentiable output: measured +48 MiB peak at N = 8192, E = 512.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, w_qkv, qkv, out, lse)
+    ctx.has_bias = b_qkv is not None
+    ctx.num_heads = num_heads
+    ctx.causal = causal
+    ctx.scale = scale
+
+
+def _self_attention_backward(ctx, grad_out, _grad_qkv, _grad_lse):
+    if grad_out is None:
+        return None, None, None, None, None, None
+    x, w_qkv, qkv, out, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
+    tensors = (grad_out, x, w_qkv, qkv, out, lse)
+    grad_x, grad_w, grad_b = call(_self_attention_bwd, self_attention_bwd_function,
+                                  (*tensors, ctx.num_heads, ctx.causal, ctx.scale, mask), tensors)
+    return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
+            None, None, None)
+
+
+attention_fwd_function = _register(
+    _attention_fwd, _attention_setup_context, _attention_backward,
+    _refuse_forward_mode("attention_fwd", "selfattn.attention", _SDPA_MATH))
+
+self_attention_fwd_function = _register(
+    _self_attention_fwd, _self_attention_setup_context, _self_attention_backward,
+    _refuse_forward_mode("self_attention_fwd", "selfattn.self_attention", _LAYER_ALTERNATIVE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching rules (torch.vmap), run before autograd at each vmap level. Each rule first checks the
+# arguments as the op sees them, on meta tensors without the vmapped dim, so that a bad argument
+# is reported in the op's own words and sizes rather than those of the folded batch.
+
+
+def _unbatched_meta(t, bdim: Optional[int]):
+    if not isinstance(t, Tensor):
+        return t
+    shape = list(t.shape)
+    if bdim is not None:
+        del shape[bdim]
+    return torch.empty(shape, dtype=t.dtype, device="meta")
+
+
+def _vmapped_first(t: Tensor, bdim: Optional[int], size: int) -> Tensor:
+    """t with the vmapped dim first; an unbatched t expanded to it (stride 0, no copy)."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+def _fold(tensors: Sequence[Tensor], bdims: Sequence[Optional[int]], size: int):
+    """Each (V, B, ...) tensor as (V·B, ...): the samples become batch entries. A view when the
+    strides allow; a copy otherwise (e.g. an unbatched tensor expanded over V, with B > 1)."""
+    leading = [_vmapped_first(t, d, size) for t, d in zip(tensors, bdims)]
+    return [t.flatten(0, 1) for t in leading], leading[0].shape[1]
+
+
+def _vmap_by_loop(op, info, in_dims, args):
+    """One op call per sample, outputs stacked: for what cannot be folded into the batch."""
+    # in_dims holds None for a non-tensor argument, or a list of Nones for a list (output_mask).
+    batched = [isinstance(a, Tensor) and d is not None for a, d in zip(args, in_dims)]
+    if info.batch_size == 0:
+        # No sample to run: one of zeros gives the outputs' shapes.
+        zeros = [a.new_zeros(_unbatched_meta(a, d).shape) if b else a for a, d, b in zip(args, in_dims, batched)]
+        outputs = tuple(o.new_empty((0, *o.shape)) for o in op(*zeros))
+    else:
+        per_sample = [op(*(a.select(d, i) if b else a for a, d, b in zip(args, in_dims, batched)))
+                      for i in range(info.batch_size)]
+        outputs = tuple(torch.stack(parts) for parts in zip(*per_sample))
+    return outputs, (0,) * len(outputs)
+
+
+@torch.library.register_vmap("selfattn::attention_fwd", lib=_lib)
+def _attention_fwd_vmap(info, in_dims, q, k, v, causal, scale):
+    metas = [_unbatched_meta(t, d) for t, d in zip((q, k, v), in_dims)]
+    _checks.check_attention_inputs(*metas, scale)
+    (q, k, v), batch = _fold((q, k, v), in_dims[:3], info.batch_size)
+    out, lse = _attention_fwd(q, k, v, causal, scale)
+    return (out.unflatten(0, (info.batch_size, batch)), lse.unflatten(0, (info.batch_size, batch))), (0, 0)
+
+
+@torch.library.register_vmap("selfattn::attention_bwd", lib=_lib)
+def _attention_bwd_vmap(info, in_dims, grad_out, q, k, v, out, lse, causal, scale):
+    tensors = (grad_out, q, k, v, out, lse)
+    m_grad_out, m_q, m_k, m_v, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(tensors, in_dims))
+    shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
+    _checks.check_attention_grad_inputs(shape, m_q, m_grad_out, m_out, m_lse)
+    folded, batch = _fold(tensors, in_dims[:6], info.batch_size)
+    # _fold takes the batch size from its first tensor, grad_out: (B, H, Nq, Dv), checked above.
+    grads = _attention_bwd(*folded, causal, scale)
+    return tuple(g.unflatten(0, (info.batch_size, batch)) for g in grads), (0, 0, 0)
+
+
+@torch.library.register_vmap("selfattn::self_attention_fwd", lib=_lib)
+def _self_attention_fwd_vmap(info, in_dims, x, w_qkv, b_qkv, num_heads, causal, scale):
+    m_x, m_w, m_b = (_unbatched_meta(t, d) for t, d in zip((x, w_qkv, b_qkv), in_dims))
+    _checks.check_layer_inputs(m_x, m_w, m_b, num_heads, scale)
+    if in_dims[1] is not None or in_dims[2] is not None:
+        # A weight per sample: the op takes one weight for its whole batch.
+        return _vmap_by_loop(_self_attention_fwd, info, in_dims, (x, w_qkv, b_qkv, num_heads, causal, scale))
+    (x,), batch = _fold((x,), in_dims[:1], info.batch_size)
+    outputs = _self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale)
+    return tuple(t.unflatten(0, (info.batch_size, batch)) for t in outputs), (0, 0, 0)
+
+
+@torch.library.register_vmap("selfattn::self_attention_bwd", lib=_lib)
+def _self_attention_bwd_vmap(info, in_dims, grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale,
+                             output_mask):
+    args = (grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask)
+    m_grad_out, m_x, m_w, m_qkv, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(args[:6], in_dims))
+    shape = _checks.check_layer_inputs(m_x, m_w, None, num_heads, scale)
+    _checks.check_layer_grad_inputs(shape, m_x, m_grad_out, m_qkv, m_out, m_lse, output_mask)
+    if in_dims[2] is not None or output_mask[1] or output_mask[2]:
+        # A weight per sample, or a weight gradient per sample (vmap(grad(f)) with respect to the
+        # weights): the op's grad_w and grad_b sum over its batch, which would mix the samples.
+        return _vmap_by_loop(_self_attention_bwd, info, in_dims, args)
+    per_sample = (grad_out, x, qkv, out, lse)
+    (grad_out, x, qkv, out, lse), batch = _fold(per_sample, [in_dims[i] for i in (0, 1, 3, 4, 5)], info.batch_size)
+    grad_x, grad_w, grad_b = _self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale,
+                                                 output_mask)
+    # grad_w and grad_b are not wanted here (empty, the same for every sample); grad_x may not be.
+    if output_mask[0]:
+        return (grad_x.unflatten(0, (info.batch_size, batch)), grad_w, grad_b), (0, None, None)
+    return (grad_x, grad_w, grad_b), (None, None, None)
