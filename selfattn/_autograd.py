@@ -99,25 +99,20 @@ def _differentiating(tensors: Sequence[Optional[Tensor]]) -> bool:
     return False
 
 
-def _plain_eager() -> bool:
-    """No compiler tracing, torch.func transform or autocast: a call may then skip the
-    dispatcher's Python Autograd kernel (a C++ -> Python -> C++ round trip, ~5 µs) and apply the
-    Function, or run below autograd, itself. Otherwise the dispatcher must order things: autocast
-    casts before autograd records, and each torch.func level sets up its own state. is_compiling
-    comes first so that Dynamo folds it to True and does not trace the rest."""
-    return not (_is_compiling() or _functorch_active() or _any_autocast_enabled())
-
-
 def call(op, function, args: tuple, tensors: tuple):
-    """op(*args) with its autograd, as the Autograd kernel would run it, but in plain eager mode
-    without the trip through that kernel. ``tensors`` are the tensor arguments among ``args``.
-    For the public functions and the backward formulas."""
-    if not _plain_eager():
+    """op(*args) with its autograd, as the Autograd kernel would run it; in plain eager mode (no
+    compiler tracing, torch.func transform or autocast) without the trip through that kernel, a
+    C++ -> Python -> C++ round trip of ~5 µs. Otherwise the dispatcher must order things:
+    autocast casts before autograd records, and each torch.func level sets up its own state.
+    ``tensors`` are the tensor arguments among ``args``. For the public functions and the
+    backward formulas."""
+    # is_compiling first, so that Dynamo folds it to True and traces none of the rest.
+    if _is_compiling() or _functorch_active() or _any_autocast_enabled():
         return op(*args)
     if _differentiating(tensors):
         return function.apply(*args)
     with _BelowAutograd():
-        return op(*args)
+        return op._op(*args)  # the C++ entry point: OpOverload.__call__ costs ~0.5 µs more
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
@@ -145,7 +140,7 @@ def _register(op, setup_context: Callable, backward: Callable, jvp: Callable):
                 output = op(*args)
         else:
             with _BelowAutograd():
-                output = op(*args)
+                output = op._op(*args)
         setup_context(ctx, args, output)
         return output
 
