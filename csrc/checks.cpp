@@ -66,16 +66,45 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, 
   check_float_tensor(q, "q");
   check_float_tensor(k, "k");
   check_float_tensor(v, "v");
-  check_rank(q, "q", 4, "(B, H, Nq, D)");
-  check_rank(k, "k", 4, "(B, H, Nk, D)");
-  check_rank(v, "v", 4, "(B, H, Nk, Dv)");
+  check_rank(q, "q", 4, "(B, Hq, Nq, D)");
+  check_rank(k, "k", 4, "(B, Hk, Nk, D)");
+  check_rank(v, "v", 4, "(B, Hk, Nk, Dv)");
   check_like(k, "k", q, "q");
   check_like(v, "v", q, "q");
-  const AttentionShape s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  check_shape(k, "k", {s.batch, s.heads, s.nk, s.dim}, "(B, H, Nk, D) with B, H, D of q");
-  check_shape(v, "v", {s.batch, s.heads, s.nk, s.dim_v}, "(B, H, Nk, Dv) with B, H, Nk of q and k");
+  const AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK_VALUE(s.heads_kv >= 1 ? s.heads % s.heads_kv == 0 : s.heads == 0,
+                    "selfattn: k must have a number of heads that divides q's (grouped-query "
+                    "attention), got ", s.heads_kv, " for k and ", s.heads, " for q");
+  check_shape(k, "k", {s.batch, s.heads_kv, s.nk, s.dim}, "(B, Hk, Nk, D) with B, D of q");
+  check_shape(v, "v", {s.batch, s.heads_kv, s.nk, s.dim_v}, "(B, Hk, Nk, Dv) with B, Hk, Nk of k");
   check_scale(scale);
   return s;
+}
+
+void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
+                       const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                       int64_t window_right) {
+  TORCH_CHECK_VALUE(window_left >= -1, "selfattn: window_left must be >= -1 (-1: unbounded), got ",
+                    window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, "selfattn: window_right must be >= -1 (-1: unbounded), got ",
+                    window_right);
+  if (!attn_mask.has_value()) {
+    return;
+  }
+  const at::Tensor& mask = *attn_mask;
+  const at::ScalarType dtype = mask.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kBool || dtype == at::kFloat || dtype == q.scalar_type(),
+                   "selfattn: attn_mask must be bool, float32 or the dtype of q (",
+                   dtype_name(q.scalar_type()), "), got ", dtype_name(dtype));
+  TORCH_CHECK_VALUE(mask.device() == q.device(), "selfattn: attn_mask must be on the device of q (",
+                    q.device(), "), got ", mask.device());
+  const std::vector<int64_t> full = {s.batch, s.heads, s.nq, s.nk};
+  bool broadcasts = mask.dim() == 4;
+  for (int64_t d = 0; broadcasts && d < 4; ++d) {
+    broadcasts = mask.size(d) == full[d] || mask.size(d) == 1;
+  }
+  TORCH_CHECK_VALUE(broadcasts, "selfattn: attn_mask must be 4-D and broadcast to (B, Hq, Nq, Nk) = ",
+                    at::IntArrayRef(full), ", got shape ", mask.sizes());
 }
 
 void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
@@ -86,9 +115,9 @@ void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
   check_like(grad_out, "grad_out", q, "q");
   check_like(out, "out", q, "q");
   const std::vector<int64_t> out_shape = {s.batch, s.heads, s.nq, s.dim_v};
-  check_shape(grad_out, "grad_out", out_shape, "(B, H, Nq, Dv)");
-  check_shape(out, "out", out_shape, "(B, H, Nq, Dv)");
-  check_lse(lse, q, "q", {s.batch, s.heads, s.nq}, "(B, H, Nq)");
+  check_shape(grad_out, "grad_out", out_shape, "(B, Hq, Nq, Dv)");
+  check_shape(out, "out", out_shape, "(B, Hq, Nq, Dv)");
+  check_lse(lse, q, "q", {s.batch, s.heads, s.nq}, "(B, Hq, Nq)");
 }
 
 LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,

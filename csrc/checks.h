@@ -7,8 +7,9 @@
 // holds the two definitions to that.
 //
 // Shapes (the kernels read every tensor through its strides, so no layout is required):
-//   attention   q (B, H, Nq, D)  k (B, H, Nk, D)  v (B, H, Nk, Dv)
-//               out, grad_out (B, H, Nq, Dv)      lse (B, H, Nq)
+//   attention   q (B, Hq, Nq, D)  k (B, Hk, Nk, D)  v (B, Hk, Nk, Dv)   Hk divides Hq
+//               out, grad_out (B, Hq, Nq, Dv)     lse (B, Hq, Nq)
+//               attn_mask: bool or float, 4-D, each dim 1 or that of (B, Hq, Nq, Nk)
 //   layer       x (B, N, E)  w_qkv (3M, E)  b_qkv (3M)   M = H·D
 //               qkv (B, N, 3M)  out, grad_out (B, N, M)  lse (B, H, N)
 // lse is float32, or float64 for float64 inputs (accumulate_type).
@@ -27,7 +28,7 @@ inline at::ScalarType accumulate_type(at::ScalarType dtype) {
 }
 
 struct AttentionShape {
-  int64_t batch, heads, nq, nk, dim, dim_v;
+  int64_t batch, heads, heads_kv, nq, nk, dim, dim_v;
 };
 
 struct LayerShape {
@@ -37,6 +38,11 @@ struct LayerShape {
 // q, k, v of attention_fwd; the scale it multiplies the scores by.
 AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       double scale);
+
+// attn_mask and the window sides of the attention ops, against the shape of q, k and v.
+void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
+                       const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                       int64_t window_right);
 
 // The rest of attention_bwd's arguments, against the shape of q, k and v.
 void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,

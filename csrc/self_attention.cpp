@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_fwd(
   // 2-5. Attention on the strided views, written as (B, N, H, D): heads concatenated.
   at::Tensor out = at::empty({s.batch, s.seq, s.heads, s.head_dim}, x.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.seq}, x.options().dtype(accumulate_type(x.scalar_type())));
-  attention_forward(q, k, v, causal, scale, out.transpose(1, 2), lse);
+  attention_forward(q, k, v, AttentionMask{make_band(causal, -1, -1, 0), {}}, scale, out.transpose(1, 2), lse);
   return {out.view({s.batch, s.seq, s.model}), qkv.view({s.batch, s.seq, 3 * s.model}), lse};
 }
 
@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_bwd(
   // dq, dk, dv straight into one packed buffer: the projection GEMMs then read it as (B*N, 3M).
   const at::Tensor grad_qkv = at::empty({s.batch * s.seq, 3 * s.model}, x.options());
   const auto [grad_q, grad_k, grad_v] = split_heads(grad_qkv, s);
-  attention_backward(per_head(grad_out), q, k, v, per_head(out), lse, causal, scale, grad_q, grad_k, grad_v);
+  attention_backward(per_head(grad_out), q, k, v, per_head(out), lse, AttentionMask{make_band(causal, -1, -1, 0), {}},
+                     scale, grad_q, grad_k, grad_v);
 
   // Outputs must not alias each other, so each skipped gradient gets its own empty tensor.
   const auto nothing = [&] { return at::empty({0}, x.options()); };

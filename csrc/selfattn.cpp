@@ -27,13 +27,22 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(selfattn, m) {
-  // q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), any strides.
-  // out (B, H, Nq, Dv), laid out in memory as (B, Nq, H, Dv); lse (B, H, Nq), float32
-  // (float64 for float64 inputs). Causal masking is top-left aligned: query i sees keys j <= i.
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  // q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), any strides; Hk divides Hq (grouped-
+  // query attention: query head h reads kv head h / (Hq / Hk)).
+  // out (B, Hq, Nq, Dv), laid out in memory as (B, Nq, Hq, Dv); lse (B, Hq, Nq), float32 (float64
+  // for float64 inputs), -inf for a row that sees no key (its output is 0).
+  // Which keys query i sees (mask.h): the band i + diagonal_offset - window_left <= j <=
+  // i + diagonal_offset + window_right, -1 for an unbounded side; causal bounds the right side at
+  // 0. diagonal_offset 0 is top-left causal (SDPA's), Nk - Nq bottom-right. attn_mask, 4-D and
+  // broadcastable to (B, Hq, Nq, Nk), read through its strides: bool (true = take part) or float
+  // (added to the scaled scores; float32 or q's dtype). Both the band and the mask apply.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? attn_mask=None, "
+      "int window_left=-1, int window_right=-1, int diagonal_offset=0) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "bool causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "bool causal, float scale, Tensor? attn_mask=None, int window_left=-1, int window_right=-1, "
+      "int diagonal_offset=0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // x (B, N, E), w_qkv (3M, E) = [W_q; W_k; W_v] in nn.Linear layout, b_qkv (3M) or None.
   // out (B, N, M) heads concatenated; qkv (B, N, 3M) and lse (B, H, N) are kept for backward.
   m.def(

@@ -26,6 +26,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 class AttentionShape:
     batch: int
     heads: int
+    heads_kv: int
     nq: int
     nk: int
     dim: int
@@ -90,16 +91,38 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Att
     _check_float_tensor(q, "q")
     _check_float_tensor(k, "k")
     _check_float_tensor(v, "v")
-    _check_rank(q, "q", 4, "(B, H, Nq, D)")
-    _check_rank(k, "k", 4, "(B, H, Nk, D)")
-    _check_rank(v, "v", 4, "(B, H, Nk, Dv)")
+    _check_rank(q, "q", 4, "(B, Hq, Nq, D)")
+    _check_rank(k, "k", 4, "(B, Hk, Nk, D)")
+    _check_rank(v, "v", 4, "(B, Hk, Nk, Dv)")
     _check_like(k, "k", q, "q")
     _check_like(v, "v", q, "q")
-    s = AttentionShape(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
-    _check_shape(k, "k", [s.batch, s.heads, s.nk, s.dim], "(B, H, Nk, D) with B, H, D of q")
-    _check_shape(v, "v", [s.batch, s.heads, s.nk, s.dim_v], "(B, H, Nk, Dv) with B, H, Nk of q and k")
+    s = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+    if not (s.heads % s.heads_kv == 0 if s.heads_kv >= 1 else s.heads == 0):
+        raise ValueError("selfattn: k must have a number of heads that divides q's (grouped-query "
+                         f"attention), got {s.heads_kv} for k and {s.heads} for q")
+    _check_shape(k, "k", [s.batch, s.heads_kv, s.nk, s.dim], "(B, Hk, Nk, D) with B, D of q")
+    _check_shape(v, "v", [s.batch, s.heads_kv, s.nk, s.dim_v], "(B, Hk, Nk, Dv) with B, Hk, Nk of k")
     _check_scale(scale)
     return s
+
+
+def check_mask_inputs(s: AttentionShape, q: Tensor, attn_mask: Optional[Tensor], window_left: int,
+                      window_right: int) -> None:
+    if window_left < -1:
+        raise ValueError(f"selfattn: window_left must be >= -1 (-1: unbounded), got {window_left}")
+    if window_right < -1:
+        raise ValueError(f"selfattn: window_right must be >= -1 (-1: unbounded), got {window_right}")
+    if attn_mask is None:
+        return
+    if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
+        raise TypeError(f"selfattn: attn_mask must be bool, float32 or the dtype of q ({q.dtype}), "
+                        f"got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"selfattn: attn_mask must be on the device of q ({q.device}), got {attn_mask.device}")
+    full = [s.batch, s.heads, s.nq, s.nk]
+    if attn_mask.dim() != 4 or any(m != f and m != 1 for m, f in zip(attn_mask.shape, full)):
+        raise ValueError(f"selfattn: attn_mask must be 4-D and broadcast to (B, Hq, Nq, Nk) = {full}, "
+                         f"got shape {_sizes(attn_mask)}")
 
 
 def check_attention_grad_inputs(s: AttentionShape, q: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor) -> None:
@@ -108,9 +131,9 @@ def check_attention_grad_inputs(s: AttentionShape, q: Tensor, grad_out: Tensor, 
     _check_like(grad_out, "grad_out", q, "q")
     _check_like(out, "out", q, "q")
     out_shape = [s.batch, s.heads, s.nq, s.dim_v]
-    _check_shape(grad_out, "grad_out", out_shape, "(B, H, Nq, Dv)")
-    _check_shape(out, "out", out_shape, "(B, H, Nq, Dv)")
-    _check_lse(lse, q, "q", [s.batch, s.heads, s.nq], "(B, H, Nq)")
+    _check_shape(grad_out, "grad_out", out_shape, "(B, Hq, Nq, Dv)")
+    _check_shape(out, "out", out_shape, "(B, Hq, Nq, Dv)")
+    _check_lse(lse, q, "q", [s.batch, s.heads, s.nq], "(B, Hq, Nq)")
 
 
 def check_layer_inputs(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int,

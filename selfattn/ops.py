@@ -128,16 +128,20 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
 
 
 @torch.library.register_fake("selfattn::attention_fwd")
-def _attention_fwd_fake(q, k, v, causal, scale):
+def _attention_fwd_fake(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
+                        diagonal_offset=0):
     s = _checks.check_attention_inputs(q, k, v, scale)
+    _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
     out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
     lse = q.new_empty((s.batch, s.heads, s.nq), dtype=_checks.accumulate_dtype(q.dtype))
     return out, lse
 
 
 @torch.library.register_fake("selfattn::attention_bwd")
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
+                        window_right=-1, diagonal_offset=0):
     s = _checks.check_attention_inputs(q, k, v, scale)
+    _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
     _checks.check_attention_grad_inputs(s, q, grad_out, out, lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -168,21 +172,27 @@ def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causa
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset = inputs
+    if attn_mask is not None and attn_mask.requires_grad:
+        # The kernels do not compute a mask's gradient; refuse rather than hand back None.
+        raise NotImplementedError(
+            "selfattn.attention: attn_mask requires grad, but selfattn does not compute the gradient "
+            "of a mask; detach it, or use F.scaled_dot_product_attention for a learned additive mask")
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal = causal
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.mask_args = (causal, scale)
+    ctx.window = (window_left, window_right, diagonal_offset)
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
     if grad_out is None:
-        return None, None, None, None, None
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v = _ops.attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return grad_q, grad_k, grad_v, None, None
+        return (None,) * 9
+    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _ops.attention_bwd(grad_out, q, k, v, out, lse, *ctx.mask_args, attn_mask,
+                                                *ctx.window)
+    return (grad_q, grad_k, grad_v) + (None,) * 6
 
 
 def _self_attention_setup_context(ctx, inputs, output):

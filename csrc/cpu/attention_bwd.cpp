@@ -249,9 +249,13 @@ void reduce_grad_q(const BackwardShape& s, const at::Tensor& dq_sums, const at::
 
 void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                            bool causal, double scale, const at::Tensor& grad_q,
+                            const AttentionMask& mask, double scale, const at::Tensor& grad_q,
                             const at::Tensor& grad_k, const at::Tensor& grad_v) {
   using namespace cpu;
+  TORCH_CHECK(mask.band.unbounded() || (mask.band.offset == 0 && mask.band.left >= kUnbounded && mask.band.right == 0),
+              "selfattn: masks other than top-left causal are not implemented yet");
+  TORCH_CHECK(!mask.tensor.defined() && q.size(1) == k.size(1), "selfattn: attn_mask and GQA are not implemented yet");
+  const bool causal = !mask.band.unbounded();
   BackwardShape s;
   s.batch = q.size(0), s.heads = q.size(1), s.nq = q.size(2), s.nk = k.size(2);
   s.dim = q.size(3), s.dim_v = v.size(3);

@@ -161,7 +161,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }  // namespace cpu
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           bool causal, double scale, const at::Tensor& out, const at::Tensor& lse) {
+                           const AttentionMask& mask, double scale, const at::Tensor& out,
+                           const at::Tensor& lse) {
+  TORCH_CHECK(mask.band.unbounded() || (mask.band.offset == 0 && mask.band.left >= kUnbounded && mask.band.right == 0),
+              "selfattn: masks other than top-left causal are not implemented yet");
+  TORCH_CHECK(!mask.tensor.defined() && q.size(1) == k.size(1), "selfattn: attn_mask and GQA are not implemented yet");
+  const bool causal = !mask.band.unbounded();
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) {
     return;
   }

@@ -16,6 +16,7 @@
 // Status: the kernels of csrc/cuda/ are compiled for sm_80/sm_90 and tested in the CPU emulation
 // (tests/cuda_emulation/, tests/test_cuda_emulation.py); none has run on a GPU yet.
 #include "kernels.h"
+#include "../attention.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,8 +34,6 @@
 #include <ATen/cuda/CUDAContextLight.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include "../attention.h"
 #endif
 
 namespace selfattn::cuda {
@@ -272,19 +271,38 @@ void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
 
 }  // namespace selfattn::cuda
 
+namespace selfattn::cuda {
+
+// The masks the CUDA kernels take so far: none, or top-left causal, with Hk = Hq. Anything else
+// is refused in words rather than computed without its mask.
+bool plain_causal(const at::Tensor& q, const at::Tensor& k, const AttentionMask& mask) {
+  const Band& band = mask.band;
+  const bool structural_ok = band.unbounded() || (band.offset == 0 && band.left >= kUnbounded && band.right == 0);
+  TORCH_CHECK_VALUE(structural_ok && !mask.tensor.defined() && q.size(1) == k.size(1),
+                    "selfattn: on CUDA, attn_mask, sliding windows, bottom-right causal alignment, "
+                    "diagonal offsets and grouped-query attention are not supported yet (the CPU "
+                    "kernels take them)");
+  return !band.unbounded();
+}
+
+}  // namespace selfattn::cuda
+
 #ifndef SELFATTN_CUDA_EMULATION
 void selfattn::attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      bool causal, double scale, const at::Tensor& out,
+                                      const AttentionMask& mask, double scale, const at::Tensor& out,
                                       const at::Tensor& lse) {
+  const bool causal = cuda::plain_causal(q, k, mask);
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
   cuda::run_forward(q, k, v, causal, scale, out, lse, c10::cuda::getCurrentCUDAStream());
 }
 
 void selfattn::attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
                                        const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& out, const at::Tensor& lse, bool causal,
-                                       double scale, const at::Tensor& grad_q,
-                                       const at::Tensor& grad_k, const at::Tensor& grad_v) {
+                                       const at::Tensor& out, const at::Tensor& lse,
+                                       const AttentionMask& mask, double scale,
+                                       const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                       const at::Tensor& grad_v) {
+  const bool causal = cuda::plain_causal(q, k, mask);
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
   cuda::run_backward(grad_out, q, k, v, out, lse, causal, scale, grad_q, grad_k, grad_v,
                      c10::cuda::getCurrentCUDAStream());

@@ -34,6 +34,7 @@ namespace {
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
              double scale, const at::Tensor& out, const at::Tensor& lse) {
   selfattn::check_attention_inputs(q, k, v, scale);
+  selfattn::cuda::plain_causal(q, k, selfattn::AttentionMask{selfattn::make_band(causal, -1, -1, 0), {}});
   selfattn::cuda::run_forward(q, k, v, causal, scale, out, lse, nullptr);
 }
 
@@ -43,6 +44,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
               const at::Tensor& grad_v) {
   const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
   selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
+  selfattn::cuda::plain_causal(q, k, selfattn::AttentionMask{selfattn::make_band(causal, -1, -1, 0), {}});
   selfattn::cuda::run_backward(grad_out, q, k, v, out, lse, causal, scale, grad_q, grad_k, grad_v,
                                nullptr);
 }
