@@ -1275,6 +1275,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report(result, opts.modes))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
