@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import gc
 import itertools
@@ -47,7 +46,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import selfattn
+from selfattn import _system
 
 MODES = ("fwd", "fwd+bwd", "bwd")
 MEMORY_MODES = ("fwd", "fwd+bwd")
@@ -453,36 +452,6 @@ def make_step(built: Built, input_sets: List[List[Tensor]], grad_outs: List[Tens
 # Devices: timing, the GEMM rate, the memory budget and memory measurements
 
 
-def _read_status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field_name} not in /proc/self/status")
-
-
-def mem_available_bytes() -> Optional[float]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class CpuDevice:
     type = "cpu"
     flop_unit, flop_scale = "GFLOP/s", 1e9
@@ -495,7 +464,7 @@ class CpuDevice:
         self.threads = threads
 
     def describe(self) -> str:
-        return f"CPU {_cpu_model()}, {self.threads} threads (of {os.cpu_count()} CPUs)"
+        return f"CPU {_system.cpu_model()}, {self.threads} threads (of {os.cpu_count()} CPUs)"
 
     def measure(self, fn: Callable[[], object], number: int) -> float:
         start = time.perf_counter()
@@ -508,7 +477,7 @@ class CpuDevice:
         return _square_gemm(self.device, CPU_GEMM_SIZE, torch.float32)
 
     def memory_budget(self) -> float:
-        available = mem_available_bytes()
+        available = _system.mem_available_bytes()
         return 0.6 * available if available else 8 * GIB
 
     def measure_memory(self, case: Case, todo: List[MemoryItem]) -> Dict[MemoryItem, dict]:
@@ -587,22 +556,6 @@ def _first_line(exc: BaseException) -> str:
 # CPU memory, measured in a child process
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def prepare(impl: Impl, case: Case, level: str, device: torch.device, mode: str, n_sets: int):
     """An implementation built, its input sets, and a gradient for each set's output."""
     grads = mode != "fwd"
@@ -626,14 +579,14 @@ def _measure_rss_growth(impl: Impl, case: Case, level: str, mode: str, method: s
     built, input_sets, grad_outs = prepare(impl, case, level, device, mode, 1)
     step = make_step(built, input_sets, grad_outs, mode)
     gc.collect()
-    _malloc_trim()
+    _system.malloc_trim()
     if method == "hwm":
-        _reset_peak_rss()
-        base = _read_status_kib("VmRSS") * 1024
+        _system.reset_peak_rss()
+        base = _system.status_kib("VmRSS") * 1024
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _system.max_rss_bytes()
     result = step()
-    peak = (_read_status_kib("VmHWM") if method == "hwm" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    peak = _system.status_kib("VmHWM") * 1024 if method == "hwm" else _system.max_rss_bytes()
     del result
     return {"peak_bytes": max(0, peak - base),
             "method": "VmHWM − VmRSS after clear_refs" if method == "hwm" else "ru_maxrss growth, fresh process"}
@@ -645,7 +598,7 @@ def _memory_child_main() -> None:
     torch.set_num_threads(request["threads"])
     case, method = Case.from_json(request["case"]), request["method"]
     impls = implementations_by_key("cpu")
-    if method == "hwm" and not (_reset_peak_rss() and os.path.exists("/proc/self/status")):
+    if method == "hwm" and not (_system.reset_peak_rss() and os.path.exists("/proc/self/status")):
         print(json.dumps({"unsupported": "cannot reset the peak RSS via /proc/self/clear_refs"}), flush=True)
         return
     for level, name, mode in request["todo"]:
