@@ -1,5 +1,5 @@
 """What is benchmarked: shapes, cases, levels (what a level's implementations take and the FLOPs
-they are credited with) and the named sweeps."""
+they are credited with) and the named sweeps. See the package docstring for how to add to them."""
 
 from __future__ import annotations
 
@@ -83,9 +83,8 @@ def parse_shapes(text: str) -> Tuple[Shape, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs (DESIGN.md): attention forward 4·B·H·Nq·Nk·D (causal: half), backward 2.5× forward;
-# projections 6·B·N·E·M forward, backward twice that. Causal eager and reference compute every
-# score and mask; they are credited with the useful FLOPs only, like everyone.
+# FLOPs: the package docstring's count. Causal eager and reference compute every score and mask;
+# they are credited with the useful FLOPs only, like everyone.
 
 BACKWARD_FACTOR = {"attention": 2.5, "linear": 2.0}
 

@@ -23,7 +23,7 @@ from .cases import GIB, Case, Shape
 from .impls import Impl, implementations_by_key, make_step, prepare
 from .records import Speedup, Summary
 
-MIN_PAIRS = 7  # DESIGN.md: a ratio is the median of at least 7 interleaved pairs
+MIN_PAIRS = 7  # the package docstring's rule: a ratio is the median of at least 7 interleaved pairs
 CPU_GEMM_SIZE = 2048  # the GEMM rate: a square sgemm of this size (CPU), of the case's dtype (CUDA)
 CUDA_GEMM_SIZE = 8192
 

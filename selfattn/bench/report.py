@@ -143,7 +143,7 @@ def speedup_summary(records: List[Record], level: str, modes: Sequence[str]) -> 
 
 
 def rate_summary(records: List[Record], level: str, modes: Sequence[str], flop_scale: float) -> List[str]:
-    """Every implementation's FLOP rate (DESIGN.md's count)."""
+    """Every implementation's FLOP rate (the package docstring's count)."""
     columns = [("D", lambda case, _: str(case.shape.head_dim))]
     columns += [(name, per_mode(name, modes, False, lambda e: num(e.flop_rate / flop_scale)))
                 for name in _impl_names(_by_case(records, level))]
