@@ -147,6 +147,8 @@ def test_forced_sdpa_backends_report_unavailable(tmp_path, capsys, monkeypatch):
     modes = {r["impl"]: r["modes"] for r in result["records"]}
     assert modes["sdpa[flash]"]["fwd"]["status"] == "ok"
     assert modes["sdpa[flash]"]["fwd"]["backend"] == "forced flash_attention"
-    for name in set(modes) & {"sdpa[efficient]", "sdpa[cudnn]"}:
+    refused = set(modes) & {"sdpa[efficient]", "sdpa[cudnn]"}
+    assert refused, "no forced SDPA backend besides flash ran: the loop below would check nothing"
+    for name in refused:
         assert modes[name]["fwd"]["status"] == "unavailable" and modes[name]["fwd"]["reason"]
         assert f"- {name} unavailable: " in table
