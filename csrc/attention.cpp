@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_autocast(const at::Tensor& q, c
                        .typed<decltype(attention_fwd)>();
   std::optional<at::Tensor> mask = attn_mask;
   if (mask.has_value() && mask->is_floating_point() && mask->scalar_type() != at::kFloat) {
-    mask = at::autocast::cached_cast(dtype, *mask, device_type);
+    mask = mask->to(dtype);  // (cached_cast leaves float64 alone; the kernels would refuse it)
   }
   return op.call(at::autocast::cached_cast(dtype, q, device_type),
                  at::autocast::cached_cast(dtype, k, device_type),
