@@ -2,7 +2,7 @@
 
     pip install --no-build-isolation .      # compiles against the torch already installed
 
-Sources and flags come from selfattn/_build.py, which the JIT build uses too.
+Sources and flags come from selfattn/_settings.py, which the JIT build uses too.
 Environment: MAX_JOBS (parallel compile jobs), SELFATTN_CUDA=0|1 (force the CUDA sources
 off or on), TORCH_CUDA_ARCH_LIST (GPU archs; default 8.0;9.0 when no GPU is visible),
 SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 (instruction set; default: this machine's).
@@ -18,18 +18,18 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
-# Execute selfattn/_build.py on its own: the package cannot be imported before it is built.
-_spec = importlib.util.spec_from_file_location("selfattn_build", ROOT / "selfattn" / "_build.py")
-_build = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _build  # dataclasses look their module up there
-_spec.loader.exec_module(_build)
+# Execute selfattn/_settings.py on its own: the package cannot be imported before it is built.
+_spec = importlib.util.spec_from_file_location("selfattn_settings", ROOT / "selfattn" / "_settings.py")
+_settings = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _settings  # dataclasses look their module up there
+_spec.loader.exec_module(_settings)
 
 _compiler = os.environ.get("CXX", "c++")
 if shutil.which(_compiler) is None:
     sys.exit(f"selfattn: building the extension needs a C++ compiler, but {_compiler!r} is not on PATH "
              "(install g++, or point CXX at one).")
 
-config = _build.extension_config()  # settles CUDA_HOME before cpp_extension reads it
+config = _settings.extension_config()  # settles CUDA_HOME before cpp_extension reads it
 if config.with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     import torch
 
@@ -47,7 +47,7 @@ class BuildExt(BuildExtension):
 
     def finalize_options(self):
         super().finalize_options()
-        tag = f"{sys.implementation.cache_tag}-torch{_build._torch_version_tag()}"
+        tag = f"{sys.implementation.cache_tag}-torch{_settings.torch_version_tag()}"
         self.build_temp = str(ROOT / "build" / f"temp-{tag}-{'cuda' if config.with_cuda else 'cpu'}")
 
 
