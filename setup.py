@@ -4,8 +4,9 @@
 
 Sources and flags come from selfattn/_settings.py, which the JIT build uses too.
 Environment: MAX_JOBS (parallel compile jobs), SELFATTN_CUDA=0|1 (force the CUDA sources
-off or on), TORCH_CUDA_ARCH_LIST (GPU archs; default 8.0;9.0 when no GPU is visible),
-SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 (instruction set; default: this machine's).
+off or on), CUDA_HOME (the CUDA toolkit; default: found as torch finds it), TORCH_CUDA_ARCH_LIST
+(GPU archs; default the visible GPUs', else 8.0;9.0), SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512
+(instruction set; default: this machine's).
 """
 
 import importlib.util
@@ -29,12 +30,8 @@ if shutil.which(_compiler) is None:
     sys.exit(f"selfattn: building the extension needs a C++ compiler, but {_compiler!r} is not on PATH "
              "(install g++, or point CXX at one).")
 
-config = _settings.extension_config()  # settles CUDA_HOME before cpp_extension reads it
-if config.with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    import torch
-
-    if not torch.cuda.is_available():  # building on a machine without a GPU
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+# Settles CUDA_HOME and TORCH_CUDA_ARCH_LIST before cpp_extension reads them.
+config = _settings.extension_config()
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -52,7 +49,9 @@ class BuildExt(BuildExtension):
 
 
 print(f"selfattn: building {'C++ and CUDA' if config.with_cuda else 'C++ (no CUDA)'} sources, "
-      f"CPU instruction set {config.cpu_capability}")
+      f"CPU instruction set {config.cpu_capability}"
+      + (f", CUDA toolkit {os.environ['CUDA_HOME']}, GPU archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+         if config.with_cuda else ""))
 
 setup(
     packages=find_packages(include=["selfattn", "selfattn.*"]),

@@ -9,11 +9,12 @@ imports nothing from selfattn and does not import ``torch.utils.cpp_extension``,
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import os
 import re
 import shutil
-import sys
-from dataclasses import dataclass, field
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,9 +33,18 @@ CAPABILITY_FLAGS = {
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
 }
 
+# The toolkit torch.utils.cpp_extension falls back on when neither CUDA_HOME nor nvcc says.
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
+# What ATen/cuda/CUDAContextLight.h includes besides the CUDA runtime. Toolkits may ship these
+# libraries' headers apart; the CUDA build of torch brings them in its nvidia-* pip packages.
+CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h")
+# GPU architectures to compile for when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible:
+# A100 and H100.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
 
 # ---------------------------------------------------------------------------------------------
-# Settings
+# CPU
 
 
 def host_cpu_capability() -> str:
@@ -65,53 +75,100 @@ def build_cpu_capability() -> str:
     return wanted
 
 
-def cuda_toolkit_root() -> str | None:
-    """The CUDA toolkit folder (the one whose lib64/ holds libcudart), or None.
+# ---------------------------------------------------------------------------------------------
+# CUDA
 
-    torch guesses CUDA_HOME from the nvcc on PATH; where that nvcc is a wrapper script
-    (as in /usr/local/bin here) the guess lands on the wrong folder, so look properly.
+
+def is_cuda_toolkit(root: str | Path) -> bool:
+    """Whether a folder is a CUDA toolkit's root: nvcc and the runtime's headers."""
+    return (Path(root) / "bin" / "nvcc").is_file() and (Path(root) / "include" / "cuda_runtime.h").is_file()
+
+
+def nvcc_toolkit_root(nvcc: str) -> str | None:
+    """The toolkit an nvcc belongs to, as nvcc itself reports it: its dry run prints the TOP
+    folder it takes its headers and tools from. Works for a wrapper script outside the toolkit."""
+    try:
+        result = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return str(Path(line[len("#$ TOP="):].strip()).resolve())
+    return None
+
+
+def cuda_toolkit_root() -> str | None:
+    """The CUDA toolkit to build with, or None.
+
+    Looked for where torch.utils.cpp_extension looks, in its order: CUDA_HOME or CUDA_PATH (an
+    explicit choice: used or nothing), the nvcc on PATH, /usr/local/cuda. torch takes the folder
+    above nvcc's; here symlinks are resolved first, and an nvcc that is not inside a toolkit (a
+    wrapper script, say) is asked where its toolkit is.
     """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit if is_cuda_toolkit(explicit) else None
     nvcc = shutil.which("nvcc")
     if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-        try:  # a wrapper script that execs the real nvcc: follow the path it names
-            text = Path(nvcc).read_text(errors="ignore")[:4096]
-            for match in re.findall(r"(/\S+)/bin/nvcc", text):
-                candidates.append(match)
-        except OSError:
-            pass
-    for root in candidates:
-        if root and (Path(root) / "bin" / "nvcc").exists() and glob.glob(f"{root}/lib*/libcudart.so*"):
+        root = str(Path(nvcc).resolve().parent.parent)
+        if is_cuda_toolkit(root):
             return root
-    return None
+        root = nvcc_toolkit_root(nvcc)
+        if root and is_cuda_toolkit(root):
+            return root
+    return DEFAULT_CUDA_HOME if is_cuda_toolkit(DEFAULT_CUDA_HOME) else None
+
+
+def cuda_library_include_dirs(toolkit: str) -> list[str]:
+    """Folders with the CUDA library headers torch's CUDA headers need and the toolkit lacks,
+    found in the file lists of the installed NVIDIA pip packages."""
+    missing = {h for h in CUDA_LIBRARY_HEADERS if not (Path(toolkit) / "include" / h).is_file()}
+    dirs: list[str] = []
+    for dist in importlib.metadata.distributions():
+        if not missing:
+            break
+        if not (dist.metadata["Name"] or "").lower().startswith("nvidia"):
+            continue
+        for file in dist.files or ():
+            if file.name in missing and file.parent.name == "include":
+                missing.discard(file.name)
+                folder = str(Path(dist.locate_file(file)).parent)
+                if folder not in dirs:
+                    dirs.append(folder)
+    return sorted(dirs)
 
 
 def want_cuda() -> bool:
     """Build the CUDA sources when torch is a CUDA build and a CUDA toolkit is present
     (no GPU needed); SELFATTN_CUDA=0 or 1 forces the choice."""
     forced = os.environ.get("SELFATTN_CUDA")
-    has_sources = bool(glob.glob(str(CSRC / "cuda" / "*.cu")))
     if forced == "0":
         return False
-    possible = torch.version.cuda is not None and cuda_toolkit_root() is not None and has_sources
+    has_sources = bool(glob.glob(str(CSRC / "cuda" / "*.cu")))
+    possible = torch.version.cuda is not None and has_sources and cuda_toolkit_root() is not None
     if forced == "1" and not possible:
+        explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        toolkit = (f"CUDA_HOME={explicit} lacks bin/nvcc or include/cuda_runtime.h" if explicit else
+                   f"none on PATH or in {DEFAULT_CUDA_HOME}; set CUDA_HOME")
         raise RuntimeError(
             "SELFATTN_CUDA=1, but a CUDA build needs a CUDA build of torch "
-            f"(this one: {torch.__version__}), nvcc with its toolkit, and csrc/cuda/*.cu")
+            f"(this one: {torch.__version__}), a CUDA toolkit ({toolkit}), and csrc/cuda/*.cu")
     return possible
 
 
-def _cuda_include_dirs() -> list[str]:
-    # ATen/cuda/CUDAContext.h includes cusparse.h; some toolkits lack it, while the pip CUDA
-    # packages that come with the CUDA build of torch carry it.
-    dirs = []
-    for base in sys.path:
-        for sub in ("nvidia/cu13/include", "nvidia/cusparse/include", "nvidia/cuda_runtime/include"):
-            path = Path(base) / sub
-            if (path / "cusparse.h").exists():
-                dirs.append(str(path))
-    return dirs[:1]
+def cuda_arch_list() -> str:
+    """The GPU architectures to compile for, spelled as TORCH_CUDA_ARCH_LIST: that variable, or
+    the visible GPUs' (as torch would pick), or DEFAULT_CUDA_ARCHS on a machine without one."""
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if wanted and wanted != "native":
+        return wanted
+    visible = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(visible[:-1] + [visible[-1] + "+PTX"]) if visible else DEFAULT_CUDA_ARCHS
+
+
+# ---------------------------------------------------------------------------------------------
+# The library
 
 
 def torch_version_tag() -> str:
@@ -127,18 +184,22 @@ class ExtensionConfig:
     include_dirs: list[str]
     with_cuda: bool
     cpu_capability: str
-    build_info: str = field(default="")
+    build_info: str
 
 
 def extension_config() -> ExtensionConfig:
-    """Sources and flags of the C++ library, for setup.py and the JIT build alike."""
+    """Sources and flags of the C++ library, for setup.py and the JIT build alike. Sets CUDA_HOME
+    and TORCH_CUDA_ARCH_LIST for torch.utils.cpp_extension when they are unset."""
     with_cuda = want_cuda()
-    if with_cuda and not os.environ.get("CUDA_HOME"):
-        os.environ["CUDA_HOME"] = cuda_toolkit_root()  # before torch.utils.cpp_extension reads it
     capability = build_cpu_capability()
+    include_dirs = []
     # Passed unquoted through the shell and stringized in selfattn.cpp: no quotes, spaces or ';'.
-    info = (f"torch:{torch.__version__},cpu:{capability},"
-            f"cuda:{torch.version.cuda if with_cuda else 'none'}")
+    info = f"torch:{torch.__version__},cpu:{capability},cuda:{torch.version.cuda if with_cuda else 'none'}"
+    if with_cuda:
+        toolkit = cuda_toolkit_root()
+        os.environ.setdefault("CUDA_HOME", toolkit)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+        include_dirs = cuda_library_include_dirs(toolkit)
     sources = sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
     if with_cuda:  # the kernels (.cu) and their host side (.cpp: tensors, dispatch)
         sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu"))) + sorted(glob.glob(str(CSRC / "cuda" / "*.cpp")))
@@ -155,7 +216,7 @@ def extension_config() -> ExtensionConfig:
         nvcc_flags=nvcc,
         # at::parallel_for runs on one thread, silently, without OpenMP.
         link_flags=["-fopenmp"],
-        include_dirs=_cuda_include_dirs() if with_cuda else [],
+        include_dirs=include_dirs,
         with_cuda=with_cuda,
         cpu_capability=capability,
         build_info=info,
