@@ -32,6 +32,9 @@ from . import _settings
 # (loading a library built against another torch fails with an undefined-symbol error).
 BUILD_MARKER = b"selfattn-build-info:"
 
+# How far the CUDA kernels have been checked; to change once scripts/gpu_check.sh has run them.
+CUDA_STATUS = "tested in the CPU emulation; not yet run on a GPU"
+
 
 @dataclass(frozen=True)
 class BuildInfo:
@@ -42,11 +45,22 @@ class BuildInfo:
     torch: str
     cpu_capability: str
     cuda: str | None
+    cuda_archs: str | None = None  # as TORCH_CUDA_ARCH_LIST, separated by "/"
 
     def __str__(self) -> str:
-        cuda = f"CUDA {self.cuda}" if self.cuda else "no CUDA"
-        return (f"selfattn {self.kind} build, torch {self.torch}, CPU {self.cpu_capability}, {cuda}: "
-                f"{self.path}")
+        if self.cuda:
+            archs = ", ".join(_arch_name(a) for a in (self.cuda_archs or "?").split("/"))
+            cuda = f"CUDA {self.cuda} kernels compiled for {archs}, {CUDA_STATUS}"
+        else:
+            cuda = "no CUDA"
+        return f"selfattn {self.kind} build, torch {self.torch}, CPU {self.cpu_capability}, {cuda}: {self.path}"
+
+
+def _arch_name(arch: str) -> str:
+    """8.0 -> sm_80, 9.0+PTX -> sm_90+PTX; named archs (Hopper) as they are."""
+    number, plus, ptx = arch.partition("+")
+    major, dot, minor = number.partition(".")
+    return f"sm_{major}{minor}{plus}{ptx}" if dot and major.isdigit() else arch
 
 
 _loaded: BuildInfo | None = None
@@ -66,7 +80,8 @@ def read_build_info(library: str, kind: str) -> BuildInfo | None:
     fields = dict(item.split(":", 1) for item in text.strip().split(",") if ":" in item)
     cuda = fields.get("cuda", "none")
     return BuildInfo(kind=kind, path=library, torch=fields.get("torch", "?"),
-                     cpu_capability=fields.get("cpu", "?"), cuda=None if cuda == "none" else cuda)
+                     cpu_capability=fields.get("cpu", "?"), cuda=None if cuda == "none" else cuda,
+                     cuda_archs=fields.get("archs"))
 
 
 def _check_compatible(info: BuildInfo) -> None:

@@ -200,6 +200,7 @@ def extension_config() -> ExtensionConfig:
         os.environ.setdefault("CUDA_HOME", toolkit)
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
         include_dirs = cuda_library_include_dirs(toolkit)
+        info += ",archs:" + re.sub(r"[;\s]+", "/", os.environ["TORCH_CUDA_ARCH_LIST"])
     sources = sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
     if with_cuda:  # the kernels (.cu) and their host side (.cpp: tensors, dispatch)
         sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu"))) + sorted(glob.glob(str(CSRC / "cuda" / "*.cpp")))

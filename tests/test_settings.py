@@ -95,3 +95,12 @@ def test_arch_list_defaults(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 0)][i])
     assert _settings.cuda_arch_list() == "8.0;9.0+PTX"
+
+
+def test_cuda_build_records_its_archs(monkeypatch):
+    if not _settings.want_cuda():
+        pytest.skip("no CUDA build possible here")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME") or _settings.cuda_toolkit_root())
+    config = _settings.extension_config()
+    assert config.with_cuda and config.build_info.endswith(",archs:8.0/9.0")
