@@ -6,7 +6,7 @@ Sources and flags come from selfattn/_settings.py, which the JIT build uses too.
 Environment: MAX_JOBS (parallel compile jobs), SELFATTN_CUDA=0|1 (force the CUDA sources
 off or on), CUDA_HOME (the CUDA toolkit; default: found as torch finds it), TORCH_CUDA_ARCH_LIST
 (GPU archs; default the visible GPUs', else 8.0;9.0), SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512
-(instruction set; default: this machine's).
+(instruction set; default: this machine's), SELFATTN_SANITIZE=1 (CPU only, ASan and UBSan).
 """
 
 import importlib.util
@@ -45,13 +45,15 @@ class BuildExt(BuildExtension):
     def finalize_options(self):
         super().finalize_options()
         tag = f"{sys.implementation.cache_tag}-torch{_settings.torch_version_tag()}"
-        self.build_temp = str(ROOT / "build" / f"temp-{tag}-{'cuda' if config.with_cuda else 'cpu'}")
+        kind = ("cuda" if config.with_cuda else "cpu") + ("-sanitize" if config.sanitize else "")
+        self.build_temp = str(ROOT / "build" / f"temp-{tag}-{kind}")
 
 
 print(f"selfattn: building {'C++ and CUDA' if config.with_cuda else 'C++ (no CUDA)'} sources, "
       f"CPU instruction set {config.cpu_capability}"
       + (f", CUDA toolkit {os.environ['CUDA_HOME']}, GPU archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
-         if config.with_cuda else ""))
+         if config.with_cuda else "")
+      + (", with ASan and UBSan" if config.sanitize else ""))
 
 setup(
     packages=find_packages(include=["selfattn", "selfattn.*"]),

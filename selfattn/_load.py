@@ -15,6 +15,7 @@ decides which, once; ``selfattn.build_info()`` says which it was.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import mmap
@@ -46,6 +47,7 @@ class BuildInfo:
     cpu_capability: str
     cuda: str | None
     cuda_archs: str | None = None  # as TORCH_CUDA_ARCH_LIST, separated by "/"
+    sanitize: str | None = None  # the sanitizers compiled in, e.g. "address+undefined"
 
     def __str__(self) -> str:
         if self.cuda:
@@ -53,7 +55,9 @@ class BuildInfo:
             cuda = f"CUDA {self.cuda} kernels compiled for {archs}, {CUDA_STATUS}"
         else:
             cuda = "no CUDA"
-        return f"selfattn {self.kind} build, torch {self.torch}, CPU {self.cpu_capability}, {cuda}: {self.path}"
+        sanitize = f", sanitizers {self.sanitize}" if self.sanitize else ""
+        return (f"selfattn {self.kind} build, torch {self.torch}, CPU {self.cpu_capability}{sanitize}, "
+                f"{cuda}: {self.path}")
 
 
 def _arch_name(arch: str) -> str:
@@ -81,7 +85,7 @@ def read_build_info(library: str, kind: str) -> BuildInfo | None:
     cuda = fields.get("cuda", "none")
     return BuildInfo(kind=kind, path=library, torch=fields.get("torch", "?"),
                      cpu_capability=fields.get("cpu", "?"), cuda=None if cuda == "none" else cuda,
-                     cuda_archs=fields.get("archs"))
+                     cuda_archs=fields.get("archs"), sanitize=fields.get("sanitize"))
 
 
 def _check_compatible(info: BuildInfo) -> None:
@@ -99,10 +103,21 @@ def _check_compatible(info: BuildInfo) -> None:
             f"(it has {have}); rebuild it here, or build with SELFATTN_CPU_CAPABILITY={have}.")
 
 
+def _check_sanitizer_runtime() -> None:
+    # Python is not built with the sanitizers, so their runtime must be loaded before anything
+    # else; a library that needs it aborts the process on loading otherwise.
+    if not hasattr(ctypes.CDLL(None), "__asan_init"):
+        raise ImportError(
+            "selfattn: this is a sanitizer build (SELFATTN_SANITIZE=1); run Python with "
+            "LD_PRELOAD=$(gcc -print-file-name=libasan.so) (scripts/sanitize_tests.sh does).")
+
+
 def _load_compiled(spec) -> BuildInfo:
     info = read_build_info(spec.origin, "compiled") or BuildInfo(
         "compiled", spec.origin, "?", "?", None)
     _check_compatible(info)
+    if info.sanitize:
+        _check_sanitizer_runtime()
     try:
         importlib.import_module("selfattn._C")
     except ImportError as error:
@@ -133,13 +148,15 @@ def _load_jit(reason: str) -> BuildInfo:
         raise ImportError(f"selfattn: {reason}, and building csrc/ needs a C++ compiler, but "
                           f"{compiler!r} is not on PATH (install g++, or set CXX).")
     config = _settings.extension_config()  # before cpp_extension is imported: it reads CUDA_HOME
+    if config.sanitize:
+        _check_sanitizer_runtime()
     from torch.utils import cpp_extension
 
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError as error:
         raise ImportError(f"selfattn: {reason}, and the JIT build needs ninja: `pip install ninja`.") from error
-    name = f"selfattn_jit_{_settings.torch_version_tag()}_{config.cpu_capability.lower()}" + ("_cuda" if config.with_cuda else "")
+    name = f"selfattn_jit_{_settings.torch_version_tag()}_{config.variant}"
     build_dir = _jit_build_directory(name)
     verbose = os.environ.get("SELFATTN_VERBOSE") == "1"
     print(f"selfattn: {reason}; JIT-building csrc/ with ninja in {build_dir} "

@@ -33,6 +33,11 @@ CAPABILITY_FLAGS = {
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
 }
 
+# SELFATTN_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer, stopping at the first
+# report. vptr is off because torch is not built with it (its type info would be reported).
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-sanitize=vptr",
+                  "-fno-omit-frame-pointer", "-g"]
+
 # The toolkit torch.utils.cpp_extension falls back on when neither CUDA_HOME nor nvcc says.
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 # What ATen/cuda/CUDAContextLight.h includes besides the CUDA runtime. Toolkits may ship these
@@ -73,6 +78,10 @@ def build_cpu_capability() -> str:
     if wanted not in CAPABILITIES:
         raise ValueError(f"SELFATTN_CPU_CAPABILITY must be one of {', '.join(CAPABILITIES)}, got {wanted!r}")
     return wanted
+
+
+def want_sanitize() -> bool:
+    return os.environ.get("SELFATTN_SANITIZE") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,9 +150,11 @@ def cuda_library_include_dirs(toolkit: str) -> list[str]:
 
 def want_cuda() -> bool:
     """Build the CUDA sources when torch is a CUDA build and a CUDA toolkit is present
-    (no GPU needed); SELFATTN_CUDA=0 or 1 forces the choice."""
+    (no GPU needed); SELFATTN_CUDA=0 or 1 forces the choice. Sanitizer builds are CPU only."""
     forced = os.environ.get("SELFATTN_CUDA")
-    if forced == "0":
+    if forced == "1" and want_sanitize():
+        raise RuntimeError("SELFATTN_SANITIZE=1 builds the CPU library only; unset SELFATTN_CUDA=1")
+    if forced == "0" or want_sanitize():
         return False
     has_sources = bool(glob.glob(str(CSRC / "cuda" / "*.cu")))
     possible = torch.version.cuda is not None and has_sources and cuda_toolkit_root() is not None
@@ -183,14 +194,21 @@ class ExtensionConfig:
     link_flags: list[str]
     include_dirs: list[str]
     with_cuda: bool
+    sanitize: bool
     cpu_capability: str
     build_info: str
+
+    @property
+    def variant(self) -> str:
+        """What sets builds apart beyond the torch version: names their JIT build folders."""
+        return self.cpu_capability.lower() + ("_cuda" if self.with_cuda else "") + ("_sanitize" if self.sanitize else "")
 
 
 def extension_config() -> ExtensionConfig:
     """Sources and flags of the C++ library, for setup.py and the JIT build alike. Sets CUDA_HOME
     and TORCH_CUDA_ARCH_LIST for torch.utils.cpp_extension when they are unset."""
     with_cuda = want_cuda()
+    sanitize = want_sanitize()
     capability = build_cpu_capability()
     include_dirs = []
     # Passed unquoted through the shell and stringized in selfattn.cpp: no quotes, spaces or ';'.
@@ -201,11 +219,15 @@ def extension_config() -> ExtensionConfig:
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
         include_dirs = cuda_library_include_dirs(toolkit)
         info += ",archs:" + re.sub(r"[;\s]+", "/", os.environ["TORCH_CUDA_ARCH_LIST"])
+    if sanitize:
+        info += ",sanitize:address+undefined"
     sources = sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
     if with_cuda:  # the kernels (.cu) and their host side (.cpp: tensors, dispatch)
         sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu"))) + sorted(glob.glob(str(CSRC / "cuda" / "*.cpp")))
     cuda_define = ["-DSELFATTN_WITH_CUDA"] if with_cuda else []
-    cxx = ["-O3", "-fopenmp"] + CAPABILITY_FLAGS[capability] + [f"-DSELFATTN_BUILD_INFO={info}"] + cuda_define
+    sanitize_flags = SANITIZE_FLAGS if sanitize else []
+    cxx = (["-O3", "-fopenmp"] + CAPABILITY_FLAGS[capability] + [f"-DSELFATTN_BUILD_INFO={info}"]
+           + cuda_define + sanitize_flags)
     # No -std here: torch's cpp_extension adds the standard its headers need (C++20 from torch
     # 2.10 on), and only when no -std is given; a fixed -std=c++17 breaks those headers.
     # No SELFATTN_BUILD_INFO either (only selfattn.cpp reads it): nvcc splits -D values at
@@ -216,9 +238,10 @@ def extension_config() -> ExtensionConfig:
         cxx_flags=cxx,
         nvcc_flags=nvcc,
         # at::parallel_for runs on one thread, silently, without OpenMP.
-        link_flags=["-fopenmp"],
+        link_flags=["-fopenmp"] + sanitize_flags,
         include_dirs=include_dirs,
         with_cuda=with_cuda,
+        sanitize=sanitize,
         cpu_capability=capability,
         build_info=info,
     )

@@ -42,10 +42,11 @@ def test_build_info_says_how_far_the_cuda_kernels_are_tested(tmp_path):
     fake = tmp_path / "_C.so"
     fake.write_bytes(_load.BUILD_MARKER + b"torch:2.9.0,cpu:AVX2,cuda:13.0,archs:8.0/9.0+PTX\0")
     info = _load.read_build_info(str(fake), "compiled")
-    assert (info.cuda, info.cuda_archs) == ("13.0", "8.0/9.0+PTX")
+    assert (info.cuda, info.cuda_archs, info.sanitize) == ("13.0", "8.0/9.0+PTX", None)
     assert ("CUDA 13.0 kernels compiled for sm_80, sm_90+PTX, tested in the CPU emulation; "
             "not yet run on a GPU") in str(info)
-    assert "AVX2, no CUDA:" in str(_load.BuildInfo("jit", "x.so", "2.9.0", "AVX2", None))
+    cpu = _load.BuildInfo("jit", "x.so", "2.9.0", "AVX2", None, sanitize="address+undefined")
+    assert "sanitizers address+undefined, no CUDA" in str(cpu)
 
 
 def test_library_built_for_a_missing_instruction_set_is_reported(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """Build settings (selfattn/_settings.py): where the CUDA toolkit and the CUDA library headers are
-found, the GPU archs. No compiling: fake toolkits in tmp_path."""
+found, the GPU archs, the sanitizer build. No compiling: fake toolkits in tmp_path."""
 
 import importlib.metadata
 import os
@@ -97,10 +97,26 @@ def test_arch_list_defaults(monkeypatch):
     assert _settings.cuda_arch_list() == "8.0;9.0+PTX"
 
 
+def test_sanitizer_build_is_cpu_only_with_its_flags(monkeypatch):
+    monkeypatch.setenv("SELFATTN_SANITIZE", "1")
+    monkeypatch.delenv("SELFATTN_CUDA", raising=False)
+    config = _settings.extension_config()
+    assert not config.with_cuda and config.sanitize
+    for flags in (config.cxx_flags, config.link_flags):
+        assert "-fsanitize=address,undefined" in flags and "-fno-sanitize-recover=all" in flags
+    assert config.build_info.endswith(",cuda:none,sanitize:address+undefined")
+    assert config.variant.endswith("_sanitize")
+    monkeypatch.setenv("SELFATTN_CUDA", "1")
+    with pytest.raises(RuntimeError, match="CPU library only"):
+        _settings.extension_config()
+
+
 def test_cuda_build_records_its_archs(monkeypatch):
+    monkeypatch.delenv("SELFATTN_SANITIZE", raising=False)
     if not _settings.want_cuda():
         pytest.skip("no CUDA build possible here")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME") or _settings.cuda_toolkit_root())
     config = _settings.extension_config()
     assert config.with_cuda and config.build_info.endswith(",archs:8.0/9.0")
+    assert not any("sanitize" in flag for flag in config.cxx_flags)
