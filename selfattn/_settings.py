@@ -88,9 +88,15 @@ def want_sanitize() -> bool:
 # CUDA
 
 
+def toolkit_include_dirs(root: str | Path) -> list[Path]:
+    """Where a toolkit keeps its headers: include/, or only targets/<platform>/include/ (conda)."""
+    return [Path(root) / "include"] + sorted(Path(root).glob("targets/*/include"))
+
+
 def is_cuda_toolkit(root: str | Path) -> bool:
     """Whether a folder is a CUDA toolkit's root: nvcc and the runtime's headers."""
-    return (Path(root) / "bin" / "nvcc").is_file() and (Path(root) / "include" / "cuda_runtime.h").is_file()
+    return (Path(root) / "bin" / "nvcc").is_file() and any(
+        (d / "cuda_runtime.h").is_file() for d in toolkit_include_dirs(root))
 
 
 def nvcc_toolkit_root(nvcc: str) -> str | None:
@@ -132,7 +138,8 @@ def cuda_toolkit_root() -> str | None:
 def cuda_library_include_dirs(toolkit: str) -> list[str]:
     """Folders with the CUDA library headers torch's CUDA headers need and the toolkit lacks,
     found in the file lists of the installed NVIDIA pip packages."""
-    missing = {h for h in CUDA_LIBRARY_HEADERS if not (Path(toolkit) / "include" / h).is_file()}
+    own = toolkit_include_dirs(toolkit)
+    missing = {h for h in CUDA_LIBRARY_HEADERS if not any((d / h).is_file() for d in own)}
     dirs: list[str] = []
     for dist in importlib.metadata.distributions():
         if not missing:
@@ -160,7 +167,7 @@ def want_cuda() -> bool:
     possible = torch.version.cuda is not None and has_sources and cuda_toolkit_root() is not None
     if forced == "1" and not possible:
         explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-        toolkit = (f"CUDA_HOME={explicit} lacks bin/nvcc or include/cuda_runtime.h" if explicit else
+        toolkit = (f"CUDA_HOME={explicit} lacks bin/nvcc or cuda_runtime.h" if explicit else
                    f"none on PATH or in {DEFAULT_CUDA_HOME}; set CUDA_HOME")
         raise RuntimeError(
             "SELFATTN_CUDA=1, but a CUDA build needs a CUDA build of torch "

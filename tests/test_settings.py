@@ -57,6 +57,14 @@ def test_nvcc_wrapper_outside_a_toolkit_is_asked_where_its_toolkit_is(no_cuda_en
     assert _settings.cuda_toolkit_root() == str(toolkit.resolve())
 
 
+def test_toolkit_with_headers_only_under_targets(no_cuda_env, monkeypatch, tmp_path):
+    toolkit = fake_toolkit(tmp_path / "conda")
+    (toolkit / "targets" / "x86_64-linux").mkdir(parents=True)
+    (toolkit / "include").rename(toolkit / "targets" / "x86_64-linux" / "include")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert _settings.cuda_toolkit_root() == str(toolkit)
+
+
 def test_default_toolkit_and_none(no_cuda_env, monkeypatch, tmp_path):
     assert _settings.cuda_toolkit_root() is None
     toolkit = fake_toolkit(tmp_path / "cuda")
