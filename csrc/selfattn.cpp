@@ -12,9 +12,10 @@
 #define SELFATTN_STRINGIZE(...) SELFATTN_STRINGIZE_(__VA_ARGS__)
 
 extern "C" {
-// How this library was built (torch version, CPU instruction set, CUDA), set by
-// selfattn/_build.py. The loader finds it in the file's bytes before loading the library,
-// so a build for another torch is reported in words rather than as an undefined symbol.
+// How this library was built (torch version, CPU instruction set, CUDA and its GPU archs,
+// sanitizers), set by selfattn/_settings.py. The loader finds it in the file's bytes before
+// loading the library, so a build for another torch is reported in words rather than as an
+// undefined symbol.
 __attribute__((used)) const char selfattn_build_info[] =
     "selfattn-build-info:" SELFATTN_STRINGIZE(SELFATTN_BUILD_INFO);
 

@@ -6,16 +6,16 @@
     selfattn.reference.SelfAttention(...)                           # the tutorial's five steps, literally
 """
 
-from . import _build
+from . import _load
 
-_build_info = _build.load()
+_build_info = _load.load()
 
 from . import reference  # noqa: E402
 from .modules import SelfAttention  # noqa: E402
 from .ops import attention, self_attention  # noqa: E402
 
 
-def build_info() -> _build.BuildInfo:
+def build_info() -> _load.BuildInfo:
     """Which build of the C++ library this process loaded (compiled or jit), and how it was built."""
     return _build_info
 
