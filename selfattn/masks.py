@@ -59,9 +59,7 @@ def window_sides(window) -> Tuple[int, int]:
     for side, name in ((left, "left"), (right, "right")):
         if isinstance(side, bool) or not isinstance(side, int):
             raise TypeError(f"selfattn: window's {name} side must be an int, got {type(side).__name__}")
-        if side < -1:
-            raise ValueError(f"selfattn: window's {name} side must be >= -1 (-1: unbounded), got {side}")
-    return left, right
+    return left, right  # (the op checks the values)
 
 
 def _bias_alignment(bias: CausalBias, nq: int, nk: int) -> str:

@@ -48,8 +48,18 @@ def attn_fwd(q_shape=(2, 2, 5, 8), k_shape=(2, 2, 6, 8), v_shape=(2, 2, 6, 4), d
     return make
 
 
-def attention_public(q, k, v, causal, scale):
-    return selfattn.attention(q, k, v, causal=causal, scale=scale)
+def attention_public(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1, diagonal_offset=0):
+    assert diagonal_offset == 0, "the public function sets the offset from causal's alignment"
+    return selfattn.attention(q, k, v, attn_mask, causal=causal, scale=scale, enable_gqa=True,
+                              window=(window_left, window_right))
+
+
+def masked(mask: Callable, window=(-1, -1), heads_kv=2):
+    """attention_fwd's arguments on (2, 2, 5, 8) x (2, heads_kv, 6, 8) with mask(device) and a window."""
+    def make(device):
+        q, k, v = randn(2, 2, 5, 8, device=device), randn(2, heads_kv, 6, 8, device=device), randn(2, heads_kv, 6, 4, device=device)
+        return (q, k, v, False, 0.3, mask(device), *window, 0)
+    return make
 
 
 def attn_bwd(change: Callable):
@@ -86,6 +96,26 @@ ATTENTION = [
          r"v must be on the device of q \((cpu|cuda:0)\), got meta", attention_public, mixes_devices=True),
     Case("scale nan", "attention_fwd", attn_fwd(scale=float("nan")), ValueError, r"scale must be finite, got nan",
          attention_public),
+    Case("mask shape", "attention_fwd", masked(lambda d: torch.ones(2, 2, 5, 7, dtype=torch.bool, device=d)), ValueError,
+         r"attn_mask must be 4-D and broadcast to \(B, Hq, Nq, Nk\) = \[2, 2, 5, 6\], got shape \[2, 2, 5, 7\]",
+         attention_public),
+    Case("mask 5-D", "attention_fwd", masked(lambda d: torch.ones(1, 2, 2, 5, 6, dtype=torch.bool, device=d)), ValueError,
+         r"attn_mask must be 4-D and broadcast to .* got shape \[1, 2, 2, 5, 6\]", attention_public),
+    Case("mask integer", "attention_fwd", masked(lambda d: torch.ones(2, 1, 1, 6, dtype=torch.int32, device=d)), TypeError,
+         r"attn_mask must be bool, float32 or the dtype of q \(torch.float32\), got torch.int32", attention_public),
+    Case("mask float64 for float32", "attention_fwd", masked(lambda d: torch.zeros(1, 1, 5, 6, dtype=f64, device=d)),
+         TypeError, r"attn_mask must be bool, float32 or the dtype of q \(torch.float32\), got torch.float64",
+         attention_public),
+    Case("mask on meta", "attention_fwd", masked(lambda d: torch.ones(2, 1, 1, 6, dtype=torch.bool, device="meta")),
+         ValueError, r"attn_mask must be on the device of q \((cpu|cuda:0)\), got meta", attention_public,
+         mixes_devices=True),
+    Case("gqa heads", "attention_fwd", masked(lambda d: None, heads_kv=3), ValueError,
+         r"k must have a number of heads that divides q's \(grouped-query attention\), got 3 for k and 2 for q",
+         attention_public),
+    Case("window_left -2", "attention_fwd", masked(lambda d: None, window=(-2, 0)), ValueError,
+         r"window_left must be >= -1 \(-1: unbounded\), got -2", attention_public),
+    Case("window_right -3", "attention_fwd", masked(lambda d: None, window=(4, -3)), ValueError,
+         r"window_right must be >= -1 \(-1: unbounded\), got -3", attention_public),
     Case("lse shape", "attention_bwd", attn_bwd(lambda a: {"lse": a["lse"][:, :, :4]}), ValueError,
          r"lse must have shape \(B, Hq, Nq\) = \[2, 2, 5\], got \[2, 2, 4\]"),
     Case("lse heads", "attention_bwd", attn_bwd(lambda a: {"lse": a["lse"][:, :1]}), ValueError,

@@ -28,6 +28,12 @@ def test_non_tensor_and_bad_flags():
         selfattn.attention(q, k, v, is_causal=True, causal="bottom_right")
     with pytest.raises(ValueError, match=r"must all be 3-D \(B, N, D\) or all 4-D"):
         selfattn.attention(q[0], k, v)
+    with pytest.raises(TypeError, match=r"window must be a pair \(left, right\) of ints, -1 for unbounded, got 4"):
+        selfattn.attention(q, k, v, window=4)
+    with pytest.raises(TypeError, match="window's right side must be an int, got float"):
+        selfattn.attention(q, k, v, window=(4, 1.0))
+    with pytest.raises(TypeError, match="attn_mask must be a tensor, a causal bias or None, got list"):
+        selfattn.attention(q, k, v, [[True]])
 
 
 def test_bad_layer_flags():
