@@ -15,29 +15,10 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, masks
 from .ops import _require_tensor, _resolve_scale
 
 _ops = torch.ops.selfattn
-
-
-def _resolve_causal(causal) -> Tuple[bool, bool]:
-    """(causal, bottom_right) of the public ``causal`` argument."""
-    if causal is True or causal is False:
-        return causal, False
-    if causal == "bottom_right":
-        return True, True
-    raise ValueError(f'selfattn: causal must be True, False or "bottom_right", got {causal!r}')
-
-
-def _resolve_window(window) -> Tuple[int, int]:
-    if window is None:
-        return -1, -1
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or any(isinstance(w, bool) or not isinstance(w, (int, torch.SymInt)) for w in window)):
-        raise TypeError(f"selfattn: window must be None or a (left, right) pair of ints (-1: unbounded), "
-                        f"got {window!r}")
-    return window[0], window[1]
 
 
 def _check_int(value, name: str):
@@ -59,7 +40,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     gives 0). ``max_seqlen_q`` / ``max_seqlen_k`` must be at least every sequence's length.
     Work is proportional to Σ nq_s·nk_s.
 
-    Masks apply within each sequence. ``causal=True`` is top-left aligned, as in
+    Masks apply within each sequence. ``causal=True`` (or "top_left") is top-left aligned, as in
     ``selfattn.attention`` and SDPA: query i of a sequence sees its keys j <= i.
     **FlashAttention's varlen causal is bottom-right** when nq_s != nk_s (query i sees
     j <= i + nk_s - nq_s, the KV-cache alignment): pass ``causal="bottom_right"`` for that.
@@ -76,8 +57,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     host once per call (forward, and again in backward), which waits for the stream, so it cannot
     be captured in a CUDA graph.
     """
-    causal_flag, bottom_right = _resolve_causal(causal)
-    window_left, window_right = _resolve_window(window)
+    alignment = masks.causal_alignment(causal)  # the spellings of selfattn.attention
+    window_left, window_right = masks.window_sides(window)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"selfattn: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
@@ -85,11 +66,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_int(max_seqlen_q, "max_seqlen_q")
     _check_int(max_seqlen_k, "max_seqlen_k")
     if q.dim() == 3 and k.dim() == 3 and q.shape[1] != k.shape[1] and not enable_gqa:
-        raise ValueError(f"selfattn: k has {k.shape[1]} heads and q has {q.shape[1]}: pass enable_gqa=True "
-                         "for grouped-query attention (Hk dividing Hq)")
+        raise ValueError(f"selfattn: q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for "
+                         "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
     scale = _resolve_scale(scale, q.shape[-1] if q.dim() >= 1 else 0)
     out, _ = _ops.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                       causal_flag, scale, window_left, window_right, bottom_right)
+                                       alignment is not None, scale, window_left, window_right,
+                                       alignment == "bottom_right")
     return out
 
 

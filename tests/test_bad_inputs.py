@@ -260,10 +260,12 @@ VARLEN = [
          varlen_public, needs_data=True),
     Case("max_seqlen negative", "varlen_attention_fwd", varlen_fwd(lambda a: {"max_q": -1}), ValueError,
          r"max_seqlen_q must be >= 0, got -1", varlen_public),
+    # The public function refuses a window side < -1 itself (selfattn/masks.py, in its own words, as
+    # selfattn.attention does): no public door.
     Case("varlen window -2", "varlen_attention_fwd", varlen_fwd(lambda a: {"window_left": -2}), ValueError,
-         r"window_left must be >= -1 \(-1: unbounded\), got -2", varlen_public),
+         r"window_left must be >= -1 \(-1: unbounded\), got -2"),
     Case("varlen window right -3", "varlen_attention_fwd", varlen_fwd(lambda a: {"window_right": -3}), ValueError,
-         r"window_right must be >= -1 \(-1: unbounded\), got -3", varlen_public),
+         r"window_right must be >= -1 \(-1: unbounded\), got -3"),
     Case("varlen scale inf", "varlen_attention_fwd", varlen_fwd(lambda a: {"scale": float("inf")}), ValueError,
          r"scale must be finite, got inf", varlen_public),
     Case("varlen lse shape", "varlen_attention_bwd", varlen_bwd(lambda a: {"lse": a["lse"][:, :-1]}), ValueError,

@@ -333,11 +333,12 @@ def test_lse_is_not_differentiable():
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
-    (dict(causal="top_left"), ValueError, r'causal must be True, False or "bottom_right", got \'top_left\''),
-    (dict(causal=1), ValueError, r"causal must be True, False"),
-    (dict(window=3), TypeError, r"window must be None or a \(left, right\) pair of ints"),
-    (dict(window=(1, 2, 3)), TypeError, r"window must be None or a \(left, right\) pair"),
-    (dict(window=(1.0, 2)), TypeError, r"window must be None or a \(left, right\) pair"),
+    (dict(causal="lower_right"), ValueError, r"causal must be False, True, 'top_left' or 'bottom_right'"),
+    (dict(causal=1), ValueError, r"causal must be False, True"),
+    (dict(window=3), TypeError, r"window must be a pair \(left, right\) of ints"),
+    (dict(window=(1, 2, 3)), TypeError, r"window must be a pair \(left, right\) of ints"),
+    (dict(window=(1.0, 2)), TypeError, r"window's left side must be an int, got float"),
+    (dict(window=(0, -2)), ValueError, r"window's right side must be >= -1 \(-1: unbounded\), got -2"),
     (dict(enable_gqa=None), TypeError, r"enable_gqa must be a bool"),
 ])
 def test_public_argument_errors(kwargs, error, message):
@@ -348,7 +349,7 @@ def test_public_argument_errors(kwargs, error, message):
 
 def test_grouped_query_attention_needs_the_flag():
     q, k, v, cu_q, cu_k, max_q, max_k = packed_inputs([3], [4], hq=4, hk=2)
-    with pytest.raises(ValueError, match=r"k has 2 heads and q has 4: pass enable_gqa=True"):
+    with pytest.raises(ValueError, match=r"q has 4 heads and k 2: pass enable_gqa=True"):
         selfattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
     with pytest.raises(TypeError, match=r"max_seqlen_q must be an int, got float"):
         selfattn.attention_varlen(q, k, v, cu_q, cu_k, 3.0, max_k)
