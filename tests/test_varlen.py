@@ -142,6 +142,19 @@ CONFIGS = [
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c[0])
 def test_forward_and_gradients_against_float64(config, dtype):
+    check_against_float64(config, dtype, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[5], CONFIGS[8]], ids=lambda c: c[0])
+def test_cuda_against_float64(config, dtype):
+    check_against_float64(config, dtype, "cuda")
+
+
+def check_against_float64(config, dtype, device):
+    """The kernel on ``device`` against the float64 oracle (on the CPU), with eager PyTorch at
+    ``dtype`` (on the CPU) setting the tolerance."""
     _, causal, window, hq, hk = config
     lengths_q, lengths_k = random_lengths()
     low = packed_inputs(lengths_q, lengths_k, hq, hk, dtype=dtype)
@@ -152,12 +165,12 @@ def test_forward_and_gradients_against_float64(config, dtype):
     kwargs = dict(causal=causal, window=window, enable_gqa=hq != hk)
 
     def kernel(q, k, v):
-        return selfattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+        return selfattn.attention_varlen(q, k, v, cu_q.to(device), cu_k.to(device), max_q, max_k, **kwargs)
 
     def oracle(q, k, v):
         return varlen_oracle(q, k, v, lengths_q, lengths_k, causal, window)[0]
 
-    out, grads = run_or_skip(with_grads, kernel, *low, low_grad_out)
+    out, grads = run_or_skip(with_grads, kernel, *(t.to(device) for t in (*low, low_grad_out)))
     expected, expected_grads = with_grads(oracle, q, k, v, grad_out)
     eager, eager_grads = with_grads(oracle, *low, low_grad_out)
     assert out.dtype == dtype and out.shape == (q.shape[0], hq, v.shape[2])
@@ -167,11 +180,12 @@ def test_forward_and_gradients_against_float64(config, dtype):
 
     # lse from the raw op: the accumulation dtype, -inf exactly where a row sees no key.
     bottom_right = causal == "bottom_right"
-    _, lse = ops.varlen_attention_fwd(*low, cu_q, cu_k, max_q, max_k, bool(causal), 1 / math.sqrt(q.shape[-1]),
-                                      *(window or (-1, -1)), bottom_right)
+    _, lse = ops.varlen_attention_fwd(*(t.to(device) for t in (*low, cu_q, cu_k)), max_q, max_k, bool(causal),
+                                      1 / math.sqrt(q.shape[-1]), *(window or (-1, -1)), bottom_right)
     expected_lse = varlen_oracle(q, k, v, lengths_q, lengths_k, causal, window)[1]
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert lse.shape == (hq, q.shape[0])
+    lse = lse.cpu()
     assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
     finite = torch.isfinite(expected_lse)
     tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 5e-2)
