@@ -81,13 +81,17 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, 
   return s;
 }
 
-void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
-                       const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                       int64_t window_right) {
+void check_window(int64_t window_left, int64_t window_right) {
   TORCH_CHECK_VALUE(window_left >= -1, "selfattn: window_left must be >= -1 (-1: unbounded), got ",
                     window_left);
   TORCH_CHECK_VALUE(window_right >= -1, "selfattn: window_right must be >= -1 (-1: unbounded), got ",
                     window_right);
+}
+
+void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
+                       const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                       int64_t window_right) {
+  check_window(window_left, window_right);
   if (!attn_mask.has_value()) {
     return;
   }
@@ -118,6 +122,79 @@ void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
   check_shape(grad_out, "grad_out", out_shape, "(B, Hq, Nq, Dv)");
   check_shape(out, "out", out_shape, "(B, Hq, Nq, Dv)");
   check_lse(lse, q, "q", {s.batch, s.heads, s.nq}, "(B, Hq, Nq)");
+}
+
+namespace {
+
+// A cu_seqlens argument, all but its values: int32, 1-D with S + 1 >= 1 entries, on q's device.
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(cu.defined(), "selfattn: ", name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "selfattn: ", name, " must be torch.int32, got ",
+                   dtype_name(cu.scalar_type()));
+  TORCH_CHECK_VALUE(cu.device() == q.device(), "selfattn: ", name, " must be on the device of q (",
+                    q.device(), "), got ", cu.device());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, "selfattn: ", name,
+                    " must be 1-D (S + 1,) with S >= 0 sequences, got shape ", cu.sizes());
+}
+
+}  // namespace
+
+VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  check_float_tensor(q, "q");
+  check_float_tensor(k, "k");
+  check_float_tensor(v, "v");
+  check_rank(q, "q", 3, "(Tq, Hq, D)");
+  check_rank(k, "k", 3, "(Tk, Hk, D)");
+  check_rank(v, "v", 3, "(Tk, Hk, Dv)");
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
+  VarlenShape s{q.size(0), k.size(0), q.size(1), k.size(1), q.size(2), v.size(2), 0};
+  TORCH_CHECK_VALUE(s.heads_kv >= 1 ? s.heads % s.heads_kv == 0 : s.heads == 0,
+                    "selfattn: k must have a number of heads that divides q's (grouped-query "
+                    "attention), got ", s.heads_kv, " for k and ", s.heads, " for q");
+  check_shape(k, "k", {s.total_k, s.heads_kv, s.dim}, "(Tk, Hk, D) with D of q");
+  check_shape(v, "v", {s.total_k, s.heads_kv, s.dim_v}, "(Tk, Hk, Dv) with Tk, Hk of k");
+  check_scale(scale);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+  s.num_seqs = cu_seqlens_q.size(0) - 1;
+  check_shape(cu_seqlens_k, "cu_seqlens_k", {s.num_seqs + 1}, "(S + 1,) with S of cu_seqlens_q");
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0, "selfattn: max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK_VALUE(max_seqlen_k >= 0, "selfattn: max_seqlen_k must be >= 0, got ", max_seqlen_k);
+  return s;
+}
+
+void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name,
+                             int64_t total, const char* total_name, int64_t max_seqlen,
+                             const char* max_name) {
+  TORCH_CHECK_VALUE(cu[0] == 0, "selfattn: ", name, " must start at 0, got ", cu[0]);
+  for (int64_t s = 1; s < count; ++s) {
+    const int64_t start = cu[s - 1], end = cu[s];
+    TORCH_CHECK_VALUE(start <= end, "selfattn: ", name, " must be non-decreasing, got ", name, "[", s,
+                      "] = ", end, " < ", name, "[", s - 1, "] = ", start);
+  }
+  TORCH_CHECK_VALUE(cu[count - 1] == total, "selfattn: ", name, " must end at ", total_name,
+                    " = ", total, ", got ", cu[count - 1]);
+  for (int64_t s = 1; s < count; ++s) {
+    const int64_t length = int64_t(cu[s]) - cu[s - 1];
+    TORCH_CHECK_VALUE(length <= max_seqlen, "selfattn: ", max_name, " = ", max_seqlen,
+                      " is less than the length of sequence ", s - 1, " (", name, "[", s, "] - ", name,
+                      "[", s - 1, "] = ", length, ")");
+  }
+}
+
+void check_varlen_grad_inputs(const VarlenShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                              const at::Tensor& out, const at::Tensor& lse) {
+  check_float_tensor(grad_out, "grad_out");
+  check_float_tensor(out, "out");
+  check_like(grad_out, "grad_out", q, "q");
+  check_like(out, "out", q, "q");
+  const std::vector<int64_t> out_shape = {s.total_q, s.heads, s.dim_v};
+  check_shape(grad_out, "grad_out", out_shape, "(Tq, Hq, Dv)");
+  check_shape(out, "out", out_shape, "(Tq, Hq, Dv)");
+  check_lse(lse, q, "q", {s.heads, s.total_q}, "(Hq, Tq)");
 }
 
 LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,

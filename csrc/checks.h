@@ -10,6 +10,8 @@
 //   attention   q (B, Hq, Nq, D)  k (B, Hk, Nk, D)  v (B, Hk, Nk, Dv)   Hk divides Hq
 //               out, grad_out (B, Hq, Nq, Dv)     lse (B, Hq, Nq)
 //               attn_mask: bool or float, 4-D, each dim 1 or that of (B, Hq, Nq, Nk)
+//   varlen      q (Tq, Hq, D)  k (Tk, Hk, D)  v (Tk, Hk, Dv)   Hk divides Hq
+//               cu_seqlens_q, cu_seqlens_k int32 (S + 1,)   out, grad_out (Tq, Hq, Dv)   lse (Hq, Tq)
 //   layer       x (B, N, E)  w_qkv (3M, E)  b_qkv (3M)   M = H·D
 //               qkv (B, N, 3M)  out, grad_out (B, N, M)  lse (B, H, N)
 // lse is float32, or float64 for float64 inputs (accumulate_type).
@@ -31,6 +33,10 @@ struct AttentionShape {
   int64_t batch, heads, heads_kv, nq, nk, dim, dim_v;
 };
 
+struct VarlenShape {
+  int64_t total_q, total_k, heads, heads_kv, dim, dim_v, num_seqs;
+};
+
 struct LayerShape {
   int64_t batch, seq, embed, model, heads, head_dim;
 };
@@ -43,6 +49,26 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, 
 void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
                        const std::optional<at::Tensor>& attn_mask, int64_t window_left,
                        int64_t window_right);
+
+// The window sides of every op that takes a window (-1: unbounded).
+void check_window(int64_t window_left, int64_t window_right);
+
+// q, k, v, cu_seqlens_q/k, max_seqlen_q/k and scale of varlen_attention_fwd: everything that
+// needs no data (the fake kernels make these checks too).
+VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);
+
+// The values of one cu_seqlens (on the host, contiguous, `count` = S + 1 entries): 0 first,
+// non-decreasing, `total` last, no sequence longer than max_seqlen. Only the kernels can make this
+// check: meta and fake tensors carry no data (selfattn/_checks.py has no counterpart).
+void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name,
+                             int64_t total, const char* total_name, int64_t max_seqlen,
+                             const char* max_name);
+
+// The rest of varlen_attention_bwd's arguments, against the shape of q, k and v.
+void check_varlen_grad_inputs(const VarlenShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                              const at::Tensor& out, const at::Tensor& lse);
 
 // The rest of attention_bwd's arguments, against the shape of q, k and v.
 void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,

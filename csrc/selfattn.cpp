@@ -1,5 +1,6 @@
 // Every schema of the selfattn op library, in one place. The kernels live in
-// attention.cpp (attention forward/backward) and self_attention.cpp (the fused layer), and
+// attention.cpp (attention forward/backward), varlen.cpp (packed variable-length sequences) and
+// self_attention.cpp (the fused layer), and
 // every one of them first checks all its arguments (checks.h); fake kernels, which make the
 // same checks, and autograd are registered from Python (selfattn/ops.py, selfattn/_checks.py).
 #include <Python.h>
@@ -44,6 +45,20 @@ TORCH_LIBRARY(selfattn, m) {
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "bool causal, float scale, Tensor? attn_mask=None, int window_left=-1, int window_right=-1, "
       "int diagonal_offset=0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Variable-length (packed) sequences, FlashAttention's layout (varlen.cpp): q (Tq, Hq, D),
+  // k (Tk, Hk, D), v (Tk, Hk, Dv); cu_seqlens_q / cu_seqlens_k int32 (S + 1,), 0 first,
+  // non-decreasing, Tq / Tk last: sequence s is rows cu[s]:cu[s+1]. max_seqlen_q / _k bound every
+  // sequence's length. The band applies within each sequence, offset 0 (top-left) or, with
+  // bottom_right, nk_s - nq_s. out (Tq, Hq, Dv); lse (Hq, Tq), float32 (float64 for float64).
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left=-1, "
+      "int window_right=-1, bool bottom_right=False) -> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
+      "float scale, int window_left=-1, int window_right=-1, bool bottom_right=False) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // x (B, N, E), w_qkv (3M, E) = [W_q; W_k; W_v] in nn.Linear layout, b_qkv (3M) or None.
   // out (B, N, M) heads concatenated; qkv (B, N, 3M) and lse (B, H, N) are kept for backward.
   m.def(

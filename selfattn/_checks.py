@@ -34,6 +34,17 @@ class AttentionShape:
 
 
 @dataclass(frozen=True)
+class VarlenShape:
+    total_q: int
+    total_k: int
+    heads: int
+    heads_kv: int
+    dim: int
+    dim_v: int
+    num_seqs: int
+
+
+@dataclass(frozen=True)
 class LayerShape:
     batch: int
     seq: int
@@ -106,12 +117,16 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Att
     return s
 
 
-def check_mask_inputs(s: AttentionShape, q: Tensor, attn_mask: Optional[Tensor], window_left: int,
-                      window_right: int) -> None:
+def check_window(window_left: int, window_right: int) -> None:
     if window_left < -1:
         raise ValueError(f"selfattn: window_left must be >= -1 (-1: unbounded), got {window_left}")
     if window_right < -1:
         raise ValueError(f"selfattn: window_right must be >= -1 (-1: unbounded), got {window_right}")
+
+
+def check_mask_inputs(s: AttentionShape, q: Tensor, attn_mask: Optional[Tensor], window_left: int,
+                      window_right: int) -> None:
+    check_window(window_left, window_right)
     if attn_mask is None:
         return
     if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
@@ -134,6 +149,60 @@ def check_attention_grad_inputs(s: AttentionShape, q: Tensor, grad_out: Tensor, 
     _check_shape(grad_out, "grad_out", out_shape, "(B, Hq, Nq, Dv)")
     _check_shape(out, "out", out_shape, "(B, Hq, Nq, Dv)")
     _check_lse(lse, q, "q", [s.batch, s.heads, s.nq], "(B, Hq, Nq)")
+
+
+def _check_cu_seqlens(cu: Optional[Tensor], name: str, q: Tensor) -> None:
+    if cu is None:
+        raise ValueError(f"selfattn: {name} must be a tensor, got None")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"selfattn: {name} must be torch.int32, got {cu.dtype}")
+    if cu.device != q.device:
+        raise ValueError(f"selfattn: {name} must be on the device of q ({q.device}), got {cu.device}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"selfattn: {name} must be 1-D (S + 1,) with S >= 0 sequences, got shape {_sizes(cu)}")
+
+
+def check_varlen_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                        max_seqlen_q: int, max_seqlen_k: int, scale: float) -> VarlenShape:
+    """Everything about varlen_attention_fwd's arguments that needs no data. The values of
+    cu_seqlens (0 first, non-decreasing, T last, no sequence longer than max_seqlen) only the
+    kernels check (checks.cpp, check_cu_seqlens_values): fake tensors carry none."""
+    _check_float_tensor(q, "q")
+    _check_float_tensor(k, "k")
+    _check_float_tensor(v, "v")
+    _check_rank(q, "q", 3, "(Tq, Hq, D)")
+    _check_rank(k, "k", 3, "(Tk, Hk, D)")
+    _check_rank(v, "v", 3, "(Tk, Hk, Dv)")
+    _check_like(k, "k", q, "q")
+    _check_like(v, "v", q, "q")
+    total_q, total_k, heads, heads_kv, dim, dim_v = (q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2],
+                                                     v.shape[2])
+    if not (heads % heads_kv == 0 if heads_kv >= 1 else heads == 0):
+        raise ValueError("selfattn: k must have a number of heads that divides q's (grouped-query "
+                         f"attention), got {heads_kv} for k and {heads} for q")
+    _check_shape(k, "k", [total_k, heads_kv, dim], "(Tk, Hk, D) with D of q")
+    _check_shape(v, "v", [total_k, heads_kv, dim_v], "(Tk, Hk, Dv) with Tk, Hk of k")
+    _check_scale(scale)
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q)
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    _check_shape(cu_seqlens_k, "cu_seqlens_k", [num_seqs + 1], "(S + 1,) with S of cu_seqlens_q")
+    if max_seqlen_q < 0:
+        raise ValueError(f"selfattn: max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    if max_seqlen_k < 0:
+        raise ValueError(f"selfattn: max_seqlen_k must be >= 0, got {max_seqlen_k}")
+    return VarlenShape(total_q, total_k, heads, heads_kv, dim, dim_v, num_seqs)
+
+
+def check_varlen_grad_inputs(s: VarlenShape, q: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor) -> None:
+    _check_float_tensor(grad_out, "grad_out")
+    _check_float_tensor(out, "out")
+    _check_like(grad_out, "grad_out", q, "q")
+    _check_like(out, "out", q, "q")
+    out_shape = [s.total_q, s.heads, s.dim_v]
+    _check_shape(grad_out, "grad_out", out_shape, "(Tq, Hq, Dv)")
+    _check_shape(out, "out", out_shape, "(Tq, Hq, Dv)")
+    _check_lse(lse, q, "q", [s.heads, s.total_q], "(Hq, Tq)")
 
 
 def check_layer_inputs(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int,

@@ -5,7 +5,8 @@ The doors: the public function (where it can carry the argument); the raw op
 is among the arguments); the device's C++ kernel called directly (``redispatch``, so a meta
 tensor mixed with CPU ones still reaches the C++ checks); and meta tensors (the fake kernel,
 which torch.compile traces with). The C++ checks (csrc/checks.cpp) and the fake kernels'
-(selfattn/_checks.py) are two definitions: these tests hold them to the same words.
+(selfattn/_checks.py) are two definitions: these tests hold them to the same words. A fault in a
+tensor's values (cu_seqlens) only the kernels can see: no meta door for those.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Case:
     message: str                 # a regex for the distinctive part of the message
     public: Optional[Callable] = None  # op arguments -> the public call that carries them
     mixes_devices: bool = False  # moving every tensor to meta would remove the fault
+    needs_data: bool = False     # a fault in a tensor's values: meta tensors carry none
 
 
 def randn(*shape, dtype=torch.float32, device="cpu"):
@@ -211,7 +213,113 @@ LAYER = [
          r"output_mask must have 3 entries \(grad_x, grad_w, grad_b\), got 4"),
 ]
 
-CASES = ATTENTION + LAYER
+# --- varlen_attention_fwd / varlen_attention_bwd -------------------------------------------------
+
+def cu(*values, device="cpu"):
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def varlen_fwd(change: Callable = lambda a: {}):
+    """q (5, 2, 8), k (9, 2, 8), v (9, 2, 4), two sequences of 2 + 3 queries and 3 + 6 keys,
+    then ``change`` makes one argument bad."""
+    def make(device):
+        args = dict(q=randn(5, 2, 8, device=device), k=randn(9, 2, 8, device=device), v=randn(9, 2, 4, device=device),
+                    cu_q=cu(0, 2, 5, device=device), cu_k=cu(0, 3, 9, device=device), max_q=3, max_k=6,
+                    causal=False, scale=0.3, window_left=-1, window_right=-1, bottom_right=False)
+        args.update(change(args))
+        return tuple(args.values())
+    return make
+
+
+def varlen_public(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left, window_right, bottom_right):
+    return selfattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal="bottom_right" if bottom_right else causal,
+                                     scale=scale, window=(window_left, window_right), enable_gqa=True)
+
+
+def varlen_bwd(change: Callable):
+    """varlen_attention_bwd's arguments from a real forward on varlen_fwd's inputs, then ``change``
+    swaps one of them for a bad one."""
+    def make(device):
+        q, k, v, cu_q, cu_k, *rest = varlen_fwd()(device)
+        out, lse = ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, *rest)
+        args = dict(grad_out=torch.randn_like(out), q=q, k=k, v=v, out=out, lse=lse, cu_q=cu_q, cu_k=cu_k,
+                    max_q=rest[0], max_k=rest[1])
+        args.update(change(args))
+        return (*args.values(), *rest[2:])
+    return make
+
+
+VARLEN = [
+    Case("varlen q 4-D", "varlen_attention_fwd", varlen_fwd(lambda a: {"q": a["q"][None]}), ValueError,
+         r"q must be 3-D \(Tq, Hq, D\), got shape \[1, 5, 2, 8\]", varlen_public),
+    Case("varlen k head dim", "varlen_attention_fwd", varlen_fwd(lambda a: {"k": a["k"][..., :-1]}), ValueError,
+         r"k must have shape \(Tk, Hk, D\) with D of q = \[9, 2, 8\], got \[9, 2, 7\]", varlen_public),
+    Case("varlen v rows", "varlen_attention_fwd", varlen_fwd(lambda a: {"v": a["v"][:-1]}), ValueError,
+         r"v must have shape \(Tk, Hk, Dv\) with Tk, Hk of k = \[9, 2, 4\], got \[8, 2, 4\]", varlen_public),
+    Case("varlen heads do not divide", "varlen_attention_fwd",
+         varlen_fwd(lambda a: {"k": torch.cat([a["k"], a["k"][:, :1]], 1), "v": torch.cat([a["v"], a["v"][:, :1]], 1)}),
+         ValueError, r"k must have a number of heads that divides q's .* got 3 for k and 2 for q", varlen_public),
+    Case("varlen mixed dtypes", "varlen_attention_fwd", varlen_fwd(lambda a: {"v": a["v"].double()}), TypeError,
+         r"v must have the dtype of q \(torch.float32\), got torch.float64", varlen_public),
+    Case("cu_seqlens int64", "varlen_attention_fwd", varlen_fwd(lambda a: {"cu_q": a["cu_q"].long()}), TypeError,
+         r"cu_seqlens_q must be torch.int32, got torch.int64", varlen_public),
+    Case("cu_seqlens float", "varlen_attention_fwd", varlen_fwd(lambda a: {"cu_k": a["cu_k"].float()}), TypeError,
+         r"cu_seqlens_k must be torch.int32, got torch.float32", varlen_public),
+    Case("cu_seqlens 2-D", "varlen_attention_fwd", varlen_fwd(lambda a: {"cu_q": a["cu_q"][None]}), ValueError,
+         r"cu_seqlens_q must be 1-D \(S \+ 1,\) with S >= 0 sequences, got shape \[1, 3\]", varlen_public),
+    Case("cu_seqlens empty", "varlen_attention_fwd", varlen_fwd(lambda a: {"cu_k": a["cu_k"][:0]}), ValueError,
+         r"cu_seqlens_k must be 1-D \(S \+ 1,\) with S >= 0 sequences, got shape \[0\]", varlen_public),
+    Case("cu_seqlens lengths differ", "varlen_attention_fwd",
+         varlen_fwd(lambda a: {"cu_k": cu(0, 9, device=a["k"].device)}), ValueError,
+         r"cu_seqlens_k must have shape \(S \+ 1,\) with S of cu_seqlens_q = \[3\], got \[2\]", varlen_public),
+    Case("cu_seqlens on meta", "varlen_attention_fwd", varlen_fwd(lambda a: {"cu_q": a["cu_q"].to("meta")}),
+         ValueError, r"cu_seqlens_q must be on the device of q \((cpu|cuda:0)\), got meta", varlen_public,
+         mixes_devices=True),
+    Case("cu_seqlens not from 0", "varlen_attention_fwd",
+         varlen_fwd(lambda a: {"cu_q": cu(1, 2, 5, device=a["q"].device)}), ValueError,
+         r"cu_seqlens_q must start at 0, got 1", varlen_public, needs_data=True),
+    Case("cu_seqlens decreasing", "varlen_attention_fwd",
+         varlen_fwd(lambda a: {"cu_k": cu(0, 10, 9, device=a["k"].device), "max_k": 10}), ValueError,
+         r"cu_seqlens_k must be non-decreasing, got cu_seqlens_k\[2\] = 9 < cu_seqlens_k\[1\] = 10", varlen_public,
+         needs_data=True),
+    Case("cu_seqlens last != T", "varlen_attention_fwd",
+         varlen_fwd(lambda a: {"cu_q": cu(0, 2, 4, device=a["q"].device)}), ValueError,
+         r"cu_seqlens_q must end at Tq = q.size\(0\) = 5, got 4", varlen_public, needs_data=True),
+    Case("max_seqlen too small", "varlen_attention_fwd", varlen_fwd(lambda a: {"max_k": 5}), ValueError,
+         r"max_seqlen_k = 5 is less than the length of sequence 1 \(cu_seqlens_k\[2\] - cu_seqlens_k\[1\] = 6\)",
+         varlen_public, needs_data=True),
+    Case("max_seqlen negative", "varlen_attention_fwd", varlen_fwd(lambda a: {"max_q": -1}), ValueError,
+         r"max_seqlen_q must be >= 0, got -1", varlen_public),
+    # The public function refuses a window side < -1 itself (selfattn/masks.py, in its own words, as
+    # selfattn.attention does): no public door.
+    Case("varlen window -2", "varlen_attention_fwd", varlen_fwd(lambda a: {"window_left": -2}), ValueError,
+         r"window_left must be >= -1 \(-1: unbounded\), got -2"),
+    Case("varlen window right -3", "varlen_attention_fwd", varlen_fwd(lambda a: {"window_right": -3}), ValueError,
+         r"window_right must be >= -1 \(-1: unbounded\), got -3"),
+    Case("varlen scale inf", "varlen_attention_fwd", varlen_fwd(lambda a: {"scale": float("inf")}), ValueError,
+         r"scale must be finite, got inf", varlen_public),
+    Case("varlen lse shape", "varlen_attention_bwd", varlen_bwd(lambda a: {"lse": a["lse"][:, :-1]}), ValueError,
+         r"lse must have shape \(Hq, Tq\) = \[2, 5\], got \[2, 4\]"),
+    Case("varlen lse transposed", "varlen_attention_bwd", varlen_bwd(lambda a: {"lse": a["lse"].t()}), ValueError,
+         r"lse must have shape \(Hq, Tq\) = \[2, 5\], got \[5, 2\]"),
+    Case("varlen lse dtype", "varlen_attention_bwd", varlen_bwd(lambda a: {"lse": a["lse"].double()}), TypeError,
+         r"lse must be torch.float32 for torch.float32 inputs, got torch.float64"),
+    Case("varlen out shape", "varlen_attention_bwd", varlen_bwd(lambda a: {"out": a["out"][:, :, :3]}), ValueError,
+         r"out must have shape \(Tq, Hq, Dv\) = \[5, 2, 4\], got \[5, 2, 3\]"),
+    Case("varlen grad_out on meta", "varlen_attention_bwd",
+         varlen_bwd(lambda a: {"grad_out": a["grad_out"].to("meta")}), ValueError,
+         r"grad_out must be on the device of q \((cpu|cuda:0)\), got meta", mixes_devices=True),
+    Case("varlen bwd cu_seqlens int64", "varlen_attention_bwd", varlen_bwd(lambda a: {"cu_k": a["cu_k"].long()}),
+         TypeError, r"cu_seqlens_k must be torch.int32, got torch.int64"),
+    Case("varlen bwd cu_seqlens last != T", "varlen_attention_bwd",
+         varlen_bwd(lambda a: {"cu_k": cu(0, 3, 8, device=a["k"].device)}), ValueError,
+         r"cu_seqlens_k must end at Tk = k.size\(0\) = 9, got 8", needs_data=True),
+    Case("varlen bwd window -2", "varlen_attention_bwd",
+         lambda device: varlen_bwd(lambda a: {})(device)[:-3] + (-2, -1, False), ValueError,
+         r"window_left must be >= -1 \(-1: unbounded\), got -2"),
+]
+
+CASES = ATTENTION + LAYER + VARLEN
 
 
 def to_meta(args):
@@ -224,7 +332,7 @@ def doors(case: Case, device: str):
     keys = torch._C.DispatchKeySet(DISPATCH_KEY[device])
     found = [("op", lambda: op(*case.make(device))),
              ("kernel", lambda: op.default.redispatch(keys, *case.make(device)))]
-    if not case.mixes_devices:
+    if not (case.mixes_devices or case.needs_data):
         found.append(("meta", lambda: op(*to_meta(case.make(device)))))
     if case.public is not None:
         found.append(("public", lambda: case.public(*case.make(device))))
@@ -257,6 +365,8 @@ def test_good_arguments_pass_every_door():
     for case in (Case("ok", "attention_fwd", attn_fwd(), ValueError, "", attention_public),
                  Case("ok", "attention_bwd", attn_bwd(lambda a: {}), ValueError, ""),
                  Case("ok", "self_attention_fwd", layer_fwd(), ValueError, "", layer_public),
-                 Case("ok", "self_attention_bwd", layer_bwd(lambda a: {}), ValueError, "")):
+                 Case("ok", "self_attention_bwd", layer_bwd(lambda a: {}), ValueError, ""),
+                 Case("ok", "varlen_attention_fwd", varlen_fwd(), ValueError, "", varlen_public),
+                 Case("ok", "varlen_attention_bwd", varlen_bwd(lambda a: {}), ValueError, "")):
         for _, call in doors(case, "cpu"):
             call()
