@@ -78,7 +78,7 @@ def _broadcasts(shape, full) -> bool:
 
 
 def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], batch: int, seq: int,
-                num_heads: int, single: bool) -> Optional[Tensor]:
+                num_heads: int, single: bool, device: torch.device) -> Optional[Tensor]:
     """The layer's one mask tensor for the op, or None.
 
     key_padding_mask (B, N) bool, True = a real token, becomes a (B, 1, 1, N) view (the op
@@ -92,6 +92,9 @@ def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"selfattn: key_padding_mask must be bool (True = a real token), got "
                             f"{key_padding_mask.dtype}")
+        if key_padding_mask.device != device:
+            raise ValueError(f"selfattn: key_padding_mask must be on the device of x ({device}), got "
+                             f"{key_padding_mask.device}")
         if list(key_padding_mask.shape) != expected:
             what = "(N,) for a single sequence" if single else "(B, N)"
             raise ValueError(f"selfattn: key_padding_mask must have shape {what} = {expected}, got "
@@ -207,7 +210,7 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
         if x.dim() != 3:  # the op names x's shape
             mask = attn_mask
         else:
-            mask = _layer_mask(key_padding_mask, attn_mask, x.shape[0], x.shape[1], num_heads, single)
+            mask = _layer_mask(key_padding_mask, attn_mask, x.shape[0], x.shape[1], num_heads, single, x.device)
     out, _, _ = _ops.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, mask,
                                         window_left, window_right)
     return out.squeeze(0) if single else out

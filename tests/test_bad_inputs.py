@@ -308,6 +308,8 @@ PUBLIC_ONLY = [
      r"key_padding_mask must be bool \(True = a real token\), got torch.float32"),
     ("key_padding_mask int", layer_kwargs(key_padding_mask=kpm(2, 5, dtype=torch.int64)), TypeError,
      r"key_padding_mask must be bool \(True = a real token\), got torch.int64"),
+    ("key_padding_mask on meta", layer_kwargs(key_padding_mask=lambda d: kpm(2, 5)("meta")), ValueError,
+     r"key_padding_mask must be on the device of x \((cpu|cuda:0)\), got meta"),
     ("key_padding_mask not a tensor", layer_kwargs(key_padding_mask=[[True] * 5] * 2), TypeError,
      r"key_padding_mask must be a torch.Tensor, got list"),
     ("window not a pair", layer_kwargs(window=4), TypeError,
@@ -321,8 +323,9 @@ PUBLIC_ONLY = [
 @pytest.mark.parametrize("name,make,error,message", PUBLIC_ONLY, ids=[c[0] for c in PUBLIC_ONLY])
 def test_public_only_arguments(name, make, error, message, device):
     messages = set()
-    for kwargs in (make(device), {k: v.to("meta") if isinstance(v, torch.Tensor) else v
-                                  for k, v in make(device).items()}):
+    on_meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in make(device).items()}
+    mixes_devices = len({v.device for v in make(device).values() if isinstance(v, torch.Tensor)}) > 1
+    for kwargs in [make(device)] + ([] if mixes_devices else [on_meta]):
         with pytest.raises(error, match=message) as caught:
             selfattn.self_attention(**kwargs)
         messages.add(str(caught.value).splitlines()[0])

@@ -158,6 +158,11 @@ def test_grouped_query_single_sequence_no_bias():
     check_layer(None, 19, 16, 6, 2, 4, torch.float64, bias=False, causal=True)
 
 
+def test_single_sequence_key_padding():
+    """x (N, E) takes a key_padding_mask (N,)."""
+    check_layer(None, 19, 16, 4, 2, 4, torch.float64, key_padding_mask=torch.arange(19) < 12, window=(6, 6))
+
+
 def test_row_layout_is_q_then_k_then_v_heads():
     """Llama's q_proj; k_proj; v_proj weights stacked are w_qkv: the fused layer on them is the
     oracle on the three projections, and moving a k row into the v block changes the output."""
