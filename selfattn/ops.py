@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, masks
 
 _ops = torch.ops.selfattn
 
@@ -121,33 +121,39 @@ def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
 # Public functions
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-              dropout_p: float = 0.0, *, causal: bool = False, scale: Optional[float] = None,
-              is_causal: Optional[bool] = None, enable_gqa: bool = False) -> Tensor:
-    """softmax(scale · q kᵀ) v, the meaning of ``F.scaled_dot_product_attention``.
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
+              causal=False, window=None) -> Tensor:
+    """softmax(scale · q kᵀ + mask) v, with the meaning of ``F.scaled_dot_product_attention``.
 
-    q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), any strides, or the same without the
-    head dim (B, N, D). Nq may differ from Nk. ``causal`` (SDPA's ``is_causal`` is accepted
-    too) masks top-left aligned, as SDPA does: query i sees keys j <= i. ``scale=None`` is
-    1/sqrt(D). Returns (B, H, Nq, Dv) (or (B, Nq, Dv)), laid out in memory as (B, Nq, H, Dv)
-    so that ``out.transpose(1, 2).flatten(2)`` is free.
+    Arguments in SDPA's order, so a call written for SDPA works unchanged.
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), any strides, or (B, N, D) without a
+    head dim. Returns (B, Hq, Nq, Dv) (or (B, Nq, Dv)), laid out in memory as (B, Nq, Hq, Dv) so
+    that ``out.transpose(1, 2).flatten(2)`` is free.
 
-    Not supported yet, and refused if passed: ``attn_mask``, ``dropout_p > 0``, ``enable_gqa``.
+    * ``attn_mask``: bool (True = take part) or float (added to the scaled scores; float32 or q's
+      dtype), broadcastable to (B, Hq, Nq, Nk) — size-1 and stride-0 dims are read through their
+      strides, never expanded; or ``torch.nn.attention.bias.causal_upper_left`` /
+      ``causal_lower_right``. Its gradient is not computed: a mask that requires grad is refused.
+    * ``is_causal`` / ``causal``: True is top-left (SDPA's meaning: query i sees keys j <= i);
+      ``causal="bottom_right"``: query i sees keys j <= i + Nk - Nq (a KV cache). Unlike SDPA,
+      causal and attn_mask may be combined: both apply.
+    * ``window=(left, right)``: query i sees keys i + off - left <= j <= i + off + right, -1 for an
+      unbounded side; off = 0, or Nk - Nq under ``causal="bottom_right"`` (FlashAttention aligns
+      its window bottom-right always). Under causal, right > 0 is clamped to 0.
+    * ``enable_gqa``: Hk may divide Hq (grouped-query attention); k and v are not repeated.
+    * ``scale=None`` is 1/sqrt(D).
+
+    A query that sees no key gets output 0 (SDPA ≥ 2.5 too) and zero gradients, never NaN.
+    ``dropout_p > 0`` is not supported yet and is refused.
     """
-    if attn_mask is not None:
-        raise NotImplementedError("selfattn.attention: attn_mask is not supported yet (only causal "
-                                  "masking is); use F.scaled_dot_product_attention for arbitrary masks")
     if dropout_p != 0.0:
         raise NotImplementedError(f"selfattn.attention: dropout_p must be 0.0 (dropout is not supported "
                                   f"yet), got {dropout_p}")
-    if enable_gqa:
-        raise NotImplementedError("selfattn.attention: enable_gqa is not supported yet; repeat k and v "
-                                  "over the query heads instead")
-    if is_causal is not None:
-        if causal and not is_causal:
-            raise ValueError("selfattn.attention: causal=True and is_causal=False disagree; pass one")
-        causal = _check_causal(is_causal) or causal
-    causal = _check_causal(causal)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"selfattn: is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and causal not in (False, True, "top_left"):
+        raise ValueError(f"selfattn.attention: is_causal=True (top-left) and causal={causal!r} disagree; pass one")
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _require_tensor(t, name)
     three_d = q.dim() == 3
@@ -156,7 +162,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             raise ValueError("selfattn: q, k and v must all be 3-D (B, N, D) or all 4-D (B, H, N, D), got "
                              f"shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-    out, _ = _ops.attention_fwd(q, k, v, causal, _resolve_scale(scale, q.shape[-1]))
+    if not enable_gqa and q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1]:
+        raise ValueError(f"selfattn: q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for "
+                         "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
+    if q.dim() < 3 or k.dim() < 3:  # the op says what is wrong; a mask needs Nq and Nk first
+        mask = masks.MaskArgs(False, None, -1, -1, 0)
+    else:
+        mask = masks.mask_args(attn_mask, is_causal or causal, window, q.shape[-2], k.shape[-2],
+                               3 if three_d else 4)
+    out, _ = _ops.attention_fwd(q, k, v, mask.causal, _resolve_scale(scale, q.shape[-1]), mask.attn_mask,
+                                mask.window_left, mask.window_right, mask.diagonal_offset)
     return out.squeeze(1) if three_d else out
 
 
