@@ -32,7 +32,7 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& lse);
 
 // grad_out (B, Hq, Nq, Dv), any strides; grad_q/k/v have the shapes of q/k/v, any strides
-// (the fused op passes views of one packed (B, N, 3, H, D) buffer).
+// (the fused op passes views of one packed (B, N, H + 2·Hkv, D) buffer).
 void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                             const AttentionMask& mask, double scale, const at::Tensor& grad_q,

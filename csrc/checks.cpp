@@ -199,27 +199,38 @@ void check_varlen_grad_inputs(const VarlenShape& s, const at::Tensor& q, const a
 
 LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
                               const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
-                              double scale) {
+                              int64_t num_kv_heads, double scale) {
   check_float_tensor(x, "x");
   check_float_tensor(w_qkv, "w_qkv");
   check_rank(x, "x", 3, "(B, N, E)");
-  check_rank(w_qkv, "w_qkv", 2, "(3 * model_dim, embed_dim)");
+  check_rank(w_qkv, "w_qkv", 2, "((num_heads + 2 * num_kv_heads) * head_dim, embed_dim)");
   check_like(w_qkv, "w_qkv", x, "x");
   TORCH_CHECK_VALUE(num_heads >= 1, "selfattn: num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK_VALUE(num_kv_heads == 0 || (num_kv_heads >= 1 && num_heads % num_kv_heads == 0),
+                    "selfattn: num_kv_heads must be >= 1 and divide num_heads = ", num_heads,
+                    " (0 means num_heads), got ", num_kv_heads);
+  const int64_t heads_kv = num_kv_heads == 0 ? num_heads : num_kv_heads;
+  const int64_t slots = num_heads + 2 * heads_kv;
   const int64_t rows = w_qkv.size(0), embed = x.size(2);
-  TORCH_CHECK_VALUE(rows >= 3 && rows % 3 == 0 && w_qkv.size(1) == embed,
-                    "selfattn: w_qkv must have shape (3 * model_dim, embed_dim) with embed_dim = "
+  TORCH_CHECK_VALUE(rows >= slots && rows % slots == 0 && w_qkv.size(1) == embed,
+                    "selfattn: w_qkv must have shape ((num_heads + 2 * num_kv_heads) * head_dim, "
+                    "embed_dim) with num_heads + 2 * num_kv_heads = ", slots, " and embed_dim = "
                     "x.size(-1) = ", embed, ", got ", w_qkv.sizes());
-  const int64_t model = rows / 3;
-  TORCH_CHECK_VALUE(model % num_heads == 0, "selfattn: model_dim = w_qkv.size(0) / 3 = ", model,
-                    " must be divisible by num_heads = ", num_heads);
   if (b_qkv.has_value()) {
     check_float_tensor(*b_qkv, "b_qkv");
     check_like(*b_qkv, "b_qkv", x, "x");
-    check_shape(*b_qkv, "b_qkv", {rows}, "(3 * model_dim,)");
+    check_shape(*b_qkv, "b_qkv", {rows}, "((num_heads + 2 * num_kv_heads) * head_dim,)");
   }
   check_scale(scale);
-  return {x.size(0), x.size(1), embed, model, num_heads, model / num_heads};
+  const int64_t head_dim = rows / slots;
+  return {x.size(0), x.size(1), embed, num_heads * head_dim, num_heads, heads_kv, head_dim};
+}
+
+void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
+                             const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                             int64_t window_right) {
+  const AttentionShape attention{s.batch, s.heads, s.heads_kv, s.seq, s.seq, s.head_dim, s.head_dim};
+  check_mask_inputs(attention, x, attn_mask, window_left, window_right);
 }
 
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,
@@ -236,7 +247,7 @@ void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at:
   const std::vector<int64_t> out_shape = {s.batch, s.seq, s.model};
   check_shape(grad_out, "grad_out", out_shape, "(B, N, M)");
   check_shape(out, "out", out_shape, "(B, N, M)");
-  check_shape(qkv, "qkv", {s.batch, s.seq, 3 * s.model}, "(B, N, 3M)");
+  check_shape(qkv, "qkv", {s.batch, s.seq, s.qkv_dim()}, "(B, N, (num_heads + 2 * num_kv_heads) * head_dim)");
   check_lse(lse, x, "x", {s.batch, s.heads, s.seq}, "(B, num_heads, N)");
 }
 

@@ -12,8 +12,9 @@
 //               attn_mask: bool or float, 4-D, each dim 1 or that of (B, Hq, Nq, Nk)
 //   varlen      q (Tq, Hq, D)  k (Tk, Hk, D)  v (Tk, Hk, Dv)   Hk divides Hq
 //               cu_seqlens_q, cu_seqlens_k int32 (S + 1,)   out, grad_out (Tq, Hq, Dv)   lse (Hq, Tq)
-//   layer       x (B, N, E)  w_qkv (3M, E)  b_qkv (3M)   M = H·D
-//               qkv (B, N, 3M)  out, grad_out (B, N, M)  lse (B, H, N)
+//   layer       x (B, N, E)  w_qkv ((H + 2·Hkv)·D, E)  b_qkv ((H + 2·Hkv)·D)   Hkv divides H
+//               qkv (B, N, (H + 2·Hkv)·D)  out, grad_out (B, N, M)  lse (B, H, N)   M = H·D
+//               attn_mask as attention's with Hq = H, Nq = Nk = N
 // lse is float32, or float64 for float64 inputs (accumulate_type).
 #pragma once
 
@@ -38,7 +39,10 @@ struct VarlenShape {
 };
 
 struct LayerShape {
-  int64_t batch, seq, embed, model, heads, head_dim;
+  int64_t batch, seq, embed, model, heads, heads_kv, head_dim;  // model = heads * head_dim
+
+  // Width of the projections: q heads, then k heads, then v heads.
+  int64_t qkv_dim() const { return (heads + 2 * heads_kv) * head_dim; }
 };
 
 // q, k, v of attention_fwd; the scale it multiplies the scores by.
@@ -75,10 +79,16 @@ void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
                                  const at::Tensor& grad_out, const at::Tensor& out,
                                  const at::Tensor& lse);
 
-// x, w_qkv, b_qkv, num_heads and scale of self_attention_fwd.
+// x, w_qkv, b_qkv, num_heads, num_kv_heads (0: num_heads) and scale of self_attention_fwd.
 LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
                               const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
-                              double scale);
+                              int64_t num_kv_heads, double scale);
+
+// attn_mask and the window sides of the layer ops: check_mask_inputs with Hq = num_heads and
+// Nq = Nk = N.
+void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
+                             const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                             int64_t window_right);
 
 // The rest of self_attention_bwd's arguments, against the layer's shape.
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,

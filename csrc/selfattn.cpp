@@ -59,15 +59,21 @@ TORCH_LIBRARY(selfattn, m) {
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
       "float scale, int window_left=-1, int window_right=-1, bool bottom_right=False) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // x (B, N, E), w_qkv (3M, E) = [W_q; W_k; W_v] in nn.Linear layout, b_qkv (3M) or None.
-  // out (B, N, M) heads concatenated; qkv (B, N, 3M) and lse (B, H, N) are kept for backward.
+  // The fused layer. x (B, N, E); w_qkv ((H + 2·Hkv)·D, E) = [W_q; W_k; W_v] in nn.Linear layout,
+  // q heads, then k heads, then v heads (Llama's q_proj; k_proj; v_proj stacked); b_qkv the same
+  // rows, or None. num_kv_heads = Hkv divides num_heads = H (0: Hkv = H, plain multi-head).
+  // out (B, N, H·D) heads concatenated; qkv (B, N, (H + 2·Hkv)·D) and lse (B, H, N) are kept for
+  // backward. The mask as attention_fwd's with Nq = Nk = N (so top-left = bottom-right, offset 0):
+  // causal, window sides (-1 unbounded), attn_mask broadcastable to (B, H, N, N).
   m.def(
       "self_attention_fwd(Tensor x, Tensor w_qkv, Tensor? b_qkv, int num_heads, bool causal, "
-      "float scale) -> (Tensor out, Tensor qkv, Tensor lse)");
+      "float scale, int num_kv_heads=0, Tensor? attn_mask=None, int window_left=-1, "
+      "int window_right=-1) -> (Tensor out, Tensor qkv, Tensor lse)");
   // output_mask, 3 entries, says which of (grad_x, grad_w, grad_b) to compute; the others come
   // back empty. (bool[], not bool[3]: the op then names a list of the wrong length itself.)
   m.def(
       "self_attention_bwd(Tensor grad_out, Tensor x, Tensor w_qkv, Tensor qkv, Tensor out, "
-      "Tensor lse, int num_heads, bool causal, float scale, bool[] output_mask) "
+      "Tensor lse, int num_heads, bool causal, float scale, bool[] output_mask, int num_kv_heads=0, "
+      "Tensor? attn_mask=None, int window_left=-1, int window_right=-1) "
       "-> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
 }

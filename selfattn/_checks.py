@@ -49,9 +49,15 @@ class LayerShape:
     batch: int
     seq: int
     embed: int
-    model: int
+    model: int  # heads * head_dim
     heads: int
+    heads_kv: int
     head_dim: int
+
+    @property
+    def qkv_dim(self):
+        """Width of the projections: q heads, then k heads, then v heads."""
+        return (self.heads + 2 * self.heads_kv) * self.head_dim
 
 
 def _sizes(t: Tensor) -> list:
@@ -206,28 +212,37 @@ def check_varlen_grad_inputs(s: VarlenShape, q: Tensor, grad_out: Tensor, out: T
 
 
 def check_layer_inputs(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int,
-                       scale: float) -> LayerShape:
+                       num_kv_heads: int, scale: float) -> LayerShape:
     _check_float_tensor(x, "x")
     _check_float_tensor(w_qkv, "w_qkv")
     _check_rank(x, "x", 3, "(B, N, E)")
-    _check_rank(w_qkv, "w_qkv", 2, "(3 * model_dim, embed_dim)")
+    _check_rank(w_qkv, "w_qkv", 2, "((num_heads + 2 * num_kv_heads) * head_dim, embed_dim)")
     _check_like(w_qkv, "w_qkv", x, "x")
     if num_heads < 1:
         raise ValueError(f"selfattn: num_heads must be >= 1, got {num_heads}")
+    if not (num_kv_heads == 0 or (num_kv_heads >= 1 and num_heads % num_kv_heads == 0)):
+        raise ValueError(f"selfattn: num_kv_heads must be >= 1 and divide num_heads = {num_heads} "
+                         f"(0 means num_heads), got {num_kv_heads}")
+    heads_kv = num_heads if num_kv_heads == 0 else num_kv_heads
+    slots = num_heads + 2 * heads_kv
     rows, embed = w_qkv.shape[0], x.shape[2]
-    if not (rows >= 3 and rows % 3 == 0 and w_qkv.shape[1] == embed):
-        raise ValueError("selfattn: w_qkv must have shape (3 * model_dim, embed_dim) with embed_dim = "
+    if not (rows >= slots and rows % slots == 0 and w_qkv.shape[1] == embed):
+        raise ValueError("selfattn: w_qkv must have shape ((num_heads + 2 * num_kv_heads) * head_dim, "
+                         f"embed_dim) with num_heads + 2 * num_kv_heads = {slots} and embed_dim = "
                          f"x.size(-1) = {embed}, got {_sizes(w_qkv)}")
-    model = rows // 3
-    if model % num_heads != 0:
-        raise ValueError(f"selfattn: model_dim = w_qkv.size(0) / 3 = {model} must be divisible by "
-                         f"num_heads = {num_heads}")
     if b_qkv is not None:
         _check_float_tensor(b_qkv, "b_qkv")
         _check_like(b_qkv, "b_qkv", x, "x")
-        _check_shape(b_qkv, "b_qkv", [rows], "(3 * model_dim,)")
+        _check_shape(b_qkv, "b_qkv", [rows], "((num_heads + 2 * num_kv_heads) * head_dim,)")
     _check_scale(scale)
-    return LayerShape(x.shape[0], x.shape[1], embed, model, num_heads, model // num_heads)
+    head_dim = rows // slots
+    return LayerShape(x.shape[0], x.shape[1], embed, num_heads * head_dim, num_heads, heads_kv, head_dim)
+
+
+def check_layer_mask_inputs(s: LayerShape, x: Tensor, attn_mask: Optional[Tensor], window_left: int,
+                            window_right: int) -> None:
+    attention = AttentionShape(s.batch, s.heads, s.heads_kv, s.seq, s.seq, s.head_dim, s.head_dim)
+    check_mask_inputs(attention, x, attn_mask, window_left, window_right)
 
 
 def check_layer_grad_inputs(s: LayerShape, x: Tensor, grad_out: Tensor, qkv: Tensor, out: Tensor,
@@ -244,5 +259,5 @@ def check_layer_grad_inputs(s: LayerShape, x: Tensor, grad_out: Tensor, qkv: Ten
     out_shape = [s.batch, s.seq, s.model]
     _check_shape(grad_out, "grad_out", out_shape, "(B, N, M)")
     _check_shape(out, "out", out_shape, "(B, N, M)")
-    _check_shape(qkv, "qkv", [s.batch, s.seq, 3 * s.model], "(B, N, 3M)")
+    _check_shape(qkv, "qkv", [s.batch, s.seq, s.qkv_dim], "(B, N, (num_heads + 2 * num_kv_heads) * head_dim)")
     _check_lse(lse, x, "x", [s.batch, s.heads, s.seq], "(B, num_heads, N)")

@@ -2,10 +2,14 @@
 
 The C++ library (csrc/) registers four ops with the dispatcher:
 
-    attention_fwd(q, k, v, causal, scale) -> (out, lse)
-    attention_bwd(grad_out, q, k, v, out, lse, causal, scale) -> (grad_q, grad_k, grad_v)
-    self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale) -> (out, qkv, lse)
-    self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask)
+    attention_fwd(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
+                  diagonal_offset=0) -> (out, lse)
+    attention_bwd(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
+                  window_right=-1, diagonal_offset=0) -> (grad_q, grad_k, grad_v)
+    self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
+                       window_left=-1, window_right=-1) -> (out, qkv, lse)
+    self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
+                       num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1)
         -> (grad_x, grad_w, grad_b)
 
 This file gives each a fake kernel (shapes, dtypes and strides, for torch.compile and meta
@@ -52,10 +56,65 @@ def _check_causal(causal) -> bool:
     return causal
 
 
-def _check_num_heads(num_heads) -> int:
+def _check_num_heads(num_heads, name: str = "num_heads") -> int:
     if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"selfattn: num_heads must be an int, got {type(num_heads).__name__}")
+        raise TypeError(f"selfattn: {name} must be an int, got {type(num_heads).__name__}")
     return num_heads
+
+
+def _check_window(window) -> tuple:
+    """window=None or (left, right), ints; the ops check that each is >= -1."""
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window)):
+        raise TypeError(f"selfattn: window must be None or a pair of ints (left, right), -1 for an "
+                        f"unbounded side, got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def _broadcasts(shape, full) -> bool:
+    return len(shape) == len(full) and all(m == f or m == 1 for m, f in zip(shape, full))
+
+
+def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], batch: int, seq: int,
+                num_heads: int, single: bool, device: torch.device) -> Optional[Tensor]:
+    """The layer's one mask tensor for the op, or None.
+
+    key_padding_mask (B, N) bool, True = a real token, becomes a (B, 1, 1, N) view (the op
+    expands it with stride 0); an attn_mask of fewer than 4 dims gets leading dims of 1 (SDPA's
+    broadcasting). Both given: one mask of the broadcast of their shapes — (B, 1, N, N) for an
+    (N, N) attn_mask — bool: both must allow; float: -inf where the key is padding.
+    """
+    if key_padding_mask is not None:
+        _require_tensor(key_padding_mask, "key_padding_mask")
+        expected = [seq] if single else [batch, seq]
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"selfattn: key_padding_mask must be bool (True = a real token), got "
+                            f"{key_padding_mask.dtype}")
+        if key_padding_mask.device != device:
+            raise ValueError(f"selfattn: key_padding_mask must be on the device of x ({device}), got "
+                             f"{key_padding_mask.device}")
+        if list(key_padding_mask.shape) != expected:
+            what = "(N,) for a single sequence" if single else "(B, N)"
+            raise ValueError(f"selfattn: key_padding_mask must have shape {what} = {expected}, got "
+                             f"{list(key_padding_mask.shape)}")
+        key_padding_mask = key_padding_mask.reshape(batch, seq)[:, None, None, :]  # a view
+    if attn_mask is not None:
+        _require_tensor(attn_mask, "attn_mask")
+        if attn_mask.dim() < 4:
+            attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if key_padding_mask is None:
+        return attn_mask
+    if attn_mask is None:
+        return key_padding_mask
+    if not _broadcasts(attn_mask.shape, (batch, num_heads, seq, seq)):
+        return attn_mask  # the op names the mask's shape
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & key_padding_mask
+    if attn_mask.is_floating_point():
+        return torch.where(key_padding_mask, attn_mask, float("-inf"))
+    return attn_mask  # the op names the mask's dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,24 +176,58 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
 
 
 def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, num_heads: int = 1,
-                   causal: bool = False, scale: Optional[float] = None) -> Tensor:
-    """Projections and multi-head attention in one op, with no output projection.
+                   num_kv_heads: Optional[int] = None, causal: bool = False, scale: Optional[float] = None,
+                   key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                   window: Optional[tuple] = None) -> Tensor:
+    """Projections and multi-head (or grouped-query) attention in one op, with no output projection.
 
-    x (N, E) or (B, N, E); w_qkv (3·M, E) = [W_q; W_k; W_v] in nn.Linear layout (as
-    nn.MultiheadAttention's in_proj_weight); b_qkv (3·M) or None. Returns (…, N, M) with the
-    heads side by side. ``scale=None`` is 1/sqrt(M / num_heads).
+    x (N, E) or (B, N, E). With H = ``num_heads``, Hkv = ``num_kv_heads`` (default H; it must
+    divide H: query head h reads kv head h // (H // Hkv); 1 is multi-query attention) and head
+    dim D: w_qkv ((H + 2·Hkv)·D, E) in nn.Linear layout, rows q heads, then k heads, then v heads
+    (Llama's ``q_proj; k_proj; v_proj`` weights stacked; with Hkv = H it is
+    nn.MultiheadAttention's in_proj_weight); b_qkv the same rows, or None. Returns (…, N, H·D)
+    with the heads side by side. ``scale=None`` is 1/sqrt(D).
+
+    Masks (all that are given apply together):
+
+    - ``causal``: query i sees keys j <= i (Nq = Nk here, so top-left and bottom-right agree).
+    - ``window=(left, right)``: query i sees keys i - left <= j <= i + right, -1 for an unbounded
+      side (FlashAttention's ``window_size``); with ``causal``, right is clamped to 0.
+    - ``key_padding_mask`` (B, N) bool ((N,) for a single sequence), **True = a real token**
+      (nn.MultiheadAttention's is the inverse: True = padding). Keys that are padding take no
+      part. A padded query row is still computed — it attends to the real keys — as with SDPA
+      and a key-padding mask; ignore those rows downstream. Passed to the op as a (B, 1, 1, N)
+      view, never expanded in memory.
+    - ``attn_mask`` as in ``selfattn.attention``: bool (True = take part) or float (added to the
+      scaled scores; float32 or x's dtype), broadcastable to (B, H, N, N); fewer than 4 dims get
+      leading dims of 1 (an (N, N) mask is shared by every batch and head). It cannot require grad.
+      Given with ``key_padding_mask``, the two become one mask of their broadcast shape — (B, 1,
+      N, N) for an (N, N) or (1, 1, N, N) attn_mask (bool: both must allow; float: -inf on
+      padded keys) — the only case where a mask of N² elements per batch is built.
+
+    A row that sees no key (all its keys masked) gives 0.
     """
     causal = _check_causal(causal)
     num_heads = _check_num_heads(num_heads)
+    num_kv_heads = 0 if num_kv_heads is None else _check_num_heads(num_kv_heads, "num_kv_heads")
+    window_left, window_right = _check_window(window)
     _require_tensor(x, "x")
     _require_tensor(w_qkv, "w_qkv")
     single = x.dim() == 2
     if single:
         x = x.unsqueeze(0)
     # head_dim for scale=None; 0 when the arguments cannot give one (the op then says why).
-    head_dim = w_qkv.shape[0] // 3 // num_heads if w_qkv.dim() == 2 and num_heads > 0 else 0
+    slots = num_heads + 2 * (num_kv_heads or num_heads)
+    head_dim = w_qkv.shape[0] // slots if w_qkv.dim() == 2 and num_heads > 0 and slots > 0 else 0
     scale = _resolve_scale(scale, head_dim)
-    out, _, _ = _ops.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale)
+    mask = None
+    if key_padding_mask is not None or attn_mask is not None:
+        if x.dim() != 3:  # the op names x's shape
+            mask = attn_mask
+        else:
+            mask = _layer_mask(key_padding_mask, attn_mask, x.shape[0], x.shape[1], num_heads, single, x.device)
+    out, _, _ = _ops.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, mask,
+                                        window_left, window_right)
     return out.squeeze(0) if single else out
 
 
@@ -162,22 +255,26 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale, attn_mask=No
 
 
 @torch.library.register_fake("selfattn::self_attention_fwd")
-def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale):
-    s = _checks.check_layer_inputs(x, w_qkv, b_qkv, num_heads, scale)
+def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
+                             window_left=-1, window_right=-1):
+    s = _checks.check_layer_inputs(x, w_qkv, b_qkv, num_heads, num_kv_heads, scale)
+    _checks.check_layer_mask_inputs(s, x, attn_mask, window_left, window_right)
     out = x.new_empty((s.batch, s.seq, s.model))
-    qkv = x.new_empty((s.batch, s.seq, 3 * s.model))
+    qkv = x.new_empty((s.batch, s.seq, s.qkv_dim))
     lse = x.new_empty((s.batch, s.heads, s.seq), dtype=_checks.accumulate_dtype(x.dtype))
     return out, qkv, lse
 
 
 @torch.library.register_fake("selfattn::self_attention_bwd")
-def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask):
-    s = _checks.check_layer_inputs(x, w_qkv, None, num_heads, scale)
+def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
+                             num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1):
+    s = _checks.check_layer_inputs(x, w_qkv, None, num_heads, num_kv_heads, scale)
+    _checks.check_layer_mask_inputs(s, x, attn_mask, window_left, window_right)
     _checks.check_layer_grad_inputs(s, x, grad_out, qkv, out, lse, output_mask)
     # A skipped gradient is an empty tensor of its own (outputs must not alias).
     grad_x = x.new_empty(x.shape if output_mask[0] else (0,))
     grad_w = x.new_empty(w_qkv.shape if output_mask[1] else (0,))
-    grad_b = x.new_empty((3 * s.model,) if output_mask[2] else (0,))
+    grad_b = x.new_empty((s.qkv_dim,) if output_mask[2] else (0,))
     return grad_x, grad_w, grad_b
 
 
@@ -211,29 +308,33 @@ def _attention_backward(ctx, grad_out, _grad_lse):
 
 
 def _self_attention_setup_context(ctx, inputs, output):
-    x, w_qkv, b_qkv, num_heads, causal, scale = inputs
+    x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left, window_right = inputs
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise NotImplementedError(
+            "selfattn.self_attention: attn_mask requires grad, but selfattn does not compute the gradient "
+            "of a mask; detach it, or use F.scaled_dot_product_attention for a learned additive mask")
     out, qkv, lse = output
     ctx.mark_non_differentiable(qkv, lse)
-    # Otherwise autograd hands the backward a zero tensor the size of qkv (B·N·3M) as the
-    # gradient of that non-differentiable output: measured +48 MiB peak at N = 8192, E = 512.
+    # Otherwise autograd hands the backward a zero tensor the size of qkv (B·N·(H + 2Hkv)·D) as
+    # the gradient of that non-differentiable output: measured +48 MiB peak at N = 8192, E = 512.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, w_qkv, qkv, out, lse)
+    ctx.save_for_backward(x, w_qkv, qkv, out, lse, attn_mask)
     ctx.has_bias = b_qkv is not None
-    ctx.num_heads = num_heads
-    ctx.causal = causal
-    ctx.scale = scale
+    ctx.args = (num_heads, causal, scale)
+    ctx.mask_args = (num_kv_heads, window_left, window_right)
 
 
 def _self_attention_backward(ctx, grad_out, _grad_qkv, _grad_lse):
     if grad_out is None:
-        return None, None, None, None, None, None
-    x, w_qkv, qkv, out, lse = ctx.saved_tensors
+        return (None,) * 10
+    x, w_qkv, qkv, out, lse, attn_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask: Sequence[bool] = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
-    grad_x, grad_w, grad_b = _ops.self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, ctx.num_heads,
-                                                     ctx.causal, ctx.scale, mask)
-    return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
-            None, None, None)
+    num_kv_heads, window_left, window_right = ctx.mask_args
+    grad_x, grad_w, grad_b = _ops.self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, *ctx.args, mask,
+                                                     num_kv_heads, attn_mask, window_left, window_right)
+    return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None) \
+        + (None,) * 7
 
 
 torch.library.register_autograd("selfattn::attention_fwd", _attention_backward,

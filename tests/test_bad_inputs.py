@@ -142,16 +142,21 @@ ATTENTION = [
 # --- self_attention_fwd / self_attention_bwd -----------------------------------------------------
 
 def layer_fwd(change: Callable = lambda a: {}):
-    """x (2, 5, 8), w_qkv (3·6, 8), b_qkv (18), 2 heads, then ``change`` makes one bad."""
+    """x (2, 5, 8), w_qkv (3·6, 8), b_qkv (18), 2 heads, no mask, then ``change`` makes one bad."""
     def make(device):
-        args = dict(x=randn(2, 5, 8, device=device), w=randn(18, 8, device=device), b=randn(18, device=device), heads=2)
+        args = dict(x=randn(2, 5, 8, device=device), w=randn(18, 8, device=device), b=randn(18, device=device), heads=2,
+                    causal=False, scale=0.3, kv_heads=0, mask=None, window_left=-1, window_right=-1)
         args.update(change(args))
-        return (*args.values(), False, 0.3)
+        if isinstance(args["mask"], Callable):
+            args["mask"] = args["mask"](device)
+        return tuple(args.values())
     return make
 
 
-def layer_public(x, w, b, heads, causal, scale):
-    return selfattn.self_attention(x, w, b, num_heads=heads, causal=causal, scale=scale)
+def layer_public(x, w, b, heads, causal, scale, kv_heads=0, mask=None, window_left=-1, window_right=-1):
+    window = None if (window_left, window_right) == (-1, -1) else (window_left, window_right)
+    return selfattn.self_attention(x, w, b, num_heads=heads, causal=causal, scale=scale,
+                                   num_kv_heads=kv_heads or None, attn_mask=mask, window=window)
 
 
 def layer_bwd(change: Callable, heads=2):
@@ -163,32 +168,69 @@ def layer_bwd(change: Callable, heads=2):
         args = dict(grad_out=torch.randn_like(out), x=x, w=w, qkv=qkv, out=out, lse=lse)
         args.update(change(args))
         mask = args.pop("mask", [True, True, False])
-        return (*args.values(), heads, False, 0.3, mask)
+        extra = args.pop("extra", ())  # num_kv_heads, attn_mask, window_left, window_right
+        return (*args.values(), heads, False, 0.3, mask, *extra)
     return make
 
 
+def bool_mask(*shape, dtype=torch.bool):
+    return lambda device: torch.ones(*shape, dtype=dtype, device=device)
+
+
+ROWS = r"w_qkv must have shape \(\(num_heads \+ 2 \* num_kv_heads\) \* head_dim, embed_dim\)"
 LAYER = [
     Case("x 4-D", "self_attention_fwd", layer_fwd(lambda a: {"x": a["x"][None]}), ValueError,
          r"x must be 3-D \(B, N, E\), got shape \[1, 2, 5, 8\]", layer_public),
     Case("w rows not 3M", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"][:-1]}), ValueError,
-         r"w_qkv must have shape \(3 \* model_dim, embed_dim\) with embed_dim = x.size\(-1\) = 8, got \[17, 8\]",
+         ROWS + r" with num_heads \+ 2 \* num_kv_heads = 6 and embed_dim = x.size\(-1\) = 8, got \[17, 8\]",
          layer_public),
     Case("w width", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"][:, :-1]}), ValueError,
-         r"w_qkv must have shape .* got \[18, 7\]", layer_public),
+         ROWS + r" .* got \[18, 7\]", layer_public),
     Case("w 1-D", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"][0]}), ValueError,
-         r"w_qkv must be 2-D \(3 \* model_dim, embed_dim\), got shape \[8\]", layer_public),
+         r"w_qkv must be 2-D \(\(num_heads \+ 2 \* num_kv_heads\) \* head_dim, embed_dim\), got shape \[8\]",
+         layer_public),
     Case("b shape", "self_attention_fwd", layer_fwd(lambda a: {"b": a["b"][:-1]}), ValueError,
-         r"b_qkv must have shape \(3 \* model_dim,\) = \[18\], got \[17\]", layer_public),
-    Case("heads do not divide M", "self_attention_fwd", layer_fwd(lambda a: {"heads": 4}), ValueError,
-         r"model_dim = w_qkv.size\(0\) / 3 = 6 must be divisible by num_heads = 4", layer_public),
+         r"b_qkv must have shape \(\(num_heads \+ 2 \* num_kv_heads\) \* head_dim,\) = \[18\], got \[17\]",
+         layer_public),
+    Case("heads do not divide rows", "self_attention_fwd", layer_fwd(lambda a: {"heads": 4}), ValueError,
+         ROWS + r" with num_heads \+ 2 \* num_kv_heads = 12 and .* got \[18, 8\]", layer_public),
     Case("num_heads 0", "self_attention_fwd", layer_fwd(lambda a: {"heads": 0}), ValueError,
          r"num_heads must be >= 1, got 0", layer_public),
+    Case("num_kv_heads does not divide num_heads", "self_attention_fwd",
+         layer_fwd(lambda a: {"heads": 4, "kv_heads": 3}), ValueError,
+         r"num_kv_heads must be >= 1 and divide num_heads = 4 \(0 means num_heads\), got 3", layer_public),
+    Case("num_kv_heads -1", "self_attention_fwd", layer_fwd(lambda a: {"kv_heads": -1}), ValueError,
+         r"num_kv_heads must be >= 1 and divide num_heads = 2 \(0 means num_heads\), got -1", layer_public),
+    Case("w rows not (H + 2Hkv)D", "self_attention_fwd", layer_fwd(lambda a: {"kv_heads": 1}), ValueError,
+         ROWS + r" with num_heads \+ 2 \* num_kv_heads = 4 and embed_dim = x.size\(-1\) = 8, got \[18, 8\]",
+         layer_public),
+    Case("b rows with GQA", "self_attention_fwd", layer_fwd(lambda a: {"kv_heads": 1, "w": a["w"][:16]}),
+         ValueError, r"b_qkv must have shape \(\(num_heads \+ 2 \* num_kv_heads\) \* head_dim,\) = \[16\], "
+         r"got \[18\]", layer_public),
+    Case("window_left -2", "self_attention_fwd", layer_fwd(lambda a: {"window_left": -2}), ValueError,
+         r"window_left must be >= -1 \(-1: unbounded\), got -2", layer_public),
+    Case("window_right -2", "self_attention_fwd", layer_fwd(lambda a: {"window_right": -2}), ValueError,
+         r"window_right must be >= -1 \(-1: unbounded\), got -2", layer_public),
+    Case("attn_mask keys", "self_attention_fwd", layer_fwd(lambda a: {"mask": bool_mask(2, 1, 5, 4)}), ValueError,
+         r"attn_mask must be 4-D and broadcast to \(B, Hq, Nq, Nk\) = \[2, 2, 5, 5\], got shape \[2, 1, 5, 4\]",
+         layer_public),
+    Case("attn_mask heads", "self_attention_fwd", layer_fwd(lambda a: {"mask": bool_mask(1, 3, 5, 5)}), ValueError,
+         r"attn_mask must be 4-D and broadcast to .* got shape \[1, 3, 5, 5\]", layer_public),
+    Case("attn_mask integer", "self_attention_fwd", layer_fwd(lambda a: {"mask": bool_mask(5, 5, dtype=torch.int64)}),
+         TypeError, r"attn_mask must be bool, float32 or the dtype of q \(torch.float32\), got torch.int64",
+         layer_public),
+    Case("attn_mask float64", "self_attention_fwd",
+         layer_fwd(lambda a: {"mask": bool_mask(1, 1, 5, 5, dtype=torch.float64)}), TypeError,
+         r"attn_mask must be bool, float32 or the dtype of q \(torch.float32\), got torch.float64", layer_public),
     Case("w dtype", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"].double()}), TypeError,
          r"w_qkv must have the dtype of x \(torch.float32\), got torch.float64", layer_public),
     Case("b dtype", "self_attention_fwd", layer_fwd(lambda a: {"b": a["b"].bfloat16()}), TypeError,
          r"b_qkv must have the dtype of x \(torch.float32\), got torch.bfloat16", layer_public),
     Case("w on meta", "self_attention_fwd", layer_fwd(lambda a: {"w": a["w"].to("meta")}), ValueError,
          r"w_qkv must be on the device of x \((cpu|cuda:0)\), got meta", layer_public, mixes_devices=True),
+    Case("attn_mask on meta", "self_attention_fwd", layer_fwd(lambda a: {"mask": bool_mask(1, 1, 5, 5)("meta")}),
+         ValueError, r"attn_mask must be on the device of q \((cpu|cuda:0)\), got meta", layer_public,
+         mixes_devices=True),
     Case("x integer", "self_attention_fwd", layer_fwd(lambda a: {"x": a["x"].long()}), TypeError,
          r"x must be float32, .* got torch.int64", layer_public),
     Case("layer lse shape", "self_attention_bwd", layer_bwd(lambda a: {"lse": a["lse"][:, :, 1:]}), ValueError,
@@ -199,8 +241,20 @@ LAYER = [
          r"lse must be on the device of x \((cpu|cuda:0)\), got meta", mixes_devices=True),
     Case("num_heads disagrees", "self_attention_bwd", layer_bwd(lambda a: {}, heads=4), ValueError,
          r"lse must have shape \(B, num_heads, N\) = \[2, 4, 5\], got \[2, 2, 5\]"),
+    # 24 rows read with 2 + 2·1 heads: head_dim 6, so M = 12 where the forward had 8.
+    Case("num_kv_heads disagrees", "self_attention_bwd", layer_bwd(lambda a: {"extra": (1,)}), ValueError,
+         r"grad_out must have shape \(B, N, M\) = \[2, 5, 12\], got \[2, 5, 8\]"),
+    Case("num_kv_heads of bwd", "self_attention_bwd", layer_bwd(lambda a: {"extra": (3,)}), ValueError,
+         r"num_kv_heads must be >= 1 and divide num_heads = 2 \(0 means num_heads\), got 3"),
+    Case("attn_mask of bwd", "self_attention_bwd",
+         layer_bwd(lambda a: {"extra": (0, torch.ones(2, 2, 4, 5, dtype=torch.bool, device=a["x"].device))}),
+         ValueError, r"attn_mask must be 4-D and broadcast to \(B, Hq, Nq, Nk\) = \[2, 2, 5, 5\], got shape "
+         r"\[2, 2, 4, 5\]"),
+    Case("window of bwd", "self_attention_bwd", layer_bwd(lambda a: {"extra": (0, None, -1, -3)}), ValueError,
+         r"window_right must be >= -1 \(-1: unbounded\), got -3"),
     Case("qkv shape", "self_attention_bwd", layer_bwd(lambda a: {"qkv": a["qkv"][:, :, :-1]}), ValueError,
-         r"qkv must have shape \(B, N, 3M\) = \[2, 5, 24\], got \[2, 5, 23\]"),
+         r"qkv must have shape \(B, N, \(num_heads \+ 2 \* num_kv_heads\) \* head_dim\) = \[2, 5, 24\], "
+         r"got \[2, 5, 23\]"),
     Case("qkv dtype", "self_attention_bwd", layer_bwd(lambda a: {"qkv": a["qkv"].double()}), TypeError,
          r"qkv must have the dtype of x \(torch.float32\), got torch.float64"),
     Case("out shape (layer)", "self_attention_bwd", layer_bwd(lambda a: {"out": a["out"][:, 1:]}), ValueError,
@@ -358,6 +412,69 @@ def test_compile_reports_bad_inputs_at_trace_time(case):
     compiled = torch.compile(case.public, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match=case.message):
         compiled(*case.make("cpu"))
+
+
+# --- arguments only the public function takes ---------------------------------------------------
+# key_padding_mask and window=(left, right) never reach an op as they are: the public function
+# checks them, on real tensors, on meta tensors and under torch.compile alike.
+
+def layer_kwargs(single=False, **change):
+    """selfattn.self_attention's arguments on x (2, 5, 8) (or (5, 8)), 2 heads, then ``change``
+    (values, or device -> value)."""
+    def make(device):
+        x = randn(5, 8, device=device) if single else randn(2, 5, 8, device=device)
+        kwargs = dict(x=x, w_qkv=randn(18, 8, device=device), num_heads=2)
+        kwargs.update({k: v(device) if callable(v) else v for k, v in change.items()})
+        return kwargs
+    return make
+
+
+def kpm(*shape, dtype=torch.bool):
+    return lambda device: torch.ones(*shape, dtype=dtype, device=device)
+
+
+PUBLIC_ONLY = [
+    ("key_padding_mask short", layer_kwargs(key_padding_mask=kpm(2, 4)), ValueError,
+     r"key_padding_mask must have shape \(B, N\) = \[2, 5\], got \[2, 4\]"),
+    ("key_padding_mask transposed", layer_kwargs(key_padding_mask=kpm(5, 2)), ValueError,
+     r"key_padding_mask must have shape \(B, N\) = \[2, 5\], got \[5, 2\]"),
+    ("key_padding_mask 4-D", layer_kwargs(key_padding_mask=kpm(2, 1, 1, 5)), ValueError,
+     r"key_padding_mask must have shape \(B, N\) = \[2, 5\], got \[2, 1, 1, 5\]"),
+    ("key_padding_mask of a single sequence", layer_kwargs(single=True, key_padding_mask=kpm(1, 5)), ValueError,
+     r"key_padding_mask must have shape \(N,\) for a single sequence = \[5\], got \[1, 5\]"),
+    ("key_padding_mask float", layer_kwargs(key_padding_mask=kpm(2, 5, dtype=torch.float32)), TypeError,
+     r"key_padding_mask must be bool \(True = a real token\), got torch.float32"),
+    ("key_padding_mask int", layer_kwargs(key_padding_mask=kpm(2, 5, dtype=torch.int64)), TypeError,
+     r"key_padding_mask must be bool \(True = a real token\), got torch.int64"),
+    ("key_padding_mask on meta", layer_kwargs(key_padding_mask=lambda d: kpm(2, 5)("meta")), ValueError,
+     r"key_padding_mask must be on the device of x \((cpu|cuda:0)\), got meta"),
+    ("key_padding_mask not a tensor", layer_kwargs(key_padding_mask=[[True] * 5] * 2), TypeError,
+     r"key_padding_mask must be a torch.Tensor, got list"),
+    ("window not a pair", layer_kwargs(window=4), TypeError,
+     r"window must be None or a pair of ints \(left, right\), -1 for an unbounded side, got 4"),
+    ("window of floats", layer_kwargs(window=(2.0, 0)), TypeError, r"window must be None or a pair of ints"),
+    ("num_kv_heads float", layer_kwargs(num_kv_heads=1.0), TypeError, r"num_kv_heads must be an int, got float"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,make,error,message", PUBLIC_ONLY, ids=[c[0] for c in PUBLIC_ONLY])
+def test_public_only_arguments(name, make, error, message, device):
+    messages = set()
+    on_meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in make(device).items()}
+    mixes_devices = len({v.device for v in make(device).values() if isinstance(v, torch.Tensor)}) > 1
+    for kwargs in [make(device)] + ([] if mixes_devices else [on_meta]):
+        with pytest.raises(error, match=message) as caught:
+            selfattn.self_attention(**kwargs)
+        messages.add(str(caught.value).splitlines()[0])
+    assert len(messages) == 1 and messages.pop().startswith("selfattn: ")
+
+
+def test_compile_reports_bad_key_padding_mask_at_trace_time():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda **kw: selfattn.self_attention(**kw), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"key_padding_mask must have shape \(B, N\) = \[2, 5\], got \[2, 4\]"):
+        compiled(**layer_kwargs(key_padding_mask=kpm(2, 4))("cpu"))
 
 
 def test_good_arguments_pass_every_door():
