@@ -26,7 +26,9 @@ Times selfattn against PyTorch's attention: the attention core (selfattn.attenti
 whole layer (the tutorial's module, eager, F.linear + SDPA, nn.MultiheadAttention, selfattn's
 SelfAttention), forward and forward+backward, interleaved in rounds with a large GEMM. Reports
 median (min-max) times, FLOP rates, % of the GEMM rate, selfattn's speedup over each (median of
-per-round ratios) and peak memory; prints markdown tables, writes JSON and a PNG plot."""
+per-round ratios) and peak memory; prints markdown tables, writes JSON and a PNG plot. --sweep masks
+times the masked variants (padding, varlen, GQA, sliding window, random mask), each against selfattn
+without the variant and SDPA given the same inputs."""
 
 
 def _sweeps_help() -> str:
@@ -57,7 +59,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="comma-separated: float32,bfloat16,float16 (default: the sweep's)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     p.add_argument("--level", choices=("both",) + tuple(LEVELS), default=None,
-                   help="attention core, whole layer, or both")
+                   help="attention core, whole layer, or both (masks: the masks sweep's level)")
     p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default: the sweep's)")
     p.add_argument("--impls", default=None, help="comma-separated implementation names to run (selfattn always runs)")
     p.add_argument("--repeats", type=int, default=None, help=f"interleaved rounds (default {MIN_PAIRS})")
