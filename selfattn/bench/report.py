@@ -174,13 +174,15 @@ def masks_summary(records: List[Record], modes: Sequence[str]) -> List[str]:
     head = ["variant", "(B, Hq, N, D)", "Hk", "causal"] + [f"selfattn ms {mode}" for mode in modes]
     for _, _, title in comparisons:
         head += [f"{title} {mode}" for mode in modes] + ["target"]
-    rows = []
+    rows, notes = [], {}
     for case, by_impl in by_case.items():
         ours = by_impl["selfattn"].modes
+        notes.update({f"- {case.variant}: {e.reason}": None for record in by_impl.values()
+                      for e in record.modes.values() if isinstance(e, Unavailable)})
         s = case.shape
         row = [case.variant, f"({s.batch}, {s.heads}, {s.seq}, {s.head_dim})", str(case.kv_heads),
                "yes" if case.causal else "no"]
-        row += [_fmt_ms(ours[m]) if isinstance(ours.get(m), Timed) else _status(ours.get(m)) for m in modes]
+        row += [_fmt_ms(ours[m]) if isinstance(ours.get(m), Timed) else _mode_cells(ours.get(m), 1)[0] for m in modes]
         for name, at_most, _ in comparisons:
             target = case.variant_spec.target(name)
             for mode in modes:
@@ -193,13 +195,7 @@ def masks_summary(records: List[Record], modes: Sequence[str]) -> List[str]:
                 row.append(_fmt_ratio(ratio) + mark)
             row.append(target.text() if target else "—")
         rows.append(row)
-    return _table(head, rows)
-
-
-def _status(entry) -> str:
-    if isinstance(entry, Unavailable):
-        return entry.reason
-    return entry.status if entry else "—"
+    return _table(head, rows) + ([""] + list(notes) if notes else [])
 
 
 def _masks_notes() -> List[str]:
