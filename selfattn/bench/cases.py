@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from .variants import VARIANTS, Variant, plain_pairs
+from .variants import VARIANTS, Variant
 
 MODES = ("fwd", "fwd+bwd", "bwd")
 MEMORY_MODES = ("fwd", "fwd+bwd")  # bwd alone is not measured: its peak is fwd+bwd's
