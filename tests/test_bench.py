@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
 
-from selfattn.bench import cases, impls, measure, run
+import selfattn
+from selfattn.bench import cases, impls, measure, run, variants
 from selfattn.bench.__main__ import main
 
 TINY = "1x32x64x2"
@@ -152,3 +154,136 @@ def test_forced_sdpa_backends_report_unavailable(tmp_path, capsys, monkeypatch):
     for name in refused:
         assert modes[name]["fwd"]["status"] == "unavailable" and modes[name]["fwd"]["reason"]
         assert f"- {name} unavailable: " in table
+
+
+# ---------------------------------------------------------------------------------------------
+# The masks sweep (issue 9's cases)
+
+MASK_VARIANTS = ("padding", "varlen", "gqa", "window", "random")
+TINY_MASKS = "2x64x64x4"  # H = 4, D = 16: GQA's Hk = 1; the window (left 255) spans every row
+
+
+def _varlen_by_calls(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+    """A stand-in for selfattn.attention_varlen (FlashAttention's packed layout), one call per sequence."""
+    outs = []
+    for s in range(len(cu_q) - 1):
+        rows_q, rows_k = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
+        out = selfattn.attention(*(t[r].transpose(0, 1) for t, r in ((q, rows_q), (k, rows_k), (v, rows_k))),
+                                 causal=causal)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.fixture(params=["built", "missing"])
+def varlen(request, monkeypatch):
+    """Runs a test with selfattn.attention_varlen (the real one, else the stand-in) and without it."""
+    if request.param == "missing":
+        monkeypatch.delattr(selfattn, "attention_varlen", raising=False)
+    elif not hasattr(selfattn, "attention_varlen"):
+        monkeypatch.setattr(selfattn, "attention_varlen", _varlen_by_calls, raising=False)
+    return request.param
+
+
+def test_masks_sweep_rows_and_ratios(tmp_path, capsys, varlen):
+    path = tmp_path / "out.json"
+    assert main(["--sweep", "masks", "--quick", "--shapes", TINY_MASKS, "--repeats", "2", "--threads", "1",
+                 "--json", str(path), "--no-plot"]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    assert result["meta"]["levels"] == ["masks"] and result["meta"]["modes"] == ["fwd", "fwd+bwd"]
+    by_variant = {}
+    for record in result["records"]:
+        by_variant.setdefault(record["case"]["variant"], {})[record["impl"]] = record
+    assert tuple(by_variant) == MASK_VARIANTS
+    summary = table[table.index("## Summary: masked variants"):].splitlines()
+    for variant, rows in by_variant.items():
+        expected = {"selfattn", "selfattn plain", "sdpa"} | ({"selfattn separate"} if variant == "varlen" else set())
+        assert set(rows) == expected, variant
+        assert any(line.startswith(f"| {variant} |") for line in summary), variant
+        if variant == "varlen" and varlen == "missing":
+            for record in rows.values():
+                for mode in ("fwd", "fwd+bwd"):
+                    assert record["modes"][mode]["status"] == "unavailable"
+                    assert "attention_varlen" in record["modes"][mode]["reason"]
+            continue
+        ours = rows["selfattn"]["modes"]
+        for name, record in rows.items():
+            for mode in ("fwd", "fwd+bwd"):
+                entry = record["modes"][mode]
+                assert entry["status"] == "ok", (variant, name, mode, entry)
+                assert len(entry["times_ms"]) == 2 and all(t > 0 for t in entry["times_ms"])
+                assert entry["flops"] > 0 and math.isfinite(entry["flop_rate"])
+                if name != "selfattn":
+                    ratios = [t / s for t, s in zip(entry["times_ms"], ours[mode]["times_ms"])]
+                    assert all(math.isfinite(r) and r > 0 for r in ratios)
+                    assert entry["speedup"]["min"] <= entry["speedup"]["median"] <= entry["speedup"]["max"]
+                    assert math.isfinite(entry["speedup"]["median"])
+    summary_rows = [line for line in summary if line.startswith("| ") and not line.startswith("| variant")]
+    assert len(summary_rows) == len(MASK_VARIANTS)
+    assert not any(word in line for line in summary_rows for word in ("nan", "inf"))
+
+
+def _rows(case):
+    """Each masks-level row of a case, built and run forward once on one input set."""
+    inputs = impls.make_inputs(case, "masks", torch.device("cpu"), grads=False)
+    outs = {}
+    for impl in impls.implementations("cpu"):
+        if impl.level == "masks" and impl.applies(case):
+            built = impl.build(case, torch.device("cpu"), inputs)
+            step = impls.make_step(built, [inputs], [], "fwd")
+            outs[impl.name] = step()
+    return outs
+
+
+def _real_rows(out, case):
+    """An output, (B, H, N, D), packed (T, H, D) or one (1, H, n, D) per sequence, as (B, H, N, D)
+    with the rows past each sequence's length zeroed."""
+    if isinstance(out, torch.Tensor) and out.dim() == 4:
+        out = variants.pack(out, case)
+    parts = out if isinstance(out, list) else variants.unpack_views(out, case)
+    padded = torch.zeros(case.shape.batch, case.shape.heads, case.shape.seq, case.shape.head_dim)
+    for b, part in enumerate(parts):
+        padded[b, :, :part.shape[2]] = part[0]
+    return padded
+
+
+@pytest.mark.parametrize("variant", MASK_VARIANTS)
+def test_masks_rows_compute_their_problem(variant, monkeypatch):
+    """selfattn's row really runs the variant: it gives SDPA's row's output (SDPA with the same mask,
+    or enable_gqa) and differs from the plain row's, which runs without it (except GQA, where plain
+    gets k and v repeated: the same result); its credited FLOPs are the variant's visible pairs."""
+    if not hasattr(selfattn, "attention_varlen"):
+        monkeypatch.setattr(selfattn, "attention_varlen", _varlen_by_calls, raising=False)
+    # The window case: N > left + 1 = 256, so that the window hides keys.
+    shape = cases.Shape(1, 300, 32, 2) if variant == "window" else cases.Shape(2, 64, 64, 4)
+    case = cases.Case(shape, variant == "window", "float32", variant)
+    outs = _rows(case)
+    ours, sdpa, plain = outs["selfattn"], outs["sdpa"], outs["selfattn plain"]
+    if variant == "varlen":  # SDPA and plain ran the padded batch: compare the sequences' rows
+        ours, sdpa, plain = (_real_rows(out, case) for out in (ours, sdpa, plain))
+        assert torch.allclose(_real_rows(outs["selfattn separate"], case), ours, atol=1e-5)
+    assert torch.allclose(ours, sdpa, atol=1e-5, rtol=1e-4), (ours - sdpa).abs().max()
+    if variant == "gqa":
+        assert torch.allclose(ours, plain, atol=1e-5, rtol=1e-4)
+    else:
+        assert not torch.allclose(ours, plain, atol=1e-3), "the variant changed nothing: is it applied?"
+    level = cases.case_flops(case, "masks", "fwd")
+    plain_flops = next(i for i in impls.IMPLEMENTATIONS if i.name == "selfattn plain").flops(case, "fwd")
+    assert level == 4 * shape.head_dim * variants.VARIANTS[variant].pairs(case)
+    assert (level == plain_flops) if variant == "gqa" else (level < plain_flops)
+
+
+def test_masks_visible_pairs():
+    n, left = 300, 255
+    case = cases.Case(cases.Shape(1, n, 64, 2), True, "float32", "window")
+    assert variants.window_pairs(case) == 2 * sum(min(i, left) + 1 for i in range(n))
+    assert variants.plain_pairs(case) == 2 * n * (n + 1) // 2
+    lengths = variants.lengths(8, 512)
+    assert lengths == variants.lengths(8, 512) and all(256 <= m <= 512 for m in lengths)
+    case = cases.Case(cases.Shape(8, 512, 512, 8), False, "float32", "padding")
+    assert variants.padding_pairs(case) == 8 * 512 * sum(lengths)
+    assert variants.varlen_pairs(case) == 8 * sum(m * m for m in lengths)
+    assert variants.padding_mask(case, torch.device("cpu")).sum() == sum(lengths)
+    packed = variants.pack(torch.randn(8, 8, 512, 64), case)
+    assert packed.shape == (sum(lengths), 8, 64)
+    assert [v.shape[2] for v in variants.unpack_views(packed, case)] == list(lengths)

@@ -10,6 +10,11 @@ What it measures, in one run:
   + matmul, ``F.linear`` + SDPA (the strongest fair baseline), ``nn.MultiheadAttention`` (which
   also runs its output projection: more work, counted in its FLOPs) and selfattn's fused
   ``SelfAttention``;
+* with ``--sweep masks``, the **masked variants** (``variants.py``; the ``masks`` level): a key
+  padding mask, packed varlen (when ``selfattn.attention_varlen`` exists; skipped with a note
+  otherwise), GQA, a sliding window and a random bool mask, each against selfattn on the same
+  shape without the variant (``selfattn plain``), SDPA given the same inputs and, for varlen,
+  selfattn once per sequence; its summary shows each ratio in its target's direction;
 * in modes ``fwd`` (under ``torch.no_grad``), ``fwd+bwd`` (forward, then ``autograd.grad`` of
   the inputs and parameters) and, when asked, ``bwd`` (backward alone, on a retained graph).
 
@@ -41,7 +46,10 @@ Conventions (the code cites them as "the package docstring"):
   2.5× forward (FlashAttention's count: the four gradient matmuls and the recomputed scores).
   Projections: 6·B·N·E·M forward (x·Wᵀ to q, k and v), twice that backward (dx and dW).
   nn.MultiheadAttention is also credited with its output projection, 2·B·N·M·E forward.
-  Softmax, scaling and masking are not counted. The rate is FLOPs / median time.
+  Softmax, scaling and masking are not counted. The rate is FLOPs / median time. The masks
+  level counts 4·D per visible (query, key) pair forward (backward 2.5×), the pairs counted
+  exactly for each row's own problem (``Impl.flops``; ``variants.py``): padding N·Σn_b per head,
+  varlen Σn_s², a window its band, a random mask its True elements.
 * **At least 7 rounds** (``measure.MIN_PAIRS``, the ``--repeats`` default): a speedup is the
   median of per-round ratios, each from one round in which both rows ran back to back, so a
   drift of the machine (another process, the clock) hits both sides of a ratio; with 7 rounds,
@@ -51,6 +59,8 @@ Conventions (the code cites them as "the package docstring"):
 Layout:
 
 * ``cases.py``: shapes, cases, levels (a level's inputs, FLOP count and title), the sweeps;
+* ``variants.py``: the masks level's variants: their masks and lengths (a fixed seed), visible
+  pairs and targets;
 * ``impls.py``: the implementations (``IMPLEMENTATIONS``), their builders and memory
   estimates, the inputs and the step that runs one call;
 * ``measure.py``: the devices (clock, GEMM rate, memory budget, peak memory), interleaved
@@ -74,6 +84,10 @@ Adding to it:
   offers it, and a sweep's ``levels`` can name it.
 * **a variant of the cases** (a mask kind, GQA's KV heads): a field with a default on ``Case``
   (or ``Shape``), in its ``label``, ``to_json`` and ``from_json``, used by the levels' input
-  shapes and FLOPs and by the builders that support it.
+  shapes and FLOPs and by the builders that support it. A **masked variant** of the core: an
+  entry in ``variants.VARIANTS`` (its visible pairs, what SDPA and the plain row are given, its
+  targets), a case of it in the ``masks`` sweep, and its branch in the masks builders of
+  ``impls.py``; a row that needs other inputs than (B, Hq, N, D) q and (B, Hk, N, D) k, v makes
+  them in ``Built.adapt`` (untimed), and ``Impl.applies`` keeps a row to the cases it fits.
 * **a dtype**: an entry in ``cases.DTYPES``; **a sweep**: an entry in ``cases.SWEEPS``.
 """

@@ -10,6 +10,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from .variants import VARIANTS, Variant
+
 MODES = ("fwd", "fwd+bwd", "bwd")
 MEMORY_MODES = ("fwd", "fwd+bwd")  # bwd alone is not measured: its peak is fwd+bwd's
 MIB = 2.0**20
@@ -45,6 +47,15 @@ class Case:
     shape: Shape
     causal: bool
     dtype: str
+    variant: str = ""  # the masks level: a key of variants.VARIANTS
+
+    @property
+    def variant_spec(self) -> Variant:
+        return VARIANTS[self.variant]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.shape.heads // self.variant_spec.kv_groups if self.variant else self.shape.heads
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -55,17 +66,19 @@ class Case:
         return torch.empty((), dtype=self.torch_dtype).element_size()
 
     def label(self) -> str:
-        return f"{self.shape.label()} {self.dtype} {'causal' if self.causal else 'non-causal'}"
+        variant = f" {self.variant}" if self.variant else ""
+        return f"{self.shape.label()} {self.dtype} {'causal' if self.causal else 'non-causal'}{variant}"
 
     def to_json(self) -> dict:
         s = self.shape
-        return {"batch": s.batch, "seq": s.seq, "embed": s.embed, "heads": s.heads, "head_dim": s.head_dim,
-                "causal": self.causal, "dtype": self.dtype, "timed": s.timed}
+        d = {"batch": s.batch, "seq": s.seq, "embed": s.embed, "heads": s.heads, "head_dim": s.head_dim,
+             "causal": self.causal, "dtype": self.dtype, "timed": s.timed}
+        return dict(d, variant=self.variant, kv_heads=self.kv_heads) if self.variant else d
 
     @staticmethod
     def from_json(d: dict) -> "Case":
         return Case(Shape(d["batch"], d["seq"], d["embed"], d["heads"], d.get("timed", True)),
-                    d["causal"], d["dtype"])
+                    d["causal"], d["dtype"], d.get("variant", ""))
 
 
 def parse_shapes(text: str) -> Tuple[Shape, ...]:
@@ -97,6 +110,11 @@ def _by_mode(forward: float, kind: str, mode: str) -> float:
 def attention_flops(shape: Shape, causal: bool, mode: str) -> float:
     forward = 4.0 * shape.batch * shape.heads * shape.seq * shape.seq * shape.head_dim
     return _by_mode(forward / 2 if causal else forward, "attention", mode)
+
+
+def pairs_flops(pairs: float, head_dim: int, mode: str) -> float:
+    """Attention over `pairs` visible (query, key) pairs (all batches and heads): 4·D per pair forward."""
+    return _by_mode(4.0 * pairs * head_dim, "attention", mode)
 
 
 def projection_flops(shape: Shape, mode: str) -> float:
@@ -131,7 +149,15 @@ LEVELS: Dict[str, Level] = {
         flops=lambda c, mode: attention_flops(c.shape, c.causal, mode) + projection_flops(c.shape, mode),
         title=lambda c: f"whole layer, x (B, N, E) = ({c.shape.batch}, {c.shape.seq}, {c.shape.embed}), "
                         f"{c.shape.heads} heads, M = E"),
+    # A masked variant of the core (variants.py); FLOPs: its visible pairs, 4·D each forward.
+    "masks": Level(
+        input_shapes=lambda c: [(c.shape.batch, c.shape.heads, c.shape.seq, c.shape.head_dim)]
+                               + [(c.shape.batch, c.kv_heads, c.shape.seq, c.shape.head_dim)] * 2,
+        flops=lambda c, mode: pairs_flops(c.variant_spec.pairs(c), c.shape.head_dim, mode),
+        title=lambda c: f"{c.variant}: {c.variant_spec.title}, q (B, Hq, N, D) = ({c.shape.batch}, "
+                        f"{c.shape.heads}, {c.shape.seq}, {c.shape.head_dim}), Hk = {c.kv_heads}"),
 }
+MASKS_LEVEL = "masks"  # the level of the cases with a variant, and only of those
 
 
 def input_shapes(case: Case, level: str) -> List[Tuple[int, ...]]:
@@ -167,6 +193,8 @@ class Sweep:
     levels: Tuple[str, ...] = ("core", "layer")
     modes: Tuple[str, ...] = ("fwd", "fwd+bwd")
     note: str = ""
+    cases: Tuple[Case, ...] = ()  # instead of shapes × dtypes × causal: these (--shapes: each at those shapes)
+    memory: bool = True  # measured unless --no-memory (False: only with --memory)
 
 
 SWEEPS: Dict[str, Sweep] = {
@@ -179,4 +207,12 @@ SWEEPS: Dict[str, Sweep] = {
                       for n in (512, 1024, 2048, 4096, 8192)),
                 dtypes=("bfloat16",), levels=("core",), modes=("fwd", "bwd"),
                 note="FlashAttention's benchmark shapes (batch·seqlen = 16384, heads·head_dim = 2048)"),
+    # Issue 9's cases: each variant against selfattn without it and SDPA given the same inputs.
+    "masks": Sweep((), dtypes=("float32",), levels=(MASKS_LEVEL,), memory=False,
+                   cases=(Case(Shape(8, 512, 512, 8), False, "float32", "padding"),
+                          Case(Shape(8, 512, 512, 8), False, "float32", "varlen"),
+                          Case(Shape(1, 1024, 2048, 32), False, "float32", "gqa"),
+                          Case(Shape(1, 4096, 512, 8), True, "float32", "window"),
+                          Case(Shape(8, 512, 512, 8), False, "float32", "random")),
+                   note="masked variants (issue 9); memory not measured unless --memory"),
 }

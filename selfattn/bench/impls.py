@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,10 @@ from torch import Tensor, nn
 
 import selfattn
 
-from .cases import MIB, Case, Shape, input_shapes, out_projection_flops, output_shape
+from . import variants
+from .cases import MIB, Case, Shape, input_shapes, out_projection_flops, output_shape, pairs_flops
+
+Adapt = Callable[[List[Tensor], Optional[Tensor]], Tuple[List[Tensor], object]]
 
 
 @dataclass
@@ -25,6 +28,9 @@ class Built:
     forward: Callable[..., Tensor]
     params: List[Tensor] = field(default_factory=list)
     backend: str = ""
+    # (one input set, its output gradient or None) -> the inputs forward takes, as new leaves, and
+    # the gradient(s) of its output(s): made once per input set before timing, never timed.
+    adapt: Optional[Adapt] = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class Impl:
     extra_flops: Callable[[Shape, str], float] = lambda shape, mode: 0.0
     note: str = ""
     devices: Tuple[str, ...] = ("cpu", "cuda")
+    flops: Optional[Callable[[Case, str], float]] = None  # its own problem's count, instead of the level's
+    applies: Callable[[Case], bool] = lambda case: True  # False: not a row of this case
 
 
 def _split_heads(qkv: Tensor, heads: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -78,13 +86,15 @@ def _forced_backend(backend) -> contextlib.AbstractContextManager:
     return sdpa_kernel(backend)
 
 
-def sdpa_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str:
+def sdpa_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Optional[Tensor] = None,
+                gqa: bool = False) -> str:
     """The backend SDPA picks by itself for these inputs, lowercased ('?' when torch won't say)."""
     try:
         from torch.nn.attention import SDPBackend
 
         names = {int(member): name for name, member in SDPBackend.__members__.items()}
-        return names[int(torch._fused_sdp_choice(q, k, v, None, 0.0, causal))].lower()
+        extra = {"enable_gqa": True} if gqa else {}
+        return names[int(torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, **extra))].lower()
     except Exception:  # a private API: any failure only loses the label
         return "?"
 
@@ -168,6 +178,96 @@ def _build_reference(case: Case, device: torch.device, example: Sequence[Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
+# The masks level (variants.py): selfattn with the case's variant, without it ('plain'), SDPA
+# given the same inputs, and (varlen) selfattn once per sequence. Masks and lengths come from the
+# fixed seed, built once per case; what a row needs beyond the (B, Hq, N, D) q and (B, Hk, N, D)
+# k, v it is given (packed sequences, k and v repeated to Hq) is made by its adapt, untimed.
+
+
+def _leaves(tensors: Sequence[Tensor], grads: bool) -> List[Tensor]:
+    return [t.detach().contiguous().requires_grad_(grads) for t in tensors]
+
+
+def _packed_adapt(case: Case, per_sequence: bool) -> Adapt:
+    """(B, H, N, D) -> packed (T, H, D) leaves; the output gradient packed, or as one view per sequence."""
+
+    def adapt(inputs: List[Tensor], grad_out: Optional[Tensor]):
+        leaves = _leaves([variants.pack(t, case) for t in inputs], inputs[0].requires_grad)
+        grad = None if grad_out is None else variants.pack(grad_out, case)
+        return leaves, variants.unpack_views(grad, case) if per_sequence and grad is not None else grad
+
+    return adapt
+
+
+def _tensor_mask(case: Case, device: torch.device) -> Optional[Tensor]:
+    """The variant's mask tensor as selfattn and SDPA take it (True = take part), or None."""
+    if case.variant in ("padding", "varlen"):
+        return variants.padding_mask(case, device)
+    if case.variant == "random":
+        return variants.random_mask(case, device)
+    return None
+
+
+def _build_masked_selfattn(case: Case, device: torch.device, example: Sequence[Tensor]) -> Built:
+    spec, causal = case.variant_spec, case.causal
+    if case.variant == "varlen":
+        cu, longest = variants.cu_seqlens(case, device), max(variants.case_lengths(case))
+
+        def varlen(q, k, v):
+            out = selfattn.attention_varlen(q, k, v, cu, cu, longest, longest, causal=causal)
+            return out[0] if isinstance(out, tuple) else out
+
+        return Built(varlen, adapt=_packed_adapt(case, per_sequence=False))
+    mask, gqa = _tensor_mask(case, device), spec.kv_groups > 1
+    window = spec.window if spec.window != (-1, -1) else None
+    return Built(lambda q, k, v: selfattn.attention(q, k, v, mask, enable_gqa=gqa, causal=causal, window=window))
+
+
+def _build_plain_selfattn(case: Case, device: torch.device, example: Sequence[Tensor]) -> Built:
+    groups, causal = case.variant_spec.kv_groups, case.causal
+
+    def repeat_kv(inputs: List[Tensor], grad_out: Optional[Tensor]):
+        q, k, v = inputs
+        kv = _leaves([t.repeat_interleave(groups, dim=1) for t in (k, v)], q.requires_grad)
+        return [q] + kv, grad_out
+
+    return Built(lambda q, k, v: selfattn.attention(q, k, v, causal=causal), backend=case.variant_spec.plain,
+                 adapt=repeat_kv if groups > 1 else None)
+
+
+def _build_masked_sdpa(case: Case, device: torch.device, example: Sequence[Tensor]) -> Built:
+    spec = case.variant_spec
+    mask = variants.window_mask(case, device) if case.variant == "window" else _tensor_mask(case, device)
+    if case.causal and mask is not None:  # SDPA refuses is_causal with a mask: the intersection, once
+        mask = mask & torch.ones(case.shape.seq, case.shape.seq, dtype=torch.bool, device=device).tril()
+    causal, gqa = case.causal and mask is None, spec.kv_groups > 1
+
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+    return Built(forward, backend=f"{spec.sdpa}; default → {sdpa_choice(*example, causal, mask, gqa)}")
+
+
+def _build_separate_selfattn(case: Case, device: torch.device, example: Sequence[Tensor]) -> Built:
+    causal = case.causal
+
+    def forward(q, k, v):
+        return [selfattn.attention(*qkv, causal=causal)
+                for qkv in zip(*(variants.unpack_views(t, case) for t in (q, k, v)))]
+
+    return Built(forward, backend="one call per sequence", adapt=_packed_adapt(case, per_sequence=True))
+
+
+def _plain_flops(case: Case, mode: str) -> float:
+    return pairs_flops(variants.plain_pairs(case), case.shape.head_dim, mode)
+
+
+def _sdpa_flops(case: Case, mode: str) -> float:
+    spec = case.variant_spec
+    return pairs_flops((spec.sdpa_pairs or spec.pairs)(case), case.shape.head_dim, mode)
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory estimates: the peak bytes an implementation allocates above its inputs and parameters,
 # from its algorithm, as counts of tensors of three sizes alive at the peak:
 #   act = B·N·M elements, counted at >= 4 bytes (reduced precision keeps float32 intermediates),
@@ -212,6 +312,11 @@ IMPLEMENTATIONS: List[Impl] = [
          extra_flops=out_projection_flops, note="includes its output projection (its FLOPs counted)"),
     Impl("eager", "layer", _build_eager, _estimate((12, 3, 0), (24, 5, 0))),
     Impl("reference", "layer", _build_reference, _estimate((12, 6, 1), (24, 10, 2))),
+    Impl("selfattn", "masks", _build_masked_selfattn, _flash_like),
+    Impl("selfattn plain", "masks", _build_plain_selfattn, _flash_like, flops=_plain_flops),
+    Impl("sdpa", "masks", _build_masked_sdpa, _flash_like, flops=_sdpa_flops),
+    Impl("selfattn separate", "masks", _build_separate_selfattn, _flash_like,
+         applies=lambda case: case.variant_spec.separate),
 ]
 
 
@@ -234,8 +339,12 @@ def make_inputs(case: Case, level: str, device: torch.device, grads: bool) -> Li
 
 
 def make_step(built: Built, input_sets: List[List[Tensor]], grad_outs: List[Tensor], mode: str) -> Callable[[], object]:
-    """One call of `mode`, each call on the next input set."""
+    """One call of `mode`, each call on the next input set (adapted first, when the row adapts them)."""
     counter = itertools.count()
+    if built.adapt is not None:
+        adapted = [built.adapt(inputs, grad_outs[i] if grad_outs else None) for i, inputs in enumerate(input_sets)]
+        input_sets = [inputs for inputs, _ in adapted]
+        grad_outs = [grad for _, grad in adapted] if grad_outs else []
 
     def leaves(inputs: List[Tensor]) -> List[Tensor]:
         return list(inputs) + built.params

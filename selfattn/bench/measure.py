@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -198,7 +198,7 @@ def pair_ratios(baseline: List[float], ours: List[float]) -> Speedup:
 
 def _tiny(case: Case) -> Case:
     s = case.shape
-    return Case(Shape(1, min(s.seq, 32), s.embed, s.heads), case.causal, case.dtype)
+    return replace(case, shape=Shape(1, min(s.seq, 32), s.embed, s.heads))
 
 
 def _measure_rss_growth(impl: Impl, case: Case, level: str, mode: str, method: str) -> MemoryReading:

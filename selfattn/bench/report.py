@@ -3,11 +3,13 @@ builder), and a PNG plot of the FLOP rates."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .cases import DTYPES, GIB, MEMORY_MODES, MIB, Case, case_title
+from .cases import DTYPES, GIB, MASKS_LEVEL, MEMORY_MODES, MIB, Case, case_title
 from .records import Failed, Group, Measured, Record, Result, Skipped, Speedup, Timed, Unavailable
+from .variants import COMPARISONS
 
 
 def num(x: float) -> str:
@@ -109,9 +111,10 @@ def _case_cells(case: Case) -> List[str]:
 
 def summary_table(records: List[Record], level: str, columns: Sequence[Column], timed_only: bool) -> List[str]:
     """One line per case of the level (timed_only: memory points left out): its cells, then the columns'."""
-    rows = [_case_cells(case) + [cell(case, by_impl) for _, cell in columns]
+    variant = level == MASKS_LEVEL
+    rows = [[case.variant] * variant + _case_cells(case) + [cell(case, by_impl) for _, cell in columns]
             for case, by_impl in _by_case(records, level).items() if case.shape.timed or not timed_only]
-    return _table(CASE_HEAD + [head for head, _ in columns], rows)
+    return _table(["variant"] * variant + CASE_HEAD + [head for head, _ in columns], rows)
 
 
 def per_mode(name: str, modes: Sequence[str], memory: bool,
@@ -157,6 +160,58 @@ def memory_summary(records: List[Record], level: str) -> List[str]:
     return summary_table(records, level, columns, timed_only=False)
 
 
+def round_ratios(ours: Timed, theirs: Timed, at_most: bool) -> Speedup:
+    """The per-round ratios in a target's direction: t_selfattn / t_row (at_most) or t_row / t_selfattn."""
+    ratios = [(a / b if at_most else b / a) for a, b in zip(ours.times_ms, theirs.times_ms)]
+    return Speedup(statistics.median(ratios), min(ratios), max(ratios))
+
+
+def masks_summary(records: List[Record], modes: Sequence[str]) -> List[str]:
+    """Per variant: selfattn's time, and per comparison row and mode its ratio in the direction of
+    the variant's target (median (min–max) of the per-round ratios; ✓ / ✗ against the target)."""
+    by_case = _by_case(records, MASKS_LEVEL)
+    comparisons = [c for c in COMPARISONS if any(c[0] in by_impl for by_impl in by_case.values())]
+    head = ["variant", "(B, Hq, N, D)", "Hk", "causal"] + [f"selfattn ms {mode}" for mode in modes]
+    for _, _, title in comparisons:
+        head += [f"{title} {mode}" for mode in modes] + ["target"]
+    rows, notes = [], {}
+    for case, by_impl in by_case.items():
+        ours = by_impl["selfattn"].modes
+        notes.update({f"- {case.variant}: {e.reason}": None for record in by_impl.values()
+                      for e in record.modes.values() if isinstance(e, Unavailable)})
+        s = case.shape
+        row = [case.variant, f"({s.batch}, {s.heads}, {s.seq}, {s.head_dim})", str(case.kv_heads),
+               "yes" if case.causal else "no"]
+        row += [_fmt_ms(ours[m]) if isinstance(ours.get(m), Timed) else _mode_cells(ours.get(m), 1)[0] for m in modes]
+        for name, at_most, _ in comparisons:
+            target = case.variant_spec.target(name)
+            for mode in modes:
+                theirs = by_impl[name].modes.get(mode) if name in by_impl else None
+                if not (isinstance(ours.get(mode), Timed) and isinstance(theirs, Timed)):
+                    row.append("—")
+                    continue
+                ratio = round_ratios(ours[mode], theirs, at_most)
+                mark = "" if target is None else (" ✓" if target.met(ratio.median) else " ✗")
+                row.append(_fmt_ratio(ratio) + mark)
+            row.append(target.text() if target else "—")
+        rows.append(row)
+    return _table(head, rows) + ([""] + list(notes) if notes else [])
+
+
+def _masks_notes() -> List[str]:
+    return ["- Masks: each variant's rows run interleaved in the same rounds: selfattn with the variant, "
+            "selfattn plain (the same shape without it; GQA: k, v repeated to Hq beforehand, untimed), SDPA "
+            "given the same inputs (varlen: the padded batch with the padding mask), and for varlen selfattn "
+            "once per sequence. Masks and lengths come from a fixed seed and are built once, untimed.",
+            "- Masks FLOPs: 4·D per visible (query, key) pair forward, 2.5× that backward, the pairs counted "
+            "exactly for each row's own problem: padding N·Σn_b per head (padded query rows included), varlen "
+            "Σn_s², the window its band's pairs (causal: N(N+1)/2 without the window), the random mask its True "
+            "count (all its tiles are computed: the rate shows the useful half).",
+            "- Masks summary: own and separate: t_selfattn / t_row (< 1: the variant saves time; target ≤), "
+            "SDPA: t_sdpa / t_selfattn (> 1: selfattn faster; target ≥); median (min–max) of the per-round "
+            "ratios, ✓ / ✗ against the target."]
+
+
 def markdown_report(result: Result, modes: Sequence[str]) -> str:
     meta, records = result.meta, result.records
     out = [f"# selfattn benchmark — {meta.device}",
@@ -173,6 +228,8 @@ def markdown_report(result: Result, modes: Sequence[str]) -> str:
            "converts that mask to N² elements of the dtype.",
            "- Causal FLOPs are half the full count for everyone (eager and reference compute all scores, then mask).",
            ""]
+    if MASKS_LEVEL in meta.levels:
+        out[-1:] = _masks_notes() + [""]
     if meta.note:
         out += [f"Sweep: {meta.note}.", ""]
     for level in meta.levels:
@@ -184,13 +241,18 @@ def markdown_report(result: Result, modes: Sequence[str]) -> str:
         out += [f"## Summary: peak memory, {' / '.join(MEMORY_MODES)} (skip: estimated over the budget)", ""]
         for level in meta.levels:
             out += [f"### {level}", ""] + memory_summary(records, level) + [""]
-    out += [f"## Summary: selfattn ms and speedup, {' / '.join(modes)} (> 1: selfattn faster)", ""]
-    for level in meta.levels:
+    plain_levels = [level for level in meta.levels if level != MASKS_LEVEL]  # masks: its own summary, last
+    if plain_levels:
+        out += [f"## Summary: selfattn ms and speedup, {' / '.join(modes)} (> 1: selfattn faster)", ""]
+    for level in plain_levels:
         out += [f"### {level}", ""] + speedup_summary(records, level, modes) + [""]
     # Last: the compact table a log's tail shows (scripts/gpu_check.sh keeps it).
     out += [f"## Summary: {meta.flop_unit} of every implementation, {' / '.join(modes)}", ""]
     for level in meta.levels:
         out += [f"### {level}", ""] + rate_summary(records, level, modes, meta.flop_scale) + [""]
+    if MASKS_LEVEL in meta.levels:
+        out += ["## Summary: masked variants — selfattn against itself without the variant and against SDPA", ""]
+        out += masks_summary(records, modes) + [""]
     return "\n".join(out)
 
 

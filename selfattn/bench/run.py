@@ -89,7 +89,8 @@ def ready_contestant(impl: Impl, case: Case, level: str, mode: str, dev, inputs:
 
 def _timed(case: Case, level: str, mode: str, impl: Impl, contestant: Contestant, backend: str,
            samples: Dict[str, List[float]], gemm_rate: float) -> Timed:
-    flops = case_flops(case, level, mode) + impl.extra_flops(case.shape, mode)
+    problem = impl.flops(case, mode) if impl.flops else case_flops(case, level, mode)  # its own, or the level's
+    flops = problem + impl.extra_flops(case.shape, mode)
     summary = summarize(samples[impl.name])
     rate = flops / (summary.median_ms / 1e3)
     theirs = impl.name != "selfattn" and "selfattn" in samples
@@ -151,9 +152,19 @@ def _memory_outcome(estimate: float, reading: MemoryReading) -> MemoryOutcome:
     return Measured(estimate, reading.peak_bytes, reading.method)
 
 
-def _level_impls(dev, level: str, opts: Options) -> List[Impl]:
-    return [impl for impl in implementations(dev.type) if impl.level == level
+def _level_impls(dev, case: Case, level: str, opts: Options) -> List[Impl]:
+    return [impl for impl in implementations(dev.type) if impl.level == level and impl.applies(case)
             and (opts.impl_names is None or impl.name in opts.impl_names or impl.name == "selfattn")]
+
+
+def _unavailable_case(case: Case, level: str, impls: List[Impl], modes: Sequence[str], reason: str,
+                      progress: str) -> List[Record]:
+    """A case this build cannot run (a variant's function missing): every row says why, nothing runs."""
+    log(f"{progress} {level} {case.label()}: {reason}")
+    records = [Record(case, level, impl.name, impl.note) for impl in impls]
+    for record in records:
+        record.modes = {mode: Unavailable(reason) for mode in modes}
+    return records
 
 
 def run_case(dev, case: Case, opts: Options, progress: str) -> Tuple[List[Record], List[Group]]:
@@ -161,8 +172,12 @@ def run_case(dev, case: Case, opts: Options, progress: str) -> Tuple[List[Record
     records: Dict[str, Dict[str, Record]] = {}
     impls_by_key: Dict[Tuple[str, str], Impl] = {}
     groups, memory_todo = [], []
+    reason = case.variant_spec.unavailable() if case.variant else ""
+    if reason:
+        return [r for level in opts.levels for r in _unavailable_case(
+            case, level, _level_impls(dev, case, level, opts), opts.modes, reason, progress)], []
     for level in opts.levels:
-        impls = _level_impls(dev, level, opts)
+        impls = _level_impls(dev, case, level, opts)
         impls_by_key.update({(level, impl.name): impl for impl in impls})
         n_sets = n_input_sets(case, level, opts.n_sets_max)
         modes = opts.modes if case.shape.timed else ()
