@@ -352,7 +352,7 @@ def test_lse_is_not_differentiable():
     (dict(window=3), TypeError, r"window must be a pair \(left, right\) of ints"),
     (dict(window=(1, 2, 3)), TypeError, r"window must be a pair \(left, right\) of ints"),
     (dict(window=(1.0, 2)), TypeError, r"window's left side must be an int, got float"),
-    (dict(window=(0, -2)), ValueError, r"window's right side must be >= -1 \(-1: unbounded\), got -2"),
+    (dict(window=(0, -2)), ValueError, r"window_right must be >= -1 \(-1: unbounded\), got -2"),
     (dict(enable_gqa=None), TypeError, r"enable_gqa must be a bool"),
 ])
 def test_public_argument_errors(kwargs, error, message):

@@ -29,10 +29,12 @@ class MaskTiles {
  public:
   MaskTiles() = default;  // no tensor mask: every tile open
 
-  MaskTiles(const at::Tensor& mask, int64_t block_q, int64_t block_k) : mask_(mask) {
+  MaskTiles(const at::Tensor& mask, int64_t block_q, int64_t block_k)
+      : mask_(mask), data_(static_cast<const char*>(mask.data_ptr())), dtype_(mask.scalar_type()) {
     const int64_t nq = mask.size(2), nk = mask.size(3);
     for (int d = 0; d < 4; ++d) {
       extent_[d] = mask.stride(d) == 0 ? 1 : mask.size(d);
+      stride_[d] = mask.stride(d);
     }
     block_[0] = block_[1] = 1;
     block_[2] = mask.stride(2) == 0 ? std::max<int64_t>(nq, 1) : block_q;
@@ -69,21 +71,22 @@ class MaskTiles {
   template <typename T>
   void apply(int64_t b, int64_t h, int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows, T* tile,
              int64_t ld) const {
-    switch (mask_.scalar_type()) {
+    switch (dtype_) {
       case at::kBool: return apply_typed<bool>(b, h, q0, q_rows, k0, k_rows, tile, ld);
       case at::kFloat: return apply_typed<float>(b, h, q0, q_rows, k0, k_rows, tile, ld);
       case at::kDouble: return apply_typed<double>(b, h, q0, q_rows, k0, k_rows, tile, ld);
       case at::kBFloat16: return apply_typed<c10::BFloat16>(b, h, q0, q_rows, k0, k_rows, tile, ld);
       case at::kHalf: return apply_typed<c10::Half>(b, h, q0, q_rows, k0, k_rows, tile, ld);
-      default: TORCH_CHECK(false, "selfattn: no CPU mask kernel for ", mask_.scalar_type());
+      default: TORCH_CHECK(false, "selfattn: no CPU mask kernel for ", dtype_);
     }
   }
 
  private:
+  // (Pointer and strides are kept as plain numbers: going through the tensor per element costs
+  // more than the masking itself.)
   template <typename M>
   const M* element(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    return static_cast<const M*>(mask_.data_ptr()) + b * mask_.stride(0) + h * mask_.stride(1) +
-           i * mask_.stride(2) + j * mask_.stride(3);
+    return reinterpret_cast<const M*>(data_) + b * stride_[0] + h * stride_[1] + i * stride_[2] + j * stride_[3];
   }
 
   template <typename M>
@@ -109,8 +112,9 @@ class MaskTiles {
     const int64_t q1 = std::min(extent_[2], q0 + block_[2]), k1 = std::min(extent_[3], k0 + block_[3]);
     bool any_part = false, all_unchanged = true;
     for (int64_t i = q0; i < q1; ++i) {
-      for (int64_t j = k0; j < k1; ++j) {
-        const M m = *element<M>(b, h, i, j);
+      const M* row = element<M>(b, h, i, k0);
+      for (int64_t j = 0; j < k1 - k0; ++j) {
+        const M m = row[j * stride_[3]];
         any_part = any_part || takes_part(m);
         all_unchanged = all_unchanged && unchanged(m);
       }
@@ -119,34 +123,39 @@ class MaskTiles {
   }
 
   TileState classify(int64_t b, int64_t h, int64_t q0, int64_t k0) const {
-    switch (mask_.scalar_type()) {
+    switch (dtype_) {
       case at::kBool: return classify_typed<bool>(b, h, q0, k0);
       case at::kFloat: return classify_typed<float>(b, h, q0, k0);
       case at::kDouble: return classify_typed<double>(b, h, q0, k0);
       case at::kBFloat16: return classify_typed<c10::BFloat16>(b, h, q0, k0);
       case at::kHalf: return classify_typed<c10::Half>(b, h, q0, k0);
-      default: TORCH_CHECK(false, "selfattn: no CPU mask kernel for ", mask_.scalar_type());
+      default: TORCH_CHECK(false, "selfattn: no CPU mask kernel for ", dtype_);
     }
   }
 
+  // Query by query, so the mask is read along its rows (keys); the tile is small enough to stay
+  // in L1 while it is written down its columns.
   template <typename M, typename T>
   void apply_typed(int64_t b, int64_t h, int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows, T* tile,
                    int64_t ld) const {
-    const int64_t stride_i = mask_.stride(2);
-    for (int64_t j = 0; j < k_rows; ++j) {
-      const M* m = element<M>(b, h, q0, k0 + j);
-      T* row = tile + j * ld;
-      for (int64_t c = 0; c < q_rows; ++c, m += stride_i) {
+    const int64_t stride_j = stride_[3];
+    for (int64_t c = 0; c < q_rows; ++c) {
+      const M* m = element<M>(b, h, q0 + c, k0);
+      for (int64_t j = 0; j < k_rows; ++j) {
+        T& score = tile[j * ld + c];
         if constexpr (std::is_same_v<M, bool>) {
-          row[c] = *m ? row[c] : -std::numeric_limits<T>::infinity();
+          score = m[j * stride_j] ? score : -std::numeric_limits<T>::infinity();
         } else {
-          row[c] += static_cast<T>(*m);
+          score += static_cast<T>(m[j * stride_j]);
         }
       }
     }
   }
 
   at::Tensor mask_;
+  const char* data_ = nullptr;
+  at::ScalarType dtype_ = at::kBool;
+  int64_t stride_[4] = {0, 0, 0, 0};
   int64_t extent_[4] = {0, 0, 0, 0};  // the mask's sizes, 1 on broadcast dims
   int64_t block_[4] = {1, 1, 1, 1};   // tile extent per dim
   int64_t counts_[4] = {0, 0, 0, 0};  // tiles per dim
