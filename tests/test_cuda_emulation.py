@@ -168,6 +168,12 @@ def test_empty(emu, dtype):
         grads = packed_grads(q, k, v)
         emu.backward(torch.zeros_like(out), q, k, v, out, lse, True, 1.0, *NO_MASK, *grads)
         assert all((g == 0).all() for g in grads)  # (vacuous for B = 0: nothing to write)
+    # Hq = 0 with Hk = 2 (0 is a multiple of any Hk): dk, dv are zero, not left unwritten.
+    q, k, v = torch.randn(1, 0, 5, 8, dtype=dtype), torch.randn(1, 2, 4, 8, dtype=dtype), torch.randn(1, 2, 4, 8, dtype=dtype)
+    out, lse = emu_forward(emu, q, k, v, False, 1.0)
+    grads = packed_grads(q, k, v)
+    emu.backward(torch.zeros_like(out), q, k, v, out, lse, False, 1.0, *NO_MASK, *grads)
+    assert all((g == 0).all() for g in grads)
 
 
 def assert_same_under_two_seeds(emu, q, k, v, grad_out, scale, mask_args=NO_MASK):

@@ -260,7 +260,9 @@ void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                   const AttentionMask& mask, double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
                   const at::Tensor& grad_v, cudaStream_t stream) {
-  if (q.size(0) * q.size(1) == 0) {
+  if (q.size(0) * q.size(1) == 0) {  // no query head (Hq = 0 allows any Hk): k and v unused
+    grad_k.zero_();
+    grad_v.zero_();
     return;
   }
   if (q.size(2) == 0 || k.size(2) == 0) {  // nothing attends to anything: every gradient is zero
