@@ -502,6 +502,19 @@ def test_band(emu, band, dtype_name):
         assert_empty_rows(out, lse, grads, mask)
 
 
+@pytest.mark.parametrize("band", ["window_below_tile", "offset_negative"])
+def test_band_tensor_cores_hd128(emu, band):
+    """The D = 128 tensor-core configuration (64-key tiles, 16-query dk/dv steps) under a band
+    with GQA."""
+    causal, window_left, window_right, offset, nq, nk = BANDS[band]
+    emu.reset_counters()
+    out, lse, grads, mask = run_mask_case(emu, (1, 4, 2, nq, nk, 128), torch.float16, causal,
+                                          (None, window_left, window_right, offset))
+    assert emu.counters()["mma"] > 0, "the tensor-core kernels did not run"
+    if band == "offset_negative":
+        assert_empty_rows(out, lse, grads, mask)
+
+
 def key_padding(batch, nk, lengths):
     """(B, 1, 1, Nk) bool, True for the first lengths[b] keys: a stride-0 broadcast mask."""
     return (torch.arange(nk).view(1, -1) < torch.tensor(lengths).view(-1, 1)).view(batch, 1, 1, nk)
