@@ -2,10 +2,11 @@
 
     pip install --no-build-isolation .      # compiles against the torch already installed
 
-Sources and flags come from selfattn/_build.py, which the JIT build uses too.
+Sources and flags come from selfattn/_settings.py, which the JIT build uses too.
 Environment: MAX_JOBS (parallel compile jobs), SELFATTN_CUDA=0|1 (force the CUDA sources
-off or on), TORCH_CUDA_ARCH_LIST (GPU archs; default 8.0;9.0 when no GPU is visible),
-SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 (instruction set; default: this machine's).
+off or on), CUDA_HOME (the CUDA toolkit; default: found as torch finds it), TORCH_CUDA_ARCH_LIST
+(GPU archs; default the visible GPUs', else 8.0;9.0), SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512
+(instruction set; default: this machine's), SELFATTN_SANITIZE=1 (CPU only, ASan and UBSan).
 """
 
 import importlib.util
@@ -18,23 +19,19 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
-# Execute selfattn/_build.py on its own: the package cannot be imported before it is built.
-_spec = importlib.util.spec_from_file_location("selfattn_build", ROOT / "selfattn" / "_build.py")
-_build = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _build  # dataclasses look their module up there
-_spec.loader.exec_module(_build)
+# Execute selfattn/_settings.py on its own: the package cannot be imported before it is built.
+_spec = importlib.util.spec_from_file_location("selfattn_settings", ROOT / "selfattn" / "_settings.py")
+_settings = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _settings  # dataclasses look their module up there
+_spec.loader.exec_module(_settings)
 
 _compiler = os.environ.get("CXX", "c++")
 if shutil.which(_compiler) is None:
     sys.exit(f"selfattn: building the extension needs a C++ compiler, but {_compiler!r} is not on PATH "
              "(install g++, or point CXX at one).")
 
-config = _build.extension_config()  # settles CUDA_HOME before cpp_extension reads it
-if config.with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    import torch
-
-    if not torch.cuda.is_available():  # building on a machine without a GPU
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+# Settles CUDA_HOME and TORCH_CUDA_ARCH_LIST before cpp_extension reads them.
+config = _settings.extension_config()
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -47,12 +44,16 @@ class BuildExt(BuildExtension):
 
     def finalize_options(self):
         super().finalize_options()
-        tag = f"{sys.implementation.cache_tag}-torch{_build._torch_version_tag()}"
-        self.build_temp = str(ROOT / "build" / f"temp-{tag}-{'cuda' if config.with_cuda else 'cpu'}")
+        tag = f"{sys.implementation.cache_tag}-torch{_settings.torch_version_tag()}"
+        kind = ("cuda" if config.with_cuda else "cpu") + ("-sanitize" if config.sanitize else "")
+        self.build_temp = str(ROOT / "build" / f"temp-{tag}-{kind}")
 
 
 print(f"selfattn: building {'C++ and CUDA' if config.with_cuda else 'C++ (no CUDA)'} sources, "
-      f"CPU instruction set {config.cpu_capability}")
+      f"CPU instruction set {config.cpu_capability}"
+      + (f", CUDA toolkit {os.environ['CUDA_HOME']}, GPU archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+         if config.with_cuda else "")
+      + (", with ASan and UBSan" if config.sanitize else ""))
 
 setup(
     packages=find_packages(include=["selfattn", "selfattn.*"]),

@@ -2,43 +2,59 @@
 // (attention.cpp, self_attention.cpp) and the per-device kernel files.
 //
 // Shapes, for every function below:
-//   q   (B, H, Nq, D)    k (B, H, Nk, D)    v (B, H, Nk, Dv)    any strides
-//   out (B, H, Nq, Dv)   lse (B, H, Nq): natural-log logsumexp of the scaled scores of each row
-// The caller has checked every argument (checks.h) and allocated the outputs;
-// the kernels only fill them. lse is float32, or float64 for float64 inputs.
+//   q   (B, Hq, Nq, D)    k (B, Hk, Nk, D)    v (B, Hk, Nk, Dv)    any strides
+//   out (B, Hq, Nq, Dv)   lse (B, Hq, Nq): natural-log logsumexp of the scaled, masked scores of
+//                         each row (-inf for a row that sees no key; its output is 0)
+// Hk divides Hq: query head h reads kv head h / (Hq / Hk) (grouped-query attention; Hk = Hq is
+// plain multi-head attention). The caller has checked every argument (checks.h) and allocated
+// the outputs; the kernels only fill them. lse is float32, or float64 for float64 inputs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include "checks.h"
+#include "mask.h"
 
 namespace selfattn {
 
-void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           bool causal, double scale, const at::Tensor& out, const at::Tensor& lse);
+// Which keys each query sees (mask.h), and at most one tensor mask: undefined, or a
+// (B, Hq, Nq, Nk) view, any strides (0 on broadcast dims), bool (true = take part) or float
+// (added to the scaled scores; q's dtype or float32).
+struct AttentionMask {
+  Band band;
+  at::Tensor tensor;
 
-// grad_out (B, H, Nq, Dv), any strides; grad_q/k/v have the shapes of q/k/v, any strides
-// (the fused op passes views of one packed (B, N, 3, H, D) buffer).
+  bool none() const { return band.unbounded() && !tensor.defined(); }
+};
+
+void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const AttentionMask& mask, double scale, const at::Tensor& out,
+                           const at::Tensor& lse);
+
+// grad_out (B, Hq, Nq, Dv), any strides; grad_q/k/v have the shapes of q/k/v, any strides
+// (the fused op passes views of one packed (B, N, H + 2·Hkv, D) buffer).
 void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                            bool causal, double scale, const at::Tensor& grad_q,
+                            const AttentionMask& mask, double scale, const at::Tensor& grad_q,
                             const at::Tensor& grad_k, const at::Tensor& grad_v);
 
 #ifdef SELFATTN_WITH_CUDA
 void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            bool causal, double scale, const at::Tensor& out, const at::Tensor& lse);
+                            const AttentionMask& mask, double scale, const at::Tensor& out,
+                            const at::Tensor& lse);
 void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                             bool causal, double scale, const at::Tensor& grad_q,
+                             const AttentionMask& mask, double scale, const at::Tensor& grad_q,
                              const at::Tensor& grad_k, const at::Tensor& grad_v);
 #endif
 
 // The kernel of the tensors' device (defined in attention.cpp).
-void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                       double scale, const at::Tensor& out, const at::Tensor& lse);
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const AttentionMask& mask, double scale, const at::Tensor& out,
+                       const at::Tensor& lse);
 void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                        bool causal, double scale, const at::Tensor& grad_q,
+                        const AttentionMask& mask, double scale, const at::Tensor& grad_q,
                         const at::Tensor& grad_k, const at::Tensor& grad_v);
 
 }  // namespace selfattn

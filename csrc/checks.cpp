@@ -66,16 +66,49 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, 
   check_float_tensor(q, "q");
   check_float_tensor(k, "k");
   check_float_tensor(v, "v");
-  check_rank(q, "q", 4, "(B, H, Nq, D)");
-  check_rank(k, "k", 4, "(B, H, Nk, D)");
-  check_rank(v, "v", 4, "(B, H, Nk, Dv)");
+  check_rank(q, "q", 4, "(B, Hq, Nq, D)");
+  check_rank(k, "k", 4, "(B, Hk, Nk, D)");
+  check_rank(v, "v", 4, "(B, Hk, Nk, Dv)");
   check_like(k, "k", q, "q");
   check_like(v, "v", q, "q");
-  const AttentionShape s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  check_shape(k, "k", {s.batch, s.heads, s.nk, s.dim}, "(B, H, Nk, D) with B, H, D of q");
-  check_shape(v, "v", {s.batch, s.heads, s.nk, s.dim_v}, "(B, H, Nk, Dv) with B, H, Nk of q and k");
+  const AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK_VALUE(s.heads_kv >= 1 ? s.heads % s.heads_kv == 0 : s.heads == 0,
+                    "selfattn: k must have a number of heads that divides q's (grouped-query "
+                    "attention), got ", s.heads_kv, " for k and ", s.heads, " for q");
+  check_shape(k, "k", {s.batch, s.heads_kv, s.nk, s.dim}, "(B, Hk, Nk, D) with B, D of q");
+  check_shape(v, "v", {s.batch, s.heads_kv, s.nk, s.dim_v}, "(B, Hk, Nk, Dv) with B, Hk, Nk of k");
   check_scale(scale);
   return s;
+}
+
+void check_window(int64_t window_left, int64_t window_right) {
+  TORCH_CHECK_VALUE(window_left >= -1, "selfattn: window_left must be >= -1 (-1: unbounded), got ",
+                    window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, "selfattn: window_right must be >= -1 (-1: unbounded), got ",
+                    window_right);
+}
+
+void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
+                       const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                       int64_t window_right) {
+  check_window(window_left, window_right);
+  if (!attn_mask.has_value()) {
+    return;
+  }
+  const at::Tensor& mask = *attn_mask;
+  const at::ScalarType dtype = mask.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kBool || dtype == at::kFloat || dtype == q.scalar_type(),
+                   "selfattn: attn_mask must be bool, float32 or the dtype of q (",
+                   dtype_name(q.scalar_type()), "), got ", dtype_name(dtype));
+  TORCH_CHECK_VALUE(mask.device() == q.device(), "selfattn: attn_mask must be on the device of q (",
+                    q.device(), "), got ", mask.device());
+  const std::vector<int64_t> full = {s.batch, s.heads, s.nq, s.nk};
+  bool broadcasts = mask.dim() == 4;
+  for (int64_t d = 0; broadcasts && d < 4; ++d) {
+    broadcasts = mask.size(d) == full[d] || mask.size(d) == 1;
+  }
+  TORCH_CHECK_VALUE(broadcasts, "selfattn: attn_mask must be 4-D and broadcast to (B, Hq, Nq, Nk) = ",
+                    at::IntArrayRef(full), ", got shape ", mask.sizes());
 }
 
 void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
@@ -86,34 +119,118 @@ void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
   check_like(grad_out, "grad_out", q, "q");
   check_like(out, "out", q, "q");
   const std::vector<int64_t> out_shape = {s.batch, s.heads, s.nq, s.dim_v};
-  check_shape(grad_out, "grad_out", out_shape, "(B, H, Nq, Dv)");
-  check_shape(out, "out", out_shape, "(B, H, Nq, Dv)");
-  check_lse(lse, q, "q", {s.batch, s.heads, s.nq}, "(B, H, Nq)");
+  check_shape(grad_out, "grad_out", out_shape, "(B, Hq, Nq, Dv)");
+  check_shape(out, "out", out_shape, "(B, Hq, Nq, Dv)");
+  check_lse(lse, q, "q", {s.batch, s.heads, s.nq}, "(B, Hq, Nq)");
+}
+
+namespace {
+
+// A cu_seqlens argument, all but its values: int32, 1-D with S + 1 >= 1 entries, on q's device.
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(cu.defined(), "selfattn: ", name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "selfattn: ", name, " must be torch.int32, got ",
+                   dtype_name(cu.scalar_type()));
+  TORCH_CHECK_VALUE(cu.device() == q.device(), "selfattn: ", name, " must be on the device of q (",
+                    q.device(), "), got ", cu.device());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, "selfattn: ", name,
+                    " must be 1-D (S + 1,) with S >= 0 sequences, got shape ", cu.sizes());
+}
+
+}  // namespace
+
+VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+  check_float_tensor(q, "q");
+  check_float_tensor(k, "k");
+  check_float_tensor(v, "v");
+  check_rank(q, "q", 3, "(Tq, Hq, D)");
+  check_rank(k, "k", 3, "(Tk, Hk, D)");
+  check_rank(v, "v", 3, "(Tk, Hk, Dv)");
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
+  VarlenShape s{q.size(0), k.size(0), q.size(1), k.size(1), q.size(2), v.size(2), 0};
+  TORCH_CHECK_VALUE(s.heads_kv >= 1 ? s.heads % s.heads_kv == 0 : s.heads == 0,
+                    "selfattn: k must have a number of heads that divides q's (grouped-query "
+                    "attention), got ", s.heads_kv, " for k and ", s.heads, " for q");
+  check_shape(k, "k", {s.total_k, s.heads_kv, s.dim}, "(Tk, Hk, D) with D of q");
+  check_shape(v, "v", {s.total_k, s.heads_kv, s.dim_v}, "(Tk, Hk, Dv) with Tk, Hk of k");
+  check_scale(scale);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+  s.num_seqs = cu_seqlens_q.size(0) - 1;
+  check_shape(cu_seqlens_k, "cu_seqlens_k", {s.num_seqs + 1}, "(S + 1,) with S of cu_seqlens_q");
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0, "selfattn: max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK_VALUE(max_seqlen_k >= 0, "selfattn: max_seqlen_k must be >= 0, got ", max_seqlen_k);
+  return s;
+}
+
+void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name,
+                             int64_t total, const char* total_name, int64_t max_seqlen,
+                             const char* max_name) {
+  TORCH_CHECK_VALUE(cu[0] == 0, "selfattn: ", name, " must start at 0, got ", cu[0]);
+  for (int64_t s = 1; s < count; ++s) {
+    const int64_t start = cu[s - 1], end = cu[s];
+    TORCH_CHECK_VALUE(start <= end, "selfattn: ", name, " must be non-decreasing, got ", name, "[", s,
+                      "] = ", end, " < ", name, "[", s - 1, "] = ", start);
+  }
+  TORCH_CHECK_VALUE(cu[count - 1] == total, "selfattn: ", name, " must end at ", total_name,
+                    " = ", total, ", got ", cu[count - 1]);
+  for (int64_t s = 1; s < count; ++s) {
+    const int64_t length = int64_t(cu[s]) - cu[s - 1];
+    TORCH_CHECK_VALUE(length <= max_seqlen, "selfattn: ", max_name, " = ", max_seqlen,
+                      " is less than the length of sequence ", s - 1, " (", name, "[", s, "] - ", name,
+                      "[", s - 1, "] = ", length, ")");
+  }
+}
+
+void check_varlen_grad_inputs(const VarlenShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                              const at::Tensor& out, const at::Tensor& lse) {
+  check_float_tensor(grad_out, "grad_out");
+  check_float_tensor(out, "out");
+  check_like(grad_out, "grad_out", q, "q");
+  check_like(out, "out", q, "q");
+  const std::vector<int64_t> out_shape = {s.total_q, s.heads, s.dim_v};
+  check_shape(grad_out, "grad_out", out_shape, "(Tq, Hq, Dv)");
+  check_shape(out, "out", out_shape, "(Tq, Hq, Dv)");
+  check_lse(lse, q, "q", {s.heads, s.total_q}, "(Hq, Tq)");
 }
 
 LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
                               const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
-                              double scale) {
+                              int64_t num_kv_heads, double scale) {
   check_float_tensor(x, "x");
   check_float_tensor(w_qkv, "w_qkv");
   check_rank(x, "x", 3, "(B, N, E)");
-  check_rank(w_qkv, "w_qkv", 2, "(3 * model_dim, embed_dim)");
+  check_rank(w_qkv, "w_qkv", 2, "((num_heads + 2 * num_kv_heads) * head_dim, embed_dim)");
   check_like(w_qkv, "w_qkv", x, "x");
   TORCH_CHECK_VALUE(num_heads >= 1, "selfattn: num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK_VALUE(num_kv_heads == 0 || (num_kv_heads >= 1 && num_heads % num_kv_heads == 0),
+                    "selfattn: num_kv_heads must be >= 1 and divide num_heads = ", num_heads,
+                    " (0 means num_heads), got ", num_kv_heads);
+  const int64_t heads_kv = num_kv_heads == 0 ? num_heads : num_kv_heads;
+  const int64_t slots = num_heads + 2 * heads_kv;
   const int64_t rows = w_qkv.size(0), embed = x.size(2);
-  TORCH_CHECK_VALUE(rows >= 3 && rows % 3 == 0 && w_qkv.size(1) == embed,
-                    "selfattn: w_qkv must have shape (3 * model_dim, embed_dim) with embed_dim = "
+  TORCH_CHECK_VALUE(rows >= slots && rows % slots == 0 && w_qkv.size(1) == embed,
+                    "selfattn: w_qkv must have shape ((num_heads + 2 * num_kv_heads) * head_dim, "
+                    "embed_dim) with num_heads + 2 * num_kv_heads = ", slots, " and embed_dim = "
                     "x.size(-1) = ", embed, ", got ", w_qkv.sizes());
-  const int64_t model = rows / 3;
-  TORCH_CHECK_VALUE(model % num_heads == 0, "selfattn: model_dim = w_qkv.size(0) / 3 = ", model,
-                    " must be divisible by num_heads = ", num_heads);
   if (b_qkv.has_value()) {
     check_float_tensor(*b_qkv, "b_qkv");
     check_like(*b_qkv, "b_qkv", x, "x");
-    check_shape(*b_qkv, "b_qkv", {rows}, "(3 * model_dim,)");
+    check_shape(*b_qkv, "b_qkv", {rows}, "((num_heads + 2 * num_kv_heads) * head_dim,)");
   }
   check_scale(scale);
-  return {x.size(0), x.size(1), embed, model, num_heads, model / num_heads};
+  const int64_t head_dim = rows / slots;
+  return {x.size(0), x.size(1), embed, num_heads * head_dim, num_heads, heads_kv, head_dim};
+}
+
+void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
+                             const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                             int64_t window_right) {
+  const AttentionShape attention{s.batch, s.heads, s.heads_kv, s.seq, s.seq, s.head_dim, s.head_dim};
+  check_mask_inputs(attention, x, attn_mask, window_left, window_right);
 }
 
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,
@@ -130,7 +247,7 @@ void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at:
   const std::vector<int64_t> out_shape = {s.batch, s.seq, s.model};
   check_shape(grad_out, "grad_out", out_shape, "(B, N, M)");
   check_shape(out, "out", out_shape, "(B, N, M)");
-  check_shape(qkv, "qkv", {s.batch, s.seq, 3 * s.model}, "(B, N, 3M)");
+  check_shape(qkv, "qkv", {s.batch, s.seq, s.qkv_dim()}, "(B, N, (num_heads + 2 * num_kv_heads) * head_dim)");
   check_lse(lse, x, "x", {s.batch, s.heads, s.seq}, "(B, num_heads, N)");
 }
 

@@ -7,10 +7,14 @@
 // holds the two definitions to that.
 //
 // Shapes (the kernels read every tensor through its strides, so no layout is required):
-//   attention   q (B, H, Nq, D)  k (B, H, Nk, D)  v (B, H, Nk, Dv)
-//               out, grad_out (B, H, Nq, Dv)      lse (B, H, Nq)
-//   layer       x (B, N, E)  w_qkv (3M, E)  b_qkv (3M)   M = H·D
-//               qkv (B, N, 3M)  out, grad_out (B, N, M)  lse (B, H, N)
+//   attention   q (B, Hq, Nq, D)  k (B, Hk, Nk, D)  v (B, Hk, Nk, Dv)   Hk divides Hq
+//               out, grad_out (B, Hq, Nq, Dv)     lse (B, Hq, Nq)
+//               attn_mask: bool or float, 4-D, each dim 1 or that of (B, Hq, Nq, Nk)
+//   varlen      q (Tq, Hq, D)  k (Tk, Hk, D)  v (Tk, Hk, Dv)   Hk divides Hq
+//               cu_seqlens_q, cu_seqlens_k int32 (S + 1,)   out, grad_out (Tq, Hq, Dv)   lse (Hq, Tq)
+//   layer       x (B, N, E)  w_qkv ((H + 2·Hkv)·D, E)  b_qkv ((H + 2·Hkv)·D)   Hkv divides H
+//               qkv (B, N, (H + 2·Hkv)·D)  out, grad_out (B, N, M)  lse (B, H, N)   M = H·D
+//               attn_mask as attention's with Hq = H, Nq = Nk = N
 // lse is float32, or float64 for float64 inputs (accumulate_type).
 #pragma once
 
@@ -27,26 +31,64 @@ inline at::ScalarType accumulate_type(at::ScalarType dtype) {
 }
 
 struct AttentionShape {
-  int64_t batch, heads, nq, nk, dim, dim_v;
+  int64_t batch, heads, heads_kv, nq, nk, dim, dim_v;
+};
+
+struct VarlenShape {
+  int64_t total_q, total_k, heads, heads_kv, dim, dim_v, num_seqs;
 };
 
 struct LayerShape {
-  int64_t batch, seq, embed, model, heads, head_dim;
+  int64_t batch, seq, embed, model, heads, heads_kv, head_dim;  // model = heads * head_dim
+
+  // Width of the projections: q heads, then k heads, then v heads.
+  int64_t qkv_dim() const { return (heads + 2 * heads_kv) * head_dim; }
 };
 
 // q, k, v of attention_fwd; the scale it multiplies the scores by.
 AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       double scale);
 
+// attn_mask and the window sides of the attention ops, against the shape of q, k and v.
+void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
+                       const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                       int64_t window_right);
+
+// The window sides of every op that takes a window (-1: unbounded).
+void check_window(int64_t window_left, int64_t window_right);
+
+// q, k, v, cu_seqlens_q/k, max_seqlen_q/k and scale of varlen_attention_fwd: everything that
+// needs no data (the fake kernels make these checks too).
+VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);
+
+// The values of one cu_seqlens (on the host, contiguous, `count` = S + 1 entries): 0 first,
+// non-decreasing, `total` last, no sequence longer than max_seqlen. Only the kernels can make this
+// check: meta and fake tensors carry no data (selfattn/_checks.py has no counterpart).
+void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name,
+                             int64_t total, const char* total_name, int64_t max_seqlen,
+                             const char* max_name);
+
+// The rest of varlen_attention_bwd's arguments, against the shape of q, k and v.
+void check_varlen_grad_inputs(const VarlenShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                              const at::Tensor& out, const at::Tensor& lse);
+
 // The rest of attention_bwd's arguments, against the shape of q, k and v.
 void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
                                  const at::Tensor& grad_out, const at::Tensor& out,
                                  const at::Tensor& lse);
 
-// x, w_qkv, b_qkv, num_heads and scale of self_attention_fwd.
+// x, w_qkv, b_qkv, num_heads, num_kv_heads (0: num_heads) and scale of self_attention_fwd.
 LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
                               const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
-                              double scale);
+                              int64_t num_kv_heads, double scale);
+
+// attn_mask and the window sides of the layer ops: check_mask_inputs with Hq = num_heads and
+// Nq = Nk = N.
+void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
+                             const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                             int64_t window_right);
 
 // The rest of self_attention_bwd's arguments, against the layer's shape.
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,

@@ -31,18 +31,18 @@ sys.path.insert(0, str(ROOT))
 def nvcc_command(source: Path, obj: Path, archs: list[str]) -> list[str]:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("selfattn_build", ROOT / "selfattn" / "_build.py")
-    build = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = build
-    spec.loader.exec_module(build)
-    config = build.extension_config()
+    spec = importlib.util.spec_from_file_location("selfattn_settings", ROOT / "selfattn" / "_settings.py")
+    settings = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = settings
+    spec.loader.exec_module(settings)
+    config = settings.extension_config()
     from torch.utils import cpp_extension
 
     try:
         includes = cpp_extension.include_paths(device_type="cuda")
     except TypeError:  # older torch
         includes = cpp_extension.include_paths(cuda=True)
-    nvcc = str(Path(build.cuda_toolkit_root()) / "bin" / "nvcc")
+    nvcc = str(Path(settings.cuda_toolkit_root()) / "bin" / "nvcc")
     # What torch's build adds to every .cu file of the extension.
     flags = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "-std=c++20"]

@@ -2,23 +2,26 @@
 
     selfattn.attention(q, k, v, causal=False, scale=None)          # like F.scaled_dot_product_attention
     selfattn.self_attention(x, w_qkv, b_qkv=None, num_heads=1)      # projections + attention, fused
+    selfattn.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,  # packed variable-length sequences,
+                              max_seqlen_q, max_seqlen_k)           # FlashAttention's layout
     selfattn.SelfAttention(embed_dim, model_dim, num_heads=1)       # nn.Module over the fused op
     selfattn.reference.SelfAttention(...)                           # the tutorial's five steps, literally
 """
 
-from . import _build
+from . import _load
 
-_build_info = _build.load()
+_build_info = _load.load()
 
 from . import reference  # noqa: E402
 from .modules import SelfAttention  # noqa: E402
 from .ops import attention, self_attention  # noqa: E402
+from .varlen import attention_varlen  # noqa: E402
 
 
-def build_info() -> _build.BuildInfo:
+def build_info() -> _load.BuildInfo:
     """Which build of the C++ library this process loaded (compiled or jit), and how it was built."""
     return _build_info
 
 
-__all__ = ["attention", "self_attention", "SelfAttention", "reference", "build_info"]
+__all__ = ["attention", "attention_varlen", "self_attention", "SelfAttention", "reference", "build_info"]
 __version__ = "0.1.0"

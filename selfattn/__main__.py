@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn import reference, tutorial
-from selfattn.bench import mem_available_bytes
+from selfattn._system import mem_available_bytes
 
 
 def rows(t: torch.Tensor) -> list[str]:

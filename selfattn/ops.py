@@ -1,11 +1,15 @@
-"""The public functions over torch.ops.selfattn.*, their fake kernels and their autograd.
+"""The public functions over torch.ops.selfattn.*, and their fake kernels.
 
 The C++ library (csrc/) registers four ops with the dispatcher:
 
-    attention_fwd(q, k, v, causal, scale) -> (out, lse)
-    attention_bwd(grad_out, q, k, v, out, lse, causal, scale) -> (grad_q, grad_k, grad_v)
-    self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale) -> (out, qkv, lse)
-    self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask)
+    attention_fwd(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
+                  diagonal_offset=0) -> (out, lse)
+    attention_bwd(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
+                  window_right=-1, diagonal_offset=0) -> (grad_q, grad_k, grad_v)
+    self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
+                       window_left=-1, window_right=-1) -> (out, qkv, lse)
+    self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
+                       num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1)
         -> (grad_x, grad_w, grad_b)
 
 This file gives each a fake kernel (shapes, dtypes and strides, for torch.compile and meta
@@ -23,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _autograd, _checks
+from . import _autograd, _checks, masks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,10 +36,9 @@ from . import _autograd, _checks
 # and scale=None into the ops' arguments, checking just what that needs.
 
 
-def _require_tensors(**tensors) -> None:
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"selfattn: {name} must be a torch.Tensor, got {type(t).__name__}")
+def _require_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"selfattn: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def _resolve_scale(scale, head_dim: int) -> float:
@@ -52,46 +55,108 @@ def _check_causal(causal) -> bool:
     return causal
 
 
-def _check_num_heads(num_heads) -> int:
+def _check_num_heads(num_heads, name: str = "num_heads") -> int:
     if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"selfattn: num_heads must be an int, got {type(num_heads).__name__}")
+        raise TypeError(f"selfattn: {name} must be an int, got {type(num_heads).__name__}")
     return num_heads
+
+
+def _check_window(window) -> tuple:
+    """window=None or (left, right), ints; the ops check that each is >= -1."""
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window)):
+        raise TypeError(f"selfattn: window must be None or a pair of ints (left, right), -1 for an "
+                        f"unbounded side, got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def _broadcasts(shape, full) -> bool:
+    return len(shape) == len(full) and all(m == f or m == 1 for m, f in zip(shape, full))
+
+
+def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], batch: int, seq: int,
+                num_heads: int, single: bool, device: torch.device) -> Optional[Tensor]:
+    """The layer's one mask tensor for the op, or None.
+
+    key_padding_mask (B, N) bool, True = a real token, becomes a (B, 1, 1, N) view (the op
+    expands it with stride 0); an attn_mask of fewer than 4 dims gets leading dims of 1 (SDPA's
+    broadcasting). Both given: one mask of the broadcast of their shapes — (B, 1, N, N) for an
+    (N, N) attn_mask — bool: both must allow; float: -inf where the key is padding.
+    """
+    if key_padding_mask is not None:
+        _require_tensor(key_padding_mask, "key_padding_mask")
+        expected = [seq] if single else [batch, seq]
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"selfattn: key_padding_mask must be bool (True = a real token), got "
+                            f"{key_padding_mask.dtype}")
+        if key_padding_mask.device != device:
+            raise ValueError(f"selfattn: key_padding_mask must be on the device of x ({device}), got "
+                             f"{key_padding_mask.device}")
+        if list(key_padding_mask.shape) != expected:
+            what = "(N,) for a single sequence" if single else "(B, N)"
+            raise ValueError(f"selfattn: key_padding_mask must have shape {what} = {expected}, got "
+                             f"{list(key_padding_mask.shape)}")
+        key_padding_mask = key_padding_mask.reshape(batch, seq)[:, None, None, :]  # a view
+    if attn_mask is not None:
+        _require_tensor(attn_mask, "attn_mask")
+        if attn_mask.dim() < 4:
+            attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if key_padding_mask is None:
+        return attn_mask
+    if attn_mask is None:
+        return key_padding_mask
+    if not _broadcasts(attn_mask.shape, (batch, num_heads, seq, seq)):
+        return attn_mask  # the op names the mask's shape
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & key_padding_mask
+    if attn_mask.is_floating_point():
+        return torch.where(key_padding_mask, attn_mask, float("-inf"))
+    return attn_mask  # the op names the mask's dtype
 
 
 # ---------------------------------------------------------------------------------------------
 # Public functions
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-              dropout_p: float = 0.0, *, causal: bool = False, scale: Optional[float] = None,
-              is_causal: Optional[bool] = None, enable_gqa: bool = False) -> Tensor:
-    """softmax(scale · q kᵀ) v, the meaning of ``F.scaled_dot_product_attention``.
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
+              causal=False, window=None) -> Tensor:
+    """softmax(scale · q kᵀ + mask) v, with the meaning of ``F.scaled_dot_product_attention``.
 
-    q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), any strides, or the same without the
-    head dim (B, N, D). Nq may differ from Nk. ``causal`` (SDPA's ``is_causal`` is accepted
-    too) masks top-left aligned, as SDPA does: query i sees keys j <= i. ``scale=None`` is
-    1/sqrt(D). Returns (B, H, Nq, Dv) (or (B, Nq, Dv)), laid out in memory as (B, Nq, H, Dv)
-    so that ``out.transpose(1, 2).flatten(2)`` is free.
+    Arguments in SDPA's order, so a call written for SDPA works unchanged.
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), any strides, or (B, N, D) without a
+    head dim. Returns (B, Hq, Nq, Dv) (or (B, Nq, Dv)), laid out in memory as (B, Nq, Hq, Dv) so
+    that ``out.transpose(1, 2).flatten(2)`` is free.
 
-    Not supported yet, and refused if passed: ``attn_mask``, ``dropout_p > 0``, ``enable_gqa``.
+    * ``attn_mask``: bool (True = take part) or float (added to the scaled scores; float32 or q's
+      dtype), broadcastable to (B, Hq, Nq, Nk) — size-1 and stride-0 dims are read through their
+      strides, never expanded; or ``torch.nn.attention.bias.causal_upper_left`` /
+      ``causal_lower_right``. Its gradient is not computed: a mask that requires grad is refused.
+    * ``is_causal`` / ``causal``: True is top-left (SDPA's meaning: query i sees keys j <= i);
+      ``causal="bottom_right"``: query i sees keys j <= i + Nk - Nq (a KV cache). Unlike SDPA,
+      causal and attn_mask may be combined: both apply.
+    * ``window=(left, right)``: query i sees keys i + off - left <= j <= i + off + right, -1 for an
+      unbounded side; off = 0, or Nk - Nq under ``causal="bottom_right"`` (FlashAttention aligns
+      its window bottom-right always). Under causal, right > 0 is clamped to 0.
+    * ``enable_gqa``: Hk may divide Hq (grouped-query attention); k and v are not repeated.
+    * ``scale=None`` is 1/sqrt(D).
+
+    A query that sees no key gets output 0 (SDPA ≥ 2.5 too) and zero gradients, never NaN.
+    ``dropout_p > 0`` is not supported yet and is refused.
     """
-    if attn_mask is not None:
-        raise NotImplementedError("selfattn.attention: attn_mask is not supported yet (only causal "
-                                  "masking is); use F.scaled_dot_product_attention for arbitrary masks")
     if dropout_p != 0.0:
         raise NotImplementedError(f"selfattn.attention: dropout_p must be 0.0 (dropout is not supported "
                                   f"yet), got {dropout_p}")
-    if enable_gqa:
-        raise NotImplementedError("selfattn.attention: enable_gqa is not supported yet; repeat k and v "
-                                  "over the query heads instead")
-    if is_causal is not None:
-        if causal and not is_causal:
-            raise ValueError("selfattn.attention: causal=True and is_causal=False disagree; pass one")
-        causal = _check_causal(is_causal) or causal
-    causal = _check_causal(causal)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"selfattn: is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and causal not in (False, True, "top_left"):
+        raise ValueError(f"selfattn.attention: is_causal=True (top-left) and causal={causal!r} disagree; pass one")
     # One test on the common path (a small call spends most of its time in such Python).
     if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
-        _require_tensors(q=q, k=k, v=v)
+        for t, name in ((q, "q"), (k, "k"), (v, "v")):
+            _require_tensor(t, name)
     shape = q.shape  # once: each tensor attribute read costs ~0.1 µs
     three_d = len(shape) == 3
     if three_d:
@@ -99,28 +164,76 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
             raise ValueError("selfattn: q, k and v must all be 3-D (B, N, D) or all 4-D (B, H, N, D), got "
                              f"shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-    out, _ = _autograd.attention_fwd(q, k, v, causal, _resolve_scale(scale, shape[-1] if shape else 0))
+    if not enable_gqa and q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1]:
+        raise ValueError(f"selfattn: q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for "
+                         "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
+    if attn_mask is None and window is None and causal is False and not is_causal:  # no mask: skip masks.py
+        out, _ = _autograd.attention_fwd(q, k, v, False, _resolve_scale(scale, shape[-1] if shape else 0))
+    else:
+        if q.dim() < 3 or k.dim() < 3:  # the op says what is wrong; a mask needs Nq and Nk first
+            mask = masks.MaskArgs(False, None, -1, -1, 0)
+        else:
+            mask = masks.mask_args(attn_mask, is_causal or causal, window, q.shape[-2], k.shape[-2],
+                                   3 if three_d else 4)
+        out, _ = _autograd.attention_fwd(q, k, v, mask.causal, _resolve_scale(scale, shape[-1] if shape else 0),
+                                         mask.attn_mask, mask.window_left, mask.window_right,
+                                         mask.diagonal_offset)
     return out.squeeze(1) if three_d else out
 
 
 def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, num_heads: int = 1,
-                   causal: bool = False, scale: Optional[float] = None) -> Tensor:
-    """Projections and multi-head attention in one op, with no output projection.
+                   num_kv_heads: Optional[int] = None, causal: bool = False, scale: Optional[float] = None,
+                   key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                   window: Optional[tuple] = None) -> Tensor:
+    """Projections and multi-head (or grouped-query) attention in one op, with no output projection.
 
-    x (N, E) or (B, N, E); w_qkv (3·M, E) = [W_q; W_k; W_v] in nn.Linear layout (as
-    nn.MultiheadAttention's in_proj_weight); b_qkv (3·M) or None. Returns (…, N, M) with the
-    heads side by side. ``scale=None`` is 1/sqrt(M / num_heads).
+    x (N, E) or (B, N, E). With H = ``num_heads``, Hkv = ``num_kv_heads`` (default H; it must
+    divide H: query head h reads kv head h // (H // Hkv); 1 is multi-query attention) and head
+    dim D: w_qkv ((H + 2·Hkv)·D, E) in nn.Linear layout, rows q heads, then k heads, then v heads
+    (Llama's ``q_proj; k_proj; v_proj`` weights stacked; with Hkv = H it is
+    nn.MultiheadAttention's in_proj_weight); b_qkv the same rows, or None. Returns (…, N, H·D)
+    with the heads side by side. ``scale=None`` is 1/sqrt(D).
+
+    Masks (all that are given apply together):
+
+    - ``causal``: query i sees keys j <= i (Nq = Nk here, so top-left and bottom-right agree).
+    - ``window=(left, right)``: query i sees keys i - left <= j <= i + right, -1 for an unbounded
+      side (FlashAttention's ``window_size``); with ``causal``, right is clamped to 0.
+    - ``key_padding_mask`` (B, N) bool ((N,) for a single sequence), **True = a real token**
+      (nn.MultiheadAttention's is the inverse: True = padding). Keys that are padding take no
+      part. A padded query row is still computed — it attends to the real keys — as with SDPA
+      and a key-padding mask; ignore those rows downstream. Passed to the op as a (B, 1, 1, N)
+      view, never expanded in memory.
+    - ``attn_mask`` as in ``selfattn.attention``: bool (True = take part) or float (added to the
+      scaled scores; float32 or x's dtype), broadcastable to (B, H, N, N); fewer than 4 dims get
+      leading dims of 1 (an (N, N) mask is shared by every batch and head). It cannot require grad.
+      Given with ``key_padding_mask``, the two become one mask of their broadcast shape — (B, 1,
+      N, N) for an (N, N) or (1, 1, N, N) attn_mask (bool: both must allow; float: -inf on
+      padded keys) — the only case where a mask of N² elements per batch is built.
+
+    A row that sees no key (all its keys masked) gives 0.
     """
     causal = _check_causal(causal)
     num_heads = _check_num_heads(num_heads)
-    _require_tensors(x=x, w_qkv=w_qkv)
+    num_kv_heads = 0 if num_kv_heads is None else _check_num_heads(num_kv_heads, "num_kv_heads")
+    window_left, window_right = _check_window(window)
+    _require_tensor(x, "x")
+    _require_tensor(w_qkv, "w_qkv")
     single = x.dim() == 2
     if single:
         x = x.unsqueeze(0)
     # head_dim for scale=None; 0 when the arguments cannot give one (the op then says why).
-    head_dim = w_qkv.shape[0] // 3 // num_heads if w_qkv.dim() == 2 and num_heads > 0 else 0
+    slots = num_heads + 2 * (num_kv_heads or num_heads)
+    head_dim = w_qkv.shape[0] // slots if w_qkv.dim() == 2 and num_heads > 0 and slots > 0 else 0
     scale = _resolve_scale(scale, head_dim)
-    out, _, _ = _autograd.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale)
+    mask = None
+    if key_padding_mask is not None or attn_mask is not None:
+        if x.dim() != 3:  # the op names x's shape
+            mask = attn_mask
+        else:
+            mask = _layer_mask(key_padding_mask, attn_mask, x.shape[0], x.shape[1], num_heads, single, x.device)
+    out, _, _ = _autograd.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, mask,
+                                             window_left, window_right)
     return out.squeeze(0) if single else out
 
 
@@ -129,35 +242,43 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
 
 
 @torch.library.register_fake("selfattn::attention_fwd")
-def _attention_fwd_fake(q, k, v, causal, scale):
+def _attention_fwd_fake(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
+                        diagonal_offset=0):
     s = _checks.check_attention_inputs(q, k, v, scale)
+    _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
     out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
     lse = q.new_empty((s.batch, s.heads, s.nq), dtype=_checks.accumulate_dtype(q.dtype))
     return out, lse
 
 
 @torch.library.register_fake("selfattn::attention_bwd")
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
+                        window_right=-1, diagonal_offset=0):
     s = _checks.check_attention_inputs(q, k, v, scale)
+    _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
     _checks.check_attention_grad_inputs(s, q, grad_out, out, lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("selfattn::self_attention_fwd")
-def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale):
-    s = _checks.check_layer_inputs(x, w_qkv, b_qkv, num_heads, scale)
+def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
+                             window_left=-1, window_right=-1):
+    s = _checks.check_layer_inputs(x, w_qkv, b_qkv, num_heads, num_kv_heads, scale)
+    _checks.check_layer_mask_inputs(s, x, attn_mask, window_left, window_right)
     out = x.new_empty((s.batch, s.seq, s.model))
-    qkv = x.new_empty((s.batch, s.seq, 3 * s.model))
+    qkv = x.new_empty((s.batch, s.seq, s.qkv_dim))
     lse = x.new_empty((s.batch, s.heads, s.seq), dtype=_checks.accumulate_dtype(x.dtype))
     return out, qkv, lse
 
 
 @torch.library.register_fake("selfattn::self_attention_bwd")
-def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask):
-    s = _checks.check_layer_inputs(x, w_qkv, None, num_heads, scale)
+def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
+                             num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1):
+    s = _checks.check_layer_inputs(x, w_qkv, None, num_heads, num_kv_heads, scale)
+    _checks.check_layer_mask_inputs(s, x, attn_mask, window_left, window_right)
     _checks.check_layer_grad_inputs(s, x, grad_out, qkv, out, lse, output_mask)
     # A skipped gradient is an empty tensor of its own (outputs must not alias).
     grad_x = x.new_empty(x.shape if output_mask[0] else (0,))
     grad_w = x.new_empty(w_qkv.shape if output_mask[1] else (0,))
-    grad_b = x.new_empty((3 * s.model,) if output_mask[2] else (0,))
+    grad_b = x.new_empty((s.qkv_dim,) if output_mask[2] else (0,))
     return grad_x, grad_w, grad_b

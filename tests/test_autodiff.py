@@ -3,7 +3,8 @@ what is not supported yet fails at once with an error naming the op and the alte
 silently wrong derivative.
 
 Works: reverse mode, torch.func.grad / vjp / jacrev / vmap and their compositions (vmap(grad(f)):
-per-sample gradients). Refused for now: forward mode (torch.func.jvp, jacfwd, forward_ad dual
+per-sample gradients), also with tensor masks, grouped-query heads and packed (varlen) sequences,
+against an explicit float64 softmax with the dense mask built in the test. Refused for now: forward mode (torch.func.jvp, jacfwd, forward_ad dual
 tensors) and double backward. The double-backward tests accept either outcome — a result that
 matches the float64 computation, or the clear error — so that they hold once it is implemented.
 """
@@ -61,13 +62,104 @@ def layer_case(causal: bool) -> Case:
                 (x, w_qkv, b_qkv), "self_attention_fwd", "self_attention_bwd")
 
 
+def masked_softmax_attention(q, k, v, visible, scale=None):
+    """The oracle for masked, grouped-query attention: q (..., Hq, Nq, D), k (..., Hk, Nk, D),
+    v (..., Hk, Nk, Dv); query head h reads kv head h // (Hq / Hk); ``visible`` bool, broadcast
+    to (..., Hq, Nq, Nk), True = the key takes part (every row must see one)."""
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def random_visible(shape):
+    """A random bool mask (True = take part) in which key 0 is always visible, so that no row is
+    empty, also under a causal band."""
+    mask = torch.rand(shape) < 0.6
+    mask[..., 0] = True
+    return mask
+
+
+def attention_mask_gqa_case() -> Case:
+    """A bool mask per batch entry, shared by the heads ((B, 1, Nq, Nk): stride-0 broadcasting),
+    Hq = 4 over Hk = 2, top-left causal on top of it."""
+    nq, nk = 9, 13
+    q = torch.randn(2, 4, nq, 8, dtype=f64)
+    k, v = torch.randn(2, 2, nk, 8, dtype=f64), torch.randn(2, 2, nk, 6, dtype=f64)
+    mask = random_visible((2, 1, nq, nk))
+    visible = mask & torch.ones(nq, nk, dtype=torch.bool).tril()  # the dense mask: both apply
+    return Case(lambda q, k, v: selfattn.attention(q, k, v, mask, is_causal=True, enable_gqa=True),
+                lambda q, k, v: masked_softmax_attention(q, k, v, visible),
+                (q, k, v), "attention_fwd", "attention_bwd")
+
+
+def split_layer_heads(x, w_qkv, b_qkv, num_heads, num_kv_heads):
+    """q (..., H, N, D), k and v (..., Hkv, N, D) of the fused layer's projection."""
+    head_dim = w_qkv.shape[0] // (num_heads + 2 * num_kv_heads)
+    q, k, v = F.linear(x, w_qkv, b_qkv).split([num_heads * head_dim, num_kv_heads * head_dim,
+                                               num_kv_heads * head_dim], dim=-1)
+    return [t.unflatten(-1, (-1, head_dim)).transpose(-3, -2) for t in (q, k, v)]
+
+
+def eager_layer_masked(x, w_qkv, b_qkv, num_heads, num_kv_heads, visible):
+    q, k, v = split_layer_heads(x, w_qkv, b_qkv, num_heads, num_kv_heads)
+    return masked_softmax_attention(q, k, v, visible).transpose(-3, -2).flatten(-2)
+
+
+def layer_gqa_padding_case() -> Case:
+    """H = 4 query heads over Hkv = 2 (w_qkv (4 + 2·2)·3 rows) and a key-padding mask: the second
+    sequence's last three keys are padding."""
+    x = torch.randn(2, 7, 6, dtype=f64)
+    w_qkv = torch.randn(24, 6, dtype=f64) / 6**0.5
+    b_qkv = torch.randn(24, dtype=f64)
+    real = torch.ones(2, 7, dtype=torch.bool)
+    real[1, 4:] = False
+    visible = real[:, None, None, :]  # (B, 1, 1, N): the keys each query sees
+    return Case(lambda x, w, b: selfattn.self_attention(x, w, b, num_heads=4, num_kv_heads=2,
+                                                        key_padding_mask=real),
+                lambda x, w, b: eager_layer_masked(x, w, b, 4, 2, visible),
+                (x, w_qkv, b_qkv), "self_attention_fwd", "self_attention_bwd")
+
+
+VARLEN_Q, VARLEN_K = [3, 5], [4, 6]  # two packed sequences, nq != nk
+
+
+def varlen_cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def eager_varlen(q, k, v):
+    """Per sequence: top-left causal, grouped-query (Hq = 2, Hk = 1) attention, (T, H, D) layout."""
+    outs, cq, ck = [], 0, 0
+    for nq, nk in zip(VARLEN_Q, VARLEN_K):
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[..., cq:cq + nq, :, :], k[..., ck:ck + nk, :, :],
+                                                  v[..., ck:ck + nk, :, :]))
+        visible = torch.ones(nq, nk, dtype=torch.bool).tril()
+        outs.append(masked_softmax_attention(qs, ks, vs, visible).transpose(0, 1))
+        cq, ck = cq + nq, ck + nk
+    return torch.cat(outs, -3)
+
+
+def varlen_case() -> Case:
+    cu_q, cu_k = varlen_cu(VARLEN_Q), varlen_cu(VARLEN_K)
+    inputs = (torch.randn(sum(VARLEN_Q), 2, 8, dtype=f64), torch.randn(sum(VARLEN_K), 1, 8, dtype=f64),
+              torch.randn(sum(VARLEN_K), 1, 6, dtype=f64))
+    return Case(lambda q, k, v: selfattn.attention_varlen(q, k, v, cu_q, cu_k, max(VARLEN_Q), max(VARLEN_K),
+                                                          causal=True, enable_gqa=True),
+                eager_varlen, inputs, "varlen_attention_fwd", "varlen_attention_bwd")
+
+
 # Built inside each test, so that each test draws its own inputs (conftest seeds per test).
 CASES = {
     "attention": lambda: attention_case(False, 9, 13),
     "attention-causal": lambda: attention_case(True, 9, 13),
     "attention-causal-Nq>Nk": lambda: attention_case(True, 13, 9),
+    "attention-mask-gqa-causal": attention_mask_gqa_case,
     "layer": lambda: layer_case(False),
     "layer-causal": lambda: layer_case(True),
+    "layer-gqa-key_padding": layer_gqa_padding_case,
+    "varlen-gqa-causal": varlen_case,
 }
 case_names = pytest.mark.parametrize("case_name", list(CASES))
 
@@ -254,6 +346,7 @@ def batched_like(t, size: int, dim: int):
 VMAP_IN_DIMS = {
     "attention": [(0, 0, 0), (0, None, None), (None, 2, 1)],
     "layer": [(0, None, None), (None, 0, 0), (1, 0, None)],
+    "varlen": [(0, 0, 0), (0, None, None), (None, 2, 1)],
 }
 
 
@@ -279,7 +372,7 @@ def test_vmap_of_no_samples(case_name):
 
 
 # Per-sample gradients: samples along dim 0 of the in_dims-0 inputs, the others shared (weights).
-PER_SAMPLE = [(name, (0, 0, 0), (0, 1, 2)) for name in CASES if name.startswith("attention")] + [
+PER_SAMPLE = [(name, (0, 0, 0), (0, 1, 2)) for name in CASES if not name.startswith("layer")] + [
     variant for name in CASES if name.startswith("layer") for variant in [
         (name, (0, None, None), (0, 1, 2)),  # gradients of x and of the shared weights: a call per sample
         (name, (0, None, None), (0,)),       # of x only: folded into one op call
@@ -365,3 +458,117 @@ def test_vmap_reports_a_bad_argument_in_the_ops_words():
         torch.func.vmap(selfattn.attention, in_dims=(0, None, None))(batched_like(q, 3, 0), bad_k, v)
     assert str(batched.value) == str(unbatched.value)
     assert re.search(r"k must have shape .*\[2, 2, 6, 8\], got \[2, 2, 6, 7\]", str(batched.value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: vmapped or shared, never differentiated
+
+
+@pytest.mark.parametrize("mask_batch,mask_dim", [(2, 0), (1, 0), (2, 3), (None, None)],
+                         ids=["per-sample-(V,B,..)", "per-sample-(V,1,..)", "per-sample-dim3", "shared-(B,..)"])
+def test_vmap_with_a_mask_per_sample(mask_batch, mask_dim):
+    """vmap over q and a bool mask (or a shared one) with GQA and causal: forward and vmap(grad)
+    against a loop of the oracle, with each sample's dense mask."""
+    size, nq, nk = 3, 5, 6
+    q = torch.randn(size, 2, 4, nq, 8, dtype=f64)
+    k, v = torch.randn(2, 2, nk, 8, dtype=f64), torch.randn(2, 2, nk, 4, dtype=f64)
+    if mask_dim is None:
+        masks, in_dims = random_visible((2, 1, nq, nk)), (0, None, None, None)
+        sample_mask = lambda i: masks  # noqa: E731
+    else:
+        stacked = random_visible((size, mask_batch, 1, nq, nk))
+        masks, in_dims = stacked.movedim(0, mask_dim), (0, None, None, mask_dim)
+        sample_mask = lambda i: stacked[i]  # noqa: E731
+    causal = torch.ones(nq, nk, dtype=torch.bool).tril()
+
+    def fn(q, k, v, mask):
+        return selfattn.attention(q, k, v, mask, is_causal=True, enable_gqa=True)
+
+    out = torch.func.vmap(fn, in_dims=in_dims)(q, k, v, masks)
+    expected = torch.stack([masked_softmax_attention(q[i], k, v, sample_mask(i) & causal) for i in range(size)])
+    assert_close64(out, expected, "vmap with masks")
+
+    grads = torch.func.vmap(torch.func.grad(square_loss(fn), argnums=(0, 1, 2)), in_dims=in_dims)(q, k, v, masks)
+    oracle = lambda i: square_loss(lambda *t: masked_softmax_attention(*t, sample_mask(i) & causal))  # noqa: E731
+    expected = [torch.stack(parts) for parts in zip(*(torch.func.grad(oracle(i), argnums=(0, 1, 2))(q[i], k, v)
+                                                      for i in range(size)))]
+    assert_all_close64(grads, expected, "vmap(grad) with masks")
+
+
+@pytest.mark.parametrize("argnums", [(0,), (0, 1, 2)], ids=["x", "x-w-b"])
+def test_vmap_of_the_layer_with_key_padding_per_sample(argnums):
+    size, num_heads, num_kv_heads = 3, 4, 2
+    case = layer_gqa_padding_case()
+    x = batched_like(case.inputs[0], size, 0)
+    w, b = case.inputs[1:]
+    real = torch.ones(size, 2, 7, dtype=torch.bool)
+    real[0, 1, 5:] = False
+    real[2, 0, 2:] = False
+
+    def fn(x, w, b, real):
+        return selfattn.self_attention(x, w, b, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                       key_padding_mask=real)
+
+    def eager(i):
+        return lambda x, w, b: eager_layer_masked(x, w, b, num_heads, num_kv_heads, real[i][:, None, None, :])
+
+    out = torch.func.vmap(fn, in_dims=(0, None, None, 0))(x, w, b, real)
+    assert_close64(out, torch.stack([eager(i)(x[i], w, b) for i in range(size)]), "vmap with key padding")
+    grads = torch.func.vmap(torch.func.grad(square_loss(fn), argnums=argnums), in_dims=(0, None, None, 0))(x, w, b, real)
+    expected = [torch.stack(parts) for parts in zip(*(torch.func.grad(square_loss(eager(i)), argnums=argnums)(x[i], w, b)
+                                                      for i in range(size)))]
+    assert_all_close64(grads, expected, "vmap(grad) with key padding")
+
+
+def test_fold_mask_views_and_copies():
+    # Shared with a batch dim of 1: passed as it is.
+    shared = torch.ones(1, 1, 5, 6, dtype=torch.bool)
+    assert _autograd._fold_mask(shared, None, 3, 2) is shared
+    # Vmapped, B entries, contiguous: a view of (V·B, ...).
+    per_sample = torch.rand(3, 2, 1, 5, 6) < 0.5
+    folded = _autograd._fold_mask(per_sample, 0, 3, 2)
+    assert folded.shape == (6, 1, 5, 6) and folded.data_ptr() == per_sample.data_ptr()
+    # Shared with B entries, or vmapped with a batch dim of 1: laid out as (V·B, ...), sample-major.
+    shared_b = torch.rand(2, 1, 5, 6) < 0.5
+    torch.testing.assert_close(_autograd._fold_mask(shared_b, None, 3, 2), shared_b.repeat(3, 1, 1, 1))
+    per_sample_1 = torch.rand(1, 1, 5, 3, 6) < 0.5  # vmapped along dim 3
+    torch.testing.assert_close(_autograd._fold_mask(per_sample_1, 3, 3, 2),
+                               per_sample_1.movedim(3, 0).repeat_interleave(2, 1).flatten(0, 1))
+
+
+def test_a_mask_that_requires_grad_is_refused():
+    q, k, v = sample_inputs(2, 2, 5, 6, 8, dtype=f64)
+    bias = torch.randn(1, 1, 5, 6, dtype=f64, requires_grad=True)
+    message = r"attn_mask requires grad, but selfattn does not compute the gradient of a mask"
+    with pytest.raises(NotImplementedError, match=message):
+        selfattn.attention(q, k, v, bias)
+    with pytest.raises(NotImplementedError, match=message):
+        torch.func.grad(lambda bias: selfattn.attention(q, k, v, bias).sum())(bias.detach())
+    with pytest.raises(NotImplementedError, match=message):
+        torch.func.grad(lambda q, bias: selfattn.attention(q, k, v, bias).sum(), argnums=(0, 1))(q, bias.detach())
+    x, w = torch.randn(2, 5, 6, dtype=f64), torch.randn(12, 6, dtype=f64)
+    layer_bias = torch.randn(5, 5, dtype=f64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match=message):
+        selfattn.self_attention(x, w, num_heads=2, attn_mask=layer_bias)
+    with pytest.raises(NotImplementedError, match=message):
+        torch.func.grad(lambda m: selfattn.self_attention(x, w, num_heads=2, attn_mask=m).sum())(layer_bias.detach())
+    # A detached mask is fine, and its float values do reach the scores.
+    out = selfattn.attention(q.requires_grad_(True), k, v, bias.detach())
+    assert_close64(out, torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + bias.detach(), -1) @ v, "float mask")
+
+
+def test_forward_mode_through_varlen_is_refused_not_zero():
+    """register_autograd gave varlen a zero tangent under forward mode; now it raises."""
+    case = varlen_case()
+    q, k, v = case.inputs
+    cu_q, cu_k = varlen_cu(VARLEN_Q), varlen_cu(VARLEN_K)
+    with pytest.raises(NotImplementedError) as error:
+        torch.func.jvp(lambda q: ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, 5, 6, True, 0.3)[0], (q,),
+                       (torch.randn_like(q),))
+    assert_clear_refusal(error.value, "forward-mode AD", "varlen_attention_fwd")
+    out, lse = ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, 5, 6, True, 0.3)
+    grad_out = torch.randn_like(out)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError) as error:
+        ops.varlen_attention_bwd(fwAD.make_dual(grad_out, torch.randn_like(grad_out)), q, k, v, out, lse, cu_q, cu_k,
+                                 5, 6, True, 0.3)
+    assert_clear_refusal(error.value, "forward-mode AD", "varlen_attention_bwd")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import _build
+from selfattn import _load, _settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,18 +31,29 @@ def test_build_under_test_is_the_expected_one():
 
 def test_library_built_for_another_torch_is_reported_in_words(tmp_path):
     fake = tmp_path / "_C.so"
-    fake.write_bytes(b"\x7fELF junk " + _build.BUILD_MARKER + b"torch:1.0.0,cpu:AVX2,cuda:none\0 more")
-    info = _build.read_build_info(str(fake), "compiled")
+    fake.write_bytes(b"\x7fELF junk " + _load.BUILD_MARKER + b"torch:1.0.0,cpu:AVX2,cuda:none\0 more")
+    info = _load.read_build_info(str(fake), "compiled")
     assert (info.torch, info.cpu_capability, info.cuda) == ("1.0.0", "AVX2", None)
     with pytest.raises(ImportError, match=r"built against torch 1\.0\.0.*pip install --no-build-isolation"):
-        _build._check_compatible(info)
+        _load._check_compatible(info)
+
+
+def test_build_info_says_how_far_the_cuda_kernels_are_tested(tmp_path):
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(_load.BUILD_MARKER + b"torch:2.9.0,cpu:AVX2,cuda:13.0,archs:8.0/9.0+PTX\0")
+    info = _load.read_build_info(str(fake), "compiled")
+    assert (info.cuda, info.cuda_archs, info.sanitize) == ("13.0", "8.0/9.0+PTX", None)
+    assert ("CUDA 13.0 kernels compiled for sm_80, sm_90+PTX, tested in the CPU emulation; "
+            "not yet run on a GPU") in str(info)
+    cpu = _load.BuildInfo("jit", "x.so", "2.9.0", "AVX2", None, sanitize="address+undefined")
+    assert "sanitizers address+undefined, no CUDA" in str(cpu)
 
 
 def test_library_built_for_a_missing_instruction_set_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr(_build, "host_cpu_capability", lambda: "AVX2")
-    info = _build.BuildInfo("compiled", "x.so", torch.__version__, "AVX512", None)
+    monkeypatch.setattr(_settings, "host_cpu_capability", lambda: "AVX2")
+    info = _load.BuildInfo("compiled", "x.so", torch.__version__, "AVX512", None)
     with pytest.raises(ImportError, match="AVX512 instructions, which this CPU lacks"):
-        _build._check_compatible(info)
+        _load._check_compatible(info)
 
 
 def run_python(code, **env):
@@ -51,7 +62,7 @@ def run_python(code, **env):
 
 
 def test_a_second_build_in_one_process_is_refused():
-    result = run_python("import selfattn\nfrom selfattn import _build\n_build._loaded = None\n_build.load()")
+    result = run_python("import selfattn\nfrom selfattn import _load\n_load._loaded = None\n_load.load()")
     assert result.returncode != 0 and "already registered" in result.stderr
 
 
@@ -89,7 +100,7 @@ def test_jit_build_from_csrc(tmp_path, capability):
     """SELFATTN_JIT=1 compiles csrc/ with ninja into a cache and uses it. Built here for the
     instruction sets other machines fall back to (AVX2, and none), so their kernels are checked
     against float64 too. CPU sources only, to keep it to a minute or two each."""
-    if capability == "AVX2" and _build.host_cpu_capability() == "DEFAULT":
+    if capability == "AVX2" and _settings.host_cpu_capability() == "DEFAULT":
         pytest.skip("this CPU cannot run AVX2 code")
     env = dict(SELFATTN_JIT="1", SELFATTN_JIT_CACHE=str(tmp_path), SELFATTN_CUDA="0", MAX_JOBS="2",
                SELFATTN_CPU_CAPABILITY=capability)

@@ -18,14 +18,22 @@ def test_non_tensor_and_bad_flags():
     q, k, v = sample_inputs(1, 1, 3, 3, 4)
     with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
         selfattn.attention(q.tolist(), k, v)
-    with pytest.raises(TypeError, match="causal must be a bool, got str"):
+    with pytest.raises(ValueError, match="causal must be False, True, 'top_left' or 'bottom_right', got 'yes'"):
         selfattn.attention(q, k, v, causal="yes")
+    with pytest.raises(TypeError, match="is_causal must be a bool, got str"):
+        selfattn.attention(q, k, v, is_causal="yes")
     with pytest.raises(TypeError, match="scale must be a float or None, got str"):
         selfattn.attention(q, k, v, scale="0.1")
-    with pytest.raises(ValueError, match="causal=True and is_causal=False disagree"):
-        selfattn.attention(q, k, v, causal=True, is_causal=False)
+    with pytest.raises(ValueError, match=r"is_causal=True \(top-left\) and causal='bottom_right' disagree"):
+        selfattn.attention(q, k, v, is_causal=True, causal="bottom_right")
     with pytest.raises(ValueError, match=r"must all be 3-D \(B, N, D\) or all 4-D"):
         selfattn.attention(q[0], k, v)
+    with pytest.raises(TypeError, match=r"window must be a pair \(left, right\) of ints, -1 for unbounded, got 4"):
+        selfattn.attention(q, k, v, window=4)
+    with pytest.raises(TypeError, match="window's right side must be an int, got float"):
+        selfattn.attention(q, k, v, window=(4, 1.0))
+    with pytest.raises(TypeError, match="attn_mask must be a tensor, a causal bias or None, got list"):
+        selfattn.attention(q, k, v, [[True]])
 
 
 def test_bad_layer_flags():

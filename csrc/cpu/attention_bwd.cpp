@@ -7,13 +7,16 @@
 //   dq = scale * dS k,   dk = scale * dSᵀ q
 // (the kernels fold `scale` into dS, so nothing is rescaled afterwards).
 //
-// Work item: one (batch, head, share of the key blocks). A key block's dk and dv are
-// summed over all query blocks in scratch and written once; dq is summed into a buffer
-// per work item, and the buffers of one (batch, head) are added in a fixed order at the
-// end (deterministic). A (batch, head) is split over several work items only when there
-// are fewer (batch, head) pairs than threads.
-// As in the forward, score tiles are transposed: key rows x query columns.
+// Work item: one (batch, kv head, share of the key blocks). The key blocks' dk and dv are
+// summed over every query block of every query head of the kv head's group (grouped-query
+// attention: query head h reads kv head h / (Hq / Hk)), in a fixed order, in scratch, and
+// written once; dq is summed into a buffer per work item and query head, and the buffers of one
+// (batch, head) are added in a fixed order at the end (deterministic). A (batch, kv head) is split
+// over several work items only when there are fewer of them than threads.
+// As in the forward, score tiles are transposed: key rows x query columns, and masks (mask.h)
+// skip the tiles nobody sees. A row whose lse is -inf (it saw no key) has P = 0.
 #include "../attention.h"
+#include "mask_tiles.h"
 #include "tile.h"
 
 #include <ATen/Dispatch.h>
@@ -29,23 +32,23 @@ constexpr int64_t kBlockQ = 64;  // queries per tile (columns)
 constexpr int64_t kBlockK = 64;  // keys per tile (rows), the unit of work splitting
 
 struct BackwardShape {
-  int64_t batch, heads, nq, nk, dim, dim_v;
+  int64_t batch, heads, heads_kv, group, nq, nk, dim, dim_v;
   int64_t dim_padded, dim_v_padded;  // row widths of the GEMM operands
   int64_t block_q, block_k, q_blocks, k_blocks;
-  int64_t splits;          // work items per (batch, head)
+  int64_t splits;          // work items per (batch, kv head)
   int64_t blocks_per_split;
 };
 
-// grad_out (dO), out: (B, H, Nq, Dv), q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv):
-//          scalar_t, any strides;  lse: (B, H, Nq) T, any strides
-// dq_sums: (B, H, splits, Nq, D_padded) T, unit last stride, zeroed: where each work item sums
+// grad_out (dO), out: (B, Hq, Nq, Dv), q: (B, Hq, Nq, D), k: (B, Hk, Nk, D), v: (B, Hk, Nk, Dv):
+//          scalar_t, any strides;  lse: (B, Hq, Nq) T, any strides
+// dq_sums: (B, Hq, splits, Nq, D_padded) T, unit last stride, zeroed: where each work item sums
 //          its dq (grad_q itself when its rows can take that); undefined when one work item
-//          covers a (batch, head) but grad_q cannot: it then sums in scratch and writes grad_q.
-// grad_q, grad_k, grad_v: (B, H, Nq / Nk, D / Dv) scalar_t, any strides
+//          covers a (batch, kv head) but grad_q cannot: it then sums in scratch and writes grad_q.
+// grad_q, grad_k, grad_v: the shapes of q, k, v, scalar_t, any strides
 template <typename scalar_t, typename T>
 void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                     const at::Tensor& lse, bool causal, T scale, const at::Tensor& dq_sums,
+                     const at::Tensor& lse, const AttentionMask& mask, T scale, const at::Tensor& dq_sums,
                      const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
   constexpr int64_t W = kVecWidth<T>;
   const Strided4<const scalar_t> do_view(grad_out), q_view(q), k_view(k), v_view(v), out_view(out);
@@ -62,17 +65,20 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
   const int64_t dq_stride_n = dq_in_scratch ? s.dim_padded : dq_sums.stride(3);
   const int64_t block_q = s.block_q, block_k = s.block_k;
   const int64_t nq_padded = s.q_blocks * block_q;
+  const int64_t split_keys = s.blocks_per_split * block_k;  // dk/dv rows one work item sums
+  const Band& band = mask.band;
+  const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, block_q, block_k) : MaskTiles();
 
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size =
       Carver::padded(s.dim * nq_padded) + Carver::padded(s.dim_v * nq_padded) +
       2 * Carver::padded(nq_padded) + 2 * Carver::padded(block_k * block_q) +
-      Carver::padded(block_k * s.dim_padded) + Carver::padded(block_k * s.dim_v_padded) +
+      Carver::padded(split_keys * s.dim_padded) + Carver::padded(split_keys * s.dim_v_padded) +
       Carver::padded(q_reader.scratch_size(block_q)) + Carver::padded(do_reader.scratch_size(block_q)) +
       Carver::padded(k_reader.scratch_size(block_k)) + Carver::padded(v_reader.scratch_size(block_k)) +
       (dq_in_scratch ? Carver::padded(s.nq * s.dim_padded) : 0);
 
-  at::parallel_for(0, s.batch * s.heads * s.splits, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch * s.heads_kv * s.splits, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(scratch_size);
     Carver carve(scratch.get());
     T* q_t = carve.take(s.dim * nq_padded);      // (D, Nq_padded): all queries as columns, times scale
@@ -81,31 +87,37 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     T* delta = carve.take(nq_padded);            // rowsum(dO ∘ out) per query
     T* p_t = carve.take(block_k * block_q);      // (block_k, block_q): P, transposed
     T* ds_t = carve.take(block_k * block_q);     // (block_k, block_q): dP, then dS, transposed
-    T* dk_acc = carve.take(block_k * s.dim_padded);
-    T* dv_acc = carve.take(block_k * s.dim_v_padded);
+    T* dk_sums = carve.take(split_keys * s.dim_padded);    // the work item's keys' dk, summed
+    T* dv_sums = carve.take(split_keys * s.dim_v_padded);  // over the group's query heads
     T* q_scratch = carve.take(q_reader.scratch_size(block_q));  // blocks converted to T, when needed
     T* do_scratch = carve.take(do_reader.scratch_size(block_q));
     T* k_scratch = carve.take(k_reader.scratch_size(block_k));
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));
     T* dq_scratch = dq_in_scratch ? carve.take(s.nq * s.dim_padded) : nullptr;  // (Nq, D_padded)
 
-    int64_t packed_bh = -1;  // the (batch, head) whose queries q_t/do_t hold
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / s.splits, b = bh / s.heads, h = bh % s.heads;
+      const int64_t bh_kv = item / s.splits, b = bh_kv / s.heads_kv, h_kv = bh_kv % s.heads_kv;
       const int64_t split = item % s.splits;
-      T* dq_acc = dq_scratch;
-      if (dq_in_scratch) {
-        fill(dq_scratch, s.nq * s.dim_padded, T(0));
-      } else {
-        dq_acc = dq_data + b * dq_sums.stride(0) + h * dq_sums.stride(1) + split * dq_sums.stride(2);
-      }
+      const int64_t kb_begin = split * s.blocks_per_split;
+      const int64_t kb_end = std::min(s.k_blocks, kb_begin + s.blocks_per_split);
+      const int64_t key_base = kb_begin * block_k;  // row 0 of dk_sums / dv_sums
+      fill(dk_sums, split_keys * s.dim_padded, T(0));
+      fill(dv_sums, split_keys * s.dim_v_padded, T(0));
 
-      if (bh != packed_bh) {
+      for (int64_t h = h_kv * s.group; h < (h_kv + 1) * s.group; ++h) {  // the group, in order
+        T* dq_acc = dq_scratch;
+        if (dq_in_scratch) {
+          fill(dq_scratch, s.nq * s.dim_padded, T(0));
+        } else {
+          dq_acc = dq_data + b * dq_sums.stride(0) + h * dq_sums.stride(1) + split * dq_sums.stride(2);
+        }
         pack_columns(q_view, b, h, 0, s.nq, s.dim, scale, q_t, nq_padded);
         pack_columns(do_view, b, h, 0, s.nq, s.dim_v, T(1), do_t, nq_padded);
         for (int64_t i = 0; i < nq_padded; ++i) {
-          if (i < s.nq) {
-            lse_row[i] = lse_data[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)];
+          // +inf stands in for padding and for rows that saw no key (lse -inf): P = 0 there.
+          const T row_lse = i < s.nq ? lse_data[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] : T(0);
+          if (i < s.nq && row_lse > -std::numeric_limits<T>::infinity()) {
+            lse_row[i] = row_lse;
             const scalar_t* do_row = do_view.row(b, h, i);
             const scalar_t* out_row = out_view.row(b, h, i);
             T dot = 0;
@@ -118,104 +130,103 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
             delta[i] = 0;
           }
         }
-        packed_bh = bh;
-      }
 
-      const int64_t kb_begin = split * s.blocks_per_split;
-      const int64_t kb_end = std::min(s.k_blocks, kb_begin + s.blocks_per_split);
-      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-        const int64_t k0 = kb * block_k, k_rows = std::min(block_k, s.nk - k0);
-        fill(dk_acc, block_k * s.dim_padded, T(0));
-        fill(dv_acc, block_k * s.dim_v_padded, T(0));
-        const RowBlock<T> k_block = k_reader.read(b, h, k0, k_rows, k_scratch);
-        const RowBlock<T> v_block = v_reader.read(b, h, k0, k_rows, v_scratch);
+        for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+          const int64_t k0 = kb * block_k, k_rows = std::min(block_k, s.nk - k0);
+          T* dk_acc = dk_sums + (k0 - key_base) * s.dim_padded;
+          T* dv_acc = dv_sums + (k0 - key_base) * s.dim_v_padded;
+          const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
+          const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
 
-        // Causal: query blocks that end before this key block's first key see none of it.
-        for (int64_t qb = causal ? k0 / block_q : 0; qb < s.q_blocks; ++qb) {
-          const int64_t q0 = qb * block_q, q_rows = std::min(block_q, s.nq - q0);
-          // Causal: keys past the query block's last query are masked for all of it.
-          const int64_t kv_rows = causal ? std::min(k_rows, q0 + q_rows - k0) : k_rows;
-          if (kv_rows <= 0) {
-            continue;
-          }
-          const RowBlock<T> q_block = q_reader.read(b, h, q0, q_rows, q_scratch);
-          const RowBlock<T> do_block = do_reader.read(b, h, q0, q_rows, do_scratch);
-          // On a tile that crosses the diagonal, pairs that nobody sees are skipped (tile.h)
-          // and their P and dS entries set to 0.
-          const bool diagonal = causal && k0 + kv_rows - 1 > q0;
-          const int64_t offset = k0 - q0;
-          const auto mask_hidden = [&](T* tile) {
+          // Only the query blocks that see some key of this block (the band's reach).
+          const int64_t i_first = std::max<int64_t>(0, band.first_query(k0));
+          const int64_t i_last = std::min(s.nq - 1, band.last_query(k0 + k_rows));
+          for (int64_t qb = i_first / block_q; qb * block_q <= i_last; ++qb) {
+            const int64_t q0 = qb * block_q, q_rows = std::min(block_q, s.nq - q0);
+            // Keys past the query block's last query's reach are hidden for all of it.
+            const int64_t kv_rows = std::min(k_rows, band.last_key(q0 + q_rows - 1) - k0 + 1);
+            const TileState tile = mask_tiles.state(b, h, q0, k0);
+            if (kv_rows <= 0 || !band.touches(q0, q0 + q_rows, k0, k0 + kv_rows) || tile == TileState::kHidden) {
+              continue;
+            }
+            const RowBlock<T> q_block = q_reader.read(b, h, q0, q_rows, q_scratch);
+            const RowBlock<T> do_block = do_reader.read(b, h, q0, q_rows, do_scratch);
+            // A tile the band cuts at the top skips the pairs nobody sees (tile.h); every hidden
+            // pair's P and dS is then set to 0.
+            const bool cut_top = k0 + kv_rows - 1 > band.last_key(q0);
+            const bool cut_bottom = band.first_key(q0 + q_rows - 1) > k0;
+            const int64_t offset = k0 - band.last_key(q0);
+
+            // P (transposed) = exp(k · q_t + mask - lse), recomputed from the forward's logsumexp.
+            if (!cut_top) {
+              gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_t + q0, nq_padded, p_t,
+                      block_q, /*accumulate=*/false);
+            } else {
+              gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1,
+                                     q_t + q0, nq_padded, p_t, block_q, /*accumulate=*/false);
+            }
+            if (cut_top || cut_bottom) {
+              mask_band(band, q0, k0, kv_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
+            }
+            if (tile == TileState::kPartial) {
+              mask_tiles.apply(b, h, q0, q_rows, k0, kv_rows, p_t, block_q);
+            }
             for (int64_t j = 0; j < kv_rows; ++j) {
-              fill(tile + j * block_q, std::min(block_q, std::max<int64_t>(0, offset + j)), T(0));
+              T* p_row = p_t + j * block_q;
+              for (int64_t c = 0; c < block_q; c += W) {
+                vec_exp<T>(Vec<T>::loadu(p_row + c) - Vec<T>::loadu(lse_row + q0 + c)).store(p_row + c);
+              }
             }
-          };
 
-          // P (transposed) = exp(k · q_t - lse), recomputed from the forward's logsumexp.
-          if (!diagonal) {
-            gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_t + q0, nq_padded, p_t,
-                    block_q, /*accumulate=*/false);
-          } else {
-            gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_t + q0,
-                                   nq_padded, p_t, block_q, /*accumulate=*/false);
-          }
-          for (int64_t j = 0; j < kv_rows; ++j) {
-            T* p_row = p_t + j * block_q;
-            for (int64_t c = 0; c < block_q; c += W) {
-              vec_exp<T>(Vec<T>::loadu(p_row + c) - Vec<T>::loadu(lse_row + q0 + c)).store(p_row + c);
+            // dP (transposed) = v · dO_t, then dS = P ∘ (dP - delta).
+            if (!cut_top) {
+              gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_t + q0,
+                      nq_padded, ds_t, block_q, /*accumulate=*/false);
+            } else {
+              gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride,
+                                     v_block.col_stride, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
             }
-          }
-          if (diagonal) {
-            mask_hidden(p_t);
-          }
-
-          // dP (transposed) = v · dO_t, then dS = P ∘ (dP - delta).
-          if (!diagonal) {
-            gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_t + q0,
-                    nq_padded, ds_t, block_q, /*accumulate=*/false);
-          } else {
-            gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride,
-                                   v_block.col_stride, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
-          }
-          const Vec<T> scale_vec(scale);
-          for (int64_t j = 0; j < kv_rows; ++j) {
-            for (int64_t c = 0; c < block_q; c += W) {
-              const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
-              const Vec<T> dp = Vec<T>::loadu(ds_t + j * block_q + c);
-              (p * (dp - Vec<T>::loadu(delta + q0 + c)) * scale_vec).store(ds_t + j * block_q + c);
+            const Vec<T> scale_vec(scale);
+            for (int64_t j = 0; j < kv_rows; ++j) {
+              for (int64_t c = 0; c < block_q; c += W) {
+                const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
+                const Vec<T> dp = Vec<T>::loadu(ds_t + j * block_q + c);
+                (p * (dp - Vec<T>::loadu(delta + q0 + c)) * scale_vec).store(ds_t + j * block_q + c);
+              }
             }
-          }
-          if (diagonal) {
-            mask_hidden(ds_t);  // the skipped dP entries were never written
-          }
+            if (cut_top) {  // the skipped dP entries were never written: 0 * garbage may be NaN
+              mask_band(band, q0, k0, kv_rows, block_q, ds_t, block_q, T(0));
+            }
 
-          // dv (kv_rows x Dv) += Pᵀ · dO rows;  dk (kv_rows x D) += dSᵀ · q rows;
-          // dq (q_rows x D) += dS · k rows (dS read through ds_t's transpose). dS includes scale.
-          if (!diagonal) {
-            gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data, do_block.row_stride, dv_acc,
-                    s.dim_v_padded, /*accumulate=*/true);
-            gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data, q_block.row_stride, dk_acc,
-                    s.dim_padded, /*accumulate=*/true);
-            gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data, k_block.row_stride,
-                    dq_acc + q0 * dq_stride_n, dq_stride_n, /*accumulate=*/true);
-          } else {
-            gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data,
-                                         do_block.row_stride, dv_acc, s.dim_v_padded);
-            gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data,
-                                         q_block.row_stride, dk_acc, s.dim_padded);
-            gemm_queries_x_keys<T>(offset, q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data,
-                                   k_block.row_stride, dq_acc + q0 * dq_stride_n, dq_stride_n);
+            // dv (kv_rows x Dv) += Pᵀ · dO rows;  dk (kv_rows x D) += dSᵀ · q rows;
+            // dq (q_rows x D) += dS · k rows (dS read through ds_t's transpose). dS includes scale.
+            if (!cut_top) {
+              gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data, do_block.row_stride, dv_acc,
+                      s.dim_v_padded, /*accumulate=*/true);
+              gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data, q_block.row_stride, dk_acc,
+                      s.dim_padded, /*accumulate=*/true);
+              gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data, k_block.row_stride,
+                      dq_acc + q0 * dq_stride_n, dq_stride_n, /*accumulate=*/true);
+            } else {
+              gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data,
+                                           do_block.row_stride, dv_acc, s.dim_v_padded);
+              gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data,
+                                           q_block.row_stride, dk_acc, s.dim_padded);
+              gemm_queries_x_keys<T>(offset, q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data,
+                                     k_block.row_stride, dq_acc + q0 * dq_stride_n, dq_stride_n);
+            }
           }
         }
-
-        for (int64_t j = 0; j < k_rows; ++j) {
-          store_row(dk_acc + j * s.dim_padded, dk_view.row(b, h, k0 + j), dk_view.stride_d, s.dim);
-          store_row(dv_acc + j * s.dim_v_padded, dv_view.row(b, h, k0 + j), dv_view.stride_d, s.dim_v);
+        if (dq_in_scratch) {
+          for (int64_t i = 0; i < s.nq; ++i) {
+            store_row(dq_scratch + i * s.dim_padded, dq_view.row(b, h, i), dq_view.stride_d, s.dim);
+          }
         }
       }
-      if (dq_in_scratch) {
-        for (int64_t i = 0; i < s.nq; ++i) {
-          store_row(dq_scratch + i * s.dim_padded, dq_view.row(b, h, i), dq_view.stride_d, s.dim);
-        }
+
+      for (int64_t j = key_base; j < std::min(s.nk, kb_end * block_k); ++j) {
+        store_row(dk_sums + (j - key_base) * s.dim_padded, dk_view.row(b, h_kv, j), dk_view.stride_d, s.dim);
+        store_row(dv_sums + (j - key_base) * s.dim_v_padded, dv_view.row(b, h_kv, j), dv_view.stride_d, s.dim_v);
       }
     }
   });
@@ -249,11 +260,11 @@ void reduce_grad_q(const BackwardShape& s, const at::Tensor& dq_sums, const at::
 
 void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                            bool causal, double scale, const at::Tensor& grad_q,
+                            const AttentionMask& mask, double scale, const at::Tensor& grad_q,
                             const at::Tensor& grad_k, const at::Tensor& grad_v) {
   using namespace cpu;
   BackwardShape s;
-  s.batch = q.size(0), s.heads = q.size(1), s.nq = q.size(2), s.nk = k.size(2);
+  s.batch = q.size(0), s.heads = q.size(1), s.heads_kv = k.size(1), s.nq = q.size(2), s.nk = k.size(2);
   s.dim = q.size(3), s.dim_v = v.size(3);
   if (s.batch * s.heads == 0) {
     return;
@@ -264,6 +275,7 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
     grad_v.zero_();
     return;
   }
+  s.group = s.heads / s.heads_kv;
   const at::ScalarType acc_type = accumulate_type(q.scalar_type());
   s.dim_padded = gemm_width(s.dim, acc_type);
   s.dim_v_padded = gemm_width(s.dim_v, acc_type);
@@ -272,9 +284,9 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   s.block_k = kBlockK;
   s.q_blocks = ceil_div(s.nq, s.block_q);
   s.k_blocks = ceil_div(s.nk, s.block_k);
-  // Split a (batch, head) over several work items only to give every thread work.
+  // Split a (batch, kv head) over several work items only to give every thread work.
   const int64_t threads = at::get_num_threads();
-  s.splits = std::min(s.k_blocks, ceil_div(threads, s.batch * s.heads));
+  s.splits = std::min(s.k_blocks, ceil_div(threads, s.batch * s.heads_kv));
   s.blocks_per_split = ceil_div(s.k_blocks, s.splits);
   s.splits = ceil_div(s.k_blocks, s.blocks_per_split);
 
@@ -293,8 +305,8 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t>(s, grad_out, q, k, v, out, lse, causal,
-                                     static_cast<acc_t>(scale), dq_sums, grad_q, grad_k, grad_v);
+    backward_kernel<scalar_t, acc_t>(s, grad_out, q, k, v, out, lse, mask, static_cast<acc_t>(scale), dq_sums,
+                                     grad_q, grad_k, grad_v);
     if (s.splits > 1) {
       reduce_grad_q<scalar_t, acc_t>(s, dq_sums, grad_q);
     }

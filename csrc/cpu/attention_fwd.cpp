@@ -1,4 +1,4 @@
-// CPU forward of attention: out = softmax(scale * q kᵀ) v, and the logsumexp of each row.
+// CPU forward of attention: out = softmax(scale * q kᵀ + mask) v, and the logsumexp of each row.
 //
 // Tiled with online softmax: one work item is one (batch, head, block of queries); key
 // blocks stream through it, and only a running max and sum per query are kept, so no
@@ -6,7 +6,13 @@
 // the max and sum of each query are then vectors across columns, the softmax needs no
 // horizontal reductions, and the tile GEMM (which broadcasts A elements one at a time)
 // reads the transposed probabilities for P·V at no cost.
+//
+// Masks (mask.h): only the key blocks the band reaches are streamed, and of those only the ones a
+// tensor mask does not hide entirely (mask_tiles.h); tiles the band cuts at the top skip the
+// pairs nobody sees a slab at a time (tile.h). A query that sees no key gets output 0 and lse
+// -inf. Grouped-query attention: query head h reads kv head h / (Hq / Hk).
 #include "../attention.h"
+#include "mask_tiles.h"
 #include "tile.h"
 
 #include <ATen/Dispatch.h>
@@ -28,17 +34,21 @@ inline int64_t balanced_block(int64_t rank, int64_t num_blocks) {
   return rank % 2 == 0 ? rank / 2 : num_blocks - 1 - rank / 2;
 }
 
-// q: (B, H, Nq, D), k: (B, H, Nk, D), v: (B, H, Nk, Dv), out: (B, H, Nq, Dv): scalar_t, any strides
-// lse: (B, H, Nq) T, any strides. T (float, or double for double) is the accumulation type.
+// q: (B, Hq, Nq, D), k: (B, Hk, Nk, D), v: (B, Hk, Nk, Dv), out: (B, Hq, Nq, Dv): scalar_t, any strides
+// lse: (B, Hq, Nq) T, any strides. T (float, or double for double) is the accumulation type.
 template <typename scalar_t, typename T>
-void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
                     T scale, const at::Tensor& out, const at::Tensor& lse) {
   constexpr int64_t W = kVecWidth<T>;
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dim = q.size(3);
+  const int64_t group = heads / k.size(1);  // query heads per kv head
   const int64_t nk = k.size(2), dim_v = v.size(3), dim_v_padded = round_up(dim_v, W);
   const int64_t block_q = std::min(kBlockQ, round_up(nq, W));  // short sequences: no idle columns
   const int64_t block_k = kBlockK;
   const int64_t q_blocks = ceil_div(nq, block_q);
+  const Band& band = mask.band;
+  const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, block_q, block_k) : MaskTiles();
+  const bool uneven = band.right < kUnbounded;  // later query blocks see more keys
 
   const Strided4<const scalar_t> q_view(q);
   // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
@@ -68,9 +78,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));  // a value block, padded rows
 
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / q_blocks, b = bh / heads, h = bh % heads;
+      const int64_t bh = item / q_blocks, b = bh / heads, h = bh % heads, h_kv = h / group;
       const int64_t rank = item % q_blocks;
-      const int64_t q0 = (causal ? balanced_block(rank, q_blocks) : rank) * block_q;
+      const int64_t q0 = (uneven ? balanced_block(rank, q_blocks) : rank) * block_q;
       const int64_t q_rows = std::min(block_q, nq - q0);
 
       // 1. The block's queries as columns, with the scale folded in; padding columns are zero.
@@ -79,43 +89,55 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       fill(row_sum, block_q, T(0));
       fill(acc, block_q * dim_v_padded, T(0));
 
-      // Causal: key j is visible to query i when j <= i, so keys past the block's last
-      // query are never touched.
-      const int64_t k_end = causal ? std::min(nk, q0 + q_rows) : nk;
-      for (int64_t k0 = 0; k0 < k_end; k0 += block_k) {
+      // Only the key blocks (aligned to block_k, as the mask's tiles are) that the band reaches.
+      const int64_t k_begin = std::max<int64_t>(0, band.first_key(q0)) / block_k * block_k;
+      const int64_t k_end = std::min(nk, band.last_key(q0 + q_rows - 1) + 1);
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += block_k) {
         const int64_t k_rows = std::min(block_k, k_end - k0);
+        const TileState tile = mask_tiles.state(b, h, q0, k0);
+        if (tile == TileState::kHidden) {
+          continue;
+        }
 
-        // 2. Scores, transposed: p_t (k_rows x block_q) = k rows · q_t. On a block that crosses
-        //    the diagonal, pairs that nobody sees are skipped, then masked.
-        const bool diagonal = causal && k0 + k_rows - 1 > q0;
-        const RowBlock<T> k_block = k_reader.read(b, h, k0, k_rows, k_scratch);
-        if (!diagonal) {
+        // 2. Scores, transposed: p_t (k_rows x block_q) = k rows · q_t. A tile that the band cuts
+        //    at the top (keys past what its first query sees) skips the pairs nobody sees, a slab
+        //    at a time; then every hidden pair is set to -inf.
+        const bool cut_top = k0 + k_rows - 1 > band.last_key(q0);
+        const bool cut_bottom = band.first_key(q0 + q_rows - 1) > k0;
+        const int64_t first_col = k0 - band.last_key(q0);  // of key row 0 (see mask_band)
+        const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
+        if (!cut_top) {
           gemm<T>(k_rows, block_q, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, block_q,
                   p_t, block_q, /*accumulate=*/false);
         } else {
-          gemm_keys_x_queries<T>(k0 - q0, k_rows, block_q, dim, k_block.data, k_block.row_stride,
+          gemm_keys_x_queries<T>(first_col, k_rows, block_q, dim, k_block.data, k_block.row_stride,
                                  k_block.col_stride, q_t, block_q, p_t, block_q, /*accumulate=*/false);
-          for (int64_t j = 0; j < k_rows; ++j) {
-            const int64_t first_visible = std::min(block_q, std::max<int64_t>(0, k0 + j - q0));
-            fill(p_t + j * block_q, first_visible, -std::numeric_limits<T>::infinity());
-          }
+        }
+        if (cut_top || cut_bottom) {
+          mask_band(band, q0, k0, k_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
+        }
+        if (tile == TileState::kPartial) {
+          mask_tiles.apply(b, h, q0, q_rows, k0, k_rows, p_t, block_q);
         }
 
         // 3. Online softmax down each column: new max, probabilities, and the factor
-        //    that brings what was accumulated under the old max to the new one.
+        //    that brings what was accumulated under the old max to the new one. A column that has
+        //    seen only hidden pairs keeps max -inf; 0 stands in for it, so exp gives 0, not NaN.
+        const Vec<T> minus_inf(-std::numeric_limits<T>::infinity());
         for (int64_t c = 0; c < block_q; c += W) {
           const Vec<T> old_max = Vec<T>::loadu(row_max + c);
           Vec<T> new_max = old_max;
           for (int64_t j = 0; j < k_rows; ++j) {
             new_max = at::vec::maximum(new_max, Vec<T>::loadu(p_t + j * block_q + c));
           }
+          const Vec<T> safe_max = Vec<T>::blendv(new_max, Vec<T>(T(0)), new_max == minus_inf);
           Vec<T> block_sum(T(0));
           for (int64_t j = 0; j < k_rows; ++j) {
-            const Vec<T> p = vec_exp<T>(Vec<T>::loadu(p_t + j * block_q + c) - new_max);
+            const Vec<T> p = vec_exp<T>(Vec<T>::loadu(p_t + j * block_q + c) - safe_max);
             p.store(p_t + j * block_q + c);
             block_sum = block_sum + p;
           }
-          const Vec<T> alpha = vec_exp<T>(old_max - new_max);  // 0 on the first block
+          const Vec<T> alpha = vec_exp<T>(old_max - safe_max);  // 0 on the first block
           at::vec::fmadd(alpha, Vec<T>::loadu(row_sum + c), block_sum).store(row_sum + c);
           alpha.store(rescale + c);
           new_max.store(row_max + c);
@@ -131,26 +153,28 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
         // 4-5. Weight each value row by its probability and sum per query:
         //      acc (q_rows x Dv) += P (q_rows x k_rows) · v rows, P read through p_t's transpose.
-        const RowBlock<T> v_block = v_reader.read(b, h, k0, k_rows, v_scratch);
-        if (!diagonal) {
+        const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
+        if (!cut_top) {
           gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q, v_block.data,
                   v_block.row_stride, acc, dim_v_padded, /*accumulate=*/true);
         } else {
-          gemm_queries_x_keys<T>(k0 - q0, q_rows, dim_v_padded, k_rows, p_t, 1, block_q, v_block.data,
+          gemm_queries_x_keys<T>(first_col, q_rows, dim_v_padded, k_rows, p_t, 1, block_q, v_block.data,
                                  v_block.row_stride, acc, dim_v_padded);
         }
       }
 
       // 6. Normalize and write the rows out, with their logsumexp.
+      //    A row that saw no key (sum 0) is written as 0 with lse -inf.
       for (int64_t i = 0; i < q_rows; ++i) {
         T* acc_row = acc + i * dim_v_padded;
-        const Vec<T> inv_sum(T(1) / row_sum[i]);
+        const bool seen = row_sum[i] > T(0);
+        const Vec<T> inv_sum(seen ? T(1) / row_sum[i] : T(0));
         for (int64_t d = 0; d < dim_v_padded; d += W) {
           (Vec<T>::loadu(acc_row + d) * inv_sum).store(acc_row + d);
         }
         store_row(acc_row, out_view.row(b, h, q0 + i), out_view.stride_d, dim_v);
         lse_data[b * lse_stride_b + h * lse_stride_h + (q0 + i) * lse_stride_n] =
-            row_max[i] + std::log(row_sum[i]);
+            seen ? row_max[i] + std::log(row_sum[i]) : -std::numeric_limits<T>::infinity();
       }
     }
   });
@@ -161,7 +185,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }  // namespace cpu
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           bool causal, double scale, const at::Tensor& out, const at::Tensor& lse) {
+                           const AttentionMask& mask, double scale, const at::Tensor& out,
+                           const at::Tensor& lse) {
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) {
     return;
   }
@@ -172,7 +197,7 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cpu::forward_kernel<scalar_t, acc_t>(q, k, v, causal, static_cast<acc_t>(scale), out, lse);
+    cpu::forward_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), out, lse);
   });
 }
 

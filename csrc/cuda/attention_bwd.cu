@@ -17,7 +17,7 @@
 namespace selfattn::cuda {
 
 // delta[bh * Nq + i] = sum over c of grad_out[b, h, i, c] * out[b, h, i, c], accumulated in A.
-// grad_out, out: (B, H, Nq, Dv) T, any strides. One warp per row, 4 warps per block.
+// grad_out, out: (B, Hq, Nq, Dv) T, any strides. One warp per row, 4 warps per block.
 template <typename T>
 __global__ void __launch_bounds__(128) attention_delta_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;

@@ -12,8 +12,10 @@
 
 namespace selfattn::cuda {
 
-// dq of a block of queries. Tensors as for the dk/dv kernel; grad_q (B, H, Nq, D) T any strides.
-// Grid: row_blocks (query blocks) * B * H blocks of Cfg::kThreads; dq_smem_bytes<Cfg>().
+// dq of a block of queries. Tensors as for the dk/dv kernel; grad_q (B, Hq, Nq, D) T any strides.
+// Grid: row_blocks (query blocks) * B * Hq blocks of Cfg::kThreads; dq_smem_bytes<Cfg>().
+// Masks as in the forward (attention_fwd.cu): key tiles no query of the block sees are never
+// loaded, partly visible ones masked element by element; P = 0 for a row with lse = -inf.
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(const BackwardParams<T> p) {
   constexpr int R = Cfg::R, KPL = Cfg::KPL, C = Cfg::kAccCols;
@@ -28,24 +30,25 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(co
 
   const int64_t bh = blockIdx.x % p.batch_heads;
   const int q_block = p.row_blocks - 1 - static_cast<int>(blockIdx.x / p.batch_heads);
-  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
   const int q0 = q_block * kRows;
   const Lane lane = lane_position();
   const int warp_row0 = lane.warp * 4 * R;
   float* const buf = buf_all + lane.warp * Cfg::kWarpBufSize;
   const int depth_qk = round_up(p.dim, 4), depth_v = round_up(p.dim_v, 4);
   const int dim_cols = round_up(p.dim, 32), dim_v_cols = round_up(p.dim_v, 32);
-  const float scale_log2 = p.scale * kLog2e;
+  const Band band = p.band;
+  const bool has_mask = p.mask.present();
 
   load_tile<kRows, Cfg::kThreads>(p.q, b, h, q0, p.nq, p.dim, dim_cols, q_s, S);
   load_tile<kRows, Cfg::kThreads>(p.grad_out, b, h, q0, p.nq, p.dim_v, dim_v_cols, do_s, S);
 
-  float lse2[R], delta[R], dq[R][C];
+  float lse[R], delta[R], dq[R][C];
 #pragma unroll
   for (int i = 0; i < R; ++i) {
     const int row = q0 + warp_row0 + lane.row_group + 4 * i;
     const bool valid = row < p.nq;
-    lse2[i] = valid ? p.lse[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_n] * kLog2e : 0.f;
+    lse[i] = valid ? backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_n]) : 0.f;
     delta[i] = valid ? p.delta[bh * p.nq + row] : 0.f;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
@@ -53,18 +56,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(co
     }
   }
 
-  const int k_end = p.causal ? imin(p.nk, imin(p.nq, q0 + kRows)) : p.nk;
-  const int warp_last_row = q0 + warp_row0 + 4 * R - 1;
-  const bool warp_has_rows = q0 + warp_row0 < p.nq;
+  // The keys some query of the block may see, in whole tiles (as in the forward).
+  const int q_last = imin(p.nq, q0 + kRows) - 1;
+  const int k_begin = clip(band.first_key(q0), 0, p.nk) / kCols * kCols;
+  const int k_end = clip(band.last_key(q_last) + 1, 0, p.nk);
+  const int warp_q0 = q0 + warp_row0, warp_q1 = imin(p.nq, warp_q0 + 4 * R);
+  const bool warp_has_rows = warp_q0 < p.nq;
 
-  for (int k0 = 0; k0 < k_end; k0 += kCols) {
+  for (int k0 = k_begin; k0 < k_end; k0 += kCols) {
     __syncthreads();  // every warp is done with the previous tile (and q_s, do_s are complete)
-    load_tile<kCols, Cfg::kThreads>(p.k, b, h, k0, p.nk, p.dim, dim_cols, k_s, S);
-    load_tile<kCols, Cfg::kThreads>(p.v, b, h, k0, p.nk, p.dim_v, dim_v_cols, v_s, S);
+    load_tile<kCols, Cfg::kThreads>(p.k, b, hk, k0, p.nk, p.dim, dim_cols, k_s, S);
+    load_tile<kCols, Cfg::kThreads>(p.v, b, hk, k0, p.nk, p.dim_v, dim_v_cols, v_s, S);
     __syncthreads();
-    if (!warp_has_rows || (p.causal && k0 > warp_last_row)) {
+    if (!warp_has_rows || !band.touches(warp_q0, warp_q1, k0, k0 + kCols)) {
       continue;
     }
+    const bool full = k0 + kCols <= p.nk && band.covers(warp_q0, warp_q0 + 4 * R, k0, k0 + kCols);
 
     float ds[R][KPL], dp[R][KPL];
     tile_scores<R, KPL, S>(q_s + warp_row0 * S, k_s, depth_qk, lane, ds);
@@ -75,8 +82,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(co
 #pragma unroll
       for (int j = 0; j < KPL; ++j) {
         const int key = k0 + lane.col_group + 8 * j;
-        const bool visible = key < p.nk && row < p.nq && (!p.causal || key <= row);
-        const float prob = visible ? exp2f(ds[i][j] * scale_log2 - lse2[i]) : 0.f;
+        const bool visible = row < p.nq && (full || (key < p.nk && band.visible(row, key)));
+        float x = ds[i][j] * p.scale;
+        if (has_mask && visible) {
+          x += mask_bias<T, float>(p.mask, b, h, row, key);
+        }
+        const float prob = visible ? exp2f((x - lse[i]) * kLog2e) : 0.f;
         ds[i][j] = prob * (dp[i][j] - delta[i]);
       }
     }

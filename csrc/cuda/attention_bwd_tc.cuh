@@ -16,8 +16,12 @@
 // for P or dS, nor a dq accumulation buffer (what that saves in time is not measured yet).
 //
 // Both stream their tiles through a two-stage cp.async ring: tile n+1 is fetched while tile n
-// is computed, one barrier per tile. Causal: tiles entirely above the diagonal are skipped (never
-// loaded for the block, skipped per warp), only tiles crossing a warp's diagonal are masked.
+// is computed, one barrier per tile. Masks (the band of mask.h; attn_mask goes to the tiled
+// kernels): tiles no row of the block sees are never loaded, a warp skips the tiles none of its
+// rows sees, only tiles the band does not cover for the warp are masked element by element;
+// P = 0 for a row with lse = -inf. Grouped-query attention: query head h reads kv head h / group;
+// the dk/dv kernel of kv head hk streams the query tiles of heads hk * G .. hk * G + G - 1 in
+// that order into the same accumulators (a fixed order, no atomics).
 // Included by the attention_bwd_tc_*.cu files, one instantiation each.
 #pragma once
 
@@ -63,29 +67,35 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
 
   const int64_t bh = blockIdx.x % p.batch_heads;
   const int q_block = p.row_blocks - 1 - static_cast<int>(blockIdx.x / p.batch_heads);
-  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
   const int q0 = q_block * kBM;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane >> 2, t = lane & 3;
   const int warp_row0 = 16 * warp;
   const int warp_first = q0 + warp_row0, warp_last = warp_first + 15;
+  const int warp_q1 = imin(p.nq, warp_last + 1);  // the warp's real rows: [warp_first, warp_q1)
 
   const T* const q_src = p.q.data + b * p.q.stride_b + h * p.q.stride_h;
-  const T* const k_src = p.k.data + b * p.k.stride_b + h * p.k.stride_h;
-  const T* const v_src = p.v.data + b * p.v.stride_b + h * p.v.stride_h;
+  const T* const k_src = p.k.data + b * p.k.stride_b + hk * p.k.stride_h;
+  const T* const v_src = p.v.data + b * p.v.stride_b + hk * p.v.stride_h;
   const T* const do_src = p.grad_out.data + b * p.grad_out.stride_b + h * p.grad_out.stride_h;
   const T* const out_src = p.out.data + b * p.out.stride_b + h * p.out.stride_h;
 
-  const int k_end = p.causal ? imin(p.nk, q0 + kBM) : p.nk;
-  const int n_tiles = (k_end + kBN - 1) / kBN;
+  // The key tiles some query of the block may see: n_begin .. n_end - 1.
+  const Band band = p.band;
+  const int q_last = imin(p.nq, q0 + kBM) - 1;
+  const int n_begin = clip(band.first_key(q0), 0, p.nk) / kBN;
+  const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const float scale_log2 = p.scale * kLog2e;
   const SmemAddr q_a = smem_addr(q_s), do_a = smem_addr(do_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
 
   load_tile_async<kBM, D, Cfg::kThreads>(q_s, q_src, p.q.stride_n, q0, p.nq);
   load_tile_async<kBM, D, Cfg::kThreads>(do_s, do_src, p.grad_out.stride_n, q0, p.nq);
-  load_tile_async<kBN, D, Cfg::kThreads>(stages, k_src, p.k.stride_n, 0, p.nk);
-  load_tile_async<kBN, D, Cfg::kThreads>(stages + Cfg::kTileBytes, v_src, p.v.stride_n, 0, p.nk);
+  if (n_begin < n_end) {
+    load_tile_async<kBN, D, Cfg::kThreads>(stages, k_src, p.k.stride_n, n_begin * kBN, p.nk);
+    load_tile_async<kBN, D, Cfg::kThreads>(stages + Cfg::kTileBytes, v_src, p.v.stride_n, n_begin * kBN, p.nk);
+  }
   cp_async_commit();
 
   // This lane's rows: g and g + 8 of the warp's 16. delta = rowsum(dO ∘ out) straight from
@@ -115,7 +125,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
     delta[r] = group_sum<4>(sum);
     lse2[r] = 0.f;  // padding rows: zero inputs, finite P, never stored
     if (row < p.nq) {
-      lse2[r] = p.lse[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_n] * kLog2e;
+      lse2[r] = backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_n]) * kLog2e;
       if (t == 0) {
         p.delta[bh * p.nq + row] = delta[r];
       }
@@ -131,23 +141,23 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
     }
   }
 
-  for (int n = 0; n < n_tiles; ++n) {
-    const int k0 = n * kBN;
+  for (int n = n_begin; n < n_end; ++n) {
+    const int k0 = n * kBN, it = n - n_begin;
     a_off.refresh();
     b_off.refresh();
     bt_off.refresh();
     cp_async_wait<0>();
-    __syncthreads();  // stage n landed; every warp is done with stage n-1, which is refilled now
-    if (n + 1 < n_tiles) {
-      char* next = stages + ((n + 1) & 1) * Cfg::kStageBytes;
+    __syncthreads();  // stage `it` landed; every warp is done with stage it-1, which is refilled now
+    if (n + 1 < n_end) {
+      char* next = stages + ((it + 1) & 1) * Cfg::kStageBytes;
       load_tile_async<kBN, D, Cfg::kThreads>(next, k_src, p.k.stride_n, k0 + kBN, p.nk);
       load_tile_async<kBN, D, Cfg::kThreads>(next + Cfg::kTileBytes, v_src, p.v.stride_n, k0 + kBN, p.nk);
       cp_async_commit();
     }
-    if (p.causal && k0 > warp_last) {
-      continue;  // every key of the tile is after every row of the warp
+    if (warp_first >= warp_q1 || !band.touches(warp_first, warp_q1, k0, k0 + kBN)) {
+      continue;  // no row of the warp sees a key of the tile
     }
-    const SmemAddr k_a = stages_a + (n & 1) * Cfg::kStageBytes, v_a = k_a + Cfg::kTileBytes;
+    const SmemAddr k_a = stages_a + (it & 1) * Cfg::kStageBytes, v_a = k_a + Cfg::kTileBytes;
 
     // s = q kᵀ and dp = dO vᵀ for the warp's 16 rows.
     float s[kSTiles][4], dp[kSTiles][4];
@@ -177,7 +187,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
     }
 
     // dS = P ∘ (dP - delta), P = exp2(s * scale_log2 - lse2); masked entries have P = 0.
-    const bool masked = k0 + kBN > p.nk || (p.causal && k0 + kBN - 1 > warp_first);
+    const bool masked = k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN);
 #pragma unroll
     for (int j = 0; j < kSTiles; ++j) {
 #pragma unroll
@@ -186,7 +196,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
         if (masked) {
           const int row = warp_first + g + 8 * (e >> 1);
           const int key = k0 + 8 * j + 2 * t + (e & 1);
-          if (key >= p.nk || (p.causal && key > row)) {
+          if (key >= p.nk || !band.visible(row, key)) {
             prob = 0.f;
           }
         }
@@ -207,6 +217,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
         mma_16816<T>(dq[2 * jp + 1], a, kb + 2);
       }
     }
+  }
+
+  if (n_begin >= n_end) {  // no key tile: the copies into q_s and do_s are still in flight
+    cp_async_wait<0>();
+    __syncthreads();
   }
 
   // grad_q = scale * dq, through the warp's own rows of q_s.
@@ -254,31 +269,39 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
   char* const stages = v_s + Cfg::kKeyBytes;  // 2 x {q (kBM, D), dO (kBM, D), lse, delta (kBM)}
 
   // Key block 0 first: under causal masking the first key blocks are seen by the most queries.
-  const int64_t bh = blockIdx.x % p.batch_heads;
-  const int k_block = static_cast<int>(blockIdx.x / p.batch_heads);
-  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t batch_heads_kv = p.batch_heads / p.group;
+  const int64_t bhk = blockIdx.x % batch_heads_kv;
+  const int k_block = static_cast<int>(blockIdx.x / batch_heads_kv);
+  const int64_t b = bhk / p.heads_kv, hk = bhk % p.heads_kv;
   const int k0 = k_block * kBN;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane >> 2, t = lane & 3;
   const int warp_row0 = 16 * warp;
   const int warp_first = k0 + warp_row0, warp_last = warp_first + 15;  // the warp's keys
+  const int warp_k1 = imin(p.nk, warp_last + 1);  // the warp's real keys: [warp_first, warp_k1)
 
-  const T* const q_src = p.q.data + b * p.q.stride_b + h * p.q.stride_h;
-  const T* const k_src = p.k.data + b * p.k.stride_b + h * p.k.stride_h;
-  const T* const v_src = p.v.data + b * p.v.stride_b + h * p.v.stride_h;
-  const T* const do_src = p.grad_out.data + b * p.grad_out.stride_b + h * p.grad_out.stride_h;
-  const float* const lse_src = p.lse + b * p.lse_stride_b + h * p.lse_stride_h;
-  const float* const delta_src = p.delta + bh * p.nq;
+  const T* const k_src = p.k.data + b * p.k.stride_b + hk * p.k.stride_h;
+  const T* const v_src = p.v.data + b * p.v.stride_b + hk * p.v.stride_h;
   const float scale_log2 = p.scale * kLog2e;
   const SmemAddr k_a = smem_addr(k_s), v_a = smem_addr(v_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
 
-  // Causal: queries before the block's first key see none of its keys.
-  const int m_begin = p.causal ? k0 / kBM : 0;
-  const int m_end = (p.nq + kBM - 1) / kBM;
+  // The query tiles whose queries may see some key of the block: m_begin .. m_end - 1, for each
+  // of the group's query heads in turn: step `it` is query head hk * G + it / tiles, tile
+  // m_begin + it % tiles.
+  const Band band = p.band;
+  const int k_last = imin(p.nk, k0 + kBN) - 1;
+  const int m_begin = clip(band.first_query(k0), 0, p.nq) / kBM;
+  const int m_end = (clip(band.last_query(k_last + 1) + 1, 0, p.nq) + kBM - 1) / kBM;
+  const int tiles = imax(0, m_end - m_begin), steps = tiles * p.group;
 
-  // One stage: query tile m's rows of q and dO, and its lse and delta (zeros past Nq).
-  const auto load_stage = [&](char* stage, int m) {
+  // One stage: query tile m of query head h: its rows of q and dO, and its lse and delta (zeros
+  // past Nq).
+  const auto load_stage = [&](char* stage, int64_t h, int m) {
+    const T* const q_src = p.q.data + b * p.q.stride_b + h * p.q.stride_h;
+    const T* const do_src = p.grad_out.data + b * p.grad_out.stride_b + h * p.grad_out.stride_h;
+    const float* const lse_src = p.lse + b * p.lse_stride_b + h * p.lse_stride_h;
+    const float* const delta_src = p.delta + (b * p.heads + h) * p.nq;
     const int row0 = m * kBM;
     load_tile_async<kBM, D, Cfg::kThreads>(stage, q_src, p.q.stride_n, row0, p.nq);
     load_tile_async<kBM, D, Cfg::kThreads>(stage + Cfg::kTileBytes, do_src, p.grad_out.stride_n, row0, p.nq);
@@ -293,8 +316,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
 
   load_tile_async<kBN, D, Cfg::kThreads>(k_s, k_src, p.k.stride_n, k0, p.nk);
   load_tile_async<kBN, D, Cfg::kThreads>(v_s, v_src, p.v.stride_n, k0, p.nk);
-  if (m_begin < m_end) {
-    load_stage(stages, m_begin);
+  if (steps > 0) {
+    load_stage(stages, hk * p.group, m_begin);
   }
   cp_async_commit();
 
@@ -308,20 +331,21 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
     }
   }
 
-  for (int m = m_begin; m < m_end; ++m) {
-    const int it = m - m_begin;
+  for (int it = 0; it < steps; ++it) {
+    const int m = m_begin + it % tiles;
     a_off.refresh();
     b_off.refresh();
     bt_off.refresh();
     cp_async_wait<0>();
     __syncthreads();  // stage `it` landed; every warp is done with the other stage, refilled now
-    if (m + 1 < m_end) {
-      load_stage(stages + ((it + 1) & 1) * Cfg::kStageBytes, m + 1);
+    if (it + 1 < steps) {
+      load_stage(stages + ((it + 1) & 1) * Cfg::kStageBytes, hk * p.group + (it + 1) / tiles,
+                 m_begin + (it + 1) % tiles);
       cp_async_commit();
     }
     const int q0 = m * kBM;
-    if (p.causal && q0 + kBM - 1 < warp_first) {
-      continue;  // every query of the tile is before every key of the warp
+    if (warp_first >= warp_k1 || !band.touches(q0, imin(p.nq, q0 + kBM), warp_first, warp_k1)) {
+      continue;  // no query of the tile sees a key of the warp
     }
     const char* const stage = stages + (it & 1) * Cfg::kStageBytes;
     const SmemAddr q_a = stages_a + (it & 1) * Cfg::kStageBytes, do_a = q_a + Cfg::kTileBytes;
@@ -333,7 +357,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
 #pragma unroll
     for (int sub = 0; sub < kBM / kSubM; ++sub) {
       const int c0 = sub * kSubM;  // the sub-tile's first query within the tile
-      if (p.causal && q0 + c0 + kSubM - 1 < warp_first) {
+      if (q0 + c0 >= p.nq || !band.touches(q0 + c0, imin(p.nq, q0 + c0 + kSubM), warp_first, warp_k1)) {
         continue;
       }
 
@@ -365,22 +389,23 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
       }
 
       // Pᵀ = exp2(sᵀ * scale_log2 - lse2[query]) and dSᵀ = Pᵀ ∘ (dPᵀ - delta[query]); masked
-      // entries (queries past Nq, keys past Nk, key > query under causal) have Pᵀ = 0.
+      // entries (queries past Nq, keys past Nk, outside the band) have Pᵀ = 0.
       const int qs0 = q0 + c0;
-      const bool masked = qs0 + kSubM > p.nq || warp_last >= p.nk || (p.causal && qs0 < warp_last);
+      const bool masked = qs0 + kSubM > p.nq || warp_last >= p.nk ||
+                          !band.covers(qs0, qs0 + kSubM, warp_first, warp_last + 1);
 #pragma unroll
       for (int j = 0; j < kQTiles; ++j) {
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
           const int col = c0 + 8 * j + 2 * t + e2;  // query within the tile
-          const float lse2 = lse_s[col] * kLog2e, dlt = delta_s[col];
+          const float lse2 = backward_lse(lse_s[col]) * kLog2e, dlt = delta_s[col];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int e = 2 * r + e2;
             float prob = fast_exp2(fmaf(st[j][e], scale_log2, -lse2));
             if (masked) {
               const int key = warp_first + g + 8 * r, query = q0 + col;
-              if (query >= p.nq || key >= p.nk || (p.causal && key > query)) {
+              if (query >= p.nq || key >= p.nk || !band.visible(query, key)) {
                 prob = 0.f;
               }
             }
@@ -409,7 +434,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
       }
     }
   }
-  if (m_begin >= m_end) {  // no query sees these keys: the k, v copies are still in flight
+  if (steps == 0) {  // no query sees these keys: the k, v copies are still in flight
     cp_async_wait<0>();
     __syncthreads();
   }
@@ -419,9 +444,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
   store_accumulators<T, D, kDTiles>(k_s, warp_row0, dk, k_factor, lane);
   store_accumulators<T, D, kDTiles>(v_s, warp_row0, dv, v_factor, lane);
   __syncwarp();
-  store_rows<16, D>(p.grad_k.data + b * p.grad_k.stride_b + h * p.grad_k.stride_h,
+  store_rows<16, D>(p.grad_k.data + b * p.grad_k.stride_b + hk * p.grad_k.stride_h,
                     p.grad_k.stride_n, k0, p.nk, k_s, warp_row0, lane);
-  store_rows<16, D>(p.grad_v.data + b * p.grad_v.stride_b + h * p.grad_v.stride_h,
+  store_rows<16, D>(p.grad_v.data + b * p.grad_v.stride_b + hk * p.grad_v.stride_h,
                     p.grad_v.stride_n, k0, p.nk, v_s, warp_row0, lane);
 #endif
 }
@@ -443,7 +468,7 @@ void backward_tc(const BackwardParams<T>& params, cudaStream_t stream) {
   launch(attention_backward_dq_tc_kernel<T, Dq>, p.row_blocks * p.batch_heads, Dq::kThreads,
          Dq::kSmemBytes, stream, p);
   p.row_blocks = static_cast<int>(ceil_div(p.nk, Dkdv::kBlockN));
-  launch(attention_backward_dkdv_tc_kernel<T, Dkdv>, p.row_blocks * p.batch_heads, Dkdv::kThreads,
+  launch(attention_backward_dkdv_tc_kernel<T, Dkdv>, p.row_blocks * (p.batch_heads / p.group), Dkdv::kThreads,
          Dkdv::kSmemBytes, stream, p);
 }
 

@@ -3,7 +3,13 @@
 // dtype. Host C++ only; the kernels and their launchers are in the .cu files next to this one
 // (kernels.h lists them).
 //
-//   forward:  half / bfloat16, D = Dv = 64 or 128, aligned layouts -> forward_tc (tensor cores)
+// Every kernel takes the whole mask description (attention.h's AttentionMask: the band of mask.h
+// and at most one strided tensor mask) and grouped-query attention (Hk dividing Hq), except the
+// tensor-core kernels, which take the band and GQA but no tensor mask: with attn_mask, fp16/bf16
+// go to the tiled kernels (tc_head_dim).
+//
+//   forward:  half / bfloat16, D = Dv = 64 or 128, aligned layouts, no attn_mask
+//                                           -> forward_tc (tensor cores)
 //             other float / half / bfloat16 -> forward_tiled      (attention_fwd.cu)
 //             double                        -> forward_generic    (attention_generic.cu)
 //   backward: half / bfloat16 as above      -> backward_tc (dq and delta, then dk and dv)
@@ -16,6 +22,7 @@
 // Status: the kernels of csrc/cuda/ are compiled for sm_80/sm_90 and tested in the CPU emulation
 // (tests/cuda_emulation/, tests/test_cuda_emulation.py); none has run on a GPU yet.
 #include "kernels.h"
+#include "../attention.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,8 +40,6 @@
 #include <ATen/cuda/CUDAContextLight.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include "../attention.h"
 #endif
 
 namespace selfattn::cuda {
@@ -98,13 +103,15 @@ bool tensor_cores_enabled(const at::Tensor& q) {
 }
 
 // The head dim of the tensor-core kernels for these tensors, or 0 where they do not apply (the
-// tiled kernels serve those). The forward keeps raw-score maxima, so it needs scale > 0.
+// tiled kernels serve those). The forward keeps raw-score maxima, so it needs scale > 0. The
+// tensor-core kernels take the band (causal, windows, offsets) and grouped-query attention but
+// no tensor mask: with attn_mask, the tiled kernels compute.
 // `tensors`: every tensor the kernels read or write.
-int tc_head_dim(const at::Tensor& q, const at::Tensor& v, double scale,
+int tc_head_dim(const at::Tensor& q, const at::Tensor& v, const AttentionMask& mask, double scale,
                 std::initializer_list<const at::Tensor*> tensors) {
   const int64_t dim = q.size(3);
   if ((q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) ||
-      (dim != 64 && dim != 128) || v.size(3) != dim ||
+      (dim != 64 && dim != 128) || v.size(3) != dim || mask.tensor.defined() ||
       !(static_cast<float>(scale) > 0.f && std::isfinite(static_cast<float>(scale)))) {
     return 0;
   }
@@ -116,18 +123,36 @@ int tc_head_dim(const at::Tensor& q, const at::Tensor& v, double scale,
   return tensor_cores_enabled(q) ? static_cast<int>(dim) : 0;
 }
 
-// The fields ForwardParams and BackwardParams share: inputs, lse, sizes, scale, causal.
+// The tensor mask as the kernels read it: (B, Hq, Nq, Nk) through its strides.
+TensorMask tensor_mask(const at::Tensor& t) {
+  TensorMask m;
+  if (!t.defined()) {
+    return m;
+  }
+  TORCH_CHECK(t.dim() == 4, "selfattn: internal error: the tensor mask must be a 4-D view");
+  m.data = t.data_ptr();
+  m.stride_b = t.size(0) > 1 ? t.stride(0) : 0;
+  m.stride_h = t.size(1) > 1 ? t.stride(1) : 0;
+  m.stride_q = t.size(2) > 1 ? t.stride(2) : 0;
+  m.stride_k = t.size(3) > 1 ? t.stride(3) : 0;
+  m.kind = t.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+  m.float32 = t.scalar_type() == at::kFloat;
+  return m;
+}
+
+// The fields ForwardParams and BackwardParams share: inputs, lse strides, sizes, scale, mask.
 template <typename T, typename Params>
 void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& lse, bool causal, double scale) {
+                       const at::Tensor& lse, const AttentionMask& mask, double scale) {
   p.q = strided4<const T>(q);
   p.k = strided4<const T>(k);
   p.v = strided4<const T>(v);
-  p.lse = static_cast<decltype(p.lse)>(lse.data_ptr());
   p.lse_stride_b = lse.stride(0);
   p.lse_stride_h = lse.stride(1);
   p.lse_stride_n = lse.stride(2);
   p.heads = static_cast<int>(q.size(1));
+  p.heads_kv = static_cast<int>(k.size(1));
+  p.group = p.heads / p.heads_kv;  // the caller returns early where Hk = 0 (then Hq = 0 too)
   p.nq = static_cast<int>(q.size(2));
   p.nk = static_cast<int>(k.size(2));
   p.dim = static_cast<int>(q.size(3));
@@ -135,32 +160,35 @@ void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, cons
   p.batch_heads = q.size(0) * q.size(1);
   p.row_blocks = 0;
   p.scale = static_cast<acc_t<T>>(scale);
-  p.causal = causal;
+  p.band = mask.band;
+  p.mask = tensor_mask(mask.tensor);
 }
 
 template <typename T>
 ForwardParams<T> forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                bool causal, double scale, const at::Tensor& out,
+                                const AttentionMask& mask, double scale, const at::Tensor& out,
                                 const at::Tensor& lse) {
   ForwardParams<T> p;
-  set_shared_params<T>(p, q, k, v, lse, causal, scale);
+  set_shared_params<T>(p, q, k, v, lse, mask, scale);
   p.out = strided4<T>(out);
+  p.lse = static_cast<acc_t<T>*>(lse.data_ptr());
   return p;
 }
 
 template <typename T>
 BackwardParams<T> backward_params(const at::Tensor& grad_out, const at::Tensor& q,
                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                  const at::Tensor& lse, bool causal, double scale,
+                                  const at::Tensor& lse, const AttentionMask& mask, double scale,
                                   const at::Tensor& grad_q, const at::Tensor& grad_k,
                                   const at::Tensor& grad_v, const at::Tensor& delta) {
   BackwardParams<T> p;
-  set_shared_params<T>(p, q, k, v, lse, causal, scale);
+  set_shared_params<T>(p, q, k, v, lse, mask, scale);
   p.grad_out = strided4<const T>(grad_out);
   p.out = strided4<const T>(out);
   p.grad_q = strided4<T>(grad_q);
   p.grad_k = strided4<T>(grad_k);
   p.grad_v = strided4<T>(grad_v);
+  p.lse = static_cast<const acc_t<T>*>(lse.data_ptr());
   p.delta = static_cast<acc_t<T>*>(delta.data_ptr());
   return p;
 }
@@ -198,8 +226,9 @@ void backward_reduced(const BackwardParams<T>& p, int tc_dim, cudaStream_t strea
 }  // namespace
 
 // Shapes as in attention.h; the caller has checked them and allocated out and lse.
-void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                 double scale, const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
+void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const AttentionMask& mask, double scale, const at::Tensor& out, const at::Tensor& lse,
+                 cudaStream_t stream) {
   if (q.size(0) * q.size(1) == 0 || q.size(2) == 0) {
     return;
   }
@@ -209,18 +238,18 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     return;
   }
   check_sizes(q, k, v);
-  const int tc_dim = tc_head_dim(q, v, scale, {&q, &k, &v, &out});
+  const int tc_dim = tc_head_dim(q, v, mask, scale, {&q, &k, &v, &out});
   switch (q.scalar_type()) {
     case at::kFloat:
-      return forward_tiled(forward_params<float>(q, k, v, causal, scale, out, lse), stream);
+      return forward_tiled(forward_params<float>(q, k, v, mask, scale, out, lse), stream);
     case at::kHalf:
-      return forward_reduced(forward_params<c10::Half>(q, k, v, causal, scale, out, lse), tc_dim,
+      return forward_reduced(forward_params<c10::Half>(q, k, v, mask, scale, out, lse), tc_dim,
                              stream);
     case at::kBFloat16:
-      return forward_reduced(forward_params<c10::BFloat16>(q, k, v, causal, scale, out, lse),
+      return forward_reduced(forward_params<c10::BFloat16>(q, k, v, mask, scale, out, lse),
                              tc_dim, stream);
     case at::kDouble:
-      return forward_generic(forward_params<double>(q, k, v, causal, scale, out, lse), stream);
+      return forward_generic(forward_params<double>(q, k, v, mask, scale, out, lse), stream);
     default:
       TORCH_CHECK(false, "selfattn: no CUDA attention kernel for ", q.scalar_type());
   }
@@ -228,10 +257,12 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 // Shapes as in attention.h; the caller has checked them and allocated the gradients.
 void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
-                  double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                  const AttentionMask& mask, double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
                   const at::Tensor& grad_v, cudaStream_t stream) {
-  if (q.size(0) * q.size(1) == 0) {
+  if (q.size(0) * q.size(1) == 0) {  // no query head (Hq = 0 allows any Hk): k and v unused
+    grad_k.zero_();
+    grad_v.zero_();
     return;
   }
   if (q.size(2) == 0 || k.size(2) == 0) {  // nothing attends to anything: every gradient is zero
@@ -248,11 +279,11 @@ void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
       at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_type));
   const auto params = [&](auto type_tag) {
     using T = decltype(type_tag);
-    return backward_params<T>(grad_out, q, k, v, out, lse, causal, scale, grad_q, grad_k, grad_v,
+    return backward_params<T>(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v,
                               delta);
   };
   const int tc_dim =
-      tc_head_dim(q, v, scale, {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v});
+      tc_head_dim(q, v, mask, scale, {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v});
   switch (q.scalar_type()) {
     case at::kFloat:
       return backward_tiled(params(float()), stream);
@@ -274,19 +305,20 @@ void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
 
 #ifndef SELFATTN_CUDA_EMULATION
 void selfattn::attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      bool causal, double scale, const at::Tensor& out,
+                                      const AttentionMask& mask, double scale, const at::Tensor& out,
                                       const at::Tensor& lse) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  cuda::run_forward(q, k, v, causal, scale, out, lse, c10::cuda::getCurrentCUDAStream());
+  cuda::run_forward(q, k, v, mask, scale, out, lse, c10::cuda::getCurrentCUDAStream());
 }
 
 void selfattn::attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
                                        const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& out, const at::Tensor& lse, bool causal,
-                                       double scale, const at::Tensor& grad_q,
-                                       const at::Tensor& grad_k, const at::Tensor& grad_v) {
+                                       const at::Tensor& out, const at::Tensor& lse,
+                                       const AttentionMask& mask, double scale,
+                                       const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                       const at::Tensor& grad_v) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  cuda::run_backward(grad_out, q, k, v, out, lse, causal, scale, grad_q, grad_k, grad_v,
+  cuda::run_backward(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v,
                      c10::cuda::getCurrentCUDAStream());
 }
 #endif

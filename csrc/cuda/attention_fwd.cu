@@ -2,7 +2,8 @@
 //
 // One block per (query block, batch, head); key/value tiles stream through shared memory and
 // each row keeps only a running max and sum (online softmax), so no Nq x Nk matrix exists.
-// Scores are kept in base-2 units (times log2 e) so every exponential is one exp2.
+// Scores are kept in natural units (an additive mask is added to them) and exponentiated with exp2
+// after the max is subtracted.
 // float, half and bfloat16 take the tiled kernel below (float32 accumulation); float64 takes
 // the warp-per-row kernel of attention_generic.cu.
 #include "kernels.h"
@@ -13,9 +14,17 @@
 
 namespace selfattn::cuda {
 
-// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), out (B, H, Nq, Dv): T, any strides;
-// lse (B, H, Nq) float, any strides. Grid: row_blocks * B * H blocks of Cfg::kThreads threads,
-// Cfg's forward_smem_bytes of dynamic shared memory. Requires Nk >= 1 and D, Dv <= Cfg::kDMax.
+// q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), out (B, Hq, Nq, Dv): T, any strides;
+// lse (B, Hq, Nq) float, any strides; the band and tensor mask of ForwardParams. Grid:
+// row_blocks * B * Hq blocks of Cfg::kThreads threads, Cfg's forward_smem_bytes of dynamic shared
+// memory. Requires Nk >= 1 and D, Dv <= Cfg::kDMax.
+//
+// Masks: key tiles that no query of the block can see (by the band) are never loaded, a warp
+// skips the tiles none of its rows sees, and only tiles the band does not cover for all the
+// warp's rows (or that cross the end of the keys) are masked element by element; the tensor
+// mask, when there is one, is read for every score of the tiles that remain. Scores stay in
+// natural units (scaled, mask added) until the exponential, so an additive mask of finfo.min
+// stays finite: such a row is an ordinary one (uniform softmax), as in float64.
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const ForwardParams<T> p) {
   constexpr int R = Cfg::R, KPL = Cfg::KPL, C = Cfg::kAccCols;
@@ -30,24 +39,28 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
   // Heaviest blocks first: under causal masking the last query blocks see the most keys.
   const int64_t bh = blockIdx.x % p.batch_heads;
   const int q_block = p.row_blocks - 1 - static_cast<int>(blockIdx.x / p.batch_heads);
-  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
   const int q0 = q_block * kRows;
   const Lane lane = lane_position();
   const int warp_row0 = lane.warp * 4 * R;  // the warp's first row within the block
   float* const p_buf = p_all + lane.warp * Cfg::kWarpBufSize;
   const int depth_qk = round_up(p.dim, 4);
   const int dim_cols = round_up(p.dim, 32), dim_v_cols = round_up(p.dim_v, 32);
+  const Band band = p.band;
+  const bool has_mask = p.mask.present();
 
   load_tile<kRows, Cfg::kThreads>(p.q, b, h, q0, p.nq, p.dim, dim_cols, q_s, S);
 
-  // Causal: query i sees keys j <= i, so keys past the block's last query are never loaded.
-  const int k_end = p.causal ? imin(p.nk, imin(p.nq, q0 + kRows)) : p.nk;
-  const int warp_last_row = q0 + warp_row0 + 4 * R - 1;
-  const bool warp_has_rows = q0 + warp_row0 < p.nq;  // else its rows are padding: skip the math
-  const float scale_log2 = p.scale * kLog2e;
+  // The keys some query of the block may see: [k_begin, k_end), in whole tiles from a multiple
+  // of kCols; the others are never loaded.
+  const int q_last = imin(p.nq, q0 + kRows) - 1;
+  const int k_begin = clip(band.first_key(q0), 0, p.nk) / kCols * kCols;
+  const int k_end = clip(band.last_key(q_last) + 1, 0, p.nk);
+  const int warp_q0 = q0 + warp_row0, warp_q1 = imin(p.nq, warp_q0 + 4 * R);  // the warp's rows
+  const bool warp_has_rows = warp_q0 < p.nq;  // else its rows are padding: skip the math
 
-  float row_max[R];  // running max of the row's scores (base 2), the same in all 8 lanes
-  float row_sum[R];  // running sum of exp2(score - row_max) over this lane's columns only
+  float row_max[R];  // running max of the row's scores, the same in all 8 lanes
+  float row_sum[R];  // running sum of exp(score - row_max) over this lane's columns only
   float acc[R][C];   // unnormalized output, the lane's columns
 #pragma unroll
   for (int i = 0; i < R; ++i) {
@@ -59,14 +72,17 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
     }
   }
 
-  for (int k0 = 0; k0 < k_end; k0 += kCols) {
+  for (int k0 = k_begin; k0 < k_end; k0 += kCols) {
     __syncthreads();  // every warp is done with the previous tile (and q_s is complete)
-    load_tile<kCols, Cfg::kThreads>(p.k, b, h, k0, p.nk, p.dim, dim_cols, k_s, S);
-    load_tile<kCols, Cfg::kThreads>(p.v, b, h, k0, p.nk, p.dim_v, dim_v_cols, v_s, S);
+    load_tile<kCols, Cfg::kThreads>(p.k, b, hk, k0, p.nk, p.dim, dim_cols, k_s, S);
+    load_tile<kCols, Cfg::kThreads>(p.v, b, hk, k0, p.nk, p.dim_v, dim_v_cols, v_s, S);
     __syncthreads();
-    if (!warp_has_rows || (p.causal && k0 > warp_last_row)) {
+    if (!warp_has_rows || !band.touches(warp_q0, warp_q1, k0, k0 + kCols)) {
       continue;  // the whole tile is masked for this warp's rows: it adds nothing
     }
+    // Every score of the tile visible by the band to every row of the warp (padding rows past
+    // Nq included: the band is monotone, and they are never stored).
+    const bool full = k0 + kCols <= p.nk && band.covers(warp_q0, warp_q0 + 4 * R, k0, k0 + kCols);
 
     float s[R][KPL];
     tile_scores<R, KPL, S>(q_s + warp_row0 * S, k_s, depth_qk, lane, s);
@@ -80,18 +96,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
 #pragma unroll
       for (int j = 0; j < KPL; ++j) {
         const int key = k0 + lane.col_group + 8 * j;
-        const bool visible = key < p.nk && (!p.causal || key <= row);
-        s[i][j] = visible ? s[i][j] * scale_log2 : -INFINITY;
+        const bool visible = full || (key < p.nk && band.visible(row, key));
+        float x = s[i][j] * p.scale;
+        if (has_mask && visible && row < p.nq) {
+          x += mask_bias<T, float>(p.mask, b, h, row, key);
+        }
+        s[i][j] = visible ? x : -INFINITY;
         tile_max = fmaxf(tile_max, s[i][j]);
       }
       const float new_max = fmaxf(row_max[i], group_max<8>(tile_max));
-      const float base = new_max == -INFINITY ? 0.f : new_max;  // no row sees a key yet: no NaN
-      const float alpha = exp2f(row_max[i] - base);               // 0 on the row's first keys
+      const float base = new_max == -INFINITY ? 0.f : new_max;  // no key seen yet: no inf - inf
+      const float alpha = exp2f((row_max[i] - base) * kLog2e);  // 0 on the row's first keys
       row_max[i] = new_max;
       float tile_sum = 0.f;
 #pragma unroll
       for (int j = 0; j < KPL; ++j) {
-        s[i][j] = exp2f(s[i][j] - base);
+        s[i][j] = exp2f((s[i][j] - base) * kLog2e);
         tile_sum += s[i][j];
       }
       row_sum[i] = row_sum[i] * alpha + tile_sum;
@@ -108,7 +128,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
     // The next store_scores into p_buf comes after the next __syncthreads.
   }
 
-  // Normalize and write the rows out, with their logsumexp (natural log).
+  // Normalize and write the rows out, with their logsumexp (natural log; -inf and a zero row
+  // where the row saw no key).
 #pragma unroll
   for (int i = 0; i < R; ++i) {
     const float total = group_sum<8>(row_sum[i]);
@@ -117,7 +138,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
       store_acc_row<C>(p.out, b, h, row, p.dim_v, acc[i], total > 0.f ? 1.f / total : 0.f, lane);
       if (lane.col_group == 0) {
         p.lse[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_n] =
-            total > 0.f ? (row_max[i] + log2f(total)) * kLn2 : -INFINITY;
+            total > 0.f ? row_max[i] + logf(total) : -INFINITY;
       }
     }
   }

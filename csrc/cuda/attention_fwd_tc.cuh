@@ -8,8 +8,11 @@
 // scores of key tile n are computed, and key tile n+1 while P v of tile n is: one buffer each
 // for keys and values, two barriers per tile (FlashAttention-2's schedule for sm_80).
 //
-// Causal: key tiles past the block's last query are never loaded, a warp skips the tiles past its
-// last row, and only tiles that cross a warp's diagonal (or the end of the keys) are masked.
+// Masks (the band of mask.h; no tensor mask here: attention_cuda.cpp sends attn_mask to the tiled
+// kernels): key tiles no query of the block sees are never loaded, a warp skips the tiles none of
+// its rows sees, and only tiles the band does not cover for the warp (or that cross the end of
+// the keys) are masked element by element. Grouped-query attention: query head h reads kv head
+// h / group.
 // Included by the attention_fwd_tc_*.cu files, one instantiation each (compile time).
 #pragma once
 
@@ -37,7 +40,7 @@ struct FwdTcConfig {
   static_assert(kSmemBytes <= 99 * 1024, "fits sm_86/89 (99 KB per block)");
 };
 
-// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, D), out (B, H, Nq, D): T (half or bfloat16),
+// q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, D), out (B, Hq, Nq, D): T (half or bfloat16),
 // unit stride along D, other strides multiples of 8, 16-byte aligned bases; lse (B, H, Nq) float,
 // any strides. Grid: row_blocks * B * H blocks of Cfg::kThreads threads, Cfg::kSmemBytes of
 // dynamic shared memory. Requires Nk >= 1.
@@ -55,7 +58,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
   // Heaviest blocks first: under causal masking the last query blocks see the most keys.
   const int64_t bh = blockIdx.x % p.batch_heads;
   const int q_block = p.row_blocks - 1 - static_cast<int>(blockIdx.x / p.batch_heads);
-  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
   const int q0 = q_block * kBM;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane >> 2, t = lane & 3;
@@ -63,18 +66,24 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
   const int warp_first = q0 + warp_row0, warp_last = warp_first + Cfg::kRowsPerWarp - 1;
 
   const T* const q_src = p.q.data + b * p.q.stride_b + h * p.q.stride_h;
-  const T* const k_src = p.k.data + b * p.k.stride_b + h * p.k.stride_h;
-  const T* const v_src = p.v.data + b * p.v.stride_b + h * p.v.stride_h;
+  const T* const k_src = p.k.data + b * p.k.stride_b + hk * p.k.stride_h;
+  const T* const v_src = p.v.data + b * p.v.stride_b + hk * p.v.stride_h;
 
-  // Causal: query i sees keys j <= i, so keys past the block's last query are never loaded.
-  const int k_end = p.causal ? imin(p.nk, q0 + kBM) : p.nk;
-  const int n_tiles = (k_end + kBN - 1) / kBN;
+  // The key tiles some query of the block may see: n_begin .. n_end - 1; the others are never
+  // loaded. The warp's real rows: [warp_first, warp_q1).
+  const Band band = p.band;
+  const int q_last = imin(p.nq, q0 + kBM) - 1;
+  const int n_begin = clip(band.first_key(q0), 0, p.nk) / kBN;
+  const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
+  const int warp_q1 = imin(p.nq, warp_last + 1);
   const float scale_log2 = p.scale * kLog2e;
   const SmemAddr q_a = smem_addr(q_s), k_a = smem_addr(k_s), v_a = smem_addr(v_s);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
 
   load_tile_async<kBM, D, Cfg::kThreads>(q_s, q_src, p.q.stride_n, q0, p.nq);
-  load_tile_async<kBN, D, Cfg::kThreads>(k_s, k_src, p.k.stride_n, 0, p.nk);
+  if (n_begin < n_end) {
+    load_tile_async<kBN, D, Cfg::kThreads>(k_s, k_src, p.k.stride_n, n_begin * kBN, p.nk);
+  }
   cp_async_commit();
 
   // Rows g and g + 8 of each of the warp's mma tiles: [mi][0] row g, [mi][1] row g + 8.
@@ -97,7 +106,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
     }
   }
 
-  for (int n = 0; n < n_tiles; ++n) {
+  for (int n = n_begin; n < n_end; ++n) {
     const int k0 = n * kBN;
     a_off.refresh();
     b_off.refresh();
@@ -107,8 +116,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
     load_tile_async<kBN, D, Cfg::kThreads>(v_s, v_src, p.v.stride_n, k0, p.nk);
     cp_async_commit();
 
-    // A warp whose rows all precede the tile sees none of its keys (causal).
-    const bool active = !p.causal || k0 <= warp_last;
+    // A warp none of whose rows sees a key of the tile skips it.
+    const bool active = warp_first < warp_q1 && band.touches(warp_first, warp_q1, k0, k0 + kBN);
     // P rounded to T as A fragments of P v (half the registers of the float scores, which end
     // here): [mi][kk] covers keys 16 kk .. 16 kk + 15 of the tile.
     uint32_t pa[kMT][kBN / 16][4];
@@ -145,8 +154,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
         }
       }
 
-      // Mask only where the tile crosses the end of the keys or the warp's diagonal.
-      if (k0 + kBN > p.nk || (p.causal && k0 + kBN - 1 > warp_first)) {
+      // Mask only where the tile crosses the end of the keys or the band does not cover it for
+      // every row of the warp (padding rows past Nq included: never stored).
+      if (k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN)) {
 #pragma unroll
         for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
@@ -155,7 +165,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
             for (int e = 0; e < 4; ++e) {
               const int row = warp_first + 16 * mi + g + 8 * (e >> 1);
               const int key = k0 + 8 * j + 2 * t + (e & 1);
-              if (key >= p.nk || (p.causal && key > row)) {
+              if (key >= p.nk || !band.visible(row, key)) {
                 s[mi][j][e] = -INFINITY;
               }
             }
@@ -219,7 +229,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
 
     cp_async_wait<0>();
     __syncthreads();  // value tile n landed; every warp is done with key tile n
-    if (n + 1 < n_tiles) {
+    if (n + 1 < n_end) {
       load_tile_async<kBN, D, Cfg::kThreads>(k_s, k_src, p.k.stride_n, k0 + kBN, p.nk);
       cp_async_commit();
     }
@@ -242,7 +252,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
     }
   }
 
-  // Normalize; lse = ln(sum) + max * scale. Rows go out through the warp's own rows of q_s (no
+  if (n_begin >= n_end) {  // no key tile: the queries' copies into q_s are still in flight
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  // Normalize; lse = ln(sum) + max * scale (-inf, and a zero row, where the row saw no key). Rows go out through the warp's own rows of q_s (no
   // other warp reads them), then as 16-byte stores.
   const int64_t lse_base = b * p.lse_stride_b + h * p.lse_stride_h;
 #pragma unroll

@@ -34,8 +34,10 @@ __device__ __forceinline__ A warp_dot(const A (&x)[kGenericPerLane], const T* ro
   return group_sum<32>(dot);
 }
 
-// Tensors as for attention_forward_kernel. Grid: ceil(B * H * Nq / 4) blocks of 128 threads,
-// a warp per query row. Requires Nk >= 1 and D, Dv <= 256.
+// Tensors as for attention_forward_kernel. Grid: ceil(B * Hq * Nq / 4) blocks of 128 threads,
+// a warp per query row. Requires Nk >= 1 and D, Dv <= 256. Only the keys of the row's band are
+// visited; a key the tensor mask hides (false, or -inf) is skipped; a row that sees no key gets
+// output 0 and lse -inf.
 template <typename T>
 __global__ void __launch_bounds__(128) attention_forward_generic_kernel(const ForwardParams<T> p) {
   using A = acc_t<T>;
@@ -44,7 +46,7 @@ __global__ void __launch_bounds__(128) attention_forward_generic_kernel(const Fo
   if (row >= p.batch_heads * p.nq) {
     return;  // the whole warp
   }
-  const int64_t bh = row / p.nq, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = row / p.nq, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
   const int i = static_cast<int>(row % p.nq);
   A q[kGenericPerLane], acc[kGenericPerLane];
   load_lane_elements(p.q.row(b, h, i), p.q.stride_d, p.dim, lane, q);
@@ -53,15 +55,21 @@ __global__ void __launch_bounds__(128) attention_forward_generic_kernel(const Fo
     acc[t] = 0;
   }
   A row_max = -INFINITY, row_sum = 0;
-  const int k_end = p.causal ? imin(p.nk, i + 1) : p.nk;
-  for (int j = 0; j < k_end; ++j) {
-    const A s = warp_dot(q, p.k.row(b, h, j), p.k.stride_d, p.dim, lane) * p.scale;
+  const bool has_mask = p.mask.present();
+  const int k_begin = clip(p.band.first_key(i), 0, p.nk);
+  const int k_end = clip(p.band.last_key(i) + 1, 0, p.nk);
+  for (int j = k_begin; j < k_end; ++j) {
+    const A bias = has_mask ? mask_bias<T, A>(p.mask, b, h, i, j) : A(0);
+    if (bias == -INFINITY) {
+      continue;  // the same in every lane of the warp
+    }
+    const A s = warp_dot(q, p.k.row(b, hk, j), p.k.stride_d, p.dim, lane) * p.scale + bias;
     const A new_max = s > row_max ? s : row_max;
     const A alpha = exp(row_max - new_max);  // 0 for the first key
     const A prob = exp(s - new_max);
     row_sum = row_sum * alpha + prob;
     row_max = new_max;
-    const T* v_row = p.v.row(b, h, j);
+    const T* v_row = p.v.row(b, hk, j);
 #pragma unroll
     for (int t = 0; t < kGenericPerLane; ++t) {
       const int c = lane + 32 * t;
@@ -84,7 +92,7 @@ __global__ void __launch_bounds__(128) attention_forward_generic_kernel(const Fo
   }
 }
 
-// dq of one query row per warp. Grid: ceil(B * H * Nq / 4) blocks of 128 threads.
+// dq of one query row per warp. Grid: ceil(B * Hq * Nq / 4) blocks of 128 threads.
 template <typename T>
 __global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
@@ -93,7 +101,7 @@ __global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(cons
   if (row >= p.batch_heads * p.nq) {
     return;
   }
-  const int64_t bh = row / p.nq, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = row / p.nq, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
   const int i = static_cast<int>(row % p.nq);
   A q[kGenericPerLane], grad_out[kGenericPerLane], dq[kGenericPerLane];
   load_lane_elements(p.q.row(b, h, i), p.q.stride_d, p.dim, lane, q);
@@ -102,13 +110,19 @@ __global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(cons
   for (int t = 0; t < kGenericPerLane; ++t) {
     dq[t] = 0;
   }
-  const A lse = p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n];
+  const A lse = backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n]);
   const A delta = p.delta[row];
-  const int k_end = p.causal ? imin(p.nk, i + 1) : p.nk;
-  for (int j = 0; j < k_end; ++j) {
-    const T* k_row = p.k.row(b, h, j);
-    const A prob = exp(warp_dot(q, k_row, p.k.stride_d, p.dim, lane) * p.scale - lse);
-    const A dp = warp_dot(grad_out, p.v.row(b, h, j), p.v.stride_d, p.dim_v, lane);
+  const bool has_mask = p.mask.present();
+  const int k_begin = clip(p.band.first_key(i), 0, p.nk);
+  const int k_end = clip(p.band.last_key(i) + 1, 0, p.nk);
+  for (int j = k_begin; j < k_end; ++j) {
+    const A bias = has_mask ? mask_bias<T, A>(p.mask, b, h, i, j) : A(0);
+    if (bias == -INFINITY) {
+      continue;
+    }
+    const T* k_row = p.k.row(b, hk, j);
+    const A prob = exp(warp_dot(q, k_row, p.k.stride_d, p.dim, lane) * p.scale + bias - lse);
+    const A dp = warp_dot(grad_out, p.v.row(b, hk, j), p.v.stride_d, p.dim_v, lane);
     const A ds = prob * (dp - delta);
 #pragma unroll
     for (int t = 0; t < kGenericPerLane; ++t) {
@@ -128,46 +142,57 @@ __global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(cons
   }
 }
 
-// dk and dv of one key row per warp. Grid: ceil(B * H * Nk / 4) blocks of 128 threads.
+// dk and dv of one key row of one kv head per warp, summed over the group's query heads in
+// order (g = 0 .. G-1), each over the queries of the key's band. Grid: ceil(B * Hk * Nk / 4)
+// blocks of 128 threads.
 template <typename T>
 __global__ void __launch_bounds__(128) attention_backward_dkdv_generic_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= p.batch_heads * p.nk) {
+  if (row >= p.batch_heads / p.group * p.nk) {
     return;
   }
-  const int64_t bh = row / p.nk, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bhk = row / p.nk, b = bhk / p.heads_kv, hk = bhk % p.heads_kv;
   const int j = static_cast<int>(row % p.nk);
   A k[kGenericPerLane], v[kGenericPerLane], dk[kGenericPerLane], dv[kGenericPerLane];
-  load_lane_elements(p.k.row(b, h, j), p.k.stride_d, p.dim, lane, k);
-  load_lane_elements(p.v.row(b, h, j), p.v.stride_d, p.dim_v, lane, v);
+  load_lane_elements(p.k.row(b, hk, j), p.k.stride_d, p.dim, lane, k);
+  load_lane_elements(p.v.row(b, hk, j), p.v.stride_d, p.dim_v, lane, v);
 #pragma unroll
   for (int t = 0; t < kGenericPerLane; ++t) {
     dk[t] = 0;
     dv[t] = 0;
   }
-  // Causal: only queries i >= j see key j.
-  for (int i = p.causal ? j : 0; i < p.nq; ++i) {
-    const T* q_row = p.q.row(b, h, i);
-    const T* do_row = p.grad_out.row(b, h, i);
-    const A lse = p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n];
-    const A prob = exp(warp_dot(k, q_row, p.q.stride_d, p.dim, lane) * p.scale - lse);
-    const A dp = warp_dot(v, do_row, p.grad_out.stride_d, p.dim_v, lane);
-    const A ds = prob * (dp - p.delta[bh * p.nq + i]);
-#pragma unroll
-    for (int t = 0; t < kGenericPerLane; ++t) {
-      const int d = lane + 32 * t;
-      if (d < p.dim) {
-        dk[t] += ds * static_cast<A>(q_row[d * p.q.stride_d]);
+  const bool has_mask = p.mask.present();
+  const int i_begin = clip(p.band.first_query(j), 0, p.nq);
+  const int i_end = clip(p.band.last_query(j + 1) + 1, 0, p.nq);
+  for (int g = 0; g < p.group; ++g) {
+    const int64_t h = hk * p.group + g, bh = b * p.heads + h;
+    for (int i = i_begin; i < i_end; ++i) {
+      const A bias = has_mask ? mask_bias<T, A>(p.mask, b, h, i, j) : A(0);
+      if (bias == -INFINITY) {
+        continue;
       }
-      if (d < p.dim_v) {
-        dv[t] += prob * static_cast<A>(do_row[d * p.grad_out.stride_d]);
+      const T* q_row = p.q.row(b, h, i);
+      const T* do_row = p.grad_out.row(b, h, i);
+      const A lse = backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n]);
+      const A prob = exp(warp_dot(k, q_row, p.q.stride_d, p.dim, lane) * p.scale + bias - lse);
+      const A dp = warp_dot(v, do_row, p.grad_out.stride_d, p.dim_v, lane);
+      const A ds = prob * (dp - p.delta[bh * p.nq + i]);
+#pragma unroll
+      for (int t = 0; t < kGenericPerLane; ++t) {
+        const int d = lane + 32 * t;
+        if (d < p.dim) {
+          dk[t] += ds * static_cast<A>(q_row[d * p.q.stride_d]);
+        }
+        if (d < p.dim_v) {
+          dv[t] += prob * static_cast<A>(do_row[d * p.grad_out.stride_d]);
+        }
       }
     }
   }
-  T* dk_row = p.grad_k.row(b, h, j);
-  T* dv_row = p.grad_v.row(b, h, j);
+  T* dk_row = p.grad_k.row(b, hk, j);
+  T* dv_row = p.grad_v.row(b, hk, j);
 #pragma unroll
   for (int t = 0; t < kGenericPerLane; ++t) {
     const int d = lane + 32 * t;
@@ -189,7 +214,8 @@ void forward_generic(const ForwardParams<T>& p, cudaStream_t stream) {
 template <typename T>
 void backward_generic(const BackwardParams<T>& p, cudaStream_t stream) {
   launch(attention_backward_dq_generic_kernel<T>, ceil_div(p.batch_heads * p.nq, 4), 128, 0, stream, p);
-  launch(attention_backward_dkdv_generic_kernel<T>, ceil_div(p.batch_heads * p.nk, 4), 128, 0, stream, p);
+  launch(attention_backward_dkdv_generic_kernel<T>, ceil_div(p.batch_heads / p.group * p.nk, 4), 128, 0,
+         stream, p);
 }
 
 template void forward_generic<double>(const ForwardParams<double>&, cudaStream_t);

@@ -28,6 +28,32 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 __host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+// x clipped to [lo, hi] (band positions are int64 and may lie far outside the sequence).
+__host__ __device__ constexpr int clip(int64_t x, int lo, int hi) {
+  return x < lo ? lo : x > hi ? hi : static_cast<int>(x);
+}
+
+// The tensor mask's term of score (b, h, i, j), in A: 0 or -inf for a bool mask, the element
+// for an additive one. The caller keeps (i, j) inside (Nq, Nk).
+template <typename T, typename A>
+__device__ __forceinline__ A mask_bias(const TensorMask& m, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t at = b * m.stride_b + h * m.stride_h + i * m.stride_q + j * m.stride_k;
+  if (m.kind == MaskKind::kBool) {
+    return static_cast<const uint8_t*>(m.data)[at] != 0 ? A(0) : A(-INFINITY);
+  }
+  if (m.float32) {
+    return static_cast<A>(static_cast<const float*>(m.data)[at]);
+  }
+  return static_cast<A>(static_cast<const T*>(m.data)[at]);
+}
+
+// The lse the backward subtracts: a row that saw no key has lse -inf, and P = exp(s - lse)
+// must be 0 for it, not exp(+inf): -inf becomes +inf, so every such P is exp(-inf) = 0.
+template <typename A>
+__device__ __forceinline__ A backward_lse(A lse) {
+  return lse == -INFINITY ? A(INFINITY) : lse;
+}
 
 // In the CPU emulation, a misaligned vector access stops the test instead of being silently
 // fine (on the GPU it is a misaligned-address fault).

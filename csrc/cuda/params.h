@@ -3,6 +3,8 @@
 // to launch a kernel and none is parsed by nvcc.
 #pragma once
 
+#include "../mask.h"
+
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(SELFATTN_CUDA_EMULATION)
@@ -43,37 +45,56 @@ struct Strided4 {
   }
 };
 
-// Forward: out = softmax(scale * q kᵀ) v and lse, the logsumexp of each row of scale * q kᵀ.
-template <typename T>
-struct ForwardParams {
-  Strided4<const T> q;  // (B, H, Nq, D)
-  Strided4<const T> k;  // (B, H, Nk, D)
-  Strided4<const T> v;  // (B, H, Nk, Dv)
-  Strided4<T> out;      // (B, H, Nq, Dv)
-  acc_t<T>* lse;        // (B, H, Nq), natural log
-  int64_t lse_stride_b, lse_stride_h, lse_stride_n;
-  int heads, nq, nk, dim, dim_v;
-  int64_t batch_heads;  // B * H
-  int row_blocks;       // query blocks per (b, h), set by the launcher
-  acc_t<T> scale;
-  bool causal;
+// The tensor part of the mask (attention.h's AttentionMask::tensor): none, or a (B, Hq, Nq, Nk)
+// view read through its strides (0 on broadcast dims). kBool: nonzero = take part (a false
+// element adds -inf to the score); kAdditive: the element is added to the scaled score, stored
+// as float32 (`float32`) or as the inputs' dtype T.
+enum class MaskKind : int { kNone, kBool, kAdditive };
+
+struct TensorMask {
+  const void* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_q = 0, stride_k = 0;
+  MaskKind kind = MaskKind::kNone;
+  bool float32 = false;  // kAdditive: float elements (else T)
+
+  SELFATTN_HOST_DEVICE bool present() const { return kind != MaskKind::kNone; }
 };
 
-// Backward from grad_out (dO), recomputing P from lse.
+// The fields every kernel reads. Sizes: q, out, lse, grad_out, grad_q, the tensor mask have
+// `heads` (Hq) heads; k, v, grad_k, grad_v have `heads_kv` (Hk): query head h reads kv head
+// h / group, group = Hq / Hk (grouped-query attention; 1 for plain multi-head attention).
+// A query row sees key j iff band.visible(row, j) (mask.h) and the tensor mask allows it.
 template <typename T>
-struct BackwardParams {
-  Strided4<const T> q, k, v;   // as in the forward
-  Strided4<const T> grad_out;  // (B, H, Nq, Dv)
-  Strided4<const T> out;       // (B, H, Nq, Dv)
-  Strided4<T> grad_q, grad_k, grad_v;
-  const acc_t<T>* lse;  // (B, H, Nq)
+struct SharedParams {
+  Strided4<const T> q;  // (B, Hq, Nq, D)
+  Strided4<const T> k;  // (B, Hk, Nk, D)
+  Strided4<const T> v;  // (B, Hk, Nk, Dv)
   int64_t lse_stride_b, lse_stride_h, lse_stride_n;
-  acc_t<T>* delta;      // (B, H, Nq) contiguous: rowsum(dO ∘ out), written by the delta kernel
-  int heads, nq, nk, dim, dim_v;
-  int64_t batch_heads;
+  int heads, heads_kv, group, nq, nk, dim, dim_v;
+  int64_t batch_heads;  // B * Hq
   int row_blocks;       // blocks of owned rows per (b, h), set by each kernel's launcher
   acc_t<T> scale;
-  bool causal;
+  Band band;
+  TensorMask mask;
+};
+
+// Forward: out = softmax(scale * q kᵀ + mask) v and lse, the logsumexp of each row of the
+// scaled, masked scores (-inf for a row that sees no key; its output is 0).
+template <typename T>
+struct ForwardParams : SharedParams<T> {
+  Strided4<T> out;  // (B, Hq, Nq, Dv)
+  acc_t<T>* lse;    // (B, Hq, Nq), natural log
+};
+
+// Backward from grad_out (dO), recomputing P from lse (P = 0 where lse = -inf).
+template <typename T>
+struct BackwardParams : SharedParams<T> {
+  Strided4<const T> grad_out;  // (B, Hq, Nq, Dv)
+  Strided4<const T> out;       // (B, Hq, Nq, Dv)
+  Strided4<T> grad_q;          // (B, Hq, Nq, D)
+  Strided4<T> grad_k, grad_v;  // (B, Hk, Nk, D / Dv)
+  const acc_t<T>* lse;         // (B, Hq, Nq)
+  acc_t<T>* delta;             // (B, Hq, Nq) contiguous: rowsum(dO ∘ out), written by the delta kernel
 };
 
 }  // namespace selfattn::cuda

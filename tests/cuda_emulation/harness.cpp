@@ -31,28 +31,56 @@
 
 namespace {
 
-void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-             double scale, const at::Tensor& out, const at::Tensor& lse) {
-  selfattn::check_attention_inputs(q, k, v, scale);
-  selfattn::cuda::run_forward(q, k, v, causal, scale, out, lse, nullptr);
+// The ops' mask arguments as csrc/attention.cpp's make_mask builds them: the band of mask.h and
+// attn_mask expanded to (B, Hq, Nq, Nk) as a view.
+selfattn::AttentionMask make_mask(const selfattn::AttentionShape& s, bool causal,
+                                  const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                                  int64_t window_right, int64_t diagonal_offset) {
+  selfattn::AttentionMask mask;
+  mask.band = selfattn::make_band(causal, window_left, window_right, diagonal_offset);
+  if (attn_mask.has_value()) {
+    mask.tensor = attn_mask->expand({s.batch, s.heads, s.nq, s.nk});
+  }
+  return mask;
 }
 
+// attention_fwd's arguments (the op's order), then the outputs to fill.
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+             double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+             int64_t window_right, int64_t diagonal_offset, const at::Tensor& out,
+             const at::Tensor& lse) {
+  const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
+  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
+  selfattn::cuda::run_forward(
+      q, k, v, make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset), scale,
+      out, lse, nullptr);
+}
+
+// attention_bwd's arguments (the op's order), then the gradients to fill.
 void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
-              double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
-              const at::Tensor& grad_v) {
+              double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+              int64_t window_right, int64_t diagonal_offset, const at::Tensor& grad_q,
+              const at::Tensor& grad_k, const at::Tensor& grad_v) {
   const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
+  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
   selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
-  selfattn::cuda::run_backward(grad_out, q, k, v, out, lse, causal, scale, grad_q, grad_k, grad_v,
-                               nullptr);
+  selfattn::cuda::run_backward(
+      grad_out, q, k, v, out, lse,
+      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset), scale, grad_q,
+      grad_k, grad_v, nullptr);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selfattn's CUDA kernels on the CPU, through a fiber-per-thread emulation";
-  m.def("forward", &forward, "fills out (B, H, Nq, Dv) and lse (B, H, Nq) like attention_forward_cuda");
-  m.def("backward", &backward, "fills grad_q, grad_k, grad_v like attention_backward_cuda");
+  m.def("forward", &forward,
+        "forward(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, out, "
+        "lse): fills out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) like attention_forward_cuda");
+  m.def("backward", &backward,
+        "backward(grad_out, q, k, v, out, lse, causal, scale, attn_mask, window_left, window_right, "
+        "diagonal_offset, grad_q, grad_k, grad_v): fills the gradients like attention_backward_cuda");
   m.def("seed", [](int64_t seed) { emu::state().rng.seed(static_cast<uint32_t>(seed)); },
         "seed of the thread-order shuffling");
   m.def("blocks_run", [] { return emu::state().blocks_run; }, "blocks emulated so far");

@@ -1,0 +1,155 @@
+"""``python -m selfattn.bench``: the command line (``--help``), the run, and its JSON, plot and
+markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+import selfattn
+
+from .cases import DTYPE_ALIASES, DTYPES, GIB, LEVELS, MASKS_LEVEL, MODES, SWEEPS, Case, Sweep, parse_shapes
+from .impls import IMPLEMENTATIONS
+from .measure import MIN_PAIRS, CpuDevice, CudaDevice
+from .report import fmt_bytes, markdown_report, write_plot
+from .run import Options, log, run_benchmark
+
+DESCRIPTION = """\
+Times selfattn against PyTorch's attention: the attention core (selfattn.attention vs SDPA) and the
+whole layer (the tutorial's module, eager, F.linear + SDPA, nn.MultiheadAttention, selfattn's
+SelfAttention), forward and forward+backward, interleaved in rounds with a large GEMM. Reports
+median (min-max) times, FLOP rates, % of the GEMM rate, selfattn's speedup over each (median of
+per-round ratios) and peak memory; prints markdown tables, writes JSON and a PNG plot. --sweep masks
+times the masked variants (padding, varlen, GQA, sliding window, random mask), each against selfattn
+without the variant and SDPA given the same inputs."""
+
+
+def _sweeps_help() -> str:
+    lines = ["sweeps (shapes as B x N x E x H, M = E; each causal and not):"]
+    for name, sweep in SWEEPS.items():
+        shapes = ", ".join(f"{s.batch}x{s.seq}x{s.embed}x{s.heads}" + ("" if s.timed else " (memory only)")
+                           for s in sweep.shapes)
+        if sweep.cases:
+            shapes = ", ".join(f"{c.variant} {c.shape.batch}x{c.shape.seq}x{c.shape.embed}x{c.shape.heads}"
+                               + (" causal" if c.causal else "") for c in sweep.cases)
+        lines.append(f"  {name}: {shapes}; {', '.join(sweep.dtypes)}; {', '.join(sweep.levels)}; {', '.join(sweep.modes)}")
+    names = dict.fromkeys(f"{i.level}: {i.name}" for i in IMPLEMENTATIONS)
+    cuda_only = [i.name for i in IMPLEMENTATIONS if "cpu" not in i.devices]
+    lines.append("implementations (--impls): " + ", ".join(names) +
+                 (f" (CUDA only: {', '.join(cuda_only)})" if cuda_only else ""))
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m selfattn.bench", description=DESCRIPTION, epilog=_sweeps_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="shape sweep (default: 'default'; "
+                   "'quick' with --quick; 'fa': FlashAttention's shapes, bf16, core, fwd and bwd; 'masks': "
+                   "the masked variants, each against selfattn without it and SDPA with it)")
+    p.add_argument("--quick", action="store_true", help="small sweep, short samples (tests, GPU checks)")
+    p.add_argument("--shapes", type=parse_shapes, default=None, help="BxNxExH[,...], e.g. 8x512x512x8 (overrides the sweep)")
+    p.add_argument("--dtype", default=None, help="comma-separated: float32,bfloat16,float16 (default: the sweep's)")
+    p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    p.add_argument("--level", choices=("both",) + tuple(LEVELS), default=None,
+                   help="attention core, whole layer, or both (masks: the masks sweep's level)")
+    p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default: the sweep's)")
+    p.add_argument("--impls", default=None, help="comma-separated implementation names to run (selfattn always runs)")
+    p.add_argument("--repeats", type=int, default=None, help=f"interleaved rounds (default {MIN_PAIRS})")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--memory", action="store_true", help="measure memory where the sweep does not by default (masks)")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="skip implementations estimated above this (default: 60%% of available RAM; CUDA: 80%% of free)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="results file (default: bench_results/bench-<device>-<time>.json)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG plot (default: next to the JSON)")
+    p.add_argument("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+def _dtype_names(text: str) -> Tuple[str, ...]:
+    names = tuple(DTYPE_ALIASES.get(d.strip(), d.strip()) for d in text.split(","))
+    for name in names:
+        if name not in DTYPES:
+            raise SystemExit(f"selfattn.bench: unknown dtype {name!r} ({', '.join(DTYPES)})")
+    return names
+
+
+def _cases(sweep: Sweep, args: argparse.Namespace) -> List[Case]:
+    shapes = args.shapes or sweep.shapes
+    dtypes = _dtype_names(args.dtype) if args.dtype else sweep.dtypes
+    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    if sweep.cases:  # its own cases: --shapes and --dtype replace theirs, --causal picks among them
+        return [replace(case, shape=shape, dtype=dtype) for case in sweep.cases if case.causal in causals
+                for shape in (args.shapes or (case.shape,)) for dtype in dtypes]
+    return [Case(shape, causal, dtype) for shape in shapes for dtype in dtypes for causal in causals]
+
+
+def _levels(sweep: Sweep, args: argparse.Namespace) -> Tuple[str, ...]:
+    """The sweep's levels, or --level's; the masks level runs the cases with a variant, and only those."""
+    if args.level is None:
+        return sweep.levels
+    levels = tuple(name for name in LEVELS if name != MASKS_LEVEL) if args.level == "both" else (args.level,)
+    if (MASKS_LEVEL in levels) != bool(sweep.cases):
+        raise SystemExit(f"selfattn.bench: --level {MASKS_LEVEL} goes with --sweep masks, and only it")
+    return levels
+
+
+def make_options(args: argparse.Namespace, dev) -> Tuple[Options, Sweep]:
+    sweep = SWEEPS[args.sweep or ("quick" if args.quick else "default")]
+    levels = _levels(sweep, args)
+    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else sweep.modes
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"selfattn.bench: unknown mode(s) {bad}; choose from {MODES}")
+    repeats = args.repeats or MIN_PAIRS
+    if repeats < MIN_PAIRS:
+        log(f"warning: {repeats} rounds < {MIN_PAIRS}: the ratios are indicative only")
+    budget = args.memory_budget_gb * GIB if args.memory_budget_gb is not None else dev.memory_budget()
+    quick = {"target_s": dev.target_s / 5, "warmup_s": dev.warmup_s / 5} if args.quick else {}
+    impl_names = tuple(n.strip() for n in args.impls.split(",")) if args.impls else None
+    memory = not args.no_memory and (sweep.memory or args.memory)
+    return Options(_cases(sweep, args), levels, modes, repeats, memory, budget,
+                   n_sets_max=2 if args.quick else 8, impl_names=impl_names, **quick), sweep
+
+
+def _make_device(args: argparse.Namespace):
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("selfattn.bench: --device cuda, but torch.cuda.is_available() is False "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); nothing was run")
+        return CudaDevice()
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return CpuDevice(threads)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    dev = _make_device(args)
+    opts, sweep = make_options(args, dev)
+    log(f"{dev.describe()}; torch {torch.__version__}; {selfattn.build_info()}; "
+        f"{len(opts.cases)} cases × {len(opts.levels)} levels, modes {', '.join(opts.modes)}, "
+        f"memory budget {fmt_bytes(opts.budget)}")
+    result = run_benchmark(opts, dev, sweep.note if not args.shapes else "")
+    json_path = args.json or Path("bench_results") / f"bench-{dev.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result.to_json(), indent=1))
+    log(f"wrote {json_path}")
+    if not args.no_plot:
+        plot_path = args.plot or json_path.with_suffix(".png")
+        problem = write_plot(result, plot_path, opts.modes)
+        log(problem or f"wrote {plot_path}")
+    print(markdown_report(result, opts.modes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Variable-length (packed) attention in FlashAttention's layout: the public function over
+torch.ops.selfattn.varlen_attention_fwd / _bwd (csrc/varlen.cpp) and their fake kernels (their
+autograd is in _autograd.py, with the other ops').
+
+    varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                         scale, window_left=-1, window_right=-1, bottom_right=False) -> (out, lse)
+    varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, causal, scale, window_left=-1, window_right=-1,
+                         bottom_right=False) -> (grad_q, grad_k, grad_v)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _autograd, _checks, masks
+from .ops import _require_tensor, _resolve_scale
+
+
+def _check_int(value, name: str):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"selfattn: {name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: Union[bool, str] = False,
+                     scale: Optional[float] = None, enable_gqa: bool = False,
+                     window: Optional[Tuple[int, int]] = None) -> Tensor:
+    """Attention over S sequences packed back to back, FlashAttention's varlen layout.
+
+    q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides. ``cu_seqlens_q`` and
+    ``cu_seqlens_k``: int32 (S + 1,) on q's device, starting at 0, non-decreasing, ending at Tq
+    and Tk; sequence s is rows ``cu[s]:cu[s+1]`` of q (nq_s rows) and of k and v (nk_s rows), and
+    attends to itself only. Empty sequences are allowed (a query row of a sequence with no key
+    gives 0). ``max_seqlen_q`` / ``max_seqlen_k`` must be at least every sequence's length.
+    Work is proportional to Σ nq_s·nk_s.
+
+    Masks apply within each sequence. ``causal=True`` (or "top_left") is top-left aligned, as in
+    ``selfattn.attention`` and SDPA: query i of a sequence sees its keys j <= i.
+    **FlashAttention's varlen causal is bottom-right** when nq_s != nk_s (query i sees
+    j <= i + nk_s - nq_s, the KV-cache alignment): pass ``causal="bottom_right"`` for that.
+    ``window=(left, right)``, -1 for an unbounded side: query i sees keys
+    i + off - left <= j <= i + off + right, with off = 0, or nk_s - nq_s under
+    ``causal="bottom_right"`` (FlashAttention's window is always bottom-right); with causal set, a
+    right side > 0 is clamped to 0. ``scale=None`` is 1/sqrt(D). Hk != Hq (grouped-query
+    attention, Hk dividing Hq) needs ``enable_gqa=True``.
+
+    Returns out (Tq, Hq, Dv). The raw op ``torch.ops.selfattn.varlen_attention_fwd`` also
+    returns lse (Hq, Tq), float32 (float64 for float64 inputs).
+
+    The op needs the sequence boundaries on the host: on CUDA it copies both cu_seqlens to the
+    host once per call (forward, and again in backward), which waits for the stream, so it cannot
+    be captured in a CUDA graph.
+    """
+    alignment = masks.causal_alignment(causal)  # the spellings of selfattn.attention
+    window_left, window_right = masks.window_sides(window)
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"selfattn: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    for t, name in ((q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
+        _require_tensor(t, name)
+    _check_int(max_seqlen_q, "max_seqlen_q")
+    _check_int(max_seqlen_k, "max_seqlen_k")
+    if q.dim() == 3 and k.dim() == 3 and q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError(f"selfattn: q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for "
+                         "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
+    scale = _resolve_scale(scale, q.shape[-1] if q.dim() >= 1 else 0)
+    out, _ = _autograd.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            alignment is not None, scale, window_left, window_right,
+                                            alignment == "bottom_right")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: the checks that need no data (_checks.py), outputs as the C++ op allocates them.
+
+
+@torch.library.register_fake("selfattn::varlen_attention_fwd")
+def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                               window_left=-1, window_right=-1, bottom_right=False):
+    s = _checks.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    _checks.check_window(window_left, window_right)
+    out = q.new_empty((s.total_q, s.heads, s.dim_v))
+    lse = q.new_empty((s.heads, s.total_q), dtype=_checks.accumulate_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("selfattn::varlen_attention_bwd")
+def _varlen_attention_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, causal, scale, window_left=-1, window_right=-1, bottom_right=False):
+    s = _checks.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    _checks.check_window(window_left, window_right)
+    _checks.check_varlen_grad_inputs(s, q, grad_out, out, lse)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -1,0 +1,130 @@
+"""Build settings (selfattn/_settings.py): where the CUDA toolkit and the CUDA library headers are
+found, the GPU archs, the sanitizer build. No compiling: fake toolkits in tmp_path."""
+
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfattn import _settings
+
+
+def fake_toolkit(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+@pytest.fixture
+def no_cuda_env(monkeypatch, tmp_path):
+    """No CUDA_HOME, no nvcc on PATH, no toolkit in the default place."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(_settings, "DEFAULT_CUDA_HOME", str(tmp_path / "nowhere"))
+
+
+def test_cuda_home_is_an_explicit_choice(no_cuda_env, monkeypatch, tmp_path):
+    toolkit = fake_toolkit(tmp_path / "cuda")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert _settings.cuda_toolkit_root() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # not a toolkit: no guessing past it
+    monkeypatch.setattr(_settings, "DEFAULT_CUDA_HOME", str(toolkit))
+    assert _settings.cuda_toolkit_root() is None
+
+
+def test_nvcc_on_path_is_followed_through_symlinks(no_cuda_env, monkeypatch, tmp_path):
+    toolkit = fake_toolkit(tmp_path / "cuda-12.9")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert _settings.cuda_toolkit_root() == str(toolkit.resolve())
+
+
+def test_nvcc_wrapper_outside_a_toolkit_is_asked_where_its_toolkit_is(no_cuda_env, monkeypatch, tmp_path):
+    toolkit = fake_toolkit(tmp_path / "cuda-13.0")
+    (tmp_path / "bin").mkdir()
+    wrapper = tmp_path / "bin" / "nvcc"  # prints what a real nvcc's dry run starts with
+    wrapper.write_text(f'#!/bin/sh\necho "#\\$ _HERE_={toolkit}/bin" >&2\necho "#\\$ TOP={toolkit}/bin/.." >&2\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert _settings.cuda_toolkit_root() == str(toolkit.resolve())
+
+
+def test_toolkit_with_headers_only_under_targets(no_cuda_env, monkeypatch, tmp_path):
+    toolkit = fake_toolkit(tmp_path / "conda")
+    (toolkit / "targets" / "x86_64-linux").mkdir(parents=True)
+    (toolkit / "include").rename(toolkit / "targets" / "x86_64-linux" / "include")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert _settings.cuda_toolkit_root() == str(toolkit)
+
+
+def test_default_toolkit_and_none(no_cuda_env, monkeypatch, tmp_path):
+    assert _settings.cuda_toolkit_root() is None
+    toolkit = fake_toolkit(tmp_path / "cuda")
+    monkeypatch.setattr(_settings, "DEFAULT_CUDA_HOME", str(toolkit))
+    assert _settings.cuda_toolkit_root() == str(toolkit)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
+def test_this_machines_nvcc_names_its_toolkit():
+    root = _settings.nvcc_toolkit_root(shutil.which("nvcc"))
+    assert root is not None and _settings.is_cuda_toolkit(root), root
+
+
+def nvidia_packages():
+    return [d for d in importlib.metadata.distributions() if (d.metadata["Name"] or "").lower().startswith("nvidia")]
+
+
+@pytest.mark.skipif(torch.version.cuda is None or not nvidia_packages(),
+                    reason="needs a CUDA build of torch with its nvidia-* pip packages")
+def test_cuda_library_headers_come_from_the_pip_packages(tmp_path):
+    toolkit = fake_toolkit(tmp_path / "cuda")  # without any library headers
+    dirs = _settings.cuda_library_include_dirs(str(toolkit))
+    for header in _settings.CUDA_LIBRARY_HEADERS:
+        assert any((Path(d) / header).is_file() for d in dirs), (header, dirs)
+    for header in _settings.CUDA_LIBRARY_HEADERS:  # a toolkit that has them needs nothing else
+        (toolkit / "include" / header).write_text("")
+    assert _settings.cuda_library_include_dirs(str(toolkit)) == []
+
+
+def test_arch_list_defaults(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6 9.0+PTX")
+    assert _settings.cuda_arch_list() == "8.6 9.0+PTX"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _settings.cuda_arch_list() == _settings.DEFAULT_CUDA_ARCHS
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 0)][i])
+    assert _settings.cuda_arch_list() == "8.0;9.0+PTX"
+
+
+def test_sanitizer_build_is_cpu_only_with_its_flags(monkeypatch):
+    monkeypatch.setenv("SELFATTN_SANITIZE", "1")
+    monkeypatch.delenv("SELFATTN_CUDA", raising=False)
+    config = _settings.extension_config()
+    assert not config.with_cuda and config.sanitize
+    for flags in (config.cxx_flags, config.link_flags):
+        assert "-fsanitize=address,undefined" in flags and "-fno-sanitize-recover=all" in flags
+    assert config.build_info.endswith(",cuda:none,sanitize:address+undefined")
+    assert config.variant.endswith("_sanitize")
+    monkeypatch.setenv("SELFATTN_CUDA", "1")
+    with pytest.raises(RuntimeError, match="CPU library only"):
+        _settings.extension_config()
+
+
+def test_cuda_build_records_its_archs(monkeypatch):
+    monkeypatch.delenv("SELFATTN_SANITIZE", raising=False)
+    if not _settings.want_cuda():
+        pytest.skip("no CUDA build possible here")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME") or _settings.cuda_toolkit_root())
+    config = _settings.extension_config()
+    assert config.with_cuda and config.build_info.endswith(",archs:8.0/9.0")
+    assert not any("sanitize" in flag for flag in config.cxx_flags)
