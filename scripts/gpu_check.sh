@@ -143,6 +143,9 @@ else
   # The fused layer at FlashAttention's token count, head dims 128 and 64; capped at 60 s.
   bench_step layer 60 110 --level layer --dtype bfloat16 --impls linear+sdpa --modes fwd,fwd+bwd \
     --shapes 8x2048x2048x16,8x2048x2048x32
+  # The masked variants (key padding, varlen, GQA, sliding window, random mask), float32, each
+  # against selfattn without it and SDPA given the same inputs; capped at 60 s.
+  bench_step masks 60 50 --sweep masks
 fi
 
 # ---------------------------------------------------------------------------------------------
