@@ -61,17 +61,6 @@ def _check_num_heads(num_heads, name: str = "num_heads") -> int:
     return num_heads
 
 
-def _check_window(window) -> tuple:
-    """window=None or (left, right), ints; the ops check that each is >= -1."""
-    if window is None:
-        return -1, -1
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) for w in window)):
-        raise TypeError(f"selfattn: window must be None or a pair of ints (left, right), -1 for an "
-                        f"unbounded side, got {window!r}")
-    return int(window[0]), int(window[1])
-
-
 def _broadcasts(shape, full) -> bool:
     return len(shape) == len(full) and all(m == f or m == 1 for m, f in zip(shape, full))
 
@@ -216,7 +205,7 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
     causal = _check_causal(causal)
     num_heads = _check_num_heads(num_heads)
     num_kv_heads = 0 if num_kv_heads is None else _check_num_heads(num_kv_heads, "num_kv_heads")
-    window_left, window_right = _check_window(window)
+    window_left, window_right = masks.window_sides(window)
     _require_tensor(x, "x")
     _require_tensor(w_qkv, "w_qkv")
     single = x.dim() == 2

@@ -451,8 +451,8 @@ PUBLIC_ONLY = [
     ("key_padding_mask not a tensor", layer_kwargs(key_padding_mask=[[True] * 5] * 2), TypeError,
      r"key_padding_mask must be a torch.Tensor, got list"),
     ("window not a pair", layer_kwargs(window=4), TypeError,
-     r"window must be None or a pair of ints \(left, right\), -1 for an unbounded side, got 4"),
-    ("window of floats", layer_kwargs(window=(2.0, 0)), TypeError, r"window must be None or a pair of ints"),
+     r"window must be a pair \(left, right\) of ints, -1 for unbounded, got 4"),
+    ("window of floats", layer_kwargs(window=(2.0, 0)), TypeError, r"window's left side must be an int, got float"),
     ("num_kv_heads float", layer_kwargs(num_kv_heads=1.0), TypeError, r"num_kv_heads must be an int, got float"),
 ]
 
