@@ -78,7 +78,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
       Carver::padded(k_reader.scratch_size(block_k)) + Carver::padded(v_reader.scratch_size(block_k)) +
       (dq_in_scratch ? Carver::padded(s.nq * s.dim_padded) : 0);
 
-  at::parallel_for(0, s.batch * s.heads_kv * s.splits, 1, [&](int64_t begin, int64_t end) {
+  for_each_item(s.batch * s.heads_kv * s.splits, [&](ItemQueue& items) {
     Scratch<T> scratch(scratch_size);
     Carver carve(scratch.get());
     T* q_t = carve.take(s.dim * nq_padded);      // (D, Nq_padded): all queries as columns, times scale
@@ -95,7 +95,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));
     T* dq_scratch = dq_in_scratch ? carve.take(s.nq * s.dim_padded) : nullptr;  // (Nq, D_padded)
 
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item; items.next(item);) {
       const int64_t bh_kv = item / s.splits, b = bh_kv / s.heads_kv, h_kv = bh_kv % s.heads_kv;
       const int64_t split = item % s.splits;
       const int64_t kb_begin = split * s.blocks_per_split;

@@ -28,12 +28,6 @@ namespace {
 constexpr int64_t kBlockQ = 64;  // queries per work item (columns of the score tile)
 constexpr int64_t kBlockK = 64;  // keys per step of the stream (rows of the score tile)
 
-// Under causal masking the last query blocks see the most keys. Work items are handed
-// to threads in contiguous ranges, so pair each light block with a heavy one.
-inline int64_t balanced_block(int64_t rank, int64_t num_blocks) {
-  return rank % 2 == 0 ? rank / 2 : num_blocks - 1 - rank / 2;
-}
-
 // q: (B, Hq, Nq, D), k: (B, Hk, Nk, D), v: (B, Hk, Nk, Dv), out: (B, Hq, Nq, Dv): scalar_t, any strides
 // lse: (B, Hq, Nq) T, any strides. T (float, or double for double) is the accumulation type.
 template <typename scalar_t, typename T>
@@ -48,7 +42,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t q_blocks = ceil_div(nq, block_q);
   const Band& band = mask.band;
   const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, block_q, block_k) : MaskTiles();
-  const bool uneven = band.right < kUnbounded;  // later query blocks see more keys
+  // Under a bounded right side later query blocks see more keys: they go first, so the cheap ones
+  // fill the threads' last gaps (for_each_item hands items out in order).
+  const bool uneven = band.right < kUnbounded;
 
   const Strided4<const scalar_t> q_view(q);
   // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
@@ -65,7 +61,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                                3 * Carver::padded(block_q) + Carver::padded(k_reader.scratch_size(block_k)) +
                                Carver::padded(v_reader.scratch_size(block_k));
 
-  at::parallel_for(0, batch * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  for_each_item(batch * heads * q_blocks, [&](ItemQueue& items) {
     Scratch<T> scratch(scratch_size);
     Carver carve(scratch.get());
     T* q_t = carve.take(dim * block_q);           // (D, block_q): the block's queries as columns, times scale
@@ -77,10 +73,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     T* k_scratch = carve.take(k_reader.scratch_size(block_k));  // a key block in T, if k is not
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));  // a value block, padded rows
 
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item; items.next(item);) {
       const int64_t bh = item / q_blocks, b = bh / heads, h = bh % heads, h_kv = h / group;
       const int64_t rank = item % q_blocks;
-      const int64_t q0 = (uneven ? balanced_block(rank, q_blocks) : rank) * block_q;
+      const int64_t q0 = (uneven ? q_blocks - 1 - rank : rank) * block_q;
       const int64_t q_rows = std::min(block_q, nq - q0);
 
       // 1. The block's queries as columns, with the scale folded in; padding columns are zero.

@@ -7,12 +7,14 @@
 // (selfattn/_settings.py).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -27,6 +29,34 @@ constexpr int64_t kVecWidth = Vec<T>::size();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---------------------------------------------------------------------------------------
+// Work items handed out one at a time: each of the intra-op threads takes the next item when it
+// finishes one. Items of unequal cost (causal, windows, padding, the lengths of a varlen batch) and
+// a core slowed by another process then stay balanced, where at::parallel_for's fixed contiguous
+// ranges would leave one thread waiting. Which thread runs an item never changes its result.
+//
+//   for_each_item(n, [&](ItemQueue& items) { ...per-thread scratch...;
+//                                            for (int64_t item; items.next(item);) { ... } });
+class ItemQueue {
+ public:
+  explicit ItemQueue(int64_t n) : n_(n) {}
+  bool next(int64_t& item) {
+    item = next_.fetch_add(1, std::memory_order_relaxed);
+    return item < n_;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t n_;
+};
+
+template <typename Body>
+void for_each_item(int64_t n, const Body& body) {
+  ItemQueue items(n);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(items); });
+}
 
 // ---------------------------------------------------------------------------------------
 // Register blocking of the micro-kernel: kTileRows rows of C times kTileVecs vectors of
