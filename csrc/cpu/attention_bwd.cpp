@@ -151,22 +151,19 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
             }
             const RowBlock<T> q_block = q_reader.read(b, h, q0, q_rows, q_scratch);
             const RowBlock<T> do_block = do_reader.read(b, h, q0, q_rows, do_scratch);
-            // A tile the band cuts at the top skips the pairs nobody sees (tile.h); every hidden
-            // pair's P and dS is then set to 0.
-            const bool cut_top = k0 + kv_rows - 1 > band.last_key(q0);
-            const bool cut_bottom = band.first_key(q0 + q_rows - 1) > k0;
-            const int64_t offset = k0 - band.last_key(q0);
+            // A tile the band cuts skips the pairs nobody sees (tile.h); every hidden pair's P and
+            // dS is then set to 0.
+            const bool cut = band_cuts(band, q0, q_rows, k0, kv_rows);
+            const MaskCut band_cols = band_cut(band, q0, k0);
 
             // P (transposed) = exp(k · q_t + mask - lse), recomputed from the forward's logsumexp.
-            if (!cut_top) {
+            if (!cut) {
               gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_t + q0, nq_padded, p_t,
                       block_q, /*accumulate=*/false);
             } else {
-              gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1,
+              gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1,
                                      q_t + q0, nq_padded, p_t, block_q, /*accumulate=*/false);
-            }
-            if (cut_top || cut_bottom) {
-              mask_band(band, q0, k0, kv_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
+              mask_band(band_cols, kv_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
             }
             if (tile == TileState::kPartial) {
               mask_tiles.apply(b, h, q0, q_rows, k0, kv_rows, p_t, block_q);
@@ -179,11 +176,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
             }
 
             // dP (transposed) = v · dO_t, then dS = P ∘ (dP - delta).
-            if (!cut_top) {
+            if (!cut) {
               gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_t + q0,
                       nq_padded, ds_t, block_q, /*accumulate=*/false);
             } else {
-              gemm_keys_x_queries<T>(offset, kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride,
+              gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride,
                                      v_block.col_stride, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
             }
             const Vec<T> scale_vec(scale);
@@ -194,13 +191,13 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
                 (p * (dp - Vec<T>::loadu(delta + q0 + c)) * scale_vec).store(ds_t + j * block_q + c);
               }
             }
-            if (cut_top) {  // the skipped dP entries were never written: 0 * garbage may be NaN
-              mask_band(band, q0, k0, kv_rows, block_q, ds_t, block_q, T(0));
+            if (cut) {  // the skipped dP entries were never written: 0 * garbage may be NaN
+              mask_band(band_cols, kv_rows, block_q, ds_t, block_q, T(0));
             }
 
             // dv (kv_rows x Dv) += Pᵀ · dO rows;  dk (kv_rows x D) += dSᵀ · q rows;
             // dq (q_rows x D) += dS · k rows (dS read through ds_t's transpose). dS includes scale.
-            if (!cut_top) {
+            if (!cut) {
               gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data, do_block.row_stride, dv_acc,
                       s.dim_v_padded, /*accumulate=*/true);
               gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data, q_block.row_stride, dk_acc,
@@ -208,11 +205,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
               gemm<T>(q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data, k_block.row_stride,
                       dq_acc + q0 * dq_stride_n, dq_stride_n, /*accumulate=*/true);
             } else {
-              gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data,
+              gemm_keys_x_queries_depth<T>(band_cols, kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data,
                                            do_block.row_stride, dv_acc, s.dim_v_padded);
-              gemm_keys_x_queries_depth<T>(offset, kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data,
+              gemm_keys_x_queries_depth<T>(band_cols, kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data,
                                            q_block.row_stride, dk_acc, s.dim_padded);
-              gemm_queries_x_keys<T>(offset, q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data,
+              gemm_queries_x_keys<T>(band_cols, q_rows, s.dim_padded, kv_rows, ds_t, 1, block_q, k_block.data,
                                      k_block.row_stride, dq_acc + q0 * dq_stride_n, dq_stride_n);
             }
           }

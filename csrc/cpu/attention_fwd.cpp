@@ -96,21 +96,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
 
         // 2. Scores, transposed: p_t (k_rows x block_q) = k rows · q_t. A tile that the band cuts
-        //    at the top (keys past what its first query sees) skips the pairs nobody sees, a slab
-        //    at a time; then every hidden pair is set to -inf.
-        const bool cut_top = k0 + k_rows - 1 > band.last_key(q0);
-        const bool cut_bottom = band.first_key(q0 + q_rows - 1) > k0;
-        const int64_t first_col = k0 - band.last_key(q0);  // of key row 0 (see mask_band)
+        //    (the causal diagonal, a window's far edge) skips the pairs nobody sees, a slab at a
+        //    time; then every hidden pair is set to -inf.
+        const bool cut = band_cuts(band, q0, q_rows, k0, k_rows);
+        const MaskCut band_cols = band_cut(band, q0, k0);
         const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
-        if (!cut_top) {
+        if (!cut) {
           gemm<T>(k_rows, block_q, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, block_q,
                   p_t, block_q, /*accumulate=*/false);
         } else {
-          gemm_keys_x_queries<T>(first_col, k_rows, block_q, dim, k_block.data, k_block.row_stride,
+          gemm_keys_x_queries<T>(band_cols, k_rows, block_q, dim, k_block.data, k_block.row_stride,
                                  k_block.col_stride, q_t, block_q, p_t, block_q, /*accumulate=*/false);
-        }
-        if (cut_top || cut_bottom) {
-          mask_band(band, q0, k0, k_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
+          mask_band(band_cols, k_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
         }
         if (tile == TileState::kPartial) {
           mask_tiles.apply(b, h, q0, q_rows, k0, k_rows, p_t, block_q);
@@ -150,11 +147,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         // 4-5. Weight each value row by its probability and sum per query:
         //      acc (q_rows x Dv) += P (q_rows x k_rows) · v rows, P read through p_t's transpose.
         const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
-        if (!cut_top) {
+        if (!cut) {
           gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q, v_block.data,
                   v_block.row_stride, acc, dim_v_padded, /*accumulate=*/true);
         } else {
-          gemm_queries_x_keys<T>(first_col, q_rows, dim_v_padded, k_rows, p_t, 1, block_q, v_block.data,
+          gemm_queries_x_keys<T>(band_cols, q_rows, dim_v_padded, k_rows, p_t, 1, block_q, v_block.data,
                                  v_block.row_stride, acc, dim_v_padded);
         }
       }

@@ -162,21 +162,28 @@ class MaskTiles {
   std::vector<uint8_t> states_;
 };
 
-// The band's hidden pairs on a transposed score tile (keys k0 + j, queries q0 + c, c < width),
-// set to `hidden`: key k0 + j is visible to columns [k0 + j - last_key(q0), k0 + j - first_key(q0)].
+// The band's cut of the tile of queries [q0, ...) and keys [k0, ...) (tile.h's MaskCut): key row j
+// is visible to query columns [first + j, last + j].
+inline MaskCut band_cut(const Band& band, int64_t q0, int64_t k0) {
+  return {k0 - band.last_key(q0), k0 - band.first_key(q0)};
+}
+
+// Whether the band hides some pair of the tile (q_rows x k_rows): then the tile takes the band
+// GEMMs of tile.h and mask_band.
+inline bool band_cuts(const Band& band, int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows) {
+  return !band.covers(q0, q0 + q_rows, k0, k0 + k_rows);
+}
+
+// The band's hidden pairs on a transposed score tile (key rows j < k_rows, query columns < width)
+// set to `hidden`.
 template <typename T>
-void mask_band(const Band& band, int64_t q0, int64_t k0, int64_t k_rows, int64_t width, T* tile,
-               int64_t ld, T hidden) {
-  const int64_t first_col = k0 - band.last_key(q0);   // of key row 0; + j for row j
-  const int64_t last_col = k0 - band.first_key(q0);
+void mask_band(MaskCut cut, int64_t k_rows, int64_t width, T* tile, int64_t ld, T hidden) {
   for (int64_t j = 0; j < k_rows; ++j) {
     T* row = tile + j * ld;
-    const int64_t lo = std::clamp<int64_t>(first_col + j, 0, width);
-    const int64_t hi = std::clamp<int64_t>(last_col + j + 1, 0, width);
+    const int64_t lo = std::clamp<int64_t>(cut.first + j, 0, width);
+    const int64_t hi = std::clamp<int64_t>(cut.last + j + 1, lo, width);
     fill(row, lo, hidden);
-    if (hi < width) {
-      fill(row + std::max(hi, lo), width - std::max(hi, lo), hidden);
-    }
+    fill(row + hi, width - hi, hidden);
   }
 }
 

@@ -153,51 +153,59 @@ void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_
 }
 
 // ---------------------------------------------------------------------------------------
-// Tiles that cross the causal diagonal. Key k0 + j is visible to query q0 + i iff
-// k0 + j <= q0 + i; `offset` = k0 - q0. Work on pairs nobody sees is skipped a slab of
-// kTileRows rows at a time, which brings a diagonal tile close to half the cost of a full one.
+// Tiles that a band (mask.h) cuts: key row j (of the tile) is visible to query columns
+// [first + j, last + j], where first = k0 - last_key(q0) and last = k0 - first_key(q0)
+// (MaskCut below). Work on pairs nobody sees is skipped a slab of kTileRows rows at a time, which
+// brings a tile cut by the causal diagonal close to half the cost of a full one, and a sliding
+// window's far-edge tile likewise.
+struct MaskCut {
+  int64_t first, last;
+};
 
-// Rows are keys, columns queries (score tiles): a slab of keys starts at the first vector of
-// columns holding a query that sees its first key. Columns before that are left unwritten
-// (the caller masks them).
+// Rows are keys, columns queries (score tiles): a slab of keys covers the vectors of columns that
+// hold a query seeing one of its keys. Columns outside are left unwritten (the caller masks them).
 template <typename T>
-void gemm_keys_x_queries(int64_t offset, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
+void gemm_keys_x_queries(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
                          int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t W = kVecWidth<T>;
   for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
     const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
-    const int64_t first = std::clamp<int64_t>(offset + m0, 0, n) / W * W;
-    if (first < n) {
-      gemm(rows, n - first, depth, a + m0 * a_row, a_row, a_col, b + first, ldb, c + m0 * ldc + first,
-           ldc, accumulate);
+    const int64_t lo = std::clamp<int64_t>(cut.first + m0, 0, n) / W * W;
+    const int64_t hi = round_up(std::clamp<int64_t>(cut.last + m0 + rows, 0, n), W);
+    if (lo < hi) {
+      gemm(rows, hi - lo, depth, a + m0 * a_row, a_row, a_col, b + lo, ldb, c + m0 * ldc + lo, ldc,
+           accumulate);
     }
   }
 }
 
-// Rows are queries, the depth runs over keys (P·V, dS·K): a slab of queries stops at the last
-// key that its last query sees.
+// Rows are queries, the depth runs over keys (P·V, dS·K): a slab of queries runs over the keys its
+// queries see, from the first its first query sees to the last its last query sees.
 template <typename T>
-void gemm_queries_x_keys(int64_t offset, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
+void gemm_queries_x_keys(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
                          int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {
   for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
     const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
-    const int64_t keys = std::min(depth, m0 + rows - offset);
-    if (keys > 0) {
-      gemm(rows, n, keys, a + m0 * a_row, a_row, a_col, b, ldb, c + m0 * ldc, ldc, /*accumulate=*/true);
+    const int64_t first = std::clamp<int64_t>(m0 - cut.last, 0, depth);
+    const int64_t end = std::clamp<int64_t>(m0 + rows - cut.first, 0, depth);
+    if (first < end) {
+      gemm(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb,
+           c + m0 * ldc, ldc, /*accumulate=*/true);
     }
   }
 }
 
-// Rows are keys, the depth runs over queries (Pᵀ·dO, dSᵀ·Q): a slab of keys starts at the
-// first query that sees its first key.
+// Rows are keys, the depth runs over queries (Pᵀ·dO, dSᵀ·Q): a slab of keys runs over the queries
+// that see one of its keys.
 template <typename T>
-void gemm_keys_x_queries_depth(int64_t offset, int64_t m, int64_t n, int64_t depth, const T* a,
+void gemm_keys_x_queries_depth(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a,
                                int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {
   for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
     const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
-    const int64_t first = std::max<int64_t>(0, offset + m0);
-    if (first < depth) {
-      gemm(rows, n, depth - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb,
+    const int64_t first = std::clamp<int64_t>(cut.first + m0, 0, depth);
+    const int64_t end = std::clamp<int64_t>(cut.last + m0 + rows, 0, depth);
+    if (first < end) {
+      gemm(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb,
            c + m0 * ldc, ldc, /*accumulate=*/true);
     }
   }
