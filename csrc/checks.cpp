@@ -59,22 +59,33 @@ void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "selfattn: scale must be finite, got ", scale);
 }
 
+// q, k, v of the given rank: float dtypes, one dtype and device; meanings name their dims.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank,
+               const char* q_meaning, const char* k_meaning, const char* v_meaning) {
+  check_float_tensor(q, "q");
+  check_float_tensor(k, "k");
+  check_float_tensor(v, "v");
+  check_rank(q, "q", rank, q_meaning);
+  check_rank(k, "k", rank, k_meaning);
+  check_rank(v, "v", rank, v_meaning);
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
+}
+
+// Grouped-query attention: Hk divides Hq (Hk = Hq is plain multi-head attention).
+void check_heads_divide(int64_t heads, int64_t heads_kv) {
+  TORCH_CHECK_VALUE(heads_kv >= 1 ? heads % heads_kv == 0 : heads == 0,
+                    "selfattn: k must have a number of heads that divides q's (grouped-query "
+                    "attention), got ", heads_kv, " for k and ", heads, " for q");
+}
+
 }  // namespace
 
 AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       double scale) {
-  check_float_tensor(q, "q");
-  check_float_tensor(k, "k");
-  check_float_tensor(v, "v");
-  check_rank(q, "q", 4, "(B, Hq, Nq, D)");
-  check_rank(k, "k", 4, "(B, Hk, Nk, D)");
-  check_rank(v, "v", 4, "(B, Hk, Nk, Dv)");
-  check_like(k, "k", q, "q");
-  check_like(v, "v", q, "q");
+  check_qkv(q, k, v, 4, "(B, Hq, Nq, D)", "(B, Hk, Nk, D)", "(B, Hk, Nk, Dv)");
   const AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  TORCH_CHECK_VALUE(s.heads_kv >= 1 ? s.heads % s.heads_kv == 0 : s.heads == 0,
-                    "selfattn: k must have a number of heads that divides q's (grouped-query "
-                    "attention), got ", s.heads_kv, " for k and ", s.heads, " for q");
+  check_heads_divide(s.heads, s.heads_kv);
   check_shape(k, "k", {s.batch, s.heads_kv, s.nk, s.dim}, "(B, Hk, Nk, D) with B, D of q");
   check_shape(v, "v", {s.batch, s.heads_kv, s.nk, s.dim_v}, "(B, Hk, Nk, Dv) with B, Hk, Nk of k");
   check_scale(scale);
@@ -142,18 +153,9 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& 
 VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
-  check_float_tensor(q, "q");
-  check_float_tensor(k, "k");
-  check_float_tensor(v, "v");
-  check_rank(q, "q", 3, "(Tq, Hq, D)");
-  check_rank(k, "k", 3, "(Tk, Hk, D)");
-  check_rank(v, "v", 3, "(Tk, Hk, Dv)");
-  check_like(k, "k", q, "q");
-  check_like(v, "v", q, "q");
+  check_qkv(q, k, v, 3, "(Tq, Hq, D)", "(Tk, Hk, D)", "(Tk, Hk, Dv)");
   VarlenShape s{q.size(0), k.size(0), q.size(1), k.size(1), q.size(2), v.size(2), 0};
-  TORCH_CHECK_VALUE(s.heads_kv >= 1 ? s.heads % s.heads_kv == 0 : s.heads == 0,
-                    "selfattn: k must have a number of heads that divides q's (grouped-query "
-                    "attention), got ", s.heads_kv, " for k and ", s.heads, " for q");
+  check_heads_divide(s.heads, s.heads_kv);
   check_shape(k, "k", {s.total_k, s.heads_kv, s.dim}, "(Tk, Hk, D) with D of q");
   check_shape(v, "v", {s.total_k, s.heads_kv, s.dim_v}, "(Tk, Hk, Dv) with Tk, Hk of k");
   check_scale(scale);

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -28,20 +27,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import selfattn  # noqa: E402
+from selfattn._system import cpu_model  # noqa: E402
 
 SHAPES = [(1, 1, 1, 64), (1, 8, 16, 64), (1, 32, 1, 128)]
 MODES = ["no grad", "grad"]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_loop(fn, calls: int) -> float:

@@ -104,19 +104,27 @@ def _check_scale(scale: float) -> None:
         raise ValueError(f"selfattn: scale must be finite, got {scale}")
 
 
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float) -> AttentionShape:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, rank: int, q_meaning: str, k_meaning: str, v_meaning: str) -> None:
     _check_float_tensor(q, "q")
     _check_float_tensor(k, "k")
     _check_float_tensor(v, "v")
-    _check_rank(q, "q", 4, "(B, Hq, Nq, D)")
-    _check_rank(k, "k", 4, "(B, Hk, Nk, D)")
-    _check_rank(v, "v", 4, "(B, Hk, Nk, Dv)")
+    _check_rank(q, "q", rank, q_meaning)
+    _check_rank(k, "k", rank, k_meaning)
+    _check_rank(v, "v", rank, v_meaning)
     _check_like(k, "k", q, "q")
     _check_like(v, "v", q, "q")
-    s = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
-    if not (s.heads % s.heads_kv == 0 if s.heads_kv >= 1 else s.heads == 0):
+
+
+def _check_heads_divide(heads: int, heads_kv: int) -> None:
+    if not (heads % heads_kv == 0 if heads_kv >= 1 else heads == 0):
         raise ValueError("selfattn: k must have a number of heads that divides q's (grouped-query "
-                         f"attention), got {s.heads_kv} for k and {s.heads} for q")
+                         f"attention), got {heads_kv} for k and {heads} for q")
+
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float) -> AttentionShape:
+    _check_qkv(q, k, v, 4, "(B, Hq, Nq, D)", "(B, Hk, Nk, D)", "(B, Hk, Nk, Dv)")
+    s = AttentionShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+    _check_heads_divide(s.heads, s.heads_kv)
     _check_shape(k, "k", [s.batch, s.heads_kv, s.nk, s.dim], "(B, Hk, Nk, D) with B, D of q")
     _check_shape(v, "v", [s.batch, s.heads_kv, s.nk, s.dim_v], "(B, Hk, Nk, Dv) with B, Hk, Nk of k")
     _check_scale(scale)
@@ -173,19 +181,10 @@ def check_varlen_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, c
     """Everything about varlen_attention_fwd's arguments that needs no data. The values of
     cu_seqlens (0 first, non-decreasing, T last, no sequence longer than max_seqlen) only the
     kernels check (checks.cpp, check_cu_seqlens_values): fake tensors carry none."""
-    _check_float_tensor(q, "q")
-    _check_float_tensor(k, "k")
-    _check_float_tensor(v, "v")
-    _check_rank(q, "q", 3, "(Tq, Hq, D)")
-    _check_rank(k, "k", 3, "(Tk, Hk, D)")
-    _check_rank(v, "v", 3, "(Tk, Hk, Dv)")
-    _check_like(k, "k", q, "q")
-    _check_like(v, "v", q, "q")
+    _check_qkv(q, k, v, 3, "(Tq, Hq, D)", "(Tk, Hk, D)", "(Tk, Hk, Dv)")
     total_q, total_k, heads, heads_kv, dim, dim_v = (q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2],
                                                      v.shape[2])
-    if not (heads % heads_kv == 0 if heads_kv >= 1 else heads == 0):
-        raise ValueError("selfattn: k must have a number of heads that divides q's (grouped-query "
-                         f"attention), got {heads_kv} for k and {heads} for q")
+    _check_heads_divide(heads, heads_kv)
     _check_shape(k, "k", [total_k, heads_kv, dim], "(Tk, Hk, D) with D of q")
     _check_shape(v, "v", [total_k, heads_kv, dim_v], "(Tk, Hk, Dv) with Tk, Hk of k")
     _check_scale(scale)
