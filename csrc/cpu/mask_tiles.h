@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -133,20 +134,30 @@ class MaskTiles {
     }
   }
 
-  // Query by query, so the mask is read along its rows (keys); the tile is small enough to stay
-  // in L1 while it is written down its columns.
+  // The mask is read query by query, along its rows (keys), into a small buffer laid out like the
+  // tile (key rows), which the tile's rows then take in contiguous, vectorisable loops.
   template <typename M, typename T>
   void apply_typed(int64_t b, int64_t h, int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows, T* tile,
                    int64_t ld) const {
+    constexpr int64_t kMax = 64;  // the kernels' largest tile side
+    TORCH_INTERNAL_ASSERT(q_rows <= kMax && k_rows <= kMax, "selfattn: mask tile larger than 64 x 64");
+    using Held = std::conditional_t<std::is_same_v<M, bool>, uint8_t, T>;
+    Held held[kMax * kMax];  // (k_rows, q_rows): the mask's entries, transposed
     const int64_t stride_j = stride_[3];
     for (int64_t c = 0; c < q_rows; ++c) {
       const M* m = element<M>(b, h, q0 + c, k0);
       for (int64_t j = 0; j < k_rows; ++j) {
-        T& score = tile[j * ld + c];
+        held[j * q_rows + c] = static_cast<Held>(m[j * stride_j]);
+      }
+    }
+    for (int64_t j = 0; j < k_rows; ++j) {
+      T* row = tile + j * ld;
+      const Held* entries = held + j * q_rows;
+      for (int64_t c = 0; c < q_rows; ++c) {
         if constexpr (std::is_same_v<M, bool>) {
-          score = m[j * stride_j] ? score : -std::numeric_limits<T>::infinity();
+          row[c] = entries[c] ? row[c] : -std::numeric_limits<T>::infinity();
         } else {
-          score += static_cast<T>(m[j * stride_j]);
+          row[c] += entries[c];
         }
       }
     }
