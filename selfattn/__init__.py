@@ -5,6 +5,8 @@
     selfattn.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,  # packed variable-length sequences,
                               max_seqlen_q, max_seqlen_k)           # FlashAttention's layout
     selfattn.SelfAttention(embed_dim, model_dim, num_heads=1)       # nn.Module over the fused op
+    selfattn.MultiheadAttention(embed_dim, num_heads, ...)          # drop-in for nn.MultiheadAttention
+    selfattn.swap_attention(model)                                  # ... in place of every one in a model
     selfattn.reference.SelfAttention(...)                           # the tutorial's five steps, literally
 """
 
@@ -13,6 +15,7 @@ from . import _load
 _build_info = _load.load()
 
 from . import reference  # noqa: E402
+from .mha import MultiheadAttention, swap_attention  # noqa: E402
 from .modules import SelfAttention  # noqa: E402
 from .ops import attention, self_attention  # noqa: E402
 from .varlen import attention_varlen  # noqa: E402
@@ -23,5 +26,6 @@ def build_info() -> _load.BuildInfo:
     return _build_info
 
 
-__all__ = ["attention", "attention_varlen", "self_attention", "SelfAttention", "reference", "build_info"]
+__all__ = ["attention", "attention_varlen", "self_attention", "SelfAttention", "MultiheadAttention", "swap_attention",
+           "reference", "build_info"]
 __version__ = "0.1.0"
