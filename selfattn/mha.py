@@ -245,8 +245,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         if key_padding_mask is not None:
             expected = (batch, src) if batched else (src,)
             if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(f"MultiheadAttention: key_padding_mask must have shape {'(N, S)' if batched else '(S,)'}"
-                                 f" = {expected}, got {tuple(key_padding_mask.shape)}")
+                what = "(N, S)" if batched else "(S,)"
+                raise ValueError(f"MultiheadAttention: key_padding_mask must have shape {what} = {expected}, got "
+                                 f"{tuple(key_padding_mask.shape)}")
         if attn_mask is not None:
             heads = batch * self.num_heads if batched else self.num_heads
             if tuple(attn_mask.shape) not in ((tgt, src), (heads, tgt, src)):
