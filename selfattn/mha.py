@@ -279,8 +279,9 @@ class MultiheadAttention(nn.MultiheadAttention):
 def swap_attention(model: nn.Module) -> nn.Module:
     """Replace, in place, every torch.nn.MultiheadAttention in ``model`` (exactly that class, not a
     subclass) by a selfattn.MultiheadAttention sharing its parameters, device, dtype and training
-    mode; a module shared between parents is replaced by one module. Returns ``model`` (or, if
-    ``model`` itself is an nn.MultiheadAttention, its replacement)."""
+    mode; a module shared between parents is replaced by one module. Hooks registered on a replaced
+    module are not carried over. Returns ``model`` (or, if ``model`` itself is an
+    nn.MultiheadAttention, its replacement)."""
     if type(model) is nn.MultiheadAttention:
         return MultiheadAttention.from_torch(model)
     replaced = {}

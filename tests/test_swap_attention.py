@@ -129,13 +129,14 @@ def test_transformer_decoder_after_swap_same_output_and_grads():
     assert all(torch.allclose(a, b, atol=1e-11) for a, b in zip(grads, ref_grads))
 
 
-def test_nested_input_matches_the_padded_batch():
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_input_matches_the_padded_batch(layout):
     ref, ours = pair(embed_dim=8, num_heads=2, batch_first=True)
     ours.eval()
     parts = [torch.randn(5, 8, dtype=F64), torch.randn(2, 8, dtype=F64)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        nested = torch.nested.nested_tensor(parts)
+        nested = torch.nested.nested_tensor(parts, layout=layout)
     with torch.no_grad():
         out, weights = ours(nested, nested, nested)
     for i, part in enumerate(parts):
