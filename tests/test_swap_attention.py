@@ -46,6 +46,7 @@ def test_from_torch_shares_parameters_and_keeps_mode_device_dtype():
     assert selfattn.MultiheadAttention.from_torch(mha.train()).training
 
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
 def test_swap_attention_replaces_every_one_and_an_optimizer_keeps_training_them():
     torch.manual_seed(0)
     model = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=16,
@@ -107,6 +108,7 @@ def test_transformer_encoder_after_swap_runs_selfattn_in_every_mode(mode):
         assert torch.allclose(a, b, atol=2e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched")
 def test_transformer_decoder_after_swap_same_output_and_grads():
     torch.manual_seed(2)
     layer = nn.TransformerDecoderLayer(12, 3, 24, dropout=0.0, dtype=F64)
