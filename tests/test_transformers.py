@@ -152,16 +152,19 @@ def test_logits_and_grads_match_sdpa(name, side, dtype):
         assert_close(grads[param], expected_grads[param], eager_grads[param], f"{name} grad {param}")
 
 
-def _greedy(model, inputs, steps):
+def _greedy(model, inputs, steps, cache):
     return model.generate(**inputs, max_new_tokens=steps, do_sample=False, num_beams=1,
-                          output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+                          output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                          **({"cache_implementation": "static"} if cache == "static" else {}))
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_generate_matches_sdpa(name):
-    """Greedy decoding with the KV cache: the same tokens as sdpa. A random-init model may have a
-    near-tie at some step; tokens must agree up to a step whose top two sdpa scores are within
-    rounding, and the scores up to there must agree."""
+@pytest.mark.parametrize("name, cache", [(name, "dynamic") for name in MODELS]
+                         + [("llama", "static"), ("mistral", "static")])
+def test_generate_matches_sdpa(name, cache):
+    """Greedy decoding with the KV cache (a static cache's keys include empty slots past the
+    queries): the same tokens as sdpa. A random-init model may have a near-tie at some step;
+    tokens must agree up to a step whose top two sdpa scores are within rounding, and the scores
+    up to there must agree."""
     sdpa = build(name, "sdpa").eval()
     ours = build(name, "selfattn", state_dict=sdpa.state_dict()).eval()
     inputs, _ = batch_for(name, "left")
@@ -169,9 +172,9 @@ def test_generate_matches_sdpa(name):
         inputs, _ = batch_for(name, "left", seq=9)
     steps = 8
     with torch.no_grad():
-        expected = _greedy(sdpa, inputs, steps)
+        expected = _greedy(sdpa, inputs, steps, cache)
         with SelfattnCalls() as calls:
-            actual = _greedy(ours, inputs, steps)
+            actual = _greedy(ours, inputs, steps, cache)
     assert calls.count("attention_fwd") >= steps * MODELS[name][2] // (2 if name == "bart" else 1)
     start = 1 if name == "bart" else inputs["input_ids"].shape[1]  # BART's output starts with its start token
     new_expected, new_actual = expected.sequences[:, start:], actual.sequences[:, start:]
