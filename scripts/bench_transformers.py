@@ -26,7 +26,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from selfattn._system import cpu_model  # noqa: E402
-from selfattn.bench.measure import Contestant, CpuDevice, pair_ratios, summarize, time_interleaved, warm_up  # noqa: E402
+from selfattn.bench.measure import (Contestant, CpuDevice, pair_ratios, summarize,  # noqa: E402
+                                    time_interleaved, warm_up)
 from selfattn.integrations import transformers as selfattn_hf  # noqa: E402
 
 BATCH, SEQ = 4, 512
@@ -81,7 +82,8 @@ def main():
         for mode in ("forward", "forward+backward"):
             for model in (sdpa, ours):
                 model.train(mode != "forward")
-            contestants = [Contestant("sdpa", steps(sdpa, batch, mode)), Contestant("selfattn", steps(ours, batch, mode))]
+            contestants = [Contestant("sdpa", steps(sdpa, batch, mode)),
+                           Contestant("selfattn", steps(ours, batch, mode))]
             for c in contestants:
                 warm_up(c, dev, target_s=0.0, warmup_s=1.0)  # one call per sample: each is ≥ 0.1 s
             times = time_interleaved(contestants, dev, args.rounds)
