@@ -1,0 +1,124 @@
+"""Hugging Face transformers backend: every attention layer of a model through selfattn.
+
+    import selfattn.integrations.transformers as selfattn_hf
+    selfattn_hf.register()                                   # once, names the backend "selfattn"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="selfattn")
+    # or, on a model already built: model.set_attn_implementation("selfattn")
+
+``register`` adds two entries to transformers' registries: ``attention_forward`` (the layers'
+attention function, ``AttentionInterface``) and transformers' own ``sdpa_mask`` as its mask
+function (``AttentionMaskInterface``). Without the second, transformers gives a registered
+backend ``attention_mask=None`` and padding, sliding windows and cache offsets are lost. With it
+the masks are exactly the ones the "sdpa" backend gets: a bool (B, 1, Nq, Nk) mask, True = take
+part — or None where SDPA's ``is_causal`` suffices — or, from models that build their own, an
+additive float mask. The mask is passed to the op as it comes (a view, never expanded to the
+heads; the kernels read it through its strides).
+
+Works with transformers 4.57.x and 5.x; the differences between their ``sdpa_attention_forward``
+that matter here are handled in ``attention_forward`` (the causal rule, ``position_bias``,
+``softcap``). This module imports transformers only inside ``register``; ``import selfattn``
+never imports it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+import selfattn
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, sliding_window: Optional[int] = None,
+                      position_bias: Optional[Tensor] = None, softcap: Optional[float] = None,
+                      head_mask: Optional[Tensor] = None, output_attentions: bool = False,
+                      **kwargs) -> Tuple[Tensor, None]:
+    """transformers' attention-function signature, with the meaning of its ``sdpa_attention_forward``.
+
+    query (B, Hq, Nq, D); key, value (B, Hkv, Nk, D) with Hkv dividing Hq — never repeated
+    (``repeat_kv``): the kernels read kv head h // (Hq // Hkv). Returns ((B, Nq, Hq, D)
+    contiguous — the op's own memory layout, so no copy — , None).
+
+    * ``attention_mask``: None, bool (True = take part) or float (added to the scores), 4-D and
+      broadcastable to (B, Hq, Nq, Nk); sliced to its first Nk keys as 4.57 does.
+    * ``is_causal``: the argument, else ``module.is_causal`` (default True); it applies only when
+      Nq > 1 and there is no mask (both versions' rule: with a mask, the mask says it all), and it
+      is SDPA's top-left causal — also right for 5.x's empty static cache, whose extra keys lie past
+      every query.
+    * ``sliding_window=W``: W keys including the query's own, a band (W − 1, 0). transformers builds
+      it into the mask whenever it cuts anything, so the band is a way for the kernel to skip
+      tiles: it is passed where it is aligned for certain, Nq = Nk (prefill, training), where
+      bottom-right and top-left agree. With a KV cache (Nq ≠ Nk) the mask carries the window: a
+      static cache's keys are not the last Nk positions, so a bottom-right band would be wrong there.
+    * ``dropout``: the models pass 0 outside training (``0.0 if not self.training else p``), as
+      to SDPA; it is selfattn's ``dropout_p``.
+    * ``scaling``: the softmax scale; None is 1/sqrt(D).
+    * ``position_bias`` (5.x, T5-like models): folded into a float mask, as 5.x's sdpa does.
+    """
+    if softcap is not None:
+        raise ValueError("selfattn: softcap (attention-logit soft-capping) is not supported; "
+                         "use attn_implementation='eager'")
+    if head_mask is not None:
+        raise ValueError("selfattn: head_mask is not supported (sdpa ignores it with a warning); "
+                         "use attn_implementation='eager'")
+    if output_attentions:
+        warnings.warn("selfattn does not return attention weights (output_attentions=True): "
+                      "they are None, as with sdpa", stacklevel=2)
+    nq, nk = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :, :nk]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # Shape first: under torch.compile with dynamic shapes nq > 1 is a SymBool (as in HF's code).
+    causal = nq > 1 and attention_mask is None and bool(is_causal)
+
+    if position_bias is not None:
+        attention_mask = _fold_position_bias(position_bias[..., :nk], attention_mask, key.dtype)
+
+    # SDPA broadcasts the batch dim (5.x: learned queries of batch 1); the op wants it equal.
+    if query.shape[0] != key.shape[0] and 1 in (query.shape[0], key.shape[0]):
+        batch = max(query.shape[0], key.shape[0])
+        query = query.expand(batch, -1, -1, -1)
+        key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+
+    window = None
+    if sliding_window is not None and nq == nk:
+        window = (int(sliding_window) - 1, 0)
+
+    out = selfattn.attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
+                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1], causal=causal,
+                             window=window)
+    # The op lays its output out as (B, Nq, Hq, D): this transpose is already contiguous.
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _fold_position_bias(position_bias: Tensor, attention_mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """One additive mask from a position bias and the mask, as 5.x's create_position_bias_mask."""
+    if position_bias.requires_grad:
+        raise NotImplementedError("selfattn: a position_bias that requires grad (a learned relative bias "
+                                  "in training) is not supported: the op does not compute a mask's gradient")
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, position_bias, torch.finfo(dtype).min)
+    return position_bias + attention_mask
+
+
+def register(name: str = "selfattn") -> None:
+    """Register selfattn with transformers as the attention implementation ``name``.
+
+    Then ``from_config(config, attn_implementation=name)``, ``from_pretrained(...,
+    attn_implementation=name)`` and ``model.set_attn_implementation(name)`` use it.
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as e:
+        raise ImportError("selfattn.integrations.transformers.register needs transformers >= 4.57: "
+                          "pip install 'selfattn[transformers]'") from e
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
