@@ -6,15 +6,17 @@
                               max_seqlen_q, max_seqlen_k)           # FlashAttention's layout
     selfattn.SelfAttention(embed_dim, model_dim, num_heads=1)       # nn.Module over the fused op
     selfattn.reference.SelfAttention(...)                           # the tutorial's five steps, literally
+    selfattn.dropout_mask(rng_state, (B, Hq, Nq, Nk), dropout_p)    # the keep mask of a dropout call
 """
 
 from . import _load
 
 _build_info = _load.load()
 
-from . import reference  # noqa: E402
+from . import reference, rng  # noqa: E402
 from .modules import SelfAttention  # noqa: E402
 from .ops import attention, self_attention  # noqa: E402
+from .rng import dropout_mask  # noqa: E402
 from .varlen import attention_varlen  # noqa: E402
 
 
@@ -23,5 +25,6 @@ def build_info() -> _load.BuildInfo:
     return _build_info
 
 
-__all__ = ["attention", "attention_varlen", "self_attention", "SelfAttention", "reference", "build_info"]
+__all__ = ["attention", "attention_varlen", "self_attention", "SelfAttention", "reference", "build_info",
+           "dropout_mask", "rng"]
 __version__ = "0.1.0"
