@@ -40,13 +40,16 @@ void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const a
 namespace {
 
 // The ops' mask arguments as the kernels take them; attn_mask broadcast to (B, Hq, Nq, Nk) as a view.
+// Dropout rides along with the mask description (attention.h).
 AttentionMask make_mask(const AttentionShape& s, bool causal, const std::optional<at::Tensor>& attn_mask,
-                        int64_t window_left, int64_t window_right, int64_t diagonal_offset) {
+                        int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p,
+                        const std::optional<at::Tensor>& rng_state) {
   AttentionMask mask;
   mask.band = make_band(causal, window_left, window_right, diagonal_offset);
   if (attn_mask.has_value()) {
     mask.tensor = attn_mask->expand({s.batch, s.heads, s.nq, s.nk});
   }
+  mask.set_dropout(dropout_p, rng_state);
   return mask;
 }
 
@@ -54,13 +57,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const at::Tensor& v, bool causal, double scale,
                                                  const std::optional<at::Tensor>& attn_mask,
                                                  int64_t window_left, int64_t window_right,
-                                                 int64_t diagonal_offset) {
+                                                 int64_t diagonal_offset, double dropout_p,
+                                                 const std::optional<at::Tensor>& rng_state) {
   const AttentionShape s = check_attention_inputs(q, k, v, scale);
   check_mask_inputs(s, q, attn_mask, window_left, window_right);
+  check_dropout(dropout_p, rng_state, q, "q");
   // (B, Nq, H, Dv) in memory: heads side by side, so out.transpose(1, 2).flatten(2) is free.
   at::Tensor out = at::empty({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({s.batch, s.heads, s.nq}, q.options().dtype(accumulate_type(q.scalar_type())));
-  attention_forward(q, k, v, make_mask(s, causal, attn_mask, window_left, window_right, diagonal_offset),
+  attention_forward(q, k, v,
+                    make_mask(s, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
                     scale, out, lse);
   return {out, lse};
 }
@@ -69,16 +75,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
     const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
-    int64_t diagonal_offset) {
+    int64_t diagonal_offset, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   const AttentionShape s = check_attention_inputs(q, k, v, scale);
   check_mask_inputs(s, q, attn_mask, window_left, window_right);
+  check_dropout(dropout_p, rng_state, q, "q");
   check_attention_grad_inputs(s, q, grad_out, out, lse);
   at::Tensor grad_q = at::empty_like(q);
   at::Tensor grad_k = at::empty_like(k);
   at::Tensor grad_v = at::empty_like(v);
   attention_backward(grad_out, q, k, v, out, lse,
-                     make_mask(s, causal, attn_mask, window_left, window_right, diagonal_offset), scale,
-                     grad_q, grad_k, grad_v);
+                     make_mask(s, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p,
+                               rng_state),
+                     scale, grad_q, grad_k, grad_v);
   return {grad_q, grad_k, grad_v};
 }
 
@@ -89,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_autocast(const at::Tensor& q, c
                                                           const at::Tensor& v, bool causal, double scale,
                                                           const std::optional<at::Tensor>& attn_mask,
                                                           int64_t window_left, int64_t window_right,
-                                                          int64_t diagonal_offset) {
+                                                          int64_t diagonal_offset, double dropout_p,
+                                                          const std::optional<at::Tensor>& rng_state) {
   const c10::DeviceType device_type = q.device().type();
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -103,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_autocast(const at::Tensor& q, c
   return op.call(at::autocast::cached_cast(dtype, q, device_type),
                  at::autocast::cached_cast(dtype, k, device_type),
                  at::autocast::cached_cast(dtype, v, device_type), causal, scale, mask, window_left,
-                 window_right, diagonal_offset);
+                 window_right, diagonal_offset, dropout_p, rng_state);
 }
 
 }  // namespace

@@ -14,17 +14,34 @@
 
 #include "checks.h"
 #include "mask.h"
+#include "philox.h"
 
 namespace selfattn {
 
 // Which keys each query sees (mask.h), and at most one tensor mask: undefined, or a
 // (B, Hq, Nq, Nk) view, any strides (0 on broadcast dims), bool (true = take part) or float
-// (added to the scaled scores; q's dtype or float32).
+// (added to the scaled scores; q's dtype or float32). And dropout (philox.h), applied to the
+// probabilities after the softmax: lse stays the logsumexp without dropout.
 struct AttentionMask {
   Band band;
   at::Tensor tensor;
+  Dropout dropout;
+  at::Tensor dropout_state;  // holds what dropout.rng_state points into
 
   bool none() const { return band.unbounded() && !tensor.defined(); }
+
+  // The ops' dropout arguments (checked: check_dropout); b of the kernels' tensors plus
+  // batch_offset is the b of the keep decisions (varlen: the sequence index).
+  void set_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state, int64_t batch_offset = 0) {
+    if (dropout_p <= 0.0) {
+      return;
+    }
+    dropout_state = rng_state->contiguous();
+    dropout.rng_state = dropout_state.data_ptr<int64_t>();
+    dropout.threshold = dropout_threshold(dropout_p);
+    dropout.keep_scale = 1.0 / (1.0 - dropout_p);
+    dropout.batch_offset = batch_offset;
+  }
 };
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -99,6 +99,22 @@ void check_window(int64_t window_left, int64_t window_right) {
                     window_right);
 }
 
+void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state, const at::Tensor& ref,
+                   const char* ref_name) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "selfattn: dropout_p must be in [0, 1), got ",
+                    dropout_p);
+  if (!rng_state.has_value()) {
+    TORCH_CHECK_VALUE(dropout_p == 0.0, "selfattn: rng_state must be a tensor when dropout_p > 0, got None");
+    return;
+  }
+  const at::Tensor& state = *rng_state;
+  TORCH_CHECK_TYPE(state.scalar_type() == at::kLong, "selfattn: rng_state must be torch.int64 (seed, offset), got ",
+                   dtype_name(state.scalar_type()));
+  check_shape(state, "rng_state", {2}, "(seed, offset)");
+  TORCH_CHECK_VALUE(state.device() == ref.device(), "selfattn: rng_state must be on the device of ", ref_name,
+                    " (", ref.device(), "), got ", state.device());
+}
+
 void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
                        const std::optional<at::Tensor>& attn_mask, int64_t window_left,
                        int64_t window_right) {

@@ -57,6 +57,11 @@ void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
 // The window sides of every op that takes a window (-1: unbounded).
 void check_window(int64_t window_left, int64_t window_right);
 
+// dropout_p and rng_state of every op: 0 <= dropout_p < 1; rng_state, required when dropout_p > 0
+// and checked whenever given, int64 (seed, offset) of shape (2,) on the device of `ref`.
+void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state, const at::Tensor& ref,
+                   const char* ref_name);
+
 // q, k, v, cu_seqlens_q/k, max_seqlen_q/k and scale of varlen_attention_fwd: everything that
 // needs no data (the fake kernels make these checks too).
 VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

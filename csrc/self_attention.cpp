@@ -35,8 +35,10 @@ std::array<at::Tensor, 3> split_heads(const at::Tensor& packed, const LayerShape
 
 // The layer's mask arguments as the kernels take them.
 AttentionMask layer_mask(const LayerShape& s, bool causal, const std::optional<at::Tensor>& attn_mask,
-                         int64_t window_left, int64_t window_right) {
+                         int64_t window_left, int64_t window_right, double dropout_p,
+                         const std::optional<at::Tensor>& rng_state) {
   AttentionMask mask;
+  mask.set_dropout(dropout_p, rng_state);
   mask.band = make_band(causal, window_left, window_right, 0);
   if (attn_mask.has_value()) {
     mask.tensor = attn_mask->expand({s.batch, s.heads, s.seq, s.seq});
@@ -47,9 +49,11 @@ AttentionMask layer_mask(const LayerShape& s, bool causal, const std::optional<a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_fwd(
     const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
     int64_t num_heads, bool causal, double scale, int64_t num_kv_heads,
-    const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right) {
+    const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const LayerShape s = check_layer_inputs(x, w_qkv, b_qkv, num_heads, num_kv_heads, scale);
   check_layer_mask_inputs(s, x, attn_mask, window_left, window_right);
+  check_dropout(dropout_p, rng_state, x, "x");
   // 1. Query, key and value of every token from one GEMM: (B*N, E) · (E, (H + 2·Hkv)·D).
   const at::Tensor x_rows = x.reshape({s.batch * s.seq, s.embed});
   const at::Tensor qkv = b_qkv.has_value() ? at::addmm(*b_qkv, x_rows, w_qkv.t())
@@ -58,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_fwd(
   // 2-5. Attention on the strided views, written as (B, N, H, D): heads concatenated.
   at::Tensor out = at::empty({s.batch, s.seq, s.heads, s.head_dim}, x.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.seq}, x.options().dtype(accumulate_type(x.scalar_type())));
-  attention_forward(q, k, v, layer_mask(s, causal, attn_mask, window_left, window_right), scale,
-                    out.transpose(1, 2), lse);
+  attention_forward(q, k, v, layer_mask(s, causal, attn_mask, window_left, window_right, dropout_p, rng_state),
+                    scale, out.transpose(1, 2), lse);
   return {out.view({s.batch, s.seq, s.model}), qkv.view({s.batch, s.seq, s.qkv_dim()}), lse};
 }
 
@@ -67,9 +71,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& qkv,
     const at::Tensor& out, const at::Tensor& lse, int64_t num_heads, bool causal, double scale,
     const c10::List<bool>& output_mask, int64_t num_kv_heads, const std::optional<at::Tensor>& attn_mask,
-    int64_t window_left, int64_t window_right) {
+    int64_t window_left, int64_t window_right, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   const LayerShape s = check_layer_inputs(x, w_qkv, std::nullopt, num_heads, num_kv_heads, scale);
   check_layer_mask_inputs(s, x, attn_mask, window_left, window_right);
+  check_dropout(dropout_p, rng_state, x, "x");
   check_layer_grad_inputs(s, x, grad_out, qkv, out, lse, output_mask);
   const auto [q, k, v] = split_heads(qkv.contiguous(), s);
   const auto per_head = [&](const at::Tensor& t) {  // (B, N, M) -> (B, H, N, D), a view when it can be
@@ -80,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_bwd(
   const at::Tensor grad_qkv = at::empty({s.batch * s.seq, s.qkv_dim()}, x.options());
   const auto [grad_q, grad_k, grad_v] = split_heads(grad_qkv, s);
   attention_backward(per_head(grad_out), q, k, v, per_head(out), lse,
-                     layer_mask(s, causal, attn_mask, window_left, window_right), scale, grad_q, grad_k,
-                     grad_v);
+                     layer_mask(s, causal, attn_mask, window_left, window_right, dropout_p, rng_state), scale,
+                     grad_q, grad_k, grad_v);
 
   // Outputs must not alias each other, so each skipped gradient gets its own empty tensor.
   const auto nothing = [&] { return at::empty({0}, x.options()); };
@@ -97,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_bwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_fwd_autocast(
     const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
     int64_t num_heads, bool causal, double scale, int64_t num_kv_heads,
-    const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right) {
+    const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const c10::DeviceType device_type = x.device().type();
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -111,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_fwd_autocast(
   return op.call(at::autocast::cached_cast(dtype, x, device_type),
                  at::autocast::cached_cast(dtype, w_qkv, device_type),
                  at::autocast::cached_cast(dtype, b_qkv, device_type), num_heads, causal, scale,
-                 num_kv_heads, mask, window_left, window_right);
+                 num_kv_heads, mask, window_left, window_right, dropout_p, rng_state);
 }
 
 }  // namespace

@@ -56,20 +56,25 @@ at::Tensor lse_rows(const at::Tensor& lse, int64_t start, int64_t n) {
   return lse.narrow(1, start, n).unsqueeze(0);
 }
 
+// Sequence `seq`'s mask; its dropout decisions take the sequence index as their batch index.
 AttentionMask sequence_mask(bool causal, int64_t window_left, int64_t window_right, bool bottom_right,
-                            int64_t nq, int64_t nk) {
+                            int64_t nq, int64_t nk, double dropout_p, const std::optional<at::Tensor>& rng_state,
+                            int64_t seq) {
   AttentionMask mask;
   mask.band = make_band(causal, window_left, window_right, bottom_right ? nk - nq : 0);
+  mask.set_dropout(dropout_p, rng_state, seq);
   return mask;
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const VarlenShape s =
       check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_window(window_left, window_right);
+  check_dropout(dropout_p, rng_state, q, "q");
   const Boundaries b = read_boundaries(s, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   at::Tensor out = at::empty({s.total_q, s.heads, s.dim_v}, q.options());
   at::Tensor lse = at::empty({s.heads, s.total_q}, q.options().dtype(accumulate_type(q.scalar_type())));
@@ -85,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
       continue;
     }
     attention_forward(rows(q, q0, nq), rows(k, k0, nk), rows(v, k0, nk),
-                      sequence_mask(causal, window_left, window_right, bottom_right, nq, nk), scale,
-                      rows(out, q0, nq), lse_rows(lse, q0, nq));
+                      sequence_mask(causal, window_left, window_right, bottom_right, nq, nk, dropout_p, rng_state, i),
+                      scale, rows(out, q0, nq), lse_rows(lse, q0, nq));
   }
   return {out, lse};
 }
@@ -95,10 +100,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const VarlenShape s =
       check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_window(window_left, window_right);
+  check_dropout(dropout_p, rng_state, q, "q");
   check_varlen_grad_inputs(s, q, grad_out, out, lse);
   const Boundaries b = read_boundaries(s, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   at::Tensor grad_q = at::empty_like(q);
@@ -115,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     }
     attention_backward(rows(grad_out, q0, nq), rows(q, q0, nq), rows(k, k0, nk), rows(v, k0, nk),
                        rows(out, q0, nq), lse_rows(lse, q0, nq),
-                       sequence_mask(causal, window_left, window_right, bottom_right, nq, nk), scale,
-                       rows(grad_q, q0, nq), rows(grad_k, k0, nk), rows(grad_v, k0, nk));
+                       sequence_mask(causal, window_left, window_right, bottom_right, nq, nk, dropout_p, rng_state, i),
+                       scale, rows(grad_q, q0, nq), rows(grad_k, k0, nk), rows(grad_v, k0, nk));
   }
   return {grad_q, grad_k, grad_v};
 }
@@ -126,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_autocast(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   const c10::DeviceType device_type = q.device().type();
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -136,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_autocast(
   return op.call(at::autocast::cached_cast(dtype, q, device_type),
                  at::autocast::cached_cast(dtype, k, device_type),
                  at::autocast::cached_cast(dtype, v, device_type), cu_seqlens_q, cu_seqlens_k,
-                 max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right);
+                 max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right,
+                 dropout_p, rng_state);
 }
 
 }  // namespace

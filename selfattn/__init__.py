@@ -8,16 +8,18 @@
     selfattn.MultiheadAttention(embed_dim, num_heads, ...)          # drop-in for nn.MultiheadAttention
     selfattn.swap_attention(model)                                  # ... in place of every one in a model
     selfattn.reference.SelfAttention(...)                           # the tutorial's five steps, literally
+    selfattn.dropout_mask(rng_state, (B, Hq, Nq, Nk), dropout_p)    # the keep mask of a dropout call
 """
 
 from . import _load
 
 _build_info = _load.load()
 
-from . import reference  # noqa: E402
+from . import reference, rng  # noqa: E402
 from .mha import MultiheadAttention, swap_attention  # noqa: E402
 from .modules import SelfAttention  # noqa: E402
 from .ops import attention, self_attention  # noqa: E402
+from .rng import dropout_mask  # noqa: E402
 from .varlen import attention_varlen  # noqa: E402
 
 
@@ -27,5 +29,5 @@ def build_info() -> _load.BuildInfo:
 
 
 __all__ = ["attention", "attention_varlen", "self_attention", "SelfAttention", "MultiheadAttention", "swap_attention",
-           "reference", "build_info"]
+           "reference", "build_info", "dropout_mask", "rng"]
 __version__ = "0.1.0"

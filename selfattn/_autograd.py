@@ -122,27 +122,38 @@ def call(op, function, args: tuple, tensors: tuple):
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_mask: Optional[Tensor] = None,
-                  window_left: int = -1, window_right: int = -1, diagonal_offset: int = 0):
-    if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
-        return call(_attention_fwd, attention_fwd_function, (q, k, v, causal, scale), (q, k, v))
+                  window_left: int = -1, window_right: int = -1, diagonal_offset: int = 0, dropout_p: float = 0.0,
+                  rng_state: Optional[Tensor] = None):
+    if rng_state is None and dropout_p == 0.0:
+        if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
+            return call(_attention_fwd, attention_fwd_function, (q, k, v, causal, scale), (q, k, v))
+        return call(_attention_fwd, attention_fwd_function,
+                    (q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset),
+                    (q, k, v, attn_mask))
     return call(_attention_fwd, attention_fwd_function,
-                (q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset), (q, k, v, attn_mask))
+                (q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
+                (q, k, v, attn_mask))
 
 
 def self_attention_fwd(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int, causal: bool,
                        scale: float, num_kv_heads: int = 0, attn_mask: Optional[Tensor] = None,
-                       window_left: int = -1, window_right: int = -1):
-    return call(_self_attention_fwd, self_attention_fwd_function,
-                (x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left, window_right),
-                (x, w_qkv, b_qkv, attn_mask))
+                       window_left: int = -1, window_right: int = -1, dropout_p: float = 0.0,
+                       rng_state: Optional[Tensor] = None):
+    args = (x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left, window_right)
+    if rng_state is not None or dropout_p != 0.0:
+        args = args + (dropout_p, rng_state)
+    return call(_self_attention_fwd, self_attention_fwd_function, args, (x, w_qkv, b_qkv, attn_mask))
 
 
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, window_left: int = -1,
-                         window_right: int = -1, bottom_right: bool = False):
-    return call(_varlen_attention_fwd, varlen_attention_fwd_function,
-                (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-                 window_right, bottom_right), (q, k, v))
+                         window_right: int = -1, bottom_right: bool = False, dropout_p: float = 0.0,
+                         rng_state: Optional[Tensor] = None):
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+            window_right, bottom_right)
+    if rng_state is not None or dropout_p != 0.0:
+        args = args + (dropout_p, rng_state)
+    return call(_varlen_attention_fwd, varlen_attention_fwd_function, args, (q, k, v))
 
 
 def _register(op, setup_context: Callable, backward: Callable, jvp: Callable):
@@ -221,78 +232,89 @@ def _refuse_mask_grad(attn_mask: Optional[Tensor], public: str) -> None:
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, *mask_args = inputs  # attn_mask, window_left, window_right, diagonal_offset
-    attn_mask = mask_args[0] if mask_args else None
+    # rest: attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state (or a prefix)
+    q, k, v, causal, scale, *rest = inputs
+    attn_mask = rest[0] if rest else None
+    rng_state = rest[5] if len(rest) > 5 else None  # saved: the backward regenerates the same keep mask
     _refuse_mask_grad(attn_mask, "selfattn.attention")
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state)
     ctx.args = (causal, scale)
-    ctx.window = tuple(mask_args[1:])
+    ctx.window = tuple(rest[1:5])  # the window, diagonal offset and dropout_p
     ctx.num_inputs = len(inputs)
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
     if grad_out is None:
         return (None,) * ctx.num_inputs
-    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, rng_state = ctx.saved_tensors
     tensors = (grad_out, q, k, v, out, lse)
     if attn_mask is None and not ctx.window:
         args = (*tensors, *ctx.args)
     else:
         args = (*tensors, *ctx.args, attn_mask, *ctx.window)
+    if rng_state is not None:
+        args = args + (rng_state,)
     grad_q, grad_k, grad_v = call(_attention_bwd, attention_bwd_function, args, tensors)
     return (grad_q, grad_k, grad_v) + (None,) * (ctx.num_inputs - 3)
 
 
 def _self_attention_setup_context(ctx, inputs, output):
-    x, w_qkv, b_qkv, num_heads, causal, scale, *mask_args = inputs  # num_kv_heads, attn_mask, window
+    # mask_args: num_kv_heads, attn_mask, window_left, window_right, dropout_p, rng_state (or a prefix)
+    x, w_qkv, b_qkv, num_heads, causal, scale, *mask_args = inputs
     attn_mask = mask_args[1] if len(mask_args) > 1 else None
+    rng_state = mask_args[5] if len(mask_args) > 5 else None
     _refuse_mask_grad(attn_mask, "selfattn.self_attention")
     out, qkv, lse = output
     ctx.mark_non_differentiable(qkv, lse)
     # Otherwise autograd hands the backward a zero tensor the size of qkv (B·N·(H + 2Hkv)·D) as
     # the gradient of that non-differentiable output: measured +48 MiB peak at N = 8192, E = 512.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, w_qkv, qkv, out, lse, attn_mask)
+    ctx.save_for_backward(x, w_qkv, qkv, out, lse, attn_mask, rng_state)
     ctx.has_bias = b_qkv is not None
     ctx.args = (num_heads, causal, scale)
-    ctx.mask_args = (mask_args[0] if mask_args else 0, *mask_args[2:])  # num_kv_heads, window sides
+    ctx.mask_args = (mask_args[0] if mask_args else 0, *mask_args[2:5])  # num_kv_heads, window sides, dropout_p
     ctx.num_inputs = len(inputs)
 
 
 def _self_attention_backward(ctx, grad_out, _grad_qkv, _grad_lse):
     if grad_out is None:
         return (None,) * ctx.num_inputs
-    x, w_qkv, qkv, out, lse, attn_mask = ctx.saved_tensors
+    x, w_qkv, qkv, out, lse, attn_mask, rng_state = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
     tensors = (grad_out, x, w_qkv, qkv, out, lse)
     num_kv_heads, *window = ctx.mask_args
-    grad_x, grad_w, grad_b = call(_self_attention_bwd, self_attention_bwd_function,
-                                  (*tensors, *ctx.args, mask, num_kv_heads, attn_mask, *window), tensors)
+    args = (*tensors, *ctx.args, mask, num_kv_heads, attn_mask, *window)
+    if rng_state is not None:
+        args = args + (rng_state,)
+    grad_x, grad_w, grad_b = call(_self_attention_bwd, self_attention_bwd_function, args, tensors)
     return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None) \
         + (None,) * (ctx.num_inputs - 3)
 
 
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, *args = inputs
+    rng_state = args[9] if len(args) > 9 else None
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.args = tuple(args)  # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
+    # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right, dropout_p
+    ctx.args = tuple(args[:9])
+    ctx.num_inputs = len(inputs)
 
 
 def _varlen_backward(ctx, grad_out, _grad_lse):
     if grad_out is None:
-        return (None,) * (5 + len(ctx.args))
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        return (None,) * ctx.num_inputs
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
     tensors = (grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    grad_q, grad_k, grad_v = call(_varlen_attention_bwd, varlen_attention_bwd_function, (*tensors, *ctx.args),
-                                  tensors)
-    return (grad_q, grad_k, grad_v) + (None,) * (2 + len(ctx.args))
+    args = (*tensors, *ctx.args) + ((rng_state,) if rng_state is not None else ())
+    grad_q, grad_k, grad_v = call(_varlen_attention_bwd, varlen_attention_bwd_function, args, tensors)
+    return (grad_q, grad_k, grad_v) + (None,) * (ctx.num_inputs - 3)
 
 
 attention_fwd_function = _register(
@@ -374,11 +396,16 @@ def _fold_mask(attn_mask: Optional[Tensor], bdim: Optional[int], size: int, batc
 
 @torch.library.register_vmap("selfattn::attention_fwd", lib=_lib)
 def _attention_fwd_vmap(info, in_dims, q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
-                        diagonal_offset=0):
-    in_dims = _padded(in_dims, 9)
+                        diagonal_offset=0, dropout_p=0.0, rng_state=None):
+    in_dims = _padded(in_dims, 11)
     m_q, m_k, m_v, m_mask = (_unbatched_meta(t, d) for t, d in zip((q, k, v, attn_mask), in_dims[:3] + in_dims[5:6]))
     shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
     _checks.check_mask_inputs(shape, m_q, m_mask, window_left, window_right)
+    if dropout_p != 0.0 or rng_state is not None:
+        # Folding the samples into the batch would change each sample's b, so its keep mask: one
+        # call per sample keeps every sample's mask that of its own (B, Hq, Nq, Nk).
+        return _vmap_by_loop(_attention_fwd, info, in_dims, (q, k, v, causal, scale, attn_mask, window_left,
+                                                             window_right, diagonal_offset, dropout_p, rng_state))
     (q, k, v), batch = _fold((q, k, v), in_dims[:3], info.batch_size)
     attn_mask = _fold_mask(attn_mask, in_dims[5], info.batch_size, batch)
     out, lse = _attention_fwd(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
@@ -387,14 +414,17 @@ def _attention_fwd_vmap(info, in_dims, q, k, v, causal, scale, attn_mask=None, w
 
 @torch.library.register_vmap("selfattn::attention_bwd", lib=_lib)
 def _attention_bwd_vmap(info, in_dims, grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
-                        window_right=-1, diagonal_offset=0):
+                        window_right=-1, diagonal_offset=0, dropout_p=0.0, rng_state=None):
     tensors = (grad_out, q, k, v, out, lse)
-    in_dims = _padded(in_dims, 12)
+    in_dims = _padded(in_dims, 14)
     m_grad_out, m_q, m_k, m_v, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(tensors, in_dims))
     mask_dim = in_dims[8]
     shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
     _checks.check_mask_inputs(shape, m_q, _unbatched_meta(attn_mask, mask_dim), window_left, window_right)
     _checks.check_attention_grad_inputs(shape, m_q, m_grad_out, m_out, m_lse)
+    if dropout_p != 0.0 or rng_state is not None:  # as in the forward: one call per sample
+        return _vmap_by_loop(_attention_bwd, info, in_dims, (*tensors, causal, scale, attn_mask, window_left,
+                                                             window_right, diagonal_offset, dropout_p, rng_state))
     folded, batch = _fold(tensors, in_dims[:6], info.batch_size)
     # _fold takes the batch size from its first tensor, grad_out: (B, H, Nq, Dv), checked above.
     attn_mask = _fold_mask(attn_mask, mask_dim, info.batch_size, batch)
@@ -404,14 +434,16 @@ def _attention_bwd_vmap(info, in_dims, grad_out, q, k, v, out, lse, causal, scal
 
 @torch.library.register_vmap("selfattn::self_attention_fwd", lib=_lib)
 def _self_attention_fwd_vmap(info, in_dims, x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0,
-                             attn_mask=None, window_left=-1, window_right=-1):
-    args = (x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left, window_right)
+                             attn_mask=None, window_left=-1, window_right=-1, dropout_p=0.0, rng_state=None):
+    args = (x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left, window_right,
+            dropout_p, rng_state)
     in_dims = _padded(in_dims, len(args))
     m_x, m_w, m_b = (_unbatched_meta(t, d) for t, d in zip((x, w_qkv, b_qkv), in_dims))
     shape = _checks.check_layer_inputs(m_x, m_w, m_b, num_heads, num_kv_heads, scale)
     _checks.check_layer_mask_inputs(shape, m_x, _unbatched_meta(attn_mask, in_dims[7]), window_left, window_right)
-    if in_dims[1] is not None or in_dims[2] is not None:
-        # A weight per sample: the op takes one weight for its whole batch.
+    if in_dims[1] is not None or in_dims[2] is not None or dropout_p != 0.0 or rng_state is not None:
+        # A weight per sample: the op takes one weight for its whole batch. Dropout: a fold would
+        # change each sample's b, so its keep mask.
         return _vmap_by_loop(_self_attention_fwd, info, in_dims, args)
     (x,), batch = _fold((x,), in_dims[:1], info.batch_size)
     attn_mask = _fold_mask(attn_mask, in_dims[7], info.batch_size, batch)
@@ -422,15 +454,16 @@ def _self_attention_fwd_vmap(info, in_dims, x, w_qkv, b_qkv, num_heads, causal, 
 
 @torch.library.register_vmap("selfattn::self_attention_bwd", lib=_lib)
 def _self_attention_bwd_vmap(info, in_dims, grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale,
-                             output_mask, num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1):
+                             output_mask, num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1,
+                             dropout_p=0.0, rng_state=None):
     args = (grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask, num_kv_heads, attn_mask,
-            window_left, window_right)
+            window_left, window_right, dropout_p, rng_state)
     in_dims = _padded(in_dims, len(args))
     m_grad_out, m_x, m_w, m_qkv, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(args[:6], in_dims))
     shape = _checks.check_layer_inputs(m_x, m_w, None, num_heads, num_kv_heads, scale)
     _checks.check_layer_mask_inputs(shape, m_x, _unbatched_meta(attn_mask, in_dims[11]), window_left, window_right)
     _checks.check_layer_grad_inputs(shape, m_x, m_grad_out, m_qkv, m_out, m_lse, output_mask)
-    if in_dims[2] is not None or output_mask[1] or output_mask[2]:
+    if in_dims[2] is not None or output_mask[1] or output_mask[2] or dropout_p != 0.0 or rng_state is not None:
         # A weight per sample, or a weight gradient per sample (vmap(grad(f)) with respect to the
         # weights): the op's grad_w and grad_b sum over its batch, which would mix the samples.
         return _vmap_by_loop(_self_attention_bwd, info, in_dims, args)

@@ -138,6 +138,26 @@ def check_window(window_left: int, window_right: int) -> None:
         raise ValueError(f"selfattn: window_right must be >= -1 (-1: unbounded), got {window_right}")
 
 
+def check_dropout_p(dropout_p: float) -> None:
+    """The range of dropout_p (also checked by the public functions before they draw an rng_state)."""
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"selfattn: dropout_p must be in [0, 1), got {dropout_p:g}")
+
+
+def check_dropout(dropout_p: float, rng_state: Optional[Tensor], ref: Tensor, ref_name: str) -> None:
+    check_dropout_p(dropout_p)
+    if rng_state is None:
+        if dropout_p != 0.0:
+            raise ValueError("selfattn: rng_state must be a tensor when dropout_p > 0, got None")
+        return
+    if rng_state.dtype != torch.int64:
+        raise TypeError(f"selfattn: rng_state must be torch.int64 (seed, offset), got {rng_state.dtype}")
+    _check_shape(rng_state, "rng_state", [2], "(seed, offset)")
+    if rng_state.device != ref.device:
+        raise ValueError(f"selfattn: rng_state must be on the device of {ref_name} ({ref.device}), got "
+                         f"{rng_state.device}")
+
+
 def check_mask_inputs(s: AttentionShape, q: Tensor, attn_mask: Optional[Tensor], window_left: int,
                       window_right: int) -> None:
     check_window(window_left, window_right)

@@ -24,12 +24,13 @@ class SelfAttention(nn.Module):
     ``causal`` masks as F.scaled_dot_product_attention; ``window=(left, right)`` keeps keys
     i - left <= j <= i + right (-1 unbounded). ``forward(x, key_padding_mask=None,
     attn_mask=None)`` takes the masks of ``selfattn.self_attention`` — key_padding_mask True = a
-    real token (the inverse of nn.MultiheadAttention's).
+    real token (the inverse of nn.MultiheadAttention's). ``dropout`` is the attention dropout
+    probability, applied in training mode only (as nn.MultiheadAttention's).
     """
 
     def __init__(self, embed_dim: int, model_dim: int, num_heads: int = 1, bias: bool = False,
                  causal: bool = False, scale: Optional[float] = None, num_kv_heads: Optional[int] = None,
-                 window: Optional[tuple] = None, device=None, dtype=None):
+                 window: Optional[tuple] = None, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
         kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for value, name in ((embed_dim, "embed_dim"), (model_dim, "model_dim"), (num_heads, "num_heads"),
@@ -47,6 +48,8 @@ class SelfAttention(nn.Module):
                 raise ValueError(f"SelfAttention: window must be None or (left, right), ints >= -1 "
                                  f"(-1: unbounded), got {window!r}")
             window = (int(window[0]), int(window[1]))
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"SelfAttention: dropout must be a float in [0, 1), got {dropout!r}")
         self.embed_dim = embed_dim
         self.model_dim = model_dim
         self.num_heads = num_heads
@@ -55,6 +58,7 @@ class SelfAttention(nn.Module):
         self.causal = causal
         self.scale = scale
         self.window = window
+        self.dropout = float(dropout)
         factory = {"device": device, "dtype": dtype}
         rows = (num_heads + 2 * kv_heads) * self.head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(rows, embed_dim, **factory))
@@ -78,7 +82,8 @@ class SelfAttention(nn.Module):
                              f"{self.embed_dim}, got shape {tuple(x.shape)}")
         return self_attention(x, self.in_proj_weight, self.in_proj_bias, num_heads=self.num_heads,
                               num_kv_heads=self.num_kv_heads, causal=self.causal, scale=self.scale,
-                              key_padding_mask=key_padding_mask, attn_mask=attn_mask, window=self.window)
+                              key_padding_mask=key_padding_mask, attn_mask=attn_mask, window=self.window,
+                              dropout_p=self.dropout if self.training else 0.0)
 
     @classmethod
     def from_reference(cls, ref: reference.SelfAttention) -> "SelfAttention":
@@ -100,5 +105,7 @@ class SelfAttention(nn.Module):
             extra += f", num_kv_heads={self.num_kv_heads}"
         if self.window is not None:
             extra += f", window={self.window}"
+        if self.dropout:
+            extra += f", dropout={self.dropout}"
         return (f"embed_dim={self.embed_dim}, model_dim={self.model_dim}, num_heads={self.num_heads}, "
                 f"bias={self.in_proj_bias is not None}, causal={self.causal}, scale={self.scale}{extra}")

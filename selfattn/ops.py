@@ -1,16 +1,20 @@
 """The public functions over torch.ops.selfattn.*, and their fake kernels.
 
-The C++ library (csrc/) registers four ops with the dispatcher:
+The C++ library (csrc/) registers four ops with the dispatcher (and the varlen pair, varlen.py):
 
     attention_fwd(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
-                  diagonal_offset=0) -> (out, lse)
+                  diagonal_offset=0, dropout_p=0.0, rng_state=None) -> (out, lse)
     attention_bwd(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
-                  window_right=-1, diagonal_offset=0) -> (grad_q, grad_k, grad_v)
+                  window_right=-1, diagonal_offset=0, dropout_p=0.0, rng_state=None)
+        -> (grad_q, grad_k, grad_v)
     self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
-                       window_left=-1, window_right=-1) -> (out, qkv, lse)
+                       window_left=-1, window_right=-1, dropout_p=0.0, rng_state=None) -> (out, qkv, lse)
     self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
-                       num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1)
-        -> (grad_x, grad_w, grad_b)
+                       num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1, dropout_p=0.0,
+                       rng_state=None) -> (grad_x, grad_w, grad_b)
+
+Dropout (rng.py): rng_state, int64 (seed, offset) on the inputs' device, decides the keep mask; the
+public functions draw it from the device's generator when it is not given.
 
 This file gives each a fake kernel (shapes, dtypes and strides, for torch.compile and meta
 tensors; it checks the arguments as the C++ op does, with _checks.py) and offers the two public
@@ -27,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _autograd, _checks, masks
+from . import _autograd, _checks, masks, rng
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +63,20 @@ def _check_num_heads(num_heads, name: str = "num_heads") -> int:
     if isinstance(num_heads, bool) or not isinstance(num_heads, int):
         raise TypeError(f"selfattn: {name} must be an int, got {type(num_heads).__name__}")
     return num_heads
+
+
+def _dropout_args(dropout_p, rng_state, device) -> tuple:
+    """(dropout_p, rng_state) for the op: p checked (before anything is drawn); rng_state drawn
+    from ``device``'s default generator when p > 0 and none is given."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"selfattn: dropout_p must be a float, got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    _checks.check_dropout_p(dropout_p)
+    if rng_state is not None:
+        _require_tensor(rng_state, "rng_state")
+    elif dropout_p > 0.0:
+        rng_state = rng.draw_rng_state(device)
+    return dropout_p, rng_state
 
 
 def _broadcasts(shape, full) -> bool:
@@ -111,7 +129,7 @@ def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
-              causal=False, window=None) -> Tensor:
+              causal=False, window=None, rng_state: Optional[Tensor] = None) -> Tensor:
     """softmax(scale · q kᵀ + mask) v, with the meaning of ``F.scaled_dot_product_attention``.
 
     Arguments in SDPA's order, so a call written for SDPA works unchanged.
@@ -132,12 +150,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
     * ``enable_gqa``: Hk may divide Hq (grouped-query attention); k and v are not repeated.
     * ``scale=None`` is 1/sqrt(D).
 
+    * ``dropout_p`` in [0, 1): after the softmax, each probability is kept with probability
+      1 - p and scaled by 1/(1 - p), as SDPA does — whenever p > 0 (there is no training flag;
+      modules pass 0 in eval). The keep mask comes from ``rng_state``, int64 (seed, offset) on q's
+      device, drawn from the device's default generator when not given (so ``torch.manual_seed``
+      reproduces it and ``torch.utils.checkpoint`` recomputes the same); pass one to reuse a
+      mask. ``selfattn.dropout_mask(rng_state, (B, Hq, Nq, Nk), p)`` returns that mask.
+
     A query that sees no key gets output 0 (SDPA ≥ 2.5 too) and zero gradients, never NaN.
-    ``dropout_p > 0`` is not supported yet and is refused.
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"selfattn.attention: dropout_p must be 0.0 (dropout is not supported "
-                                  f"yet), got {dropout_p}")
+    if dropout_p != 0.0 or rng_state is not None:
+        dropout_p, rng_state = _dropout_args(dropout_p, rng_state, q.device if isinstance(q, Tensor) else None)
     if not isinstance(is_causal, bool):
         raise TypeError(f"selfattn: is_causal must be a bool, got {type(is_causal).__name__}")
     if is_causal and causal not in (False, True, "top_left"):
@@ -156,7 +179,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
     if not enable_gqa and q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1]:
         raise ValueError(f"selfattn: q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for "
                          "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
-    if attn_mask is None and window is None and causal is False and not is_causal:  # no mask: skip masks.py
+    if attn_mask is None and window is None and causal is False and not is_causal and rng_state is None:
+        # no mask, no dropout: skip masks.py
         out, _ = _autograd.attention_fwd(q, k, v, False, _resolve_scale(scale, shape[-1] if shape else 0))
     else:
         if q.dim() < 3 or k.dim() < 3:  # the op says what is wrong; a mask needs Nq and Nk first
@@ -166,14 +190,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
                                    3 if three_d else 4)
         out, _ = _autograd.attention_fwd(q, k, v, mask.causal, _resolve_scale(scale, shape[-1] if shape else 0),
                                          mask.attn_mask, mask.window_left, mask.window_right,
-                                         mask.diagonal_offset)
+                                         mask.diagonal_offset, dropout_p, rng_state)
     return out.squeeze(1) if three_d else out
 
 
 def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, num_heads: int = 1,
                    num_kv_heads: Optional[int] = None, causal: bool = False, scale: Optional[float] = None,
                    key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                   window: Optional[tuple] = None) -> Tensor:
+                   window: Optional[tuple] = None, dropout_p: float = 0.0,
+                   rng_state: Optional[Tensor] = None) -> Tensor:
     """Projections and multi-head (or grouped-query) attention in one op, with no output projection.
 
     x (N, E) or (B, N, E). With H = ``num_heads``, Hkv = ``num_kv_heads`` (default H; it must
@@ -200,9 +225,13 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
       N, N) for an (N, N) or (1, 1, N, N) attn_mask (bool: both must allow; float: -inf on
       padded keys) — the only case where a mask of N² elements per batch is built.
 
+    ``dropout_p`` and ``rng_state`` as in ``selfattn.attention`` (applied whenever p > 0;
+    ``SelfAttention`` passes its dropout in training mode only).
+
     A row that sees no key (all its keys masked) gives 0.
     """
     causal = _check_causal(causal)
+    dropout_p, rng_state = _dropout_args(dropout_p, rng_state, x.device if isinstance(x, Tensor) else None)
     num_heads = _check_num_heads(num_heads)
     num_kv_heads = 0 if num_kv_heads is None else _check_num_heads(num_kv_heads, "num_kv_heads")
     window_left, window_right = masks.window_sides(window)
@@ -222,7 +251,7 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
         else:
             mask = _layer_mask(key_padding_mask, attn_mask, x.shape[0], x.shape[1], num_heads, single, x.device)
     out, _, _ = _autograd.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, mask,
-                                             window_left, window_right)
+                                             window_left, window_right, dropout_p, rng_state)
     return out.squeeze(0) if single else out
 
 
@@ -232,9 +261,10 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
 
 @torch.library.register_fake("selfattn::attention_fwd")
 def _attention_fwd_fake(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
-                        diagonal_offset=0):
+                        diagonal_offset=0, dropout_p=0.0, rng_state=None):
     s = _checks.check_attention_inputs(q, k, v, scale)
     _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
+    _checks.check_dropout(dropout_p, rng_state, q, "q")
     out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
     lse = q.new_empty((s.batch, s.heads, s.nq), dtype=_checks.accumulate_dtype(q.dtype))
     return out, lse
@@ -242,18 +272,20 @@ def _attention_fwd_fake(q, k, v, causal, scale, attn_mask=None, window_left=-1, 
 
 @torch.library.register_fake("selfattn::attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
-                        window_right=-1, diagonal_offset=0):
+                        window_right=-1, diagonal_offset=0, dropout_p=0.0, rng_state=None):
     s = _checks.check_attention_inputs(q, k, v, scale)
     _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
+    _checks.check_dropout(dropout_p, rng_state, q, "q")
     _checks.check_attention_grad_inputs(s, q, grad_out, out, lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("selfattn::self_attention_fwd")
 def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
-                             window_left=-1, window_right=-1):
+                             window_left=-1, window_right=-1, dropout_p=0.0, rng_state=None):
     s = _checks.check_layer_inputs(x, w_qkv, b_qkv, num_heads, num_kv_heads, scale)
     _checks.check_layer_mask_inputs(s, x, attn_mask, window_left, window_right)
+    _checks.check_dropout(dropout_p, rng_state, x, "x")
     out = x.new_empty((s.batch, s.seq, s.model))
     qkv = x.new_empty((s.batch, s.seq, s.qkv_dim))
     lse = x.new_empty((s.batch, s.heads, s.seq), dtype=_checks.accumulate_dtype(x.dtype))
@@ -262,9 +294,11 @@ def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_h
 
 @torch.library.register_fake("selfattn::self_attention_bwd")
 def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
-                             num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1):
+                             num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1, dropout_p=0.0,
+                             rng_state=None):
     s = _checks.check_layer_inputs(x, w_qkv, None, num_heads, num_kv_heads, scale)
     _checks.check_layer_mask_inputs(s, x, attn_mask, window_left, window_right)
+    _checks.check_dropout(dropout_p, rng_state, x, "x")
     _checks.check_layer_grad_inputs(s, x, grad_out, qkv, out, lse, output_mask)
     # A skipped gradient is an empty tensor of its own (outputs must not alias).
     grad_x = x.new_empty(x.shape if output_mask[0] else (0,))

@@ -3,10 +3,11 @@ torch.ops.selfattn.varlen_attention_fwd / _bwd (csrc/varlen.cpp) and their fake 
 autograd is in _autograd.py, with the other ops').
 
     varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                         scale, window_left=-1, window_right=-1, bottom_right=False) -> (out, lse)
+                         scale, window_left=-1, window_right=-1, bottom_right=False, dropout_p=0.0,
+                         rng_state=None) -> (out, lse)
     varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, causal, scale, window_left=-1, window_right=-1,
-                         bottom_right=False) -> (grad_q, grad_k, grad_v)
+                         bottom_right=False, dropout_p=0.0, rng_state=None) -> (grad_q, grad_k, grad_v)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _autograd, _checks, masks
-from .ops import _require_tensor, _resolve_scale
+from .ops import _dropout_args, _require_tensor, _resolve_scale
 
 
 def _check_int(value, name: str):
@@ -29,7 +30,8 @@ def _check_int(value, name: str):
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: Union[bool, str] = False,
                      scale: Optional[float] = None, enable_gqa: bool = False,
-                     window: Optional[Tuple[int, int]] = None) -> Tensor:
+                     window: Optional[Tuple[int, int]] = None, dropout_p: float = 0.0,
+                     rng_state: Optional[Tensor] = None) -> Tensor:
     """Attention over S sequences packed back to back, FlashAttention's varlen layout.
 
     q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides. ``cu_seqlens_q`` and
@@ -49,6 +51,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     right side > 0 is clamped to 0. ``scale=None`` is 1/sqrt(D). Hk != Hq (grouped-query
     attention, Hk dividing Hq) needs ``enable_gqa=True``.
 
+    ``dropout_p`` and ``rng_state`` as in ``selfattn.attention``; the keep decision of row i and
+    key j of sequence s is that of element (s, h, i, j) of
+    ``selfattn.dropout_mask(rng_state, (S, Hq, max_seqlen_q, max_seqlen_k), dropout_p)``.
+
     Returns out (Tq, Hq, Dv). The raw op ``torch.ops.selfattn.varlen_attention_fwd`` also
     returns lse (Hq, Tq), float32 (float64 for float64 inputs).
 
@@ -57,6 +63,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     be captured in a CUDA graph.
     """
     alignment = masks.causal_alignment(causal)  # the spellings of selfattn.attention
+    dropout_p, rng_state = _dropout_args(dropout_p, rng_state, q.device if isinstance(q, Tensor) else None)
     window_left, window_right = masks.window_sides(window)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"selfattn: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
@@ -70,7 +77,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = _resolve_scale(scale, q.shape[-1] if q.dim() >= 1 else 0)
     out, _ = _autograd.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             alignment is not None, scale, window_left, window_right,
-                                            alignment == "bottom_right")
+                                            alignment == "bottom_right", dropout_p, rng_state)
     return out
 
 
@@ -80,9 +87,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
 @torch.library.register_fake("selfattn::varlen_attention_fwd")
 def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                               window_left=-1, window_right=-1, bottom_right=False):
+                               window_left=-1, window_right=-1, bottom_right=False, dropout_p=0.0, rng_state=None):
     s = _checks.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
     _checks.check_window(window_left, window_right)
+    _checks.check_dropout(dropout_p, rng_state, q, "q")
     out = q.new_empty((s.total_q, s.heads, s.dim_v))
     lse = q.new_empty((s.heads, s.total_q), dtype=_checks.accumulate_dtype(q.dtype))
     return out, lse
@@ -90,8 +98,10 @@ def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
 @torch.library.register_fake("selfattn::varlen_attention_bwd")
 def _varlen_attention_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                               max_seqlen_k, causal, scale, window_left=-1, window_right=-1, bottom_right=False):
+                               max_seqlen_k, causal, scale, window_left=-1, window_right=-1, bottom_right=False,
+                               dropout_p=0.0, rng_state=None):
     s = _checks.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
     _checks.check_window(window_left, window_right)
+    _checks.check_dropout(dropout_p, rng_state, q, "q")
     _checks.check_varlen_grad_inputs(s, q, grad_out, out, lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

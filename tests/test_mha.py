@@ -249,7 +249,6 @@ def test_fully_masked_rows_give_zero_not_nan():
     assert torch.isfinite(grad).all()
 
 
-@pytest.mark.skipif(not hasattr(selfattn, "dropout_mask"), reason="dropout (issue 10 part 1) not merged yet")
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("inputs", ["self", "separate"])
 def test_dropout_in_training_uses_the_keep_mask_of_dropout_mask(need_weights, inputs):

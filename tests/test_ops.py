@@ -125,7 +125,8 @@ def test_lse_is_not_differentiable():
     assert out.requires_grad and not lse.requires_grad
 
 
-def test_dropout_is_refused_until_supported():
+def test_dropout_out_of_range_is_refused():
+    # Dropout itself is tested in tests/test_dropout.py; its bad arguments in test_dropout_bad_inputs.py.
     q, k, v = sample_inputs(1, 1, 3, 3, 4)
-    with pytest.raises(NotImplementedError, match="dropout_p must be 0.0 .* got 0.1"):
-        selfattn.attention(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1"):
+        selfattn.attention(q, k, v, dropout_p=1.0)

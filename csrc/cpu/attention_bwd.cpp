@@ -6,6 +6,10 @@
 //   dP = dout vᵀ,  dS = P ∘ (dP - rowsum(dout ∘ out))
 //   dq = scale * dS k,   dk = scale * dSᵀ q
 // (the kernels fold `scale` into dS, so nothing is rescaled afterwards).
+// With dropout (philox.h; keep mask Z regenerated from the saved rng_state, M = Z / (1 - p)),
+// out = (P ∘ M) v, so
+//   dv = (P ∘ M)ᵀ dout,  dS = P ∘ (M ∘ dP - rowsum(dout ∘ out))
+// (rowsum(dout ∘ out) is still rowsum((M ∘ dP) ∘ P), FlashAttention's delta, with out dropped).
 //
 // Work item: one (batch, kv head, share of the key blocks). The key blocks' dk and dv are
 // summed over every query block of every query head of the kv head's group (grouped-query
@@ -16,6 +20,7 @@
 // As in the forward, score tiles are transposed: key rows x query columns, and masks (mask.h)
 // skip the tiles nobody sees. A row whose lse is -inf (it saw no key) has P = 0.
 #include "../attention.h"
+#include "dropout_tiles.h"
 #include "mask_tiles.h"
 #include "tile.h"
 
@@ -68,11 +73,13 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
   const int64_t split_keys = s.blocks_per_split * block_k;  // dk/dv rows one work item sums
   const Band& band = mask.band;
   const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, block_q, block_k) : MaskTiles();
+  const Dropout& dropout = mask.dropout;
+  const PhiloxKey dropout_key = dropout.active() ? dropout.key() : PhiloxKey{0, 0};
 
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size =
       Carver::padded(s.dim * nq_padded) + Carver::padded(s.dim_v * nq_padded) +
-      2 * Carver::padded(nq_padded) + 2 * Carver::padded(block_k * block_q) +
+      2 * Carver::padded(nq_padded) + (dropout.active() ? 3 : 2) * Carver::padded(block_k * block_q) +
       Carver::padded(split_keys * s.dim_padded) + Carver::padded(split_keys * s.dim_v_padded) +
       Carver::padded(q_reader.scratch_size(block_q)) + Carver::padded(do_reader.scratch_size(block_q)) +
       Carver::padded(k_reader.scratch_size(block_k)) + Carver::padded(v_reader.scratch_size(block_k)) +
@@ -87,6 +94,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     T* delta = carve.take(nq_padded);            // rowsum(dO ∘ out) per query
     T* p_t = carve.take(block_k * block_q);      // (block_k, block_q): P, transposed
     T* ds_t = carve.take(block_k * block_q);     // (block_k, block_q): dP, then dS, transposed
+    T* keep_t = dropout.active() ? carve.take(block_k * block_q) : nullptr;  // M = keep / (1 - p)
     T* dk_sums = carve.take(split_keys * s.dim_padded);    // the work item's keys' dk, summed
     T* dv_sums = carve.take(split_keys * s.dim_v_padded);  // over the group's query heads
     T* q_scratch = carve.take(q_reader.scratch_size(block_q));  // blocks converted to T, when needed
@@ -184,11 +192,26 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
                                      v_block.col_stride, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
             }
             const Vec<T> scale_vec(scale);
-            for (int64_t j = 0; j < kv_rows; ++j) {
-              for (int64_t c = 0; c < block_q; c += W) {
-                const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
-                const Vec<T> dp = Vec<T>::loadu(ds_t + j * block_q + c);
-                (p * (dp - Vec<T>::loadu(delta + q0 + c)) * scale_vec).store(ds_t + j * block_q + c);
+            if (!dropout.active()) {
+              for (int64_t j = 0; j < kv_rows; ++j) {
+                for (int64_t c = 0; c < block_q; c += W) {
+                  const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
+                  const Vec<T> dp = Vec<T>::loadu(ds_t + j * block_q + c);
+                  (p * (dp - Vec<T>::loadu(delta + q0 + c)) * scale_vec).store(ds_t + j * block_q + c);
+                }
+              }
+            } else {
+              // dS = P ∘ (M ∘ dP - delta); then P becomes P ∘ M for dv.
+              dropout_tile</*kMultiply=*/false>(dropout, dropout_key, b, h, q0, block_q, k0, kv_rows, keep_t,
+                                                block_q);
+              for (int64_t j = 0; j < kv_rows; ++j) {
+                for (int64_t c = 0; c < block_q; c += W) {
+                  const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
+                  const Vec<T> dp = Vec<T>::loadu(ds_t + j * block_q + c);
+                  const Vec<T> m = Vec<T>::loadu(keep_t + j * block_q + c);
+                  (p * (m * dp - Vec<T>::loadu(delta + q0 + c)) * scale_vec).store(ds_t + j * block_q + c);
+                  (p * m).store(p_t + j * block_q + c);
+                }
               }
             }
             if (cut) {  // the skipped dP entries were never written: 0 * garbage may be NaN

@@ -11,7 +11,12 @@
 // tensor mask does not hide entirely (mask_tiles.h); tiles the band cuts at the top skip the
 // pairs nobody sees a slab at a time (tile.h). A query that sees no key gets output 0 and lse
 // -inf. Grouped-query attention: query head h reads kv head h / (Hq / Hk).
+//
+// Dropout (philox.h): each tile's probabilities, once the running sum has taken them, are
+// multiplied by 1/(1 - p) or 0 (dropout_tiles.h) before P·V, so lse stays the dropout-free one and
+// out = (P ∘ keep / (1 - p)) v.
 #include "../attention.h"
+#include "dropout_tiles.h"
 #include "mask_tiles.h"
 #include "tile.h"
 
@@ -45,6 +50,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // Under a bounded right side later query blocks see more keys: they go first, so the cheap ones
   // fill the threads' last gaps (for_each_item hands items out in order).
   const bool uneven = band.right < kUnbounded;
+  const Dropout& dropout = mask.dropout;
+  const PhiloxKey dropout_key = dropout.active() ? dropout.key() : PhiloxKey{0, 0};
 
   const Strided4<const scalar_t> q_view(q);
   // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
@@ -142,6 +149,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               (Vec<T>::loadu(acc + i * dim_v_padded + d) * alpha).store(acc + i * dim_v_padded + d);
             }
           }
+        }
+
+        // Dropout: the kept probabilities scaled by 1/(1 - p), the others 0 (after the sum above).
+        if (dropout.active()) {
+          dropout_tile</*kMultiply=*/true>(dropout, dropout_key, b, h, q0, q_rows, k0, k_rows, p_t, block_q);
         }
 
         // 4-5. Weight each value row by its probability and sum per query:

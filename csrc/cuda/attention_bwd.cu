@@ -3,6 +3,8 @@
 //
 // With S = scale * q kᵀ, P = softmax(S), out = P v and delta = rowsum(dO ∘ out):
 //   dv = Pᵀ dO,   dP = dO vᵀ,   dS = P ∘ (dP - delta),   dq = scale * dS k,   dk = scale * dSᵀ q.
+// With dropout (philox.h; M = keep / (1 - p), regenerated from rng_state, out = (P ∘ M) v):
+//   dv = (P ∘ M)ᵀ dO,   dS = P ∘ (M ∘ dP - delta)      (delta = rowsum(dO ∘ out) still holds).
 //
 // Three kernels, none with atomics, so results are bitwise reproducible run to run by design
 // (checked in the CPU emulation under varied thread orders; not yet run on a GPU):

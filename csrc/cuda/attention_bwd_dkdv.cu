@@ -52,6 +52,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
   const int dim_cols = round_up(p.dim, 32), dim_v_cols = round_up(p.dim_v, 32);
   const Band band = p.band;
   const bool has_mask = p.mask.present();
+  const DropoutKey drop = dropout_key(p.dropout);
 
   load_tile<kKeys, Cfg::kThreads>(p.k, b, hk, k0, p.nk, p.dim, dim_cols, k_s, S);
   load_tile<kKeys, Cfg::kThreads>(p.v, b, hk, k0, p.nk, p.dim_v, dim_v_cols, v_s, S);
@@ -99,8 +100,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
       const bool full = q0 + kQueries <= p.nq && band.covers(q0, q0 + kQueries, warp_first_key,
                                                              warp_first_key + 4 * R);
 
-      // Pᵀ (keys x queries) from the scores and the forward's lse.
-      float pt[R][KPL];
+      // Pᵀ (keys x queries) from the scores and the forward's lse; with dropout, keep holds
+      // M = keep / (1 - p) and Pᵀ ∘ Mᵀ goes into dv.
+      float pt[R][KPL], keep[R][KPL];
       tile_scores<R, KPL, S>(k_s + warp_row0 * S, q_s, depth_qk, lane, pt);
 #pragma unroll
       for (int i = 0; i < R; ++i) {
@@ -115,11 +117,24 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
             x += mask_bias<T, float>(p.mask, b, h, query, key);
           }
           pt[i][j] = visible ? exp2f((x - lse_s[col]) * kLog2e) : 0.f;
+          keep[i][j] = drop.active ? dropout_factor(drop, b, h, query, key) : 1.f;
         }
       }
 
-      // dv += Pᵀ dO.
-      store_scores<R, KPL, kBufStride>(buf, lane, pt);
+      // dv += (Pᵀ ∘ Mᵀ) dO.
+      if (drop.active) {
+        float kept[R][KPL];
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+#pragma unroll
+          for (int j = 0; j < KPL; ++j) {
+            kept[i][j] = pt[i][j] * keep[i][j];
+          }
+        }
+        store_scores<R, KPL, kBufStride>(buf, lane, kept);
+      } else {
+        store_scores<R, KPL, kBufStride>(buf, lane, pt);
+      }
       __syncwarp();
       tile_accumulate<R, C, kBufStride, S>(buf, do_s, queries, p.dim_v, lane, dv);
 
@@ -130,7 +145,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
       for (int i = 0; i < R; ++i) {
 #pragma unroll
         for (int j = 0; j < KPL; ++j) {
-          dst[i][j] = pt[i][j] * (dst[i][j] - delta_s[lane.col_group + 8 * j]);
+          dst[i][j] = pt[i][j] * (keep[i][j] * dst[i][j] - delta_s[lane.col_group + 8 * j]);
         }
       }
       __syncwarp();  // every lane has read Pᵀ from buf

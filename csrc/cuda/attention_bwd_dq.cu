@@ -39,6 +39,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(co
   const int dim_cols = round_up(p.dim, 32), dim_v_cols = round_up(p.dim_v, 32);
   const Band band = p.band;
   const bool has_mask = p.mask.present();
+  const DropoutKey drop = dropout_key(p.dropout);
 
   load_tile<kRows, Cfg::kThreads>(p.q, b, h, q0, p.nq, p.dim, dim_cols, q_s, S);
   load_tile<kRows, Cfg::kThreads>(p.grad_out, b, h, q0, p.nq, p.dim_v, dim_v_cols, do_s, S);
@@ -88,7 +89,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(co
           x += mask_bias<T, float>(p.mask, b, h, row, key);
         }
         const float prob = visible ? exp2f((x - lse[i]) * kLog2e) : 0.f;
-        ds[i][j] = prob * (dp[i][j] - delta[i]);
+        // Dropout: dS = P ∘ (M ∘ dP - delta), M = keep / (1 - p).
+        const float keep = drop.active ? dropout_factor(drop, b, h, row, key) : 1.f;
+        ds[i][j] = prob * (keep * dp[i][j] - delta[i]);
       }
     }
 

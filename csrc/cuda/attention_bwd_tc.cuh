@@ -4,6 +4,7 @@
 //
 // With S = scale q kᵀ, P = exp(S - lse), delta = rowsum(dO ∘ out):
 //   dv = Pᵀ dO,   dP = dO vᵀ,   dS = P ∘ (dP - delta),   dq = scale dS k,   dk = scale dSᵀ q.
+// With dropout (M = keep / (1 - p), philox.h): dv = (P ∘ M)ᵀ dO, dS = P ∘ (M ∘ dP - delta).
 // Two kernels, both on mma.sync m16n8k16, recomputing P from lse in base 2 (one FFMA + EX2):
 //   dq (first): a block per query block streams key/value tiles (FlashAttention-2's forward
 //      split); a warp owns 16 query rows: S, dP, dS in registers, dS is the A operand of dS k
@@ -87,6 +88,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
   const int n_begin = clip(band.first_key(q0), 0, p.nk) / kBN;
   const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const float scale_log2 = p.scale * kLog2e;
+  const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr q_a = smem_addr(q_s), do_a = smem_addr(do_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
 
@@ -190,6 +192,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
     const bool masked = k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN);
 #pragma unroll
     for (int j = 0; j < kSTiles; ++j) {
+      // Dropout's M for the lane's keys 2t, 2t + 1 of rows g and g + 8 (one Philox call per row).
+      float2 keep[2] = {make_float2(1.f, 1.f), make_float2(1.f, 1.f)};
+      if (drop.active) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          keep[r] = dropout_factor_pair(drop, b, h, warp_first + g + 8 * r, k0 + 8 * j + 2 * t);
+        }
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float prob = fast_exp2(fmaf(s[j][e], scale_log2, -lse2[e >> 1]));
@@ -200,7 +210,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
             prob = 0.f;
           }
         }
-        s[j][e] = prob * (dp[j][e] - delta[e >> 1]);
+        const float m = (e & 1) ? keep[e >> 1].y : keep[e >> 1].x;
+        s[j][e] = prob * (m * dp[j][e] - delta[e >> 1]);
       }
     }
 
@@ -283,6 +294,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
   const T* const k_src = p.k.data + b * p.k.stride_b + hk * p.k.stride_h;
   const T* const v_src = p.v.data + b * p.v.stride_b + hk * p.v.stride_h;
   const float scale_log2 = p.scale * kLog2e;
+  const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr k_a = smem_addr(k_s), v_a = smem_addr(v_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
 
@@ -409,8 +421,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
                 prob = 0.f;
               }
             }
-            st[j][e] = prob;
-            dpt[j][e] = prob * (dpt[j][e] - dlt);
+            // Dropout: keys run down the rows here, so each decision is a Philox call of its own.
+            const float keep = drop.active ? dropout_factor(drop, b, hk * p.group + it / tiles, q0 + col,
+                                                            warp_first + g + 8 * r) : 1.f;
+            st[j][e] = prob * keep;
+            dpt[j][e] = prob * (keep * dpt[j][e] - dlt);
           }
         }
       }

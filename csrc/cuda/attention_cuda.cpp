@@ -162,6 +162,7 @@ void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, cons
   p.scale = static_cast<acc_t<T>>(scale);
   p.band = mask.band;
   p.mask = tensor_mask(mask.tensor);
+  p.dropout = mask.dropout;  // rng_state stays on the device: the kernels read it there
 }
 
 template <typename T>

@@ -1,4 +1,5 @@
 // CUDA forward of attention: out = softmax(scale * q kᵀ) v and the logsumexp of each row.
+// With dropout (philox.h) each probability is multiplied by 1/(1 - p) or 0 before P·V.
 //
 // One block per (query block, batch, head); key/value tiles stream through shared memory and
 // each row keeps only a running max and sum (online softmax), so no Nq x Nk matrix exists.
@@ -48,6 +49,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
   const int dim_cols = round_up(p.dim, 32), dim_v_cols = round_up(p.dim_v, 32);
   const Band band = p.band;
   const bool has_mask = p.mask.present();
+  const DropoutKey drop = dropout_key(p.dropout);
 
   load_tile<kRows, Cfg::kThreads>(p.q, b, h, q0, p.nq, p.dim, dim_cols, q_s, S);
 
@@ -118,6 +120,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         acc[i][c] *= alpha;
+      }
+      // Dropout after the sum took the probabilities (lse stays dropout-free). A lane's keys are
+      // 8 apart, so each decision takes a Philox call of its own (3 of its 4 words unused).
+      if (drop.active) {
+#pragma unroll
+        for (int j = 0; j < KPL; ++j) {
+          s[i][j] *= dropout_factor(drop, b, h, row, k0 + lane.col_group + 8 * j);
+        }
       }
     }
 

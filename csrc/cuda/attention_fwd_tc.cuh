@@ -12,7 +12,7 @@
 // kernels): key tiles no query of the block sees are never loaded, a warp skips the tiles none of
 // its rows sees, and only tiles the band does not cover for the warp (or that cross the end of
 // the keys) are masked element by element. Grouped-query attention: query head h reads kv head
-// h / group.
+// h / group. Dropout (philox.h): P is multiplied by 1/(1 - p) or 0 after the running sum took it.
 // Included by the attention_fwd_tc_*.cu files, one instantiation each (compile time).
 #pragma once
 
@@ -77,6 +77,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
   const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const int warp_q1 = imin(p.nq, warp_last + 1);
   const float scale_log2 = p.scale * kLog2e;
+  const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr q_a = smem_addr(q_s), k_a = smem_addr(k_s), v_a = smem_addr(v_s);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
 
@@ -204,6 +205,17 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
             }
           }
           row_sum[mi][r] = row_sum[mi][r] * alpha[mi][r] + sum;
+          // Dropout, once the sum has the probabilities: the lane's keys 2t, 2t + 1 of each 8
+          // share one Philox call.
+          if (drop.active) {
+            const int row = warp_first + 16 * mi + g + 8 * r;
+#pragma unroll
+            for (int j = 0; j < kSTiles; ++j) {
+              const float2 f = dropout_factor_pair(drop, b, h, row, k0 + 8 * j + 2 * t);
+              s[mi][j][2 * r] *= f.x;
+              s[mi][j][2 * r + 1] *= f.y;
+            }
+          }
         }
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk) {

@@ -8,6 +8,13 @@ namespace selfattn::cuda {
 
 constexpr int kGenericPerLane = 8;  // head-dim elements per lane: D, Dv <= 32 * 8 = 256
 
+// Dropout's factor of element (b, h, i, j) in A: 1/(1 - p) in A's precision (float64 here) or 0.
+template <typename A>
+__device__ __forceinline__ A dropout_keep_factor(const Dropout& d, const DropoutKey& key, int64_t b, int64_t h,
+                                                 int64_t i, int64_t j) {
+  return dropout_keep(key.key, key.threshold, b + key.batch_offset, h, i, j) ? static_cast<A>(d.keep_scale) : A(0);
+}
+
 // The lane's elements lane + 32t of a row (zero at and past dim).
 template <typename T, typename A>
 __device__ __forceinline__ void load_lane_elements(const T* row, int64_t stride_d, int dim, int lane,
@@ -56,6 +63,7 @@ __global__ void __launch_bounds__(128) attention_forward_generic_kernel(const Fo
   }
   A row_max = -INFINITY, row_sum = 0;
   const bool has_mask = p.mask.present();
+  const DropoutKey drop = dropout_key(p.dropout);
   const int k_begin = clip(p.band.first_key(i), 0, p.nk);
   const int k_end = clip(p.band.last_key(i) + 1, 0, p.nk);
   for (int j = k_begin; j < k_end; ++j) {
@@ -69,12 +77,14 @@ __global__ void __launch_bounds__(128) attention_forward_generic_kernel(const Fo
     const A prob = exp(s - new_max);
     row_sum = row_sum * alpha + prob;
     row_max = new_max;
+    // Dropout: the value row weighs the kept probability (the sum above takes it undropped).
+    const A weight = drop.active ? prob * dropout_keep_factor<A>(p.dropout, drop, b, h, i, j) : prob;
     const T* v_row = p.v.row(b, hk, j);
 #pragma unroll
     for (int t = 0; t < kGenericPerLane; ++t) {
       const int c = lane + 32 * t;
       if (c < p.dim_v) {
-        acc[t] = acc[t] * alpha + prob * static_cast<A>(v_row[c * p.v.stride_d]);
+        acc[t] = acc[t] * alpha + weight * static_cast<A>(v_row[c * p.v.stride_d]);
       }
     }
   }
@@ -113,6 +123,7 @@ __global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(cons
   const A lse = backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n]);
   const A delta = p.delta[row];
   const bool has_mask = p.mask.present();
+  const DropoutKey drop = dropout_key(p.dropout);
   const int k_begin = clip(p.band.first_key(i), 0, p.nk);
   const int k_end = clip(p.band.last_key(i) + 1, 0, p.nk);
   for (int j = k_begin; j < k_end; ++j) {
@@ -123,7 +134,8 @@ __global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(cons
     const T* k_row = p.k.row(b, hk, j);
     const A prob = exp(warp_dot(q, k_row, p.k.stride_d, p.dim, lane) * p.scale + bias - lse);
     const A dp = warp_dot(grad_out, p.v.row(b, hk, j), p.v.stride_d, p.dim_v, lane);
-    const A ds = prob * (dp - delta);
+    const A keep = drop.active ? dropout_keep_factor<A>(p.dropout, drop, b, h, i, j) : A(1);
+    const A ds = prob * (keep * dp - delta);  // dS = P ∘ (M ∘ dP - delta)
 #pragma unroll
     for (int t = 0; t < kGenericPerLane; ++t) {
       const int d = lane + 32 * t;
@@ -164,6 +176,7 @@ __global__ void __launch_bounds__(128) attention_backward_dkdv_generic_kernel(co
     dv[t] = 0;
   }
   const bool has_mask = p.mask.present();
+  const DropoutKey drop = dropout_key(p.dropout);
   const int i_begin = clip(p.band.first_query(j), 0, p.nq);
   const int i_end = clip(p.band.last_query(j + 1) + 1, 0, p.nq);
   for (int g = 0; g < p.group; ++g) {
@@ -178,7 +191,9 @@ __global__ void __launch_bounds__(128) attention_backward_dkdv_generic_kernel(co
       const A lse = backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n]);
       const A prob = exp(warp_dot(k, q_row, p.q.stride_d, p.dim, lane) * p.scale + bias - lse);
       const A dp = warp_dot(v, do_row, p.grad_out.stride_d, p.dim_v, lane);
-      const A ds = prob * (dp - p.delta[bh * p.nq + i]);
+      const A keep = drop.active ? dropout_keep_factor<A>(p.dropout, drop, b, h, i, j) : A(1);
+      const A ds = prob * (keep * dp - p.delta[bh * p.nq + i]);  // dS = P ∘ (M ∘ dP - delta)
+      const A kept = prob * keep;                                 // dv takes P ∘ M
 #pragma unroll
       for (int t = 0; t < kGenericPerLane; ++t) {
         const int d = lane + 32 * t;
@@ -186,7 +201,7 @@ __global__ void __launch_bounds__(128) attention_backward_dkdv_generic_kernel(co
           dk[t] += ds * static_cast<A>(q_row[d * p.q.stride_d]);
         }
         if (d < p.dim_v) {
-          dv[t] += prob * static_cast<A>(do_row[d * p.grad_out.stride_d]);
+          dv[t] += kept * static_cast<A>(do_row[d * p.grad_out.stride_d]);
         }
       }
     }

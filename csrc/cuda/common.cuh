@@ -48,6 +48,37 @@ __device__ __forceinline__ A mask_bias(const TensorMask& m, int64_t b, int64_t h
   return static_cast<A>(static_cast<const T*>(m.data)[at]);
 }
 
+// Dropout (philox.h) in the kernels. DropoutKey holds, per thread, what every decision needs:
+// the call's Philox key (derived from the (seed, offset) the kernel reads from device memory once),
+// the threshold and the factor of a kept probability.
+struct DropoutKey {
+  PhiloxKey key;
+  uint32_t threshold;
+  float keep_scale;
+  int64_t batch_offset;
+  bool active;
+};
+
+__device__ __forceinline__ DropoutKey dropout_key(const Dropout& d) {
+  if (!d.active()) {
+    return {{0, 0}, 0, 1.f, 0, false};
+  }
+  return {d.key(), d.threshold, static_cast<float>(d.keep_scale), d.batch_offset, true};
+}
+
+// The factor of element (b, h, i, j)'s probability: keep_scale (kept) or 0 (dropped).
+__device__ __forceinline__ float dropout_factor(const DropoutKey& d, int64_t b, int64_t h, int64_t i, int64_t j) {
+  return dropout_keep(d.key, d.threshold, b + d.batch_offset, h, i, j) ? d.keep_scale : 0.f;
+}
+
+// The factors of keys j and j + 1 of row i (j even, so one Philox call decides both).
+__device__ __forceinline__ float2 dropout_factor_pair(const DropoutKey& d, int64_t b, int64_t h, int64_t i,
+                                                      int64_t j) {
+  const PhiloxWords w = philox_words(d.key, b + d.batch_offset, h, i, j);
+  return make_float2(w.w[j & 3] >= d.threshold ? d.keep_scale : 0.f,
+                     w.w[(j & 3) + 1] >= d.threshold ? d.keep_scale : 0.f);
+}
+
 // The lse the backward subtracts: a row that saw no key has lse -inf, and P = exp(s - lse)
 // must be 0 for it, not exp(+inf): -inf becomes +inf, so every such P is exp(-inf) = 0.
 template <typename A>

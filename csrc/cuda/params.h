@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../mask.h"
+#include "../philox.h"
 
 #include <cstdint>
 
@@ -64,6 +65,7 @@ struct TensorMask {
 // `heads` (Hq) heads; k, v, grad_k, grad_v have `heads_kv` (Hk): query head h reads kv head
 // h / group, group = Hq / Hk (grouped-query attention; 1 for plain multi-head attention).
 // A query row sees key j iff band.visible(row, j) (mask.h) and the tensor mask allows it.
+// With dropout, the probability of (row, j) is then multiplied by 1/(1 - p) or 0 (philox.h).
 template <typename T>
 struct SharedParams {
   Strided4<const T> q;  // (B, Hq, Nq, D)
@@ -76,6 +78,7 @@ struct SharedParams {
   acc_t<T> scale;
   Band band;
   TensorMask mask;
+  Dropout dropout;  // philox.h; rng_state a device pointer, read by the kernels
 };
 
 // Forward: out = softmax(scale * q kᵀ + mask) v and lse, the logsumexp of each row of the

@@ -35,40 +35,62 @@ namespace {
 // attn_mask expanded to (B, Hq, Nq, Nk) as a view.
 selfattn::AttentionMask make_mask(const selfattn::AttentionShape& s, bool causal,
                                   const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                                  int64_t window_right, int64_t diagonal_offset) {
+                                  int64_t window_right, int64_t diagonal_offset, double dropout_p,
+                                  const std::optional<at::Tensor>& rng_state) {
   selfattn::AttentionMask mask;
   mask.band = selfattn::make_band(causal, window_left, window_right, diagonal_offset);
   if (attn_mask.has_value()) {
     mask.tensor = attn_mask->expand({s.batch, s.heads, s.nq, s.nk});
   }
+  mask.set_dropout(dropout_p, rng_state);
   return mask;
 }
 
-// attention_fwd's arguments (the op's order), then the outputs to fill.
+// attention_fwd's arguments (the op's order, dropout included), then the outputs to fill.
+void forward_dropout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+                     const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
+                     int64_t diagonal_offset, double dropout_p, const std::optional<at::Tensor>& rng_state,
+                     const at::Tensor& out, const at::Tensor& lse) {
+  const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
+  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
+  selfattn::check_dropout(dropout_p, rng_state, q, "q");
+  selfattn::cuda::run_forward(
+      q, k, v,
+      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
+      scale, out, lse, nullptr);
+}
+
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
              double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left,
              int64_t window_right, int64_t diagonal_offset, const at::Tensor& out,
              const at::Tensor& lse) {
-  const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
-  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
-  selfattn::cuda::run_forward(
-      q, k, v, make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset), scale,
-      out, lse, nullptr);
+  forward_dropout(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, 0.0,
+                  std::nullopt, out, lse);
 }
 
-// attention_bwd's arguments (the op's order), then the gradients to fill.
+// attention_bwd's arguments (the op's order, dropout included), then the gradients to fill.
+void backward_dropout(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+                      const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
+                      int64_t diagonal_offset, double dropout_p, const std::optional<at::Tensor>& rng_state,
+                      const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
+  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
+  selfattn::check_dropout(dropout_p, rng_state, q, "q");
+  selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
+  selfattn::cuda::run_backward(
+      grad_out, q, k, v, out, lse,
+      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
+      scale, grad_q, grad_k, grad_v, nullptr);
+}
+
 void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
               double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left,
               int64_t window_right, int64_t diagonal_offset, const at::Tensor& grad_q,
               const at::Tensor& grad_k, const at::Tensor& grad_v) {
-  const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
-  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
-  selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
-  selfattn::cuda::run_backward(
-      grad_out, q, k, v, out, lse,
-      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset), scale, grad_q,
-      grad_k, grad_v, nullptr);
+  backward_dropout(grad_out, q, k, v, out, lse, causal, scale, attn_mask, window_left, window_right,
+                   diagonal_offset, 0.0, std::nullopt, grad_q, grad_k, grad_v);
 }
 
 }  // namespace
@@ -81,6 +103,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward,
         "backward(grad_out, q, k, v, out, lse, causal, scale, attn_mask, window_left, window_right, "
         "diagonal_offset, grad_q, grad_k, grad_v): fills the gradients like attention_backward_cuda");
+  m.def("forward_dropout", &forward_dropout,
+        "forward_dropout(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, "
+        "dropout_p, rng_state, out, lse): forward with dropout");
+  m.def("backward_dropout", &backward_dropout,
+        "backward_dropout(grad_out, q, k, v, out, lse, causal, scale, attn_mask, window_left, window_right, "
+        "diagonal_offset, dropout_p, rng_state, grad_q, grad_k, grad_v): backward with dropout");
   m.def("seed", [](int64_t seed) { emu::state().rng.seed(static_cast<uint32_t>(seed)); },
         "seed of the thread-order shuffling");
   m.def("blocks_run", [] { return emu::state().blocks_run; }, "blocks emulated so far");
