@@ -6,6 +6,7 @@
                               max_seqlen_q, max_seqlen_k)           # FlashAttention's layout
     selfattn.SelfAttention(embed_dim, model_dim, num_heads=1)       # nn.Module over the fused op
     selfattn.reference.SelfAttention(...)                           # the tutorial's five steps, literally
+    selfattn.distributed.ring_attention(q, k, v, group=...)         # the sequence split across ranks
 """
 
 from . import _load
@@ -16,6 +17,15 @@ from . import reference  # noqa: E402
 from .modules import SelfAttention  # noqa: E402
 from .ops import attention, self_attention  # noqa: E402
 from .varlen import attention_varlen  # noqa: E402
+
+
+def __getattr__(name):
+    # selfattn.distributed on first use: it imports torch.distributed's pieces, which plain
+    # single-process use does not need.
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'selfattn' has no attribute {name!r}")
 
 
 def build_info() -> _load.BuildInfo:
