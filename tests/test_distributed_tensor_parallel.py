@@ -106,11 +106,12 @@ def _check_attention_heads_sharded(rank, world_size):
 
     mesh = _mesh(world_size)
     torch.manual_seed(1)
-    q = torch.randn(2, HEADS, SEQ, HEAD_DIM, dtype=torch.float64)
-    k, v = (torch.randn(2, KV_HEADS, SEQ, HEAD_DIM, dtype=torch.float64) for _ in range(2))
-    grad = torch.randn(2, HEADS, SEQ, HEAD_DIM, dtype=torch.float64)
+    batch = 4  # divisible by the world size: an uneven split would fall back to replication
+    q = torch.randn(batch, HEADS, SEQ, HEAD_DIM, dtype=torch.float64)
+    k, v = (torch.randn(batch, KV_HEADS, SEQ, HEAD_DIM, dtype=torch.float64) for _ in range(2))
+    grad = torch.randn(batch, HEADS, SEQ, HEAD_DIM, dtype=torch.float64)
     per_head = torch.rand(1, HEADS, SEQ, SEQ) < 0.7
-    shared = torch.rand(2, 1, SEQ, SEQ) < 0.7
+    shared = torch.rand(batch, 1, SEQ, SEQ) < 0.7
     for mask, placement in ((None, None), (per_head, Shard(1)), (shared, Replicate())):
         for dim in (1, 0):  # heads, batch
             leaves = [distribute_tensor(t, mesh, [Shard(dim)]).requires_grad_() for t in (q, k, v)]
