@@ -83,8 +83,9 @@ def _check(rank, world_size, wrapper, layer_name, checkpoint, compiled):
     import torch.distributed as dist
 
     torch.manual_seed(0)  # the same model and data on every rank
-    single = TinyModel(layer_name, checkpoint)
+    single = TinyModel(layer_name, checkpoint=False)  # the reference: plain eager, one process
     model = copy.deepcopy(single)
+    model.checkpoint = checkpoint
     batches = [torch.randn(GLOBAL_BATCH, SEQ, 8) for _ in range(STEPS)]
     expected_losses = _train(single, batches)
     if wrapper == "ddp":
