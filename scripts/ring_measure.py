@@ -1,8 +1,9 @@
 """Per-rank peak memory and time of ring attention (forward + backward) at one total sequence length.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=W scripts/ring_measure.py [N]
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=W scripts/ring_measure.py [N [H]]
 
-for W = 1, 2, 4. Each rank holds N / W rows (zigzag, causal, float32, B = 1, H = 4, D = 64). Memory:
+for W = 1, 2, 4. Each rank holds N / W rows (zigzag, causal, float32, B = 1, H heads (default 16),
+D = 64). Memory:
 the rise of the process's peak RSS (VmHWM, reset before each call) over the RSS before it, i.e.
 what the call allocates beyond the inputs — the activations, buffers and gradients. Time: wall
 time per call and the CPU time of all ranks together (the total work: with more ranks than cores
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import selfattn.distributed as sd
 from selfattn import _system
 
-B, H, D, REPEATS = 1, 4, 64, 7
+B, D, REPEATS = 1, 64, 7
 
 
 def main():
@@ -29,6 +30,7 @@ def main():
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     n_total = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
+    H = int(sys.argv[2]) if len(sys.argv) > 2 else 16
     rows = n_total // world
     gen = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(B, H, rows, D, generator=gen).requires_grad_() for _ in range(3))
@@ -52,7 +54,7 @@ def main():
     dist.all_gather(gathered, stats)  # (the report only; the ring itself uses no all-gather)
     if rank == 0:
         inputs_mib = 3 * B * H * rows * D * 4 / 2**20
-        print(f"N = {n_total}, world size {world}: {rows} rows per rank, q/k/v {inputs_mib:.1f} MiB per rank")
+        print(f"N = {n_total}, H = {H}, world size {world}: {rows} rows per rank, q/k/v {inputs_mib:.1f} MiB per rank")
         print("  peak RSS rise per rank (median, max over calls), MiB: "
               + ", ".join(f"{g[0]:.1f} ({g[1]:.1f})" for g in gathered))
         print(f"  wall per call: median {statistics.median(walls):.3f} s (min {min(walls):.3f}, max {max(walls):.3f}); "

@@ -198,3 +198,14 @@ def test_split_unsplit_round_trip():
     # zigzag: rank r holds pieces r and 2W-1-r of 2W
     assert split_sequence(torch.arange(8), 2, 0, layout="zigzag", dim=0).tolist() == [0, 1, 6, 7]
     assert split_sequence(torch.arange(8), 2, 1, layout="zigzag", dim=0).tolist() == [2, 3, 4, 5]
+
+
+def test_import_selfattn_leaves_distributed_unloaded():
+    import subprocess
+    import sys
+
+    code = ("import sys, selfattn; assert 'selfattn.distributed' not in sys.modules; "
+            "selfattn.distributed.ring_attention; assert 'selfattn.distributed.tensor_parallel' not in sys.modules; "
+            "selfattn.distributed.SelfAttentionParallel; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr
