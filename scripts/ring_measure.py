@@ -1,11 +1,13 @@
 """Per-rank peak memory and time of ring attention (forward + backward) at one total sequence length.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=W scripts/ring_measure.py [N [H]]
+    MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=W scripts/ring_measure.py [N [H]]
 
 for W = 1, 2, 4. Each rank holds N / W rows (zigzag, causal, float32, B = 1, H heads (default 16),
 D = 64). Memory:
 the rise of the process's peak RSS (VmHWM, reset before each call) over the RSS before it, i.e.
-what the call allocates beyond the inputs — the activations, buffers and gradients. Time: wall
+what the call allocates beyond the inputs — the activations, buffers and gradients. (The fixed
+mmap threshold makes glibc map every tensor of 64 KiB or more on its own and unmap it when
+freed, so that the resident size follows the live tensors instead of the heap's high water.) Time: wall
 time per call and the CPU time of all ranks together (the total work: with more ranks than cores
 the wall time measures the sharing, not the ring). Median of 7 calls, min–max.
 """

@@ -16,7 +16,8 @@ _TENSOR_PARALLEL = ("SelfAttentionParallel", "register_sharding_rules")
 
 def __getattr__(name):
     if name in _TENSOR_PARALLEL or name == "tensor_parallel":
-        from . import tensor_parallel
+        import importlib
+        tensor_parallel = importlib.import_module(".tensor_parallel", __name__)  # (not `from .`: it recurses here)
         return tensor_parallel if name == "tensor_parallel" else getattr(tensor_parallel, name)
     raise AttributeError(f"module 'selfattn.distributed' has no attribute {name!r}")
 

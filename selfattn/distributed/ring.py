@@ -203,6 +203,7 @@ def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left
         if grad_kv is not None:  # the chunk's gradient so far, from the ranks before this one
             partial[0] += grad_kv[0]
             partial[1] += grad_kv[1]
+            grad_kv = None  # freed before the next receive buffers exist
         grad_kv, grad_requests = ring.exchange(partial, tag=2)  # W sends: the last one brings it home
         if step + 1 < ring.world_size:
             _wait(requests)
