@@ -9,6 +9,7 @@
     selfattn.swap_attention(model)                                  # ... in place of every one in a model
     selfattn.reference.SelfAttention(...)                           # the tutorial's five steps, literally
     selfattn.dropout_mask(rng_state, (B, Hq, Nq, Nk), dropout_p)    # the keep mask of a dropout call
+    selfattn.distributed.ring_attention(q, k, v, group=...)         # the sequence split across ranks
 """
 
 from . import _load
@@ -21,6 +22,15 @@ from .modules import SelfAttention  # noqa: E402
 from .ops import attention, self_attention  # noqa: E402
 from .rng import dropout_mask  # noqa: E402
 from .varlen import attention_varlen  # noqa: E402
+
+
+def __getattr__(name):
+    # selfattn.distributed on first use: it imports torch.distributed's pieces, which plain
+    # single-process use does not need.
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'selfattn' has no attribute {name!r}")
 
 
 def build_info() -> _load.BuildInfo:
