@@ -73,14 +73,14 @@ def test_jvp_matches_eager(emu, variant, dtype):  # noqa: F811
 
 @pytest.mark.parametrize("missing", [(0,), (1,), (2,), (0, 1)], ids=lambda m: "no-" + "".join("qkv"[i] for i in m))
 def test_absent_tangents_and_strided_views(emu, missing):  # noqa: F811
-    """Absent tangents are zero; tangents and primals in strided layouts (transposed, sliced,
-    last dim strided), head dims past one lane's share (D = 40 > 32)."""
+    """Absent tangents are zero; tangents and primals in strided layouts (sliced, last dim strided),
+    head dims past one lane's share (D = 40 > 32)."""
     variant = Variant("window-causal-gqa", 14, 19, causal=True, window=(6, -1), offset=5)
     q = torch.randn(2, 14, 4, 40, dtype=f64).transpose(1, 2)
     k = torch.randn(4, 2, 19, 40, dtype=f64)[::2]
     v = torch.randn(2, 2, 36, 19, dtype=f64).transpose(2, 3)
     tangents = [torch.randn(2, 4, 14, 40, dtype=f64).transpose(2, 3).contiguous().transpose(2, 3),
-                torch.randn_like(k), torch.randn(2, 19, 2, 36, dtype=f64).transpose(1, 2)]
+                torch.randn_like(k), torch.randn(2, 2, 36, 19, dtype=f64).transpose(2, 3)]
     given = [None if i in missing else t for i, t in enumerate(tangents)]
     zeroed = [torch.zeros_like(t) if i in missing else t for i, t in enumerate(tangents)]
     _, _, tangent = emu_jvp(emu, q, k, v, given, True, 0.3, (None, 6, -1, 5))
