@@ -2,19 +2,20 @@
 mode, the torch.func transforms, and clear refusals of what is not implemented yet.
 
 Supported: reverse mode (backward, torch.autograd.grad), torch.func.grad, vjp, jacrev and vmap
-with their compositions (vmap(grad(f)): per-sample gradients), and forward mode for attention and
-the fused layer (torch.func.jvp, jacfwd, dual tensors of torch.autograd.forward_ad) through the
-attention_jvp op. Refused at once, with an error naming the op and the alternative: forward mode
-of varlen attention, and every second derivative (double backward, hessian, a derivative of a
-jvp). A tensor attn_mask is not differentiable: one that requires grad or carries a tangent is
-refused. cu_seqlens of the varlen ops are integer tensors and never differentiable.
+with their compositions (vmap(grad(f)): per-sample gradients), and forward mode of every forward
+op (torch.func.jvp, jacfwd, dual tensors of torch.autograd.forward_ad) through the attention_jvp
+op. Refused at once, with an error naming the op and the alternative: every second derivative
+(double backward, hessian, a derivative of a jvp). A tensor attn_mask is not differentiable: one
+that requires grad or carries a tangent is refused. cu_seqlens of the varlen ops are integer
+tensors and never differentiable.
 
 Each op gets a Python kernel on the dispatcher's Autograd key, so the raw torch.ops.selfattn.* ops
 and the public functions behave alike. When something is to be differentiated, the kernel applies
 the op's autograd Function: for a forward op, backward is the matching backward op and jvp calls
 attention_jvp (which recomputes out beside its tangent, so forward mode costs a forward and a
-jvp pass); for a backward op or attention_jvp, backward and jvp refuse (a second-derivative kernel
-slots in there: `_refuse_double_backward`, `_refuse_forward_mode`, `_refuse_derivative_of_jvp`).
+jvp pass; varlen calls it once per sequence); for a backward op or attention_jvp, backward and jvp
+refuse (a second-derivative kernel slots in there: `_refuse_double_backward`,
+`_refuse_forward_mode`, `_refuse_derivative_of_jvp`).
 Batching rules (vmap) are in _vmap.py.
 
 Why not torch.library.register_autograd, as before: the Function it generates takes ctx in
@@ -67,16 +68,13 @@ _VARLEN_ALTERNATIVE = f"{_SDPA_MATH} on each sequence"
 # The refusals
 
 
-_FORWARD_MODE = "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad dual tensors)"
-_FORWARD_MODE_OF_GRADIENT = ("forward-mode AD of its gradient (torch.func.hessian, jacfwd of grad or jacrev: a "
-                             "second derivative)")
-
-
-def _refuse_forward_mode(op: str, public: str, alternative: str, what: str = _FORWARD_MODE) -> Callable:
+def _refuse_forward_mode(op: str, public: str, alternative: str) -> Callable:
+    """The jvp of a backward op: forward mode of a gradient, a second derivative."""
     def jvp(ctx, *tangents):
         raise NotImplementedError(
-            f"{public} (torch.ops.selfattn.{op}): {what} is not supported yet; for these derivatives "
-            f"use {alternative}")
+            f"{public} (torch.ops.selfattn.{op}): forward-mode AD of its gradient (torch.func.hessian, "
+            f"jacfwd of grad or jacrev: a second derivative) is not supported yet; for second-order "
+            f"derivatives use {alternative}")
     return jvp
 
 
@@ -218,20 +216,17 @@ def _nothing_to_save(ctx, inputs, output):
 attention_bwd_function = _register(
     _attention_bwd, _nothing_to_save,
     _refuse_double_backward("attention_bwd", "selfattn.attention", _SDPA_MATH),
-    _refuse_forward_mode("attention_bwd", "selfattn.attention's backward", _SDPA_MATH,
-                         _FORWARD_MODE_OF_GRADIENT))
+    _refuse_forward_mode("attention_bwd", "selfattn.attention's backward", _SDPA_MATH))
 
 self_attention_bwd_function = _register(
     _self_attention_bwd, _nothing_to_save,
     _refuse_double_backward("self_attention_bwd", "selfattn.self_attention", _LAYER_ALTERNATIVE),
-    _refuse_forward_mode("self_attention_bwd", "selfattn.self_attention's backward", _LAYER_ALTERNATIVE,
-                         _FORWARD_MODE_OF_GRADIENT))
+    _refuse_forward_mode("self_attention_bwd", "selfattn.self_attention's backward", _LAYER_ALTERNATIVE))
 
 varlen_attention_bwd_function = _register(
     _varlen_attention_bwd, _nothing_to_save,
     _refuse_double_backward("varlen_attention_bwd", "selfattn.attention_varlen", _VARLEN_ALTERNATIVE),
-    _refuse_forward_mode("varlen_attention_bwd", "selfattn.attention_varlen's backward", _VARLEN_ALTERNATIVE,
-                         _FORWARD_MODE_OF_GRADIENT))
+    _refuse_forward_mode("varlen_attention_bwd", "selfattn.attention_varlen's backward", _VARLEN_ALTERNATIVE))
 
 
 # The forward-mode op: no derivative of its own (that would be a second derivative).
@@ -373,6 +368,8 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    if _forward_mode_possible():
+        ctx.save_for_forward(q, k, v, cu_seqlens_q, cu_seqlens_k)
     ctx.args = tuple(args)  # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right
 
 
@@ -392,9 +389,34 @@ attention_fwd_function = _register(
 self_attention_fwd_function = _register(
     _self_attention_fwd, _self_attention_setup_context, _self_attention_backward, _self_attention_tangent)
 
+def _varlen_tangent(ctx, tangent_q, tangent_k, tangent_v, *_integer_inputs):
+    """attention_jvp once per sequence, on (1, H, n_s, D) views of the packed tensors (the
+    sequence boundaries read on the host: a synchronisation on CUDA), tangents joined along T."""
+    if tangent_q is None and tangent_k is None and tangent_v is None:
+        return None, None
+    q, k, v, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    _, _, causal, scale, window_left, window_right, bottom_right = ctx.args + (-1, -1, False)[len(ctx.args) - 4:]
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+
+    def rows(t, start, end):
+        return None if t is None else t[start:end].transpose(0, 1).unsqueeze(0)
+
+    pieces = []
+    for s in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[s:s + 2], bounds_k[s:s + 2]
+        tensors = (rows(q, q0, q1), rows(k, k0, k1), rows(v, k0, k1), rows(tangent_q, q0, q1),
+                   rows(tangent_k, k0, k1), rows(tangent_v, k0, k1))
+        offset = (k1 - k0) - (q1 - q0) if bottom_right else 0
+        _, _, tangent = call(_attention_jvp, attention_jvp_function,
+                             (*tensors, causal, scale, None, window_left, window_right, offset), tensors)
+        pieces.append(tangent[0].transpose(0, 1))  # (n_s, Hq, Dv)
+    if not pieces:
+        return q.new_zeros(0, q.shape[1], v.shape[2]), None
+    return torch.cat(pieces), None
+
+
 varlen_attention_fwd_function = _register(
-    _varlen_attention_fwd, _varlen_setup_context, _varlen_backward,
-    _refuse_forward_mode("varlen_attention_fwd", "selfattn.attention_varlen", _VARLEN_ALTERNATIVE))
+    _varlen_attention_fwd, _varlen_setup_context, _varlen_backward, _varlen_tangent)
 
 
 from . import _vmap  # noqa: E402,F401  (registers the batching rules)

@@ -5,10 +5,10 @@ silently wrong derivative.
 Works: reverse mode, torch.func.grad / vjp / jacrev / vmap and their compositions (vmap(grad(f)):
 per-sample gradients), also with tensor masks, grouped-query heads and packed (varlen) sequences,
 against an explicit float64 softmax with the dense mask built in the test; forward mode (jvp,
-jacfwd, forward_ad dual tensors) of attention and the fused layer (tests/test_jvp.py has its
-variant grid). Refused for now: forward mode of varlen attention, and second derivatives (double
-backward, hessian). The double-backward tests accept either outcome — a result that matches the
-float64 computation, or the clear error — so that they hold once it is implemented.
+jacfwd, forward_ad dual tensors) of every op (tests/test_jvp.py has its variant grid). Refused for
+now: second derivatives (double backward, hessian, a derivative of a jvp). The double-backward
+tests accept either outcome — a result that matches the float64 computation, or the clear error —
+so that they hold once it is implemented.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import selfattn
-from selfattn import _autograd, _vmap
+from selfattn import _vmap
 from tests.common import assert_close, eager_attention, sample_inputs
 
 f64 = torch.float64
@@ -191,7 +191,7 @@ def assert_clear_refusal(error: BaseException, what: str, op: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward mode: right (attention, the layer) or refused at once (varlen), never a zero tangent
+# Forward mode: right, never a zero tangent
 
 
 def forward_mode_through(entry: str, fn: Callable, inputs: tuple, tangents: tuple):
@@ -209,14 +209,9 @@ def forward_mode_through(entry: str, fn: Callable, inputs: tuple, tangents: tupl
 
 @case_names
 @pytest.mark.parametrize("entry", ["func.jvp", "jacfwd", "forward_ad-last-input"])
-def test_forward_mode_matches_eager_or_is_refused(case_name, entry):
+def test_forward_mode_matches_eager(case_name, entry):
     case = CASES[case_name]()
     tangents = tuple(torch.randn_like(t) for t in case.inputs)
-    if case_name.startswith("varlen"):
-        with pytest.raises(NotImplementedError) as error:
-            forward_mode_through(entry, case.fn, case.inputs, tangents)
-        assert_clear_refusal(error.value, "forward-mode AD", case.forward_op)
-        return
     tangent = forward_mode_through(entry, case.fn, case.inputs, tangents)
     assert_close64(tangent, forward_mode_through(entry, case.eager, case.inputs, tangents), entry)
     assert tangent.abs().max() > 0.1  # not the zero tangent of old
@@ -316,12 +311,9 @@ def test_second_order_transforms_match_or_are_refused(case_name, transform):
     try:
         result = second_order(case.fn)
     except NotImplementedError as error:
-        # hessian is forward over reverse: the backward op's jvp refuses (varlen: the forward op's).
-        what = "double backward"
-        if transform == "hessian":
-            what = "forward-mode AD" if case_name.startswith("varlen") else "forward-mode AD of its gradient"
-        op = case.forward_op if transform == "hessian" and case_name.startswith("varlen") else case.backward_op
-        assert_clear_refusal(error, what, op)
+        # hessian is forward over reverse: the backward op's jvp refuses.
+        what = "forward-mode AD of its gradient" if transform == "hessian" else "double backward"
+        assert_clear_refusal(error, what, case.backward_op)
     else:
         assert_close64(result, second_order(case.eager), transform)
 
@@ -569,18 +561,20 @@ def test_a_mask_that_requires_grad_is_refused():
     assert_close64(out, torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + bias.detach(), -1) @ v, "float mask")
 
 
-def test_forward_mode_through_varlen_is_refused_not_zero():
-    """register_autograd gave varlen a zero tangent under forward mode; now it raises."""
+def test_forward_mode_through_the_raw_varlen_ops():
+    """register_autograd gave varlen a zero tangent under forward mode; now it is right, and its
+    backward op refuses forward mode (a second derivative)."""
     case = varlen_case()
     q, k, v = case.inputs
     cu_q, cu_k = varlen_cu(VARLEN_Q), varlen_cu(VARLEN_K)
-    with pytest.raises(NotImplementedError) as error:
-        torch.func.jvp(lambda q: ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, 5, 6, True, 0.3)[0], (q,),
-                       (torch.randn_like(q),))
-    assert_clear_refusal(error.value, "forward-mode AD", "varlen_attention_fwd")
+    t = torch.randn_like(q)
+    _, tangent = torch.func.jvp(lambda q: ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, 5, 6, True, 8**-0.5)[0],
+                                (q,), (t,))
+    _, expected = torch.func.jvp(lambda q: case.eager(q, k, v), (q,), (t,))
+    assert_close64(tangent, expected, "varlen_attention_fwd")
     out, lse = ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, 5, 6, True, 0.3)
     grad_out = torch.randn_like(out)
     with fwAD.dual_level(), pytest.raises(NotImplementedError) as error:
         ops.varlen_attention_bwd(fwAD.make_dual(grad_out, torch.randn_like(grad_out)), q, k, v, out, lse, cu_q, cu_k,
                                  5, 6, True, 0.3)
-    assert_clear_refusal(error.value, "forward-mode AD", "varlen_attention_bwd")
+    assert_clear_refusal(error.value, "forward-mode AD of its gradient", "varlen_attention_bwd")

@@ -103,7 +103,7 @@ def expected_jvp(dense, q, k, v, tangents, scale, dtype=f64):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
-@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_kernel_matches_eager_jvp(variant, dtype):
     q, k, v, tangents = inputs(variant, dtype)
     scale = 0.2
@@ -126,7 +126,8 @@ def test_kernel_matches_eager_jvp(variant, dtype):
         assert empty.any() and (tangent.float()[empty] == 0).all()
 
 
-@pytest.mark.parametrize("missing", [(0,), (1,), (2,), (0, 1), (1, 2)], ids=lambda m: "no-" + "".join("qkv"[i] for i in m))
+@pytest.mark.parametrize("missing", [(0,), (1,), (2,), (0, 1), (1, 2)],
+                         ids=lambda m: "no-" + "".join("qkv"[i] for i in m))
 def test_absent_tangents_are_zero(missing):
     variant = Variant("window-causal-gqa", 80, 90, causal=True, window=(40, -1), offset=10)
     q, k, v, tangents = inputs(variant, f64)
@@ -218,8 +219,41 @@ def test_layer_jvp_matches_eager(bias):
 def test_layer_jacfwd_equals_jacrev():
     x, w, b = torch.randn(2, 5, 6, dtype=f64), torch.randn(18, 6, dtype=f64), torch.randn(18, dtype=f64)
     fn = lambda x, w, b: selfattn.self_attention(x, w, b, num_heads=2, window=(2, 1))  # noqa: E731
-    for f, r in zip(torch.func.jacfwd(fn, argnums=(0, 1, 2))(x, w, b), torch.func.jacrev(fn, argnums=(0, 1, 2))(x, w, b)):
+    forward = torch.func.jacfwd(fn, argnums=(0, 1, 2))(x, w, b)
+    for f, r in zip(forward, torch.func.jacrev(fn, argnums=(0, 1, 2))(x, w, b)):
         assert_close(f, r, r, "layer jacfwd vs jacrev")
+
+
+def test_varlen_jvp_matches_eager_per_sequence():
+    """Packed sequences (one empty, one with Nk < Nq), bottom-right causal with a window, GQA:
+    against the oracle run on each sequence with its dense band."""
+    lengths_q, lengths_k = [70, 0, 9, 40], [90, 5, 3, 40]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)
+                  for n in (lengths_q, lengths_k))
+    q = torch.randn(sum(lengths_q), 4, 16, dtype=f64)
+    k, v = torch.randn(sum(lengths_k), 2, 16, dtype=f64), torch.randn(sum(lengths_k), 2, 8, dtype=f64)
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+
+    def fn(q, k, v):
+        return selfattn.attention_varlen(q, k, v, cu_q, cu_k, 70, 90, causal="bottom_right", enable_gqa=True,
+                                         window=(12, -1), scale=0.3)
+
+    def eager(q, k, v):
+        outs = []
+        for s, (nq, nk) in enumerate(zip(lengths_q, lengths_k)):
+            variant = Variant("seq", nq, nk, causal=True, window=(12, -1), offset=nk - nq)
+            seq = [t[cu[s]:cu[s] + n].transpose(0, 1)[None]
+                   for t, cu, n in ((q, cu_q, nq), (k, cu_k, nk), (v, cu_k, nk))]
+            _, visible, bias = make_mask(variant, 1, 4)
+            outs.append(oracle(*seq, visible, bias, 0.3)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    _, tangent = torch.func.jvp(fn, (q, k, v), tangents)
+    _, expected = torch.func.jvp(eager, (q, k, v), tangents)
+    assert_close(tangent, expected, expected, "varlen jvp")
+    forward = torch.func.jacfwd(fn, argnums=1)(q, k, v)  # through the batching rule of attention_jvp
+    reverse = torch.func.jacrev(eager, argnums=1)(q, k, v)
+    assert_close(forward, reverse, reverse, "varlen jacfwd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +275,8 @@ def test_a_mask_with_a_tangent_is_refused():
     bias = torch.randn(1, 1, 5, 6, dtype=f64)
     message = "attn_mask carries a forward-mode tangent, but selfattn does not compute the derivative along a mask"
     with pytest.raises(NotImplementedError, match=message):
-        torch.func.jvp(lambda q, m: selfattn.attention(q, k, v, m), (q, bias), (torch.randn_like(q), torch.randn_like(bias)))
+        torch.func.jvp(lambda q, m: selfattn.attention(q, k, v, m), (q, bias),
+                       (torch.randn_like(q), torch.randn_like(bias)))
     x, w = torch.randn(2, 5, 6, dtype=f64), torch.randn(12, 6, dtype=f64)
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match=message):
         selfattn.self_attention(x, fwAD.make_dual(w, torch.randn_like(w)), num_heads=2,
