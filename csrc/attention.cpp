@@ -39,20 +39,6 @@ void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const a
 
 namespace {
 
-// The ops' mask arguments as the kernels take them; attn_mask broadcast to (B, Hq, Nq, Nk) as a view.
-// Dropout rides along with the mask description (attention.h).
-AttentionMask make_mask(const AttentionShape& s, bool causal, const std::optional<at::Tensor>& attn_mask,
-                        int64_t window_left, int64_t window_right, int64_t diagonal_offset, double dropout_p,
-                        const std::optional<at::Tensor>& rng_state) {
-  AttentionMask mask;
-  mask.band = make_band(causal, window_left, window_right, diagonal_offset);
-  if (attn_mask.has_value()) {
-    mask.tensor = attn_mask->expand({s.batch, s.heads, s.nq, s.nk});
-  }
-  mask.set_dropout(dropout_p, rng_state);
-  return mask;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, bool causal, double scale,
                                                  const std::optional<at::Tensor>& attn_mask,

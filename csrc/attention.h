@@ -44,6 +44,19 @@ struct AttentionMask {
   }
 };
 
+// The ops' mask arguments as the kernels take them; attn_mask broadcast to (B, Hq, Nq, Nk) as a view.
+inline AttentionMask make_mask(const AttentionShape& s, bool causal, const std::optional<at::Tensor>& attn_mask,
+                               int64_t window_left, int64_t window_right, int64_t diagonal_offset,
+                               double dropout_p = 0.0, const std::optional<at::Tensor>& rng_state = std::nullopt) {
+  AttentionMask mask;
+  mask.band = make_band(causal, window_left, window_right, diagonal_offset);
+  if (attn_mask.has_value()) {
+    mask.tensor = attn_mask->expand({s.batch, s.heads, s.nq, s.nk});
+  }
+  mask.set_dropout(dropout_p, rng_state);
+  return mask;
+}
+
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const AttentionMask& mask, double scale, const at::Tensor& out,
                            const at::Tensor& lse);
@@ -54,6 +67,19 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                             const AttentionMask& mask, double scale, const at::Tensor& grad_q,
                             const at::Tensor& grad_k, const at::Tensor& grad_v);
+
+// Forward-mode derivative: out and lse as attention_forward_cpu's, and tangent_out (B, Hq, Nq, Dv), any
+// strides, the derivative of out along tangent_q/k/v (the shapes of q/k/v, any strides; an undefined
+// tangent is zero). One pass, no Nq x Nk matrix (attention_jvp.cpp).
+void attention_jvp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
+                       const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask,
+                       double scale, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out);
+
+#ifdef SELFATTN_WITH_CUDA
+void attention_jvp_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
+                        const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask,
+                        double scale, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out);
+#endif
 
 #ifdef SELFATTN_WITH_CUDA
 void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -138,6 +138,23 @@ void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
                     at::IntArrayRef(full), ", got shape ", mask.sizes());
 }
 
+void check_attention_tangents(const AttentionShape& s, const at::Tensor& q,
+                              const std::optional<at::Tensor>& tangent_q,
+                              const std::optional<at::Tensor>& tangent_k,
+                              const std::optional<at::Tensor>& tangent_v) {
+  const auto check = [&](const std::optional<at::Tensor>& tangent, const char* name,
+                         const std::vector<int64_t>& shape, const char* meaning) {
+    if (tangent.has_value()) {
+      check_float_tensor(*tangent, name);
+      check_like(*tangent, name, q, "q");
+      check_shape(*tangent, name, shape, meaning);
+    }
+  };
+  check(tangent_q, "tangent_q", {s.batch, s.heads, s.nq, s.dim}, "(B, Hq, Nq, D), q's");
+  check(tangent_k, "tangent_k", {s.batch, s.heads_kv, s.nk, s.dim}, "(B, Hk, Nk, D), k's");
+  check(tangent_v, "tangent_v", {s.batch, s.heads_kv, s.nk, s.dim_v}, "(B, Hk, Nk, Dv), v's");
+}
+
 void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
                                  const at::Tensor& grad_out, const at::Tensor& out,
                                  const at::Tensor& lse) {

@@ -9,6 +9,7 @@
 // Shapes (the kernels read every tensor through its strides, so no layout is required):
 //   attention   q (B, Hq, Nq, D)  k (B, Hk, Nk, D)  v (B, Hk, Nk, Dv)   Hk divides Hq
 //               out, grad_out (B, Hq, Nq, Dv)     lse (B, Hq, Nq)
+//               tangent_q/k/v: the shapes of q/k/v, or None
 //               attn_mask: bool or float, 4-D, each dim 1 or that of (B, Hq, Nq, Nk)
 //   varlen      q (Tq, Hq, D)  k (Tk, Hk, D)  v (Tk, Hk, Dv)   Hk divides Hq
 //               cu_seqlens_q, cu_seqlens_k int32 (S + 1,)   out, grad_out (Tq, Hq, Dv)   lse (Hq, Tq)
@@ -48,6 +49,13 @@ struct LayerShape {
 // q, k, v of attention_fwd; the scale it multiplies the scores by.
 AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       double scale);
+
+// The tangents of attention_jvp, each undefined (a zero tangent) or with the dtype, device and shape
+// of its primal (q, k or v).
+void check_attention_tangents(const AttentionShape& s, const at::Tensor& q,
+                              const std::optional<at::Tensor>& tangent_q,
+                              const std::optional<at::Tensor>& tangent_k,
+                              const std::optional<at::Tensor>& tangent_v);
 
 // attn_mask and the window sides of the attention ops, against the shape of q, k and v.
 void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,

@@ -51,6 +51,16 @@ TORCH_LIBRARY(selfattn, m) {
       "bool causal, float scale, Tensor? attn_mask=None, int window_left=-1, int window_right=-1, "
       "int diagonal_offset=0, float dropout_p=0.0, Tensor? rng_state=None) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Forward-mode derivative (jvp) of attention_fwd: its out and lse, and tangent_out, the derivative of
+  // out along tangent_q, tangent_k, tangent_v (the shapes, dtype and device of q, k, v; None: a zero
+  // tangent). With S = scale·q kᵀ (+ mask), P = softmax(S) and dS = scale·(dq kᵀ + q dkᵀ):
+  // tangent_out = P·dv + (P ∘ (dS − rowsum(P ∘ dS)))·v, in one pass with no Nq x Nk matrix.
+  // tangent_out is laid out as out; 0 for a row that sees no key. The mask arguments as attention_fwd's
+  // (the mask itself has no tangent).
+  m.def(
+      "attention_jvp(Tensor q, Tensor k, Tensor v, Tensor? tangent_q, Tensor? tangent_k, Tensor? tangent_v, "
+      "bool causal, float scale, Tensor? attn_mask=None, int window_left=-1, int window_right=-1, "
+      "int diagonal_offset=0) -> (Tensor out, Tensor lse, Tensor tangent_out)");
   // Variable-length (packed) sequences, FlashAttention's layout (varlen.cpp): q (Tq, Hq, D),
   // k (Tk, Hk, D), v (Tk, Hk, Dv); cu_seqlens_q / cu_seqlens_k int32 (S + 1,), 0 first,
   // non-decreasing, Tq / Tk last: sequence s is rows cu[s]:cu[s+1]. max_seqlen_q / _k bound every

@@ -12,7 +12,7 @@
 # run), each reported and none stopping the others:
 #   1. environment (nvidia-smi, torch, nvcc)
 #   2. build for this GPU's arch only (pip editable install, or setup.py build_ext --inplace)
-#   3. pytest tests/test_cuda.py
+#   3. pytest tests/test_cuda.py tests/test_cuda_jvp.py
 #   4. benchmarks, short timings (--quick: 2 ms samples, 7 interleaved rounds, no memory):
 #      a. FlashAttention's shapes (--sweep fa: bf16, batch·seqlen = 16384, heads·head_dim = 2048,
 #         head_dim 64 and 128, seqlen 512..8192, causal and not), forward and backward,
@@ -101,9 +101,9 @@ pytest_line() {  # the "N passed, M failed ... in Xs" line of a pytest log
   grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error)" "$1" | tail -1 | sed -E 's/=//g; s/^ +| +$//g'
 }
 
-banner "3. pytest tests/test_cuda.py"
+banner "3. pytest tests/test_cuda.py tests/test_cuda_jvp.py"
 if (( BUILD_OK )); then
-  timeout "$(allow 180 260)" $PYTHON -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py \
+  timeout "$(allow 180 260)" $PYTHON -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py tests/test_cuda_jvp.py \
     >"$LOGS/test_cuda.log" 2>&1
   rc=$?
   tail -25 "$LOGS/test_cuda.log"
@@ -187,7 +187,7 @@ if (( ! BUILD_OK )); then
 elif (( cpu_time < 45 )); then
   note "CPU tests" "skipped: ${cpu_time}s left in the budget"
 else
-  timeout "$cpu_time" $PYTHON -m pytest -q -x -p no:cacheprovider tests --ignore=tests/test_cuda.py \
+  timeout "$cpu_time" $PYTHON -m pytest -q -x -p no:cacheprovider tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_jvp.py \
     >"$LOGS/test_cpu.log" 2>&1
   rc=$?
   tail -5 "$LOGS/test_cpu.log"

@@ -1,18 +1,22 @@
-"""Autograd for the ops (attention, the fused layer, varlen attention): reverse mode, the
-torch.func transforms, and clear refusals of what is not implemented yet.
+"""Autograd for the ops (attention, the fused layer, varlen attention): reverse mode, forward
+mode, the torch.func transforms, and clear refusals of what is not implemented yet.
 
-Supported: reverse mode (backward, torch.autograd.grad) and torch.func.grad, vjp, jacrev and vmap
-with their compositions (vmap(grad(f)): per-sample gradients). Refused at once, with an error
-naming the op and the alternative: forward mode (torch.func.jvp, jacfwd, hessian, dual tensors of
-torch.autograd.forward_ad) and double backward (a derivative of a gradient). A tensor attn_mask
-is not differentiable: one that requires grad is refused. cu_seqlens of the varlen ops are
-integer tensors and never differentiable.
+Supported: reverse mode (backward, torch.autograd.grad), torch.func.grad, vjp, jacrev and vmap
+with their compositions (vmap(grad(f)): per-sample gradients), and forward mode of every forward
+op (torch.func.jvp, jacfwd, dual tensors of torch.autograd.forward_ad) through the attention_jvp
+op. Refused at once, with an error naming the op and the alternative: every second derivative
+(double backward, hessian, a derivative of a jvp). A tensor attn_mask is not differentiable: one
+that requires grad or carries a tangent is refused. cu_seqlens of the varlen ops are integer
+tensors and never differentiable.
 
 Each op gets a Python kernel on the dispatcher's Autograd key, so the raw torch.ops.selfattn.* ops
 and the public functions behave alike. When something is to be differentiated, the kernel applies
-the op's autograd Function: for a forward op, backward is the matching backward op; for a backward
-op, backward refuses (a double-backward kernel slots in there: `_refuse_double_backward`). Every
-Function's jvp refuses (a forward-mode kernel slots in there: `_refuse_forward_mode`).
+the op's autograd Function: for a forward op, backward is the matching backward op and jvp calls
+attention_jvp (which recomputes out beside its tangent, so forward mode costs a forward and a
+jvp pass; varlen calls it once per sequence); for a backward op or attention_jvp, backward and jvp
+refuse (a second-derivative kernel slots in there: `_refuse_double_backward`,
+`_refuse_forward_mode`, `_refuse_derivative_of_jvp`).
+Batching rules (vmap) are in _vmap.py.
 
 Why not torch.library.register_autograd, as before: the Function it generates takes ctx in
 forward and has no setup_context, so every torch.func transform refuses it (pytorch#168393,
@@ -28,7 +32,7 @@ its forward goes below autograd and the dispatcher carries the call on to the ne
 re-enters functorch through the custom_function_call operator, which finds no kernel there.)
 Its forward takes ctx, the classic form: a setup_context Function binds its arguments with
 inspect.signature on every call (~28 µs here; pytorch#189573). vmap never reaches the Function:
-each op's batching rule (below) runs before autograd and folds the vmapped dim into the batch dim
+each op's batching rule (_vmap.py) runs before autograd and folds the vmapped dim into the batch dim
 (the varlen ops, whose packed layout has no batch dim, take one op call per sample).
 """
 
@@ -43,10 +47,10 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.autograd.function import _SingleLevelFunction
 
-from . import _checks
 
 _attention_fwd = torch.ops.selfattn.attention_fwd.default
 _attention_bwd = torch.ops.selfattn.attention_bwd.default
+_attention_jvp = torch.ops.selfattn.attention_jvp.default
 _self_attention_fwd = torch.ops.selfattn.self_attention_fwd.default
 _self_attention_bwd = torch.ops.selfattn.self_attention_bwd.default
 _varlen_attention_fwd = torch.ops.selfattn.varlen_attention_fwd.default
@@ -65,10 +69,11 @@ _VARLEN_ALTERNATIVE = f"{_SDPA_MATH} on each sequence"
 
 
 def _refuse_forward_mode(op: str, public: str, alternative: str) -> Callable:
+    """The jvp of a backward op: forward mode of a gradient, a second derivative."""
     def jvp(ctx, *tangents):
         raise NotImplementedError(
-            f"{public} (torch.ops.selfattn.{op}): forward-mode AD (torch.func.jvp, jacfwd, hessian, "
-            f"torch.autograd.forward_ad dual tensors) is not supported yet; for forward-mode "
+            f"{public} (torch.ops.selfattn.{op}): forward-mode AD of its gradient (torch.func.hessian, "
+            f"jacfwd of grad or jacrev: a second derivative) is not supported yet; for second-order "
             f"derivatives use {alternative}")
     return jvp
 
@@ -80,6 +85,23 @@ def _refuse_double_backward(op: str, public: str, alternative: str) -> Callable:
             f"(backward through a create_graph=True gradient, gradgradcheck, torch.func.grad of grad, "
             f"jacrev of jacrev) is not supported yet; for second-order derivatives use {alternative}")
     return backward
+
+
+def _refuse_derivative_of_jvp(op: str, public: str, alternative: str) -> Callable:
+    def refuse(ctx, *tangents_or_grads):
+        raise NotImplementedError(
+            f"{public} (torch.ops.selfattn.{op}): a derivative of its forward-mode derivative (a second "
+            f"derivative: jacrev or jacfwd of jacfwd, grad through a jvp) is not supported yet; for "
+            f"second-order derivatives use {alternative}")
+    return refuse
+
+
+def _refuse_mask_tangent(tangent: Optional[Tensor], public: str) -> None:
+    if tangent is not None:
+        raise NotImplementedError(
+            f"{public}: attn_mask carries a forward-mode tangent, but selfattn does not compute the derivative "
+            "along a mask; pass it without a tangent, or use F.scaled_dot_product_attention for a learned "
+            "additive mask")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +240,22 @@ varlen_attention_bwd_function = _register(
     _refuse_forward_mode("varlen_attention_bwd", "selfattn.attention_varlen's backward", _VARLEN_ALTERNATIVE))
 
 
+# The forward-mode op: no derivative of its own (that would be a second derivative).
+attention_jvp_function = _register(
+    _attention_jvp, _nothing_to_save,
+    _refuse_derivative_of_jvp("attention_jvp", "selfattn.attention's forward-mode derivative", _SDPA_MATH),
+    _refuse_derivative_of_jvp("attention_jvp", "selfattn.attention's forward-mode derivative", _SDPA_MATH))
+
+
 # ---------------------------------------------------------------------------------------------
 # The forward ops. lse (and the fused op's qkv buffer) are kept for backward and are not
 # differentiable.
+
+
+def _forward_mode_possible() -> bool:
+    """Whether a jvp may follow this forward (a dual level is open, or a torch.func transform is
+    active): only then are the inputs kept for it (save_for_forward), off the plain backward path."""
+    return _forward_ad._current_level >= 0 or _functorch_active()
 
 
 def _refuse_mask_grad(attn_mask: Optional[Tensor], public: str) -> None:
@@ -241,6 +276,8 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state)
+    if _forward_mode_possible():
+        ctx.save_for_forward(q, k, v, attn_mask)
     ctx.args = (causal, scale)
     ctx.window = tuple(rest[1:5])  # the window, diagonal offset and dropout_p
     ctx.num_inputs = len(inputs)
@@ -261,6 +298,37 @@ def _attention_backward(ctx, grad_out, _grad_lse):
     return (grad_q, grad_k, grad_v) + (None,) * (ctx.num_inputs - 3)
 
 
+def _attention_tangent(ctx, tangent_q, tangent_k, tangent_v, *mask_tangents):
+    """The tangent of out (lse is not differentiable) by the attention_jvp op, which recomputes out
+    beside it in one pass. An input without a tangent (None) adds nothing."""
+    _refuse_mask_tangent(mask_tangents[2] if len(mask_tangents) > 2 else None, "selfattn.attention")
+    _refuse_dropout_tangent(ctx.window[3:], "selfattn.attention")
+    if tangent_q is None and tangent_k is None and tangent_v is None:
+        return None, None
+    q, k, v, attn_mask = ctx.saved_tensors
+    tensors = (q, k, v, tangent_q, tangent_k, tangent_v)
+    if attn_mask is None and not ctx.window:
+        args = (*tensors, *ctx.args)
+    else:
+        args = (*tensors, *ctx.args, attn_mask, *ctx.window[:3])
+    _, _, tangent_out = call(_attention_jvp, attention_jvp_function, args, tensors)
+    return tangent_out, None
+
+
+def _refuse_dropout_tangent(dropout_p: tuple, public: str) -> None:
+    """Forward mode through dropout is not implemented (attention_jvp has no keep mask)."""
+    if dropout_p and dropout_p[0] != 0.0:
+        raise NotImplementedError(
+            f"{public}: forward-mode AD (jvp) with dropout_p > 0 is not supported; use dropout_p=0 "
+            "(e.g. the module in eval mode), or F.scaled_dot_product_attention with the math backend")
+
+
+def _split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int):
+    """q (B, H, N, D), k and v (B, Hkv, N, D): views of the fused op's (B, N, (H + 2·Hkv)·D) buffer."""
+    heads = qkv.unflatten(-1, (num_heads + 2 * num_kv_heads, -1)).transpose(1, 2)
+    return heads[:, :num_heads], heads[:, num_heads:num_heads + num_kv_heads], heads[:, num_heads + num_kv_heads:]
+
+
 def _self_attention_setup_context(ctx, inputs, output):
     # mask_args: num_kv_heads, attn_mask, window_left, window_right, dropout_p, rng_state (or a prefix)
     x, w_qkv, b_qkv, num_heads, causal, scale, *mask_args = inputs
@@ -273,6 +341,8 @@ def _self_attention_setup_context(ctx, inputs, output):
     # the gradient of that non-differentiable output: measured +48 MiB peak at N = 8192, E = 512.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, w_qkv, qkv, out, lse, attn_mask, rng_state)
+    if _forward_mode_possible():
+        ctx.save_for_forward(x, w_qkv, qkv, attn_mask)
     ctx.has_bias = b_qkv is not None
     ctx.args = (num_heads, causal, scale)
     ctx.mask_args = (mask_args[0] if mask_args else 0, *mask_args[2:5])  # num_kv_heads, window sides, dropout_p
@@ -295,15 +365,43 @@ def _self_attention_backward(ctx, grad_out, _grad_qkv, _grad_lse):
         + (None,) * (ctx.num_inputs - 3)
 
 
+def _self_attention_tangent(ctx, tangent_x, tangent_w, tangent_b, *rest):
+    """The projection's tangent (dx·Wᵀ + x·dWᵀ + db), then attention_jvp on the heads of the saved
+    projection and of its tangent, then the tangent of out with the heads side by side."""
+    _refuse_mask_tangent(rest[4] if len(rest) > 4 else None, "selfattn.self_attention")  # attn_mask's
+    _refuse_dropout_tangent(ctx.mask_args[3:], "selfattn.self_attention")
+    x, w_qkv, qkv, attn_mask = ctx.saved_tensors
+    tangent_qkv = None
+    for term in (None if tangent_x is None else torch.nn.functional.linear(tangent_x, w_qkv),
+                 None if tangent_w is None else torch.nn.functional.linear(x, tangent_w),
+                 tangent_b):
+        if term is not None:
+            tangent_qkv = term if tangent_qkv is None else tangent_qkv + term
+    if tangent_qkv is None:
+        return None, None, None
+    num_heads, causal, scale = ctx.args
+    num_kv_heads, *window = ctx.mask_args[:3]
+    heads_kv = num_kv_heads or num_heads
+    q, k, v = _split_heads(qkv, num_heads, heads_kv)
+    tangent_q, tangent_k, tangent_v = _split_heads(tangent_qkv.expand_as(qkv), num_heads, heads_kv)
+    tensors = (q, k, v, tangent_q, tangent_k, tangent_v)
+    _, _, tangent_out = call(_attention_jvp, attention_jvp_function,
+                             (*tensors, causal, scale, attn_mask, *window), tensors)
+    # (B, H, N, D) laid out as (B, N, H, D): the (B, N, H·D) tangent with the heads side by side.
+    return tangent_out.transpose(1, 2).flatten(2), None, None
+
+
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, *args = inputs
-    rng_state = args[9] if len(args) > 9 else None
+    rng_state = args[8] if len(args) > 8 else None  # saved: the backward regenerates the same keep mask
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
+    if _forward_mode_possible():
+        ctx.save_for_forward(q, k, v, cu_seqlens_q, cu_seqlens_k)
     # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right, dropout_p
-    ctx.args = tuple(args[:9])
+    ctx.args = tuple(args[:8])
     ctx.num_inputs = len(inputs)
 
 
@@ -318,175 +416,42 @@ def _varlen_backward(ctx, grad_out, _grad_lse):
 
 
 attention_fwd_function = _register(
-    _attention_fwd, _attention_setup_context, _attention_backward,
-    _refuse_forward_mode("attention_fwd", "selfattn.attention", _SDPA_MATH))
+    _attention_fwd, _attention_setup_context, _attention_backward, _attention_tangent)
 
 self_attention_fwd_function = _register(
-    _self_attention_fwd, _self_attention_setup_context, _self_attention_backward,
-    _refuse_forward_mode("self_attention_fwd", "selfattn.self_attention", _LAYER_ALTERNATIVE))
+    _self_attention_fwd, _self_attention_setup_context, _self_attention_backward, _self_attention_tangent)
+
+def _varlen_tangent(ctx, tangent_q, tangent_k, tangent_v, *_integer_inputs):
+    """attention_jvp once per sequence, on (1, H, n_s, D) views of the packed tensors (the
+    sequence boundaries read on the host: a synchronisation on CUDA), tangents joined along T."""
+    # ctx.args: max_seqlen_q, max_seqlen_k, causal, scale, then the defaults' prefix given
+    _, _, causal, scale, window_left, window_right, bottom_right, dropout_p = \
+        ctx.args + (-1, -1, False, 0.0)[len(ctx.args) - 4:]
+    _refuse_dropout_tangent((dropout_p,), "selfattn.attention_varlen")
+    if tangent_q is None and tangent_k is None and tangent_v is None:
+        return None, None
+    q, k, v, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+
+    def rows(t, start, end):
+        return None if t is None else t[start:end].transpose(0, 1).unsqueeze(0)
+
+    pieces = []
+    for s in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[s:s + 2], bounds_k[s:s + 2]
+        tensors = (rows(q, q0, q1), rows(k, k0, k1), rows(v, k0, k1), rows(tangent_q, q0, q1),
+                   rows(tangent_k, k0, k1), rows(tangent_v, k0, k1))
+        offset = (k1 - k0) - (q1 - q0) if bottom_right else 0
+        _, _, tangent = call(_attention_jvp, attention_jvp_function,
+                             (*tensors, causal, scale, None, window_left, window_right, offset), tensors)
+        pieces.append(tangent[0].transpose(0, 1))  # (n_s, Hq, Dv)
+    if not pieces:
+        return q.new_zeros(0, q.shape[1], v.shape[2]), None
+    return torch.cat(pieces), None
+
 
 varlen_attention_fwd_function = _register(
-    _varlen_attention_fwd, _varlen_setup_context, _varlen_backward,
-    _refuse_forward_mode("varlen_attention_fwd", "selfattn.attention_varlen", _VARLEN_ALTERNATIVE))
+    _varlen_attention_fwd, _varlen_setup_context, _varlen_backward, _varlen_tangent)
 
 
-# ---------------------------------------------------------------------------------------------
-# Batching rules (torch.vmap), run before autograd at each vmap level. Each rule first checks the
-# arguments as the op sees them, on meta tensors without the vmapped dim, so that a bad argument
-# is reported in the op's own words and sizes rather than those of the folded batch.
-
-
-def _unbatched_meta(t, bdim: Optional[int]):
-    if not isinstance(t, Tensor):
-        return t
-    shape = list(t.shape)
-    if bdim is not None:
-        del shape[bdim]
-    return torch.empty(shape, dtype=t.dtype, device="meta")
-
-
-def _vmapped_first(t: Tensor, bdim: Optional[int], size: int) -> Tensor:
-    """t with the vmapped dim first; an unbatched t expanded to it (stride 0, no copy)."""
-    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
-
-
-def _fold(tensors: Sequence[Tensor], bdims: Sequence[Optional[int]], size: int):
-    """Each (V, B, ...) tensor as (V·B, ...): the samples become batch entries. A view when the
-    strides allow; a copy otherwise (e.g. an unbatched tensor expanded over V, with B > 1)."""
-    leading = [_vmapped_first(t, d, size) for t, d in zip(tensors, bdims)]
-    return [t.flatten(0, 1) for t in leading], leading[0].shape[1]
-
-
-def _vmap_by_loop(op, info, in_dims, args):
-    """One op call per sample, outputs stacked: for what cannot be folded into the batch."""
-    # in_dims holds None for a non-tensor argument, or a list of Nones for a list (output_mask).
-    batched = [isinstance(a, Tensor) and d is not None for a, d in zip(args, in_dims)]
-    if info.batch_size == 0:
-        # No sample to run: one of zeros gives the outputs' shapes.
-        zeros = [a.new_zeros(_unbatched_meta(a, d).shape) if b else a for a, d, b in zip(args, in_dims, batched)]
-        outputs = tuple(o.new_empty((0, *o.shape)) for o in op(*zeros))
-    else:
-        per_sample = [op(*(a.select(d, i) if b else a for a, d, b in zip(args, in_dims, batched)))
-                      for i in range(info.batch_size)]
-        outputs = tuple(torch.stack(parts) for parts in zip(*per_sample))
-    return outputs, (0,) * len(outputs)
-
-
-def _padded(in_dims, num_args: int) -> tuple:
-    """in_dims for all the op's arguments: the dispatcher leaves out trailing ones at their
-    defaults (an attn_mask of None and the rest), and so does in_dims."""
-    return tuple(in_dims) + (None,) * (num_args - len(in_dims))
-
-
-def _fold_mask(attn_mask: Optional[Tensor], bdim: Optional[int], size: int, batch: int) -> Optional[Tensor]:
-    """The op's attn_mask (B or 1, H or 1, Nq or 1, Nk or 1) for the folded (V·B, ...) batch.
-
-    Unvmapped with a batch dim of 1, it broadcasts over V·B as it is (no copy). Otherwise it
-    becomes (V, B, ...) — the vmapped dim first, or stride 0 when it has none; its batch dim
-    expanded to B when it is 1 — then (V·B, ...): a view when the strides allow (a vmapped mask
-    with B entries, contiguous), else a copy of V·B·(its other dims) elements, the price of one
-    op call for every sample."""
-    if attn_mask is None or (bdim is None and attn_mask.shape[0] == 1):
-        return attn_mask
-    leading = _vmapped_first(attn_mask, bdim, size)
-    if leading.dim() != 5:
-        return leading  # not 4-D per sample: the checks before the fold have refused it already
-    return leading.expand(size, batch, *leading.shape[2:]).flatten(0, 1)
-
-
-@torch.library.register_vmap("selfattn::attention_fwd", lib=_lib)
-def _attention_fwd_vmap(info, in_dims, q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
-                        diagonal_offset=0, dropout_p=0.0, rng_state=None):
-    in_dims = _padded(in_dims, 11)
-    m_q, m_k, m_v, m_mask = (_unbatched_meta(t, d) for t, d in zip((q, k, v, attn_mask), in_dims[:3] + in_dims[5:6]))
-    shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
-    _checks.check_mask_inputs(shape, m_q, m_mask, window_left, window_right)
-    if dropout_p != 0.0 or rng_state is not None:
-        # Folding the samples into the batch would change each sample's b, so its keep mask: one
-        # call per sample keeps every sample's mask that of its own (B, Hq, Nq, Nk).
-        return _vmap_by_loop(_attention_fwd, info, in_dims, (q, k, v, causal, scale, attn_mask, window_left,
-                                                             window_right, diagonal_offset, dropout_p, rng_state))
-    (q, k, v), batch = _fold((q, k, v), in_dims[:3], info.batch_size)
-    attn_mask = _fold_mask(attn_mask, in_dims[5], info.batch_size, batch)
-    out, lse = _attention_fwd(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
-    return (out.unflatten(0, (info.batch_size, batch)), lse.unflatten(0, (info.batch_size, batch))), (0, 0)
-
-
-@torch.library.register_vmap("selfattn::attention_bwd", lib=_lib)
-def _attention_bwd_vmap(info, in_dims, grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
-                        window_right=-1, diagonal_offset=0, dropout_p=0.0, rng_state=None):
-    tensors = (grad_out, q, k, v, out, lse)
-    in_dims = _padded(in_dims, 14)
-    m_grad_out, m_q, m_k, m_v, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(tensors, in_dims))
-    mask_dim = in_dims[8]
-    shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
-    _checks.check_mask_inputs(shape, m_q, _unbatched_meta(attn_mask, mask_dim), window_left, window_right)
-    _checks.check_attention_grad_inputs(shape, m_q, m_grad_out, m_out, m_lse)
-    if dropout_p != 0.0 or rng_state is not None:  # as in the forward: one call per sample
-        return _vmap_by_loop(_attention_bwd, info, in_dims, (*tensors, causal, scale, attn_mask, window_left,
-                                                             window_right, diagonal_offset, dropout_p, rng_state))
-    folded, batch = _fold(tensors, in_dims[:6], info.batch_size)
-    # _fold takes the batch size from its first tensor, grad_out: (B, H, Nq, Dv), checked above.
-    attn_mask = _fold_mask(attn_mask, mask_dim, info.batch_size, batch)
-    grads = _attention_bwd(*folded, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
-    return tuple(g.unflatten(0, (info.batch_size, batch)) for g in grads), (0, 0, 0)
-
-
-@torch.library.register_vmap("selfattn::self_attention_fwd", lib=_lib)
-def _self_attention_fwd_vmap(info, in_dims, x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0,
-                             attn_mask=None, window_left=-1, window_right=-1, dropout_p=0.0, rng_state=None):
-    args = (x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left, window_right,
-            dropout_p, rng_state)
-    in_dims = _padded(in_dims, len(args))
-    m_x, m_w, m_b = (_unbatched_meta(t, d) for t, d in zip((x, w_qkv, b_qkv), in_dims))
-    shape = _checks.check_layer_inputs(m_x, m_w, m_b, num_heads, num_kv_heads, scale)
-    _checks.check_layer_mask_inputs(shape, m_x, _unbatched_meta(attn_mask, in_dims[7]), window_left, window_right)
-    if in_dims[1] is not None or in_dims[2] is not None or dropout_p != 0.0 or rng_state is not None:
-        # A weight per sample: the op takes one weight for its whole batch. Dropout: a fold would
-        # change each sample's b, so its keep mask.
-        return _vmap_by_loop(_self_attention_fwd, info, in_dims, args)
-    (x,), batch = _fold((x,), in_dims[:1], info.batch_size)
-    attn_mask = _fold_mask(attn_mask, in_dims[7], info.batch_size, batch)
-    outputs = _self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left,
-                                  window_right)
-    return tuple(t.unflatten(0, (info.batch_size, batch)) for t in outputs), (0, 0, 0)
-
-
-@torch.library.register_vmap("selfattn::self_attention_bwd", lib=_lib)
-def _self_attention_bwd_vmap(info, in_dims, grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale,
-                             output_mask, num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1,
-                             dropout_p=0.0, rng_state=None):
-    args = (grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask, num_kv_heads, attn_mask,
-            window_left, window_right, dropout_p, rng_state)
-    in_dims = _padded(in_dims, len(args))
-    m_grad_out, m_x, m_w, m_qkv, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(args[:6], in_dims))
-    shape = _checks.check_layer_inputs(m_x, m_w, None, num_heads, num_kv_heads, scale)
-    _checks.check_layer_mask_inputs(shape, m_x, _unbatched_meta(attn_mask, in_dims[11]), window_left, window_right)
-    _checks.check_layer_grad_inputs(shape, m_x, m_grad_out, m_qkv, m_out, m_lse, output_mask)
-    if in_dims[2] is not None or output_mask[1] or output_mask[2] or dropout_p != 0.0 or rng_state is not None:
-        # A weight per sample, or a weight gradient per sample (vmap(grad(f)) with respect to the
-        # weights): the op's grad_w and grad_b sum over its batch, which would mix the samples.
-        return _vmap_by_loop(_self_attention_bwd, info, in_dims, args)
-    per_sample = (grad_out, x, qkv, out, lse)
-    (grad_out, x, qkv, out, lse), batch = _fold(per_sample, [in_dims[i] for i in (0, 1, 3, 4, 5)], info.batch_size)
-    attn_mask = _fold_mask(attn_mask, in_dims[11], info.batch_size, batch)
-    grad_x, grad_w, grad_b = _self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale,
-                                                 output_mask, num_kv_heads, attn_mask, window_left, window_right)
-    # grad_w and grad_b are not wanted here (empty, the same for every sample); grad_x may not be.
-    if output_mask[0]:
-        return (grad_x.unflatten(0, (info.batch_size, batch)), grad_w, grad_b), (0, None, None)
-    return (grad_x, grad_w, grad_b), (None, None, None)
-
-
-# The varlen ops: the packed layout has no batch dim to fold into (a fold would shift every
-# sample's cu_seqlens, whose values only the host sees), so one op call per sample.
-
-
-@torch.library.register_vmap("selfattn::varlen_attention_fwd", lib=_lib)
-def _varlen_attention_fwd_vmap(info, in_dims, *args):
-    return _vmap_by_loop(_varlen_attention_fwd, info, in_dims, args)
-
-
-@torch.library.register_vmap("selfattn::varlen_attention_bwd", lib=_lib)
-def _varlen_attention_bwd_vmap(info, in_dims, *args):
-    return _vmap_by_loop(_varlen_attention_bwd, info, in_dims, args)
+from . import _vmap  # noqa: E402,F401  (registers the batching rules)

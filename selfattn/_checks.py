@@ -174,6 +174,18 @@ def check_mask_inputs(s: AttentionShape, q: Tensor, attn_mask: Optional[Tensor],
                          f"got shape {_sizes(attn_mask)}")
 
 
+def check_attention_tangents(s: AttentionShape, q: Tensor, tangent_q: Optional[Tensor], tangent_k: Optional[Tensor],
+                             tangent_v: Optional[Tensor]) -> None:
+    for tangent, name, shape, meaning in (
+            (tangent_q, "tangent_q", [s.batch, s.heads, s.nq, s.dim], "(B, Hq, Nq, D), q's"),
+            (tangent_k, "tangent_k", [s.batch, s.heads_kv, s.nk, s.dim], "(B, Hk, Nk, D), k's"),
+            (tangent_v, "tangent_v", [s.batch, s.heads_kv, s.nk, s.dim_v], "(B, Hk, Nk, Dv), v's")):
+        if tangent is not None:
+            _check_float_tensor(tangent, name)
+            _check_like(tangent, name, q, "q")
+            _check_shape(tangent, name, shape, meaning)
+
+
 def check_attention_grad_inputs(s: AttentionShape, q: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor) -> None:
     _check_float_tensor(grad_out, "grad_out")
     _check_float_tensor(out, "out")

@@ -1,12 +1,14 @@
 """The public functions over torch.ops.selfattn.*, and their fake kernels.
 
-The C++ library (csrc/) registers four ops with the dispatcher (and the varlen pair, varlen.py):
+The C++ library (csrc/) registers these ops (and the varlen pair, varlen.py) with the dispatcher:
 
     attention_fwd(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
                   diagonal_offset=0, dropout_p=0.0, rng_state=None) -> (out, lse)
     attention_bwd(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
                   window_right=-1, diagonal_offset=0, dropout_p=0.0, rng_state=None)
         -> (grad_q, grad_k, grad_v)
+    attention_jvp(q, k, v, tangent_q, tangent_k, tangent_v, causal, scale, attn_mask=None,
+                  window_left=-1, window_right=-1, diagonal_offset=0) -> (out, lse, tangent_out)
     self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
                        window_left=-1, window_right=-1, dropout_p=0.0, rng_state=None) -> (out, qkv, lse)
     self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
@@ -19,7 +21,7 @@ public functions draw it from the device's generator when it is not given.
 This file gives each a fake kernel (shapes, dtypes and strides, for torch.compile and meta
 tensors; it checks the arguments as the C++ op does, with _checks.py) and offers the two public
 functions, which resolve ``scale`` and accept SDPA's spellings; the ops check the rest. Their
-autograd (reverse mode, torch.func, and the refusals of forward mode and double backward) is in
+autograd (reverse and forward mode, torch.func, and the refusal of double backward) is in
 _autograd.py.
 """
 
@@ -278,6 +280,18 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale, attn_mask=No
     _checks.check_dropout(dropout_p, rng_state, q, "q")
     _checks.check_attention_grad_inputs(s, q, grad_out, out, lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.register_fake("selfattn::attention_jvp")
+def _attention_jvp_fake(q, k, v, tangent_q, tangent_k, tangent_v, causal, scale, attn_mask=None, window_left=-1,
+                        window_right=-1, diagonal_offset=0):
+    s = _checks.check_attention_inputs(q, k, v, scale)
+    _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
+    _checks.check_attention_tangents(s, q, tangent_q, tangent_k, tangent_v)
+    out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
+    lse = q.new_empty((s.batch, s.heads, s.nq), dtype=_checks.accumulate_dtype(q.dtype))
+    tangent_out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
+    return out, lse, tangent_out
 
 
 @torch.library.register_fake("selfattn::self_attention_fwd")

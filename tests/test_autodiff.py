@@ -4,9 +4,11 @@ silently wrong derivative.
 
 Works: reverse mode, torch.func.grad / vjp / jacrev / vmap and their compositions (vmap(grad(f)):
 per-sample gradients), also with tensor masks, grouped-query heads and packed (varlen) sequences,
-against an explicit float64 softmax with the dense mask built in the test. Refused for now: forward mode (torch.func.jvp, jacfwd, forward_ad dual
-tensors) and double backward. The double-backward tests accept either outcome — a result that
-matches the float64 computation, or the clear error — so that they hold once it is implemented.
+against an explicit float64 softmax with the dense mask built in the test; forward mode (jvp,
+jacfwd, forward_ad dual tensors) of every op (tests/test_jvp.py has its variant grid). Refused for
+now: second derivatives (double backward, hessian, a derivative of a jvp). The double-backward
+tests accept either outcome — a result that matches the float64 computation, or the clear error —
+so that they hold once it is implemented.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import selfattn
-from selfattn import _autograd
+from selfattn import _vmap
 from tests.common import assert_close, eager_attention, sample_inputs
 
 f64 = torch.float64
@@ -189,49 +191,52 @@ def assert_clear_refusal(error: BaseException, what: str, op: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward mode: refused at once, never a zero tangent
+# Forward mode: right, never a zero tangent
 
 
-def forward_mode_through(entry: str, case: Case):
-    tangents = tuple(torch.randn_like(t) for t in case.inputs)
+def forward_mode_through(entry: str, fn: Callable, inputs: tuple, tangents: tuple):
     if entry == "func.jvp":
-        return torch.func.jvp(case.fn, case.inputs, tangents)
+        return torch.func.jvp(fn, inputs, tangents)[1]
     if entry == "jacfwd":
-        return torch.func.jacfwd(case.fn, argnums=0)(*case.inputs)
+        return torch.func.jacfwd(fn, argnums=0)(*inputs)
     if entry == "forward_ad-last-input":
         # Only the last input (v, b_qkv) carries a tangent: none of them requires grad.
         with fwAD.dual_level():
-            inputs = case.inputs[:-1] + (fwAD.make_dual(case.inputs[-1], tangents[-1]),)
-            return fwAD.unpack_dual(case.fn(*inputs)).tangent
+            duals = inputs[:-1] + (fwAD.make_dual(inputs[-1], tangents[-1]),)
+            return fwAD.unpack_dual(fn(*duals)).tangent
     raise ValueError(entry)
 
 
 @case_names
 @pytest.mark.parametrize("entry", ["func.jvp", "jacfwd", "forward_ad-last-input"])
-def test_forward_mode_is_refused(case_name, entry):
+def test_forward_mode_matches_eager(case_name, entry):
     case = CASES[case_name]()
-    with pytest.raises(NotImplementedError) as error:
-        forward_mode_through(entry, case)
-    assert_clear_refusal(error.value, "forward-mode AD", case.forward_op)
+    tangents = tuple(torch.randn_like(t) for t in case.inputs)
+    tangent = forward_mode_through(entry, case.fn, case.inputs, tangents)
+    assert_close64(tangent, forward_mode_through(entry, case.eager, case.inputs, tangents), entry)
+    assert tangent.abs().max() > 0.1  # not the zero tangent of old
 
 
-def test_forward_mode_is_refused_by_the_raw_ops():
+def test_forward_mode_through_the_raw_ops():
     q, k, v = sample_inputs(1, 2, 5, 6, 8, dtype=f64)
-    with pytest.raises(NotImplementedError) as error:
-        torch.func.jvp(lambda q: ops.attention_fwd(q, k, v, True, 0.3)[0], (q,), (torch.randn_like(q),))
-    assert_clear_refusal(error.value, "forward-mode AD", "attention_fwd")
+    t = torch.randn_like(q)
+    _, tangent = torch.func.jvp(lambda q: ops.attention_fwd(q, k, v, True, 0.3)[0], (q,), (t,))
+    _, expected = torch.func.jvp(lambda q: eager_attention(q, k, v, causal=True, scale=0.3), (q,), (t,))
+    assert_close64(tangent, expected, "attention_fwd")
 
     x, w = torch.randn(2, 5, 6, dtype=f64), torch.randn(12, 6, dtype=f64)
-    with pytest.raises(NotImplementedError) as error:
-        torch.func.jvp(lambda w: ops.self_attention_fwd(x, w, None, 2, False, 0.5)[0], (w,), (torch.randn_like(w),))
-    assert_clear_refusal(error.value, "forward-mode AD", "self_attention_fwd")
+    tw = torch.randn_like(w)
+    # 2 heads of D = 2; eager_layer's scale is 1/sqrt(D).
+    _, tangent = torch.func.jvp(lambda w: ops.self_attention_fwd(x, w, None, 2, False, 2**-0.5)[0], (w,), (tw,))
+    _, expected = torch.func.jvp(lambda w: eager_layer(x, w, None, 2, False), (w,), (tw,))
+    assert_close64(tangent, expected, "self_attention_fwd")
 
-    # The backward op too: a tangent on the incoming gradient.
+    # The backward op: a tangent on the incoming gradient is forward mode of a gradient, refused.
     out, lse = ops.attention_fwd(q, k, v, True, 0.3)
     grad_out = torch.randn_like(out)
     with fwAD.dual_level(), pytest.raises(NotImplementedError) as error:
         ops.attention_bwd(fwAD.make_dual(grad_out, torch.randn_like(grad_out)), q, k, v, out, lse, True, 0.3)
-    assert_clear_refusal(error.value, "forward-mode AD", "attention_bwd")
+    assert_clear_refusal(error.value, "forward-mode AD of its gradient", "attention_bwd")
 
 
 def test_forward_mode_alternative_named_in_the_error_works():
@@ -306,10 +311,9 @@ def test_second_order_transforms_match_or_are_refused(case_name, transform):
     try:
         result = second_order(case.fn)
     except NotImplementedError as error:
-        # hessian is forward over reverse: the forward op's jvp refuses first.
-        what, op = ("forward-mode AD", case.forward_op) if transform == "hessian" else \
-            ("double backward", case.backward_op)
-        assert_clear_refusal(error, what, op)
+        # hessian is forward over reverse: the backward op's jvp refuses.
+        what = "forward-mode AD of its gradient" if transform == "hessian" else "double backward"
+        assert_clear_refusal(error, what, case.backward_op)
     else:
         assert_close64(result, second_order(case.eager), transform)
 
@@ -434,18 +438,18 @@ def test_compositions(case_name):
 
 def test_vmap_folds_the_samples_into_the_batch_without_a_copy():
     batched = torch.randn(3, 2, 4, 5, 8)  # (V, B, H, N, D)
-    (folded,), batch = _autograd._fold((batched,), (0,), 3)
+    (folded,), batch = _vmap._fold((batched,), (0,), 3)
     assert batch == 2 and folded.shape == (6, 4, 5, 8)
     assert folded.data_ptr() == batched.data_ptr() and folded._base is batched
     # The vmapped dim elsewhere (here dim 2) is moved first; V and B adjacent in memory still fold
     # into a view.
     samples_inside = torch.randn(4, 3, 2, 5, 8).permute(1, 2, 0, 3, 4).movedim(0, 2)
-    (folded,), _ = _autograd._fold((samples_inside,), (2,), 3)
+    (folded,), _ = _vmap._fold((samples_inside,), (2,), 3)
     assert folded.data_ptr() == samples_inside.data_ptr() and folded._base is not None
     torch.testing.assert_close(folded, samples_inside.movedim(2, 0).flatten(0, 1), rtol=0, atol=0)
     # An unbatched input with B > 1 is copied, once per sample.
     shared = torch.randn(2, 4, 5, 8)
-    (folded,), _ = _autograd._fold((shared,), (None,), 3)
+    (folded,), _ = _vmap._fold((shared,), (None,), 3)
     torch.testing.assert_close(folded, shared.repeat(3, 1, 1, 1), rtol=0, atol=0)
 
 
@@ -523,16 +527,16 @@ def test_vmap_of_the_layer_with_key_padding_per_sample(argnums):
 def test_fold_mask_views_and_copies():
     # Shared with a batch dim of 1: passed as it is.
     shared = torch.ones(1, 1, 5, 6, dtype=torch.bool)
-    assert _autograd._fold_mask(shared, None, 3, 2) is shared
+    assert _vmap._fold_mask(shared, None, 3, 2) is shared
     # Vmapped, B entries, contiguous: a view of (V·B, ...).
     per_sample = torch.rand(3, 2, 1, 5, 6) < 0.5
-    folded = _autograd._fold_mask(per_sample, 0, 3, 2)
+    folded = _vmap._fold_mask(per_sample, 0, 3, 2)
     assert folded.shape == (6, 1, 5, 6) and folded.data_ptr() == per_sample.data_ptr()
     # Shared with B entries, or vmapped with a batch dim of 1: laid out as (V·B, ...), sample-major.
     shared_b = torch.rand(2, 1, 5, 6) < 0.5
-    torch.testing.assert_close(_autograd._fold_mask(shared_b, None, 3, 2), shared_b.repeat(3, 1, 1, 1))
+    torch.testing.assert_close(_vmap._fold_mask(shared_b, None, 3, 2), shared_b.repeat(3, 1, 1, 1))
     per_sample_1 = torch.rand(1, 1, 5, 3, 6) < 0.5  # vmapped along dim 3
-    torch.testing.assert_close(_autograd._fold_mask(per_sample_1, 3, 3, 2),
+    torch.testing.assert_close(_vmap._fold_mask(per_sample_1, 3, 3, 2),
                                per_sample_1.movedim(3, 0).repeat_interleave(2, 1).flatten(0, 1))
 
 
@@ -557,18 +561,20 @@ def test_a_mask_that_requires_grad_is_refused():
     assert_close64(out, torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + bias.detach(), -1) @ v, "float mask")
 
 
-def test_forward_mode_through_varlen_is_refused_not_zero():
-    """register_autograd gave varlen a zero tangent under forward mode; now it raises."""
+def test_forward_mode_through_the_raw_varlen_ops():
+    """register_autograd gave varlen a zero tangent under forward mode; now it is right, and its
+    backward op refuses forward mode (a second derivative)."""
     case = varlen_case()
     q, k, v = case.inputs
     cu_q, cu_k = varlen_cu(VARLEN_Q), varlen_cu(VARLEN_K)
-    with pytest.raises(NotImplementedError) as error:
-        torch.func.jvp(lambda q: ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, 5, 6, True, 0.3)[0], (q,),
-                       (torch.randn_like(q),))
-    assert_clear_refusal(error.value, "forward-mode AD", "varlen_attention_fwd")
+    t = torch.randn_like(q)
+    _, tangent = torch.func.jvp(lambda q: ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, 5, 6, True, 8**-0.5)[0],
+                                (q,), (t,))
+    _, expected = torch.func.jvp(lambda q: case.eager(q, k, v), (q,), (t,))
+    assert_close64(tangent, expected, "varlen_attention_fwd")
     out, lse = ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, 5, 6, True, 0.3)
     grad_out = torch.randn_like(out)
     with fwAD.dual_level(), pytest.raises(NotImplementedError) as error:
         ops.varlen_attention_bwd(fwAD.make_dual(grad_out, torch.randn_like(grad_out)), q, k, v, out, lse, cu_q, cu_k,
                                  5, 6, True, 0.3)
-    assert_clear_refusal(error.value, "forward-mode AD", "varlen_attention_bwd")
+    assert_clear_refusal(error.value, "forward-mode AD of its gradient", "varlen_attention_bwd")

@@ -76,6 +76,18 @@ def attn_bwd(change: Callable):
     return make
 
 
+def attn_jvp(change: Callable):
+    """attention_jvp's arguments on (2, 2, 5, 8) x (2, 2, 6, 8) x (2, 2, 6, 4) with a tangent for each
+    input, then ``change`` swaps one of them for a bad one."""
+    def make(device):
+        q, k, v = randn(2, 2, 5, 8, device=device), randn(2, 2, 6, 8, device=device), randn(2, 2, 6, 4, device=device)
+        args = dict(q=q, k=k, v=v, tangent_q=torch.randn_like(q), tangent_k=torch.randn_like(k),
+                    tangent_v=torch.randn_like(v))
+        args.update(change(args))
+        return (*args.values(), False, 0.3)
+    return make
+
+
 f32, f64, bf16, i64 = torch.float32, torch.float64, torch.bfloat16, torch.int64
 ATTENTION = [
     Case("q 5-D", "attention_fwd", attn_fwd(q_shape=(1, 2, 2, 5, 8)), ValueError, r"q must be 4-D \(B, Hq, Nq, D\)"),
@@ -136,6 +148,20 @@ ATTENTION = [
          r"grad_out must be on the device of q \((cpu|cuda:0)\), got meta", mixes_devices=True),
     Case("q of bwd integer", "attention_bwd", attn_bwd(lambda a: {"q": a["q"].long()}), TypeError,
          r"q must be float32, .* got torch.int64"),
+    Case("tangent_q shape", "attention_jvp", attn_jvp(lambda a: {"tangent_q": a["tangent_q"][:, :, :4]}), ValueError,
+         r"tangent_q must have shape \(B, Hq, Nq, D\), q's = \[2, 2, 5, 8\], got \[2, 2, 4, 8\]"),
+    Case("tangent_k heads", "attention_jvp", attn_jvp(lambda a: {"tangent_k": a["tangent_k"][:, :1]}), ValueError,
+         r"tangent_k must have shape \(B, Hk, Nk, D\), k's = \[2, 2, 6, 8\], got \[2, 1, 6, 8\]"),
+    Case("tangent_v head dim", "attention_jvp", attn_jvp(lambda a: {"tangent_v": a["tangent_v"][..., :3]}), ValueError,
+         r"tangent_v must have shape \(B, Hk, Nk, Dv\), v's = \[2, 2, 6, 4\], got \[2, 2, 6, 3\]"),
+    Case("tangent_k dtype", "attention_jvp", attn_jvp(lambda a: {"tangent_k": a["tangent_k"].double()}), TypeError,
+         r"tangent_k must have the dtype of q \(torch.float32\), got torch.float64"),
+    Case("tangent_q integer", "attention_jvp", attn_jvp(lambda a: {"tangent_q": a["tangent_q"].long()}), TypeError,
+         r"tangent_q must be float32, float64, bfloat16 or float16, got torch.int64"),
+    Case("tangent_v on meta", "attention_jvp", attn_jvp(lambda a: {"tangent_v": a["tangent_v"].to("meta")}),
+         ValueError, r"tangent_v must be on the device of q \((cpu|cuda:0)\), got meta", mixes_devices=True),
+    Case("q of jvp 3-D", "attention_jvp", attn_jvp(lambda a: {"q": a["q"][0]}), ValueError,
+         r"q must be 4-D \(B, Hq, Nq, D\)"),
 ]
 
 
@@ -481,6 +507,8 @@ def test_good_arguments_pass_every_door():
     """The negative control: the same builders, unchanged, raise nowhere."""
     for case in (Case("ok", "attention_fwd", attn_fwd(), ValueError, "", attention_public),
                  Case("ok", "attention_bwd", attn_bwd(lambda a: {}), ValueError, ""),
+                 Case("ok", "attention_jvp", attn_jvp(lambda a: {}), ValueError, ""),
+                 Case("ok", "attention_jvp", attn_jvp(lambda a: {"tangent_q": None, "tangent_v": None}), ValueError, ""),
                  Case("ok", "self_attention_fwd", layer_fwd(), ValueError, "", layer_public),
                  Case("ok", "self_attention_bwd", layer_bwd(lambda a: {}), ValueError, ""),
                  Case("ok", "varlen_attention_fwd", varlen_fwd(), ValueError, "", varlen_public),

@@ -16,6 +16,7 @@
 //             other float / half / bfloat16 -> delta = rowsum(dO ∘ out) (attention_bwd.cu), then
 //                                              backward_dkdv_tiled, backward_dq_tiled
 //             double                        -> delta, then backward_generic
+//   jvp:      every dtype                   -> jvp_generic        (attention_jvp.cu)
 // SELFATTN_TENSOR_CORES=0 in the environment turns the tensor-core kernels off (read once), for
 // comparisons; they also need an sm_80 or newer GPU.
 //
@@ -224,7 +225,58 @@ void backward_reduced(const BackwardParams<T>& p, int tc_dim, cudaStream_t strea
   backward_tiled(p, stream);
 }
 
+template <typename T>
+JvpParams<T> jvp_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
+                        const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask,
+                        double scale, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out) {
+  JvpParams<T> p;
+  set_shared_params<T>(p, q, k, v, lse, mask, scale);
+  p.out = strided4<T>(out);
+  p.lse = static_cast<acc_t<T>*>(lse.data_ptr());
+  // An absent tangent is zero: the kernel never reads its view (its primal's stands in).
+  p.has_tangent_q = tangent_q.defined();
+  p.has_tangent_k = tangent_k.defined();
+  p.has_tangent_v = tangent_v.defined();
+  p.tangent_q = strided4<const T>(p.has_tangent_q ? tangent_q : q);
+  p.tangent_k = strided4<const T>(p.has_tangent_k ? tangent_k : k);
+  p.tangent_v = strided4<const T>(p.has_tangent_v ? tangent_v : v);
+  p.tangent_out = strided4<T>(tangent_out);
+  return p;
+}
+
 }  // namespace
+
+// Shapes as in attention.h; the caller has checked them and allocated the outputs.
+void run_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
+             const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask, double scale,
+             const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out, cudaStream_t stream) {
+  if (q.size(0) * q.size(1) == 0 || q.size(2) == 0) {
+    return;
+  }
+  if (k.size(2) == 0) {  // no key to attend to: an empty sum, and its tangent
+    out.zero_();
+    tangent_out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return;
+  }
+  check_sizes(q, k, v);
+  const auto params = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    return jvp_params<T>(q, k, v, tangent_q, tangent_k, tangent_v, mask, scale, out, lse, tangent_out);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return jvp_generic(params(float()), stream);
+    case at::kHalf:
+      return jvp_generic(params(c10::Half()), stream);
+    case at::kBFloat16:
+      return jvp_generic(params(c10::BFloat16()), stream);
+    case at::kDouble:
+      return jvp_generic(params(double()), stream);
+    default:
+      TORCH_CHECK(false, "selfattn: no CUDA attention kernel for ", q.scalar_type());
+  }
+}
 
 // Shapes as in attention.h; the caller has checked them and allocated out and lse.
 void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -310,6 +362,15 @@ void selfattn::attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& lse) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
   cuda::run_forward(q, k, v, mask, scale, out, lse, c10::cuda::getCurrentCUDAStream());
+}
+
+void selfattn::attention_jvp_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& tangent_q, const at::Tensor& tangent_k,
+                                  const at::Tensor& tangent_v, const AttentionMask& mask, double scale,
+                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out) {
+  const c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  cuda::run_jvp(q, k, v, tangent_q, tangent_k, tangent_v, mask, scale, out, lse, tangent_out,
+                c10::cuda::getCurrentCUDAStream());
 }
 
 void selfattn::attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,

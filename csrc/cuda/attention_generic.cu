@@ -3,42 +3,15 @@
 // deterministic (no atomics; every sum in a fixed order).
 #include "kernels.h"
 #include "launch.cuh"
+#include "warp_rows.cuh"
 
 namespace selfattn::cuda {
-
-constexpr int kGenericPerLane = 8;  // head-dim elements per lane: D, Dv <= 32 * 8 = 256
 
 // Dropout's factor of element (b, h, i, j) in A: 1/(1 - p) in A's precision (float64 here) or 0.
 template <typename A>
 __device__ __forceinline__ A dropout_keep_factor(const Dropout& d, const DropoutKey& key, int64_t b, int64_t h,
                                                  int64_t i, int64_t j) {
   return dropout_keep(key.key, key.threshold, b + key.batch_offset, h, i, j) ? static_cast<A>(d.keep_scale) : A(0);
-}
-
-// The lane's elements lane + 32t of a row (zero at and past dim).
-template <typename T, typename A>
-__device__ __forceinline__ void load_lane_elements(const T* row, int64_t stride_d, int dim, int lane,
-                                                   A (&x)[kGenericPerLane]) {
-#pragma unroll
-  for (int t = 0; t < kGenericPerLane; ++t) {
-    const int d = lane + 32 * t;
-    x[t] = d < dim ? static_cast<A>(row[d * stride_d]) : A(0);
-  }
-}
-
-// sum over d < dim of x[d] * row[d], the whole warp's lanes together (all lanes get it).
-template <typename T, typename A>
-__device__ __forceinline__ A warp_dot(const A (&x)[kGenericPerLane], const T* row, int64_t stride_d,
-                                      int dim, int lane) {
-  A dot = 0;
-#pragma unroll
-  for (int t = 0; t < kGenericPerLane; ++t) {
-    const int d = lane + 32 * t;
-    if (d < dim) {
-      dot += x[t] * static_cast<A>(row[d * stride_d]);
-    }
-  }
-  return group_sum<32>(dot);
 }
 
 // Tensors as for attention_forward_kernel. Grid: ceil(B * Hq * Nq / 4) blocks of 128 threads,

@@ -8,6 +8,7 @@
 //   attention_bwd_dkdv.cu   backward_dkdv_tiled float, half, bfloat16
 //   attention_bwd_dq.cu     backward_dq_tiled   float, half, bfloat16
 //   attention_generic.cu    forward_generic, backward_generic   double
+//   attention_jvp.cu        jvp_generic         all four dtypes
 //   attention_fwd_tc_hd{64,128}_{f16,bf16}.cu   forward_tc        half, bfloat16 (tensor cores)
 //   attention_bwd_tc_hd{64,128}_{f16,bf16}.cu   backward_tc       half, bfloat16 (tensor cores)
 //
@@ -46,5 +47,10 @@ template <typename T>
 void forward_generic(const ForwardParams<T>& p, cudaStream_t stream);
 template <typename T>
 void backward_generic(const BackwardParams<T>& p, cudaStream_t stream);
+
+// Forward-mode derivative, a warp per row (A = acc_t<T> accumulation); head dims up to 256. Every
+// dtype and mask; the tensor-core and tiled kernels have no jvp of their own.
+template <typename T>
+void jvp_generic(const JvpParams<T>& p, cudaStream_t stream);
 
 }  // namespace selfattn::cuda

@@ -100,4 +100,16 @@ struct BackwardParams : SharedParams<T> {
   acc_t<T>* delta;             // (B, Hq, Nq) contiguous: rowsum(dO ∘ out), written by the delta kernel
 };
 
+// Forward-mode derivative (attention_jvp): out and lse as the forward's, and tangent_out, the
+// derivative of out along the tangents of q, k, v; an absent tangent (has_* false) is zero and its
+// view is not read.
+template <typename T>
+struct JvpParams : ForwardParams<T> {
+  Strided4<const T> tangent_q;  // (B, Hq, Nq, D)
+  Strided4<const T> tangent_k;  // (B, Hk, Nk, D)
+  Strided4<const T> tangent_v;  // (B, Hk, Nk, Dv)
+  Strided4<T> tangent_out;      // (B, Hq, Nq, Dv)
+  bool has_tangent_q, has_tangent_k, has_tangent_v;
+};
+
 }  // namespace selfattn::cuda

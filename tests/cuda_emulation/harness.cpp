@@ -23,6 +23,7 @@
 #include "../../csrc/cuda/attention_fwd_tc_hd64_bf16.cu"
 #include "../../csrc/cuda/attention_fwd_tc_hd64_f16.cu"
 #include "../../csrc/cuda/attention_generic.cu"
+#include "../../csrc/cuda/attention_jvp.cu"
 
 #include <torch/extension.h>
 
@@ -30,21 +31,6 @@
 #include <string>
 
 namespace {
-
-// The ops' mask arguments as csrc/attention.cpp's make_mask builds them: the band of mask.h and
-// attn_mask expanded to (B, Hq, Nq, Nk) as a view.
-selfattn::AttentionMask make_mask(const selfattn::AttentionShape& s, bool causal,
-                                  const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                                  int64_t window_right, int64_t diagonal_offset, double dropout_p,
-                                  const std::optional<at::Tensor>& rng_state) {
-  selfattn::AttentionMask mask;
-  mask.band = selfattn::make_band(causal, window_left, window_right, diagonal_offset);
-  if (attn_mask.has_value()) {
-    mask.tensor = attn_mask->expand({s.batch, s.heads, s.nq, s.nk});
-  }
-  mask.set_dropout(dropout_p, rng_state);
-  return mask;
-}
 
 // attention_fwd's arguments (the op's order, dropout included), then the outputs to fill.
 void forward_dropout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
@@ -56,10 +42,11 @@ void forward_dropout(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   selfattn::check_dropout(dropout_p, rng_state, q, "q");
   selfattn::cuda::run_forward(
       q, k, v,
-      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
+      selfattn::make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
       scale, out, lse, nullptr);
 }
 
+// attention_fwd's arguments (the op's order), then the outputs to fill.
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
              double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left,
              int64_t window_right, int64_t diagonal_offset, const at::Tensor& out,
@@ -80,7 +67,7 @@ void backward_dropout(const at::Tensor& grad_out, const at::Tensor& q, const at:
   selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
   selfattn::cuda::run_backward(
       grad_out, q, k, v, out, lse,
-      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
+      selfattn::make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
       scale, grad_q, grad_k, grad_v, nullptr);
 }
 
@@ -91,6 +78,20 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
               const at::Tensor& grad_k, const at::Tensor& grad_v) {
   backward_dropout(grad_out, q, k, v, out, lse, causal, scale, attn_mask, window_left, window_right,
                    diagonal_offset, 0.0, std::nullopt, grad_q, grad_k, grad_v);
+}
+
+// attention_jvp's arguments (the op's order), then the outputs to fill.
+void jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tangent_q,
+         const std::optional<at::Tensor>& tangent_k, const std::optional<at::Tensor>& tangent_v, bool causal,
+         double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
+         int64_t diagonal_offset, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out) {
+  const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
+  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
+  selfattn::check_attention_tangents(shape, q, tangent_q, tangent_k, tangent_v);
+  const auto or_undefined = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
+  selfattn::cuda::run_jvp(q, k, v, or_undefined(tangent_q), or_undefined(tangent_k), or_undefined(tangent_v),
+                          selfattn::make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset),
+                          scale, out, lse, tangent_out, nullptr);
 }
 
 }  // namespace
@@ -109,6 +110,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_dropout", &backward_dropout,
         "backward_dropout(grad_out, q, k, v, out, lse, causal, scale, attn_mask, window_left, window_right, "
         "diagonal_offset, dropout_p, rng_state, grad_q, grad_k, grad_v): backward with dropout");
+  m.def("jvp", &jvp,
+        "jvp(q, k, v, tangent_q, tangent_k, tangent_v, causal, scale, attn_mask, window_left, window_right, "
+        "diagonal_offset, out, lse, tangent_out): fills out, lse and tangent_out like attention_jvp_cuda");
   m.def("seed", [](int64_t seed) { emu::state().rng.seed(static_cast<uint32_t>(seed)); },
         "seed of the thread-order shuffling");
   m.def("blocks_run", [] { return emu::state().blocks_run; }, "blocks emulated so far");
