@@ -291,3 +291,30 @@ def test_a_derivative_of_the_jvp_is_refused(transform):
     with pytest.raises(NotImplementedError, match=r"torch.ops.selfattn.attention_jvp\): a derivative of its "
                                                   r"forward-mode derivative .* not supported yet"):
         outer(torch.func.jacfwd(loss))(q)
+
+
+@pytest.mark.parametrize("which", ["attention", "self_attention", "varlen"])
+def test_jvp_with_dropout_is_refused(which):
+    # attention_jvp has no keep mask: a jvp through a dropout call must raise, never return the
+    # dropout-free tangent.
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    if which == "attention":
+        def f(a):
+            return selfattn.attention(q=a, k=k, v=v, dropout_p=0.3)
+        primal = q
+    elif which == "self_attention":
+        x = torch.randn(1, 5, 16, dtype=torch.float64)
+        w = torch.randn(3 * 16, 16, dtype=torch.float64)
+
+        def f(a):
+            return selfattn.self_attention(a, w, num_heads=2, dropout_p=0.3)
+        primal = x
+    else:
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+        qp, kp, vp = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+
+        def f(a):
+            return selfattn.attention_varlen(a, kp, vp, cu, cu, 3, 3, dropout_p=0.3)
+        primal = qp
+    with pytest.raises(NotImplementedError, match="jvp.*dropout_p > 0"):
+        torch.func.jvp(f, (primal,), (torch.randn_like(primal),))
