@@ -122,7 +122,9 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
           dq_acc = dq_data + b * dq_sums.stride(0) + h * dq_sums.stride(1) + split * dq_sums.stride(2);
         }
         if (use_bf16) {
-          bf16->pack_head(Bf16View(q), Bf16View(grad_out), b, h, s.nq);
+          if constexpr (kMayUseBf16) {
+            bf16->pack_head(Bf16View(q), Bf16View(grad_out), b, h, s.nq);
+          }
         } else {
           pack_columns(q_view, b, h, 0, s.nq, s.dim, scale, q_t, nq_padded);
           pack_columns(do_view, b, h, 0, s.nq, s.dim_v, T(1), do_t, nq_padded);
@@ -151,7 +153,9 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
           T* dv_acc = dv_sums + (k0 - key_base) * s.dim_v_padded;
           RowBlock<T> k_block{}, v_block{};
           if (use_bf16) {
-            bf16->pack_keys(Bf16View(k), Bf16View(v), b, h_kv, k0, k_rows);
+            if constexpr (kMayUseBf16) {
+              bf16->pack_keys(Bf16View(k), Bf16View(v), b, h_kv, k0, k_rows);
+            }
           } else {
             k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
             v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);

@@ -91,7 +91,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
       // 1. The block's queries as columns, with the scale folded in; padding columns are zero.
       if (use_bf16) {
-        bf16->pack_queries(Bf16View(q), b, h, q0, q_rows);
+        if constexpr (kMayUseBf16) {
+          bf16->pack_queries(Bf16View(q), b, h, q0, q_rows);
+        }
       } else {
         pack_columns(q_view, b, h, q0, q_rows, dim, scale, q_t, block_q);
       }
