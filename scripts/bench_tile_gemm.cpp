@@ -13,18 +13,17 @@ double bench(std::string kind, int64_t m, int64_t n, int64_t k, int64_t iters) {
   std::vector<float> a(m * k), b(k * n), c(m * n + 64);
   for (auto& x : a) x = (rand() % 100) / 100.f;
   for (auto& x : b) x = (rand() % 100) / 100.f;
-  std::vector<uint32_t> a2(m * k / 2 + 16), b2(k / 2 * n + 16);
+  std::vector<uint32_t> b2(k / 2 * n + 16);
   std::vector<c10::BFloat16> ab(m * k), bb(k * n);
   std::vector<c10::Half> ah(m * k), bh(k * n);
   for (int64_t i = 0; i < m * k; ++i) { ab[i] = a[i]; ah[i] = a[i]; }
   for (int64_t i = 0; i < k * n; ++i) { bb[i] = b[i]; bh[i] = b[i]; }
-  std::memcpy(a2.data(), ab.data(), m * k * 2);
   std::vector<c10::BFloat16> bv(k * n); std::vector<c10::Half> hv(k*n);
   for (int64_t p = 0; p < k; ++p) for (int64_t j = 0; j < n; ++j) { bv[(p/2)*2*n + 2*j + (p&1)] = bb[p*n+j]; hv[(p/2)*2*n + 2*j + (p&1)] = bh[p*n+j]; }
   std::memcpy(b2.data(), bv.data(), k * n * 2);
   auto run = [&]() {
     if (kind == "fp32") gemm<float>(m, n, k, a.data(), k, 1, b.data(), n, c.data(), n, true);
-    else if (kind == "own") gemm_bf16(m, n, k / 2, a2.data(), k / 2, 1, b2.data(), n, c.data(), n, 1.f, true);
+    else if (kind == "own") gemm_bf16(m, n, k / 2, reinterpret_cast<const uint16_t*>(ab.data()), k, 2, b2.data(), n, c.data(), n, 1.f, true);
     else if (kind == "brgemm_bf16") at::native::cpublas::brgemm(m, n, k, k, n, n, true, ab.data(), bv.data(), c.data(), true);
     else if (kind == "brgemm_f16") at::native::cpublas::brgemm(m, n, k, k, n, n, true, ah.data(), hv.data(), c.data(), true);
     else if (kind == "brgemm_f16_novnni") at::native::cpublas::brgemm(m, n, k, k, n, n, true, ah.data(), bh.data(), c.data(), false);
