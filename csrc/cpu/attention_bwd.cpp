@@ -21,6 +21,7 @@
 // skip the tiles nobody sees. A row whose lse is -inf (it saw no key) has P = 0.
 #include "../attention.h"
 #include "dropout_tiles.h"
+#include "attention_bf16.h"
 #include "mask_tiles.h"
 #include "tile.h"
 
@@ -28,6 +29,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
+
+#include <optional>
 
 namespace selfattn {
 namespace cpu {
@@ -75,6 +78,9 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
   const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, block_q, block_k) : MaskTiles();
   const Dropout& dropout = mask.dropout;
   const PhiloxKey dropout_key = dropout.active() ? dropout.key() : PhiloxKey{0, 0};
+  // bfloat16 on a CPU with AVX512-BF16: the five GEMMs run on bf16 operands (attention_bf16.h).
+  constexpr bool kMayUseBf16 = std::is_same_v<scalar_t, c10::BFloat16> && kBf16KernelsCompiled;
+  const bool use_bf16 = kMayUseBf16 && bf16_kernels_enabled();
 
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size =
@@ -102,6 +108,10 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     T* k_scratch = carve.take(k_reader.scratch_size(block_k));
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));
     T* dq_scratch = dq_in_scratch ? carve.take(s.nq * s.dim_padded) : nullptr;  // (Nq, D_padded)
+    std::optional<BackwardBf16> bf16;
+    if (use_bf16) {
+      bf16.emplace(s.dim, s.dim_v, s.dim_padded, s.dim_v_padded, nq_padded, block_q, block_k);
+    }
 
     for (int64_t item; items.next(item);) {
       const int64_t bh_kv = item / s.splits, b = bh_kv / s.heads_kv, h_kv = bh_kv % s.heads_kv;
@@ -119,8 +129,14 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
         } else {
           dq_acc = dq_data + b * dq_sums.stride(0) + h * dq_sums.stride(1) + split * dq_sums.stride(2);
         }
-        pack_columns(q_view, b, h, 0, s.nq, s.dim, scale, q_t, nq_padded);
-        pack_columns(do_view, b, h, 0, s.nq, s.dim_v, T(1), do_t, nq_padded);
+        if (use_bf16) {
+          if constexpr (kMayUseBf16) {
+            bf16->pack_head(Bf16View(q), Bf16View(grad_out), b, h, s.nq);
+          }
+        } else {
+          pack_columns(q_view, b, h, 0, s.nq, s.dim, scale, q_t, nq_padded);
+          pack_columns(do_view, b, h, 0, s.nq, s.dim_v, T(1), do_t, nq_padded);
+        }
         for (int64_t i = 0; i < nq_padded; ++i) {
           // +inf stands in for padding and for rows that saw no key (lse -inf): P = 0 there.
           const T row_lse = i < s.nq ? lse_data[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] : T(0);
@@ -143,8 +159,15 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
           const int64_t k0 = kb * block_k, k_rows = std::min(block_k, s.nk - k0);
           T* dk_acc = dk_sums + (k0 - key_base) * s.dim_padded;
           T* dv_acc = dv_sums + (k0 - key_base) * s.dim_v_padded;
-          const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
-          const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
+          RowBlock<T> k_block{}, v_block{};
+          if (use_bf16) {
+            if constexpr (kMayUseBf16) {
+              bf16->pack_keys(Bf16View(k), Bf16View(v), b, h_kv, k0, k_rows);
+            }
+          } else {
+            k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
+            v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
+          }
 
           // Only the query blocks that see some key of this block (the band's reach).
           const int64_t i_first = std::max<int64_t>(0, band.first_query(k0));
@@ -157,20 +180,29 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
             if (kv_rows <= 0 || !band.touches(q0, q0 + q_rows, k0, k0 + kv_rows) || tile == TileState::kHidden) {
               continue;
             }
-            const RowBlock<T> q_block = q_reader.read(b, h, q0, q_rows, q_scratch);
-            const RowBlock<T> do_block = do_reader.read(b, h, q0, q_rows, do_scratch);
+            RowBlock<T> q_block{}, do_block{};
+            if (!use_bf16) {
+              q_block = q_reader.read(b, h, q0, q_rows, q_scratch);
+              do_block = do_reader.read(b, h, q0, q_rows, do_scratch);
+            }
             // A tile the band cuts skips the pairs nobody sees (tile.h); every hidden pair's P and
             // dS is then set to 0.
             const bool cut = band_cuts(band, q0, q_rows, k0, kv_rows);
             const MaskCut band_cols = band_cut(band, q0, k0);
 
             // P (transposed) = exp(k · q_t + mask - lse), recomputed from the forward's logsumexp.
-            if (!cut) {
+            if (use_bf16) {
+              if constexpr (kMayUseBf16) {
+                bf16->scores(cut ? &band_cols : nullptr, kv_rows, q0, scale, p_t);
+              }
+            } else if (!cut) {
               gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_t + q0, nq_padded, p_t,
                       block_q, /*accumulate=*/false);
             } else {
               gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1,
                                      q_t + q0, nq_padded, p_t, block_q, /*accumulate=*/false);
+            }
+            if (cut) {
               mask_band(band_cols, kv_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
             }
             if (tile == TileState::kPartial) {
@@ -184,7 +216,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
             }
 
             // dP (transposed) = v · dO_t, then dS = P ∘ (dP - delta).
-            if (!cut) {
+            if (use_bf16) {
+              if constexpr (kMayUseBf16) {
+                bf16->dprobs(cut ? &band_cols : nullptr, kv_rows, q0, ds_t);
+              }
+            } else if (!cut) {
               gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_t + q0,
                       nq_padded, ds_t, block_q, /*accumulate=*/false);
             } else {
@@ -220,7 +256,12 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
 
             // dv (kv_rows x Dv) += Pᵀ · dO rows;  dk (kv_rows x D) += dSᵀ · q rows;
             // dq (q_rows x D) += dS · k rows (dS read through ds_t's transpose). dS includes scale.
-            if (!cut) {
+            if (use_bf16) {
+              if constexpr (kMayUseBf16) {
+                bf16->add_gradients(cut ? &band_cols : nullptr, kv_rows, q_rows, q0, p_t, ds_t, dv_acc, dk_acc,
+                                    dq_acc + q0 * dq_stride_n, dq_stride_n);
+              }
+            } else if (!cut) {
               gemm<T>(kv_rows, s.dim_v_padded, q_rows, p_t, block_q, 1, do_block.data, do_block.row_stride, dv_acc,
                       s.dim_v_padded, /*accumulate=*/true);
               gemm<T>(kv_rows, s.dim_padded, q_rows, ds_t, block_q, 1, q_block.data, q_block.row_stride, dk_acc,

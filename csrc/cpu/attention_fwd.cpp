@@ -17,6 +17,7 @@
 // out = (P ∘ keep / (1 - p)) v.
 #include "../attention.h"
 #include "dropout_tiles.h"
+#include "attention_bf16.h"
 #include "mask_tiles.h"
 #include "tile.h"
 
@@ -25,6 +26,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <optional>
 
 namespace selfattn {
 namespace cpu {
@@ -54,6 +56,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const PhiloxKey dropout_key = dropout.active() ? dropout.key() : PhiloxKey{0, 0};
 
   const Strided4<const scalar_t> q_view(q);
+  // bfloat16 on a CPU with AVX512-BF16: the two GEMMs run on bf16 operands (attention_bf16.h);
+  // otherwise they run in T on blocks converted to it.
+  constexpr bool kMayUseBf16 = std::is_same_v<scalar_t, c10::BFloat16> && kBf16KernelsCompiled;
+  const bool use_bf16 = kMayUseBf16 && bf16_kernels_enabled();
   // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
   const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, dim, /*whole_rows=*/false);
   const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);
@@ -79,6 +85,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     T* rescale = carve.take(block_q);             // exp(old max - new max), per query
     T* k_scratch = carve.take(k_reader.scratch_size(block_k));  // a key block in T, if k is not
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));  // a value block, padded rows
+    std::optional<ForwardBf16> bf16;
+    if (use_bf16) {
+      bf16.emplace(dim, dim_v, dim_v_padded, block_q, block_k);
+    }
 
     for (int64_t item; items.next(item);) {
       const int64_t bh = item / q_blocks, b = bh / heads, h = bh % heads, h_kv = h / group;
@@ -87,7 +97,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t q_rows = std::min(block_q, nq - q0);
 
       // 1. The block's queries as columns, with the scale folded in; padding columns are zero.
-      pack_columns(q_view, b, h, q0, q_rows, dim, scale, q_t, block_q);
+      if (use_bf16) {
+        if constexpr (kMayUseBf16) {
+          bf16->pack_queries(Bf16View(q), b, h, q0, q_rows);
+        }
+      } else {
+        pack_columns(q_view, b, h, q0, q_rows, dim, scale, q_t, block_q);
+      }
       fill(row_max, block_q, -std::numeric_limits<T>::infinity());
       fill(row_sum, block_q, T(0));
       fill(acc, block_q * dim_v_padded, T(0));
@@ -107,13 +123,20 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         //    time; then every hidden pair is set to -inf.
         const bool cut = band_cuts(band, q0, q_rows, k0, k_rows);
         const MaskCut band_cols = band_cut(band, q0, k0);
-        const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
-        if (!cut) {
+        if (use_bf16) {
+          if constexpr (kMayUseBf16) {
+            bf16->scores(Bf16View(k), b, h_kv, k0, k_rows, cut ? &band_cols : nullptr, scale, p_t);
+          }
+        } else if (!cut) {
+          const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
           gemm<T>(k_rows, block_q, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, block_q,
                   p_t, block_q, /*accumulate=*/false);
         } else {
+          const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
           gemm_keys_x_queries<T>(band_cols, k_rows, block_q, dim, k_block.data, k_block.row_stride,
                                  k_block.col_stride, q_t, block_q, p_t, block_q, /*accumulate=*/false);
+        }
+        if (cut) {
           mask_band(band_cols, k_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
         }
         if (tile == TileState::kPartial) {
@@ -158,6 +181,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
         // 4-5. Weight each value row by its probability and sum per query:
         //      acc (q_rows x Dv) += P (q_rows x k_rows) · v rows, P read through p_t's transpose.
+        if (use_bf16) {
+          if constexpr (kMayUseBf16) {
+            bf16->add_probs_times_values(p_t, k_rows, q_rows, Bf16View(v), b, h_kv, k0, cut ? &band_cols : nullptr,
+                                         acc);
+          }
+          continue;
+        }
         const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
         if (!cut) {
           gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q, v_block.data,
