@@ -119,8 +119,14 @@ def test_kernel_matches_eager_jvp(variant, dtype):
     assert tangent.stride() == out.stride()  # laid out as out: (B, Nq, H, Dv) memory
     # The same out and lse as the forward op.
     fwd_out, fwd_lse = ops.attention_fwd(*(t.to(dtype) for t in (q, k, v)), variant.causal, scale, *mask_args)
-    torch.testing.assert_close(out, fwd_out)
-    torch.testing.assert_close(lse, fwd_lse)
+    if dtype == torch.bfloat16:
+        # The forward op may run the native bf16 GEMMs (P rounded to bf16 before P·V); attention_jvp
+        # keeps P in float32: both within bf16 rounding of each other (each checked above).
+        torch.testing.assert_close(out.float(), fwd_out.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse, fwd_lse, atol=1e-4, rtol=1e-4)
+    else:
+        torch.testing.assert_close(out, fwd_out)
+        torch.testing.assert_close(lse, fwd_lse)
     if variant.name.endswith("empty-rows"):
         empty = torch.isinf(lse)
         assert empty.any() and (tangent.float()[empty] == 0).all()
