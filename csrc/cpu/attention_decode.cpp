@@ -10,9 +10,10 @@
 // never depend on which thread ran what. A split with lse -inf saw nothing and weighs 0; a row
 // every split misses gets output 0 and lse -inf.
 //
-// Decoding is memory-bound, so the score tile is R dot products per key row (k read along its
-// rows, as it lies in memory) rather than the tiled kernel's broadcast GEMM, whose vectors run
-// over query columns and would be mostly padding at R = 1..8. P·V is the shared tile GEMM.
+// Scores and P·V use the tiled kernels' GEMM (tile.h), score columns padded to the vector width.
+// A dot-product kernel along the head dim (no padding columns) was tried and dropped: its scores
+// round differently from the backward's recomputation, and the gradients' error grew 3-5x past
+// eager's (P = exp(S - lse) must see the forward's S). Padding costs compute, not memory traffic.
 // bfloat16/float16 caches are read in their dtype and converted a tile at a time.
 #include "../attention.h"
 #include "mask_tiles.h"
@@ -37,92 +38,6 @@ constexpr int64_t kMinBlocksPerSplit = 4;  // a split streams at least 256 keys 
 // count, so that a result does not depend on how many threads computed it.
 constexpr int64_t kTargetItems = 64;
 
-// The sum of a vector's lanes.
-template <typename T>
-inline T horizontal_sum(const Vec<T>& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_reduce_add_ps(x);
-  } else {
-    return _mm512_reduce_add_pd(x);
-  }
-#else
-  T lanes[kVecWidth<T>];
-  x.store(lanes);
-  T sum = lanes[0];
-  for (int64_t l = 1; l < kVecWidth<T>; ++l) {
-    sum += lanes[l];
-  }
-  return sum;
-#endif
-}
-
-// p[j * ld + r] = <k row j, q row r> for J key rows and R query rows, vectors along the head dim.
-template <typename T, int J, int R>
-void dot_block(int64_t width, const T* k, int64_t k_stride, const T* q, int64_t q_stride, T* p, int64_t ld) {
-  constexpr int64_t W = kVecWidth<T>;
-  Vec<T> acc[J][R];
-#pragma GCC unroll 4
-  for (int j = 0; j < J; ++j) {
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      acc[j][r] = Vec<T>(T(0));
-    }
-  }
-  for (int64_t d = 0; d < width; d += W) {
-    Vec<T> k_vec[J];
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) {
-      k_vec[j] = Vec<T>::loadu(k + j * k_stride + d);
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const Vec<T> q_vec = Vec<T>::loadu(q + r * q_stride + d);
-#pragma GCC unroll 4
-      for (int j = 0; j < J; ++j) {
-        acc[j][r] = at::vec::fmadd(k_vec[j], q_vec, acc[j][r]);
-      }
-    }
-  }
-#pragma GCC unroll 4
-  for (int j = 0; j < J; ++j) {
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      p[j * ld + r] = horizontal_sum(acc[j][r]);
-    }
-  }
-}
-
-template <typename T>
-using DotBlock = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
-constexpr int kDotSide = 4;  // key rows x query rows per dot_block: 16 accumulators
-
-template <typename T, int J, int... R>
-constexpr std::array<DotBlock<T>, sizeof...(R)> dot_row(std::integer_sequence<int, R...>) {
-  return {{&dot_block<T, J, R + 1>...}};
-}
-template <typename T, int... J>
-constexpr std::array<std::array<DotBlock<T>, kDotSide>, sizeof...(J)> dot_table(std::integer_sequence<int, J...>) {
-  return {{dot_row<T, J + 1>(std::make_integer_sequence<int, kDotSide>{})...}};
-}
-template <typename T>
-inline constexpr auto kDotBlocks = dot_table<T>(std::make_integer_sequence<int, kDotSide>{});
-
-// The score tile p (k_rows x ld): p[j * ld + r] = <k row j, q row r>, r < rows. Rows of k and q
-// are `width` long (the head dim padded with zeros to the vector width).
-template <typename T>
-void score_tile(int64_t k_rows, int64_t rows, int64_t width, const T* k, int64_t k_stride, const T* q,
-                T* p, int64_t ld) {
-  for (int64_t j0 = 0; j0 < k_rows; j0 += kDotSide) {
-    const int j_n = static_cast<int>(std::min<int64_t>(kDotSide, k_rows - j0));
-    for (int64_t r0 = 0; r0 < rows; r0 += kDotSide) {
-      const int r_n = static_cast<int>(std::min<int64_t>(kDotSide, rows - r0));
-      kDotBlocks<T>[j_n - 1][r_n - 1](width, k + j0 * k_stride, k_stride, q + r0 * width, width,
-                                      p + j0 * ld + r0, ld);
-    }
-  }
-}
-
 // q: (B, Hq, Nq, D), k: (B, Hk, Nk, D), v: (B, Hk, Nk, Dv), out: (B, Hq, Nq, Dv), any strides;
 // lse (B, Hq, Nq) T. T (float, or double for double) is the accumulation type.
 template <typename scalar_t, typename T>
@@ -133,7 +48,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), group = heads / kv_heads;
   const int64_t nk = k.size(2), dim_v = v.size(3);
-  const int64_t width = round_up(dim, W), dim_v_padded = round_up(dim_v, W);
+  const int64_t dim_v_padded = round_up(dim_v, W);
   const int64_t rows = group * nq, ld = round_up(rows, W);  // score columns, and their padded count
   const Band& band = mask.band;
   // One query block holds all Nq rows: a tile's state is then per (batch, head, key block).
@@ -148,7 +63,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                                                                  std::max<int64_t>(1, blocks / kMinBlocksPerSplit));
 
   const Strided4<const scalar_t> q_view(q);
-  const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, width, /*whole_rows=*/true);
+  // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
+  const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, dim, /*whole_rows=*/false);
   const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);
   const Strided4<scalar_t> out_view(out);
   T* const lse_data = lse.data_ptr<T>();
@@ -168,7 +84,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   Scratch<T> part_lse(parts * rows);
 
   using Carver = ScratchCarver<T>;
-  const int64_t scratch_size = Carver::padded(rows * width) + Carver::padded(kBlockK * ld) +
+  const int64_t scratch_size = Carver::padded(dim * ld) + Carver::padded(kBlockK * ld) +
                                Carver::padded(rows * dim_v_padded) + 3 * Carver::padded(ld) +
                                Carver::padded(k_reader.scratch_size(kBlockK)) +
                                Carver::padded(v_reader.scratch_size(kBlockK));
@@ -176,7 +92,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   for_each_item(batch * kv_heads * splits, [&](ItemQueue& items) {
     Scratch<T> scratch(scratch_size);
     Carver carve(scratch.get());
-    T* q_rows = carve.take(rows * width);        // (R, width): the group's queries, times scale
+    T* q_t = carve.take(dim * ld);               // (D, ld): the group's query rows as columns, times scale
     T* p_t = carve.take(kBlockK * ld);           // (block_k, ld): scores, then probabilities
     T* acc = carve.take(rows * dim_v_padded);    // (R, Dv_padded): unnormalised output rows
     T* row_max = carve.take(ld);
@@ -192,13 +108,15 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const int64_t k_first = k_begin + split * blocks / splits * kBlockK;
       const int64_t k_last = std::min(k_end, k_begin + (split + 1) * blocks / splits * kBlockK);
 
+      // Column r = g·Nq + i of q_t is query i of the group's head g; padding columns are 0.
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* src = q_view.row(b, h_kv * group + r / nq, r % nq);
-        T* dst = q_rows + r * width;
         for (int64_t d = 0; d < dim; ++d) {
-          dst[d] = static_cast<T>(src[d * q_view.stride_d]) * scale;
+          q_t[d * ld + r] = static_cast<T>(src[d * q_view.stride_d]) * scale;
         }
-        fill(dst + dim, width - dim, T(0));
+      }
+      for (int64_t d = 0; d < dim; ++d) {
+        fill(q_t + d * ld + rows, ld - rows, T(0));
       }
       fill(row_max, ld, kMinusInf);
       fill(row_sum, ld, T(0));
@@ -221,7 +139,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
         // Scores of the R columns; then the band's hidden pairs, then the tensor mask, set to -inf.
         const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
-        score_tile<T>(k_rows, rows, width, k_block.data, k_block.row_stride, q_rows, p_t, ld);
+gemm<T>(k_rows, ld, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, ld, p_t, ld,
+                /*accumulate=*/false);
         if (!band.covers(0, nq, k0, k0 + k_rows)) {
           for (int64_t j = 0; j < k_rows; ++j) {
             for (int64_t i = 0; i < nq; ++i) {
