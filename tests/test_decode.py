@@ -176,3 +176,15 @@ def test_bad_setting(decode_splits):
     q, k, v = inputs(1, 2, 2, 1, 10, 16)
     with pytest.raises(RuntimeError, match="SELFATTN_DECODE_SPLITS must be a non-negative integer"):
         selfattn.attention(q, k, v)
+
+
+def test_bench_sweep_decode(capsys):
+    """`python -m selfattn.bench --sweep decode` at a tiny size: every contestant's row, the ratios
+    and the bandwidths."""
+    from selfattn.bench.__main__ import main
+    assert main(["--sweep", "decode", "--cases", "1x128", "--rounds", "1", "--dtype", "float32",
+                 "--l3-bytes", "4096"]) == 0
+    out = capsys.readouterr().out
+    for impl in ("selfattn", "sdpa_gqa", "hf_repeat", "copy"):
+        assert f"| {impl} |" in out
+    assert out.count("×") >= 2 and "of copy" in out and "read+write" in out
