@@ -61,6 +61,17 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const AttentionMask& mask, double scale, const at::Tensor& out,
                            const at::Tensor& lse);
 
+// Decoding (cpu/attention_decode.cpp): few query rows per kv head (Nq · Hq / Hk small) against a
+// long cache, split over the keys. attention_forward_cpu takes this path when
+// decode_path_applies(q, k). SELFATTN_DECODE_SPLITS in the environment (read per call by
+// decode_splits_setting: -1 unset = automatic, 0 = no decode path, S > 0 = S key splits) is the
+// knob for tests and benchmarks.
+int64_t decode_splits_setting();
+bool decode_path_applies(const at::Tensor& q, const at::Tensor& k);
+void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const AttentionMask& mask, double scale, const at::Tensor& out,
+                          const at::Tensor& lse);
+
 // grad_out (B, Hq, Nq, Dv), any strides; grad_q/k/v have the shapes of q/k/v, any strides
 // (the fused op passes views of one packed (B, N, H + 2·Hkv, D) buffer).
 void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

@@ -230,6 +230,11 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
     lse.fill_(-std::numeric_limits<double>::infinity());
     return;
   }
+  // Few query rows, a long cache: split the keys instead. Dropout stays on the tiled path, whose
+  // keep mask the backward regenerates tile by tile.
+  if (!mask.dropout.active() && decode_path_applies(q, k)) {
+    return attention_decode_cpu(q, k, v, mask, scale, out, lse);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cpu::forward_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), out, lse);

@@ -1,0 +1,291 @@
+// CPU forward for decoding: a few queries against a long key/value cache (flash-decoding, split-K).
+//
+// The tiled forward (attention_fwd.cpp) parallelises over (batch, query head, query block): with
+// Nq = 1 that is one work item per (batch, head) however long the cache, and every query head of
+// a grouped-query group streams the group's k and v again. Here a work item is (batch, kv head,
+// split of the keys): it takes all Nq rows of all the group's query heads at once — R = group·Nq
+// score columns, column r = g·Nq + i for query i of the group's head g — so each k/v tile is read
+// once per group, and splits of the keys keep the threads busy. Each split leaves a partial
+// output (normalised) and its lse; a merge in fixed split order combines them by lse, so results
+// never depend on which thread ran what. A split with lse -inf saw nothing and weighs 0; a row
+// every split misses gets output 0 and lse -inf.
+//
+// Scores and P·V use the tiled kernels' GEMM (tile.h), score columns padded to the vector width.
+// A dot-product kernel along the head dim (no padding columns) was tried and dropped: its scores
+// round differently from the backward's recomputation, and the gradients' error grew 3-5x past
+// eager's (P = exp(S - lse) must see the forward's S). Padding costs compute, not memory traffic.
+// bfloat16/float16 caches are read in their dtype and converted a tile at a time.
+#include "../attention.h"
+#include "mask_tiles.h"
+#include "tile.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace selfattn {
+namespace cpu {
+namespace {
+
+constexpr int64_t kBlockK = 64;            // keys per step (rows of the score tile); mask tiles use it
+constexpr int64_t kMaxRows = 64;           // decode path when Nq · group <= this (measured: DESIGN.md)
+constexpr int64_t kMinBlocksPerSplit = 4;  // a split streams at least 256 keys (when there are)
+// Splits per call: enough work items for this many threads. Fixed rather than read from the thread
+// count, so that a result does not depend on how many threads computed it.
+constexpr int64_t kTargetItems = 64;
+
+// q: (B, Hq, Nq, D), k: (B, Hk, Nk, D), v: (B, Hk, Nk, Dv), out: (B, Hq, Nq, Dv), any strides;
+// lse (B, Hq, Nq) T. T (float, or double for double) is the accumulation type.
+template <typename scalar_t, typename T>
+void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                   T scale, int64_t forced_splits, const at::Tensor& out, const at::Tensor& lse) {
+  constexpr int64_t W = kVecWidth<T>;
+  constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
+  const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), group = heads / kv_heads;
+  const int64_t nk = k.size(2), dim_v = v.size(3);
+  const int64_t dim_v_padded = round_up(dim_v, W);
+  const int64_t rows = group * nq, ld = round_up(rows, W);  // score columns, and their padded count
+  const Band& band = mask.band;
+  // One query block holds all Nq rows: a tile's state is then per (batch, head, key block).
+  const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, nq, kBlockK) : MaskTiles();
+
+  // The keys some query sees, in whole blocks (aligned as the mask tiles are), cut into splits.
+  const int64_t k_begin = std::clamp<int64_t>(band.first_key(0), 0, nk) / kBlockK * kBlockK;
+  const int64_t k_end = std::clamp<int64_t>(band.last_key(nq - 1) + 1, k_begin, nk);
+  const int64_t blocks = ceil_div(k_end - k_begin, kBlockK);
+  const int64_t splits = forced_splits > 0 ? forced_splits
+                                           : std::clamp<int64_t>(ceil_div(kTargetItems, batch * kv_heads), 1,
+                                                                 std::max<int64_t>(1, blocks / kMinBlocksPerSplit));
+
+  const Strided4<const scalar_t> q_view(q);
+  // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
+  const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, dim, /*whole_rows=*/false);
+  const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);
+  const Strided4<scalar_t> out_view(out);
+  T* const lse_data = lse.data_ptr<T>();
+  const int64_t lse_stride_b = lse.stride(0), lse_stride_h = lse.stride(1), lse_stride_n = lse.stride(2);
+
+  // Row r of (b, kv head) written out: output row (b, h, i) and its lse, from `row` (Dv_padded,
+  // normalised) — or 0 and -inf.
+  const auto write_row = [&](int64_t b, int64_t h_kv, int64_t r, T* row, T row_lse) {
+    const int64_t h = h_kv * group + r / nq, i = r % nq;
+    store_row(row, out_view.row(b, h, i), out_view.stride_d, dim_v);
+    lse_data[b * lse_stride_b + h * lse_stride_h + i * lse_stride_n] = row_lse;
+  };
+
+  // With more than one split, each leaves its rows here: (B·Hk·S, R, Dv_padded) and (B·Hk·S, R).
+  const int64_t parts = splits > 1 ? batch * kv_heads * splits : 0;
+  Scratch<T> part_out(parts * rows * dim_v_padded);
+  Scratch<T> part_lse(parts * rows);
+
+  using Carver = ScratchCarver<T>;
+  const int64_t scratch_size = Carver::padded(dim * ld) + Carver::padded(kBlockK * ld) +
+                               Carver::padded(rows * dim_v_padded) + 3 * Carver::padded(ld) +
+                               Carver::padded(k_reader.scratch_size(kBlockK)) +
+                               Carver::padded(v_reader.scratch_size(kBlockK));
+
+  for_each_item(batch * kv_heads * splits, [&](ItemQueue& items) {
+    Scratch<T> scratch(scratch_size);
+    Carver carve(scratch.get());
+    T* q_t = carve.take(dim * ld);               // (D, ld): the group's query rows as columns, times scale
+    T* p_t = carve.take(kBlockK * ld);           // (block_k, ld): scores, then probabilities
+    T* acc = carve.take(rows * dim_v_padded);    // (R, Dv_padded): unnormalised output rows
+    T* row_max = carve.take(ld);
+    T* row_sum = carve.take(ld);
+    T* rescale = carve.take(ld);
+    T* k_scratch = carve.take(k_reader.scratch_size(kBlockK));
+    T* v_scratch = carve.take(v_reader.scratch_size(kBlockK));
+    std::vector<TileState> states(group);  // the mask's verdict on the block, per head of the group
+    fill(p_t, kBlockK * ld, T(0));  // padding columns stay 0: computed on, never read
+
+    for (int64_t item; items.next(item);) {
+      const int64_t split = item % splits, b = item / splits / kv_heads, h_kv = item / splits % kv_heads;
+      const int64_t k_first = k_begin + split * blocks / splits * kBlockK;
+      const int64_t k_last = std::min(k_end, k_begin + (split + 1) * blocks / splits * kBlockK);
+
+      // Column r = g·Nq + i of q_t is query i of the group's head g; padding columns are 0.
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* src = q_view.row(b, h_kv * group + r / nq, r % nq);
+        for (int64_t d = 0; d < dim; ++d) {
+          q_t[d * ld + r] = static_cast<T>(src[d * q_view.stride_d]) * scale;
+        }
+      }
+      for (int64_t d = 0; d < dim; ++d) {
+        fill(q_t + d * ld + rows, ld - rows, T(0));
+      }
+      fill(row_max, ld, kMinusInf);
+      fill(row_sum, ld, T(0));
+      fill(acc, rows * dim_v_padded, T(0));
+
+      for (int64_t k0 = k_first; k0 < k_last; k0 += kBlockK) {
+        const int64_t k_rows = std::min(kBlockK, k_last - k0);
+        // Skip a block nobody sees: outside every query's band, or hidden from every head by the mask.
+        if (!band.touches(0, nq, k0, k0 + k_rows)) {
+          continue;
+        }
+        bool any_seen = false;
+        for (int64_t g = 0; g < group; ++g) {
+          states[g] = mask_tiles.state(b, h_kv * group + g, 0, k0);
+          any_seen = any_seen || states[g] != TileState::kHidden;
+        }
+        if (!any_seen) {
+          continue;
+        }
+
+        // Scores of the R columns; then the band's hidden pairs, then the tensor mask, set to -inf.
+        const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
+gemm<T>(k_rows, ld, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, ld, p_t, ld,
+                /*accumulate=*/false);
+        if (!band.covers(0, nq, k0, k0 + k_rows)) {
+          for (int64_t j = 0; j < k_rows; ++j) {
+            for (int64_t i = 0; i < nq; ++i) {
+              if (!band.visible(i, k0 + j)) {
+                for (int64_t g = 0; g < group; ++g) {
+                  p_t[j * ld + g * nq + i] = kMinusInf;
+                }
+              }
+            }
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          if (states[g] == TileState::kHidden) {
+            for (int64_t j = 0; j < k_rows; ++j) {
+              fill(p_t + j * ld + g * nq, nq, kMinusInf);
+            }
+          } else if (states[g] == TileState::kPartial) {
+            mask_tiles.apply(b, h_kv * group + g, 0, nq, k0, k_rows, p_t + g * nq, ld);
+          }
+        }
+
+        // Online softmax down each column, as in the tiled forward: a column that has seen only
+        // hidden pairs keeps max -inf, and exponentiates against 0 instead (exp gives 0, not NaN).
+        const Vec<T> minus_inf(kMinusInf);
+        for (int64_t c = 0; c < ld; c += W) {
+          const Vec<T> old_max = Vec<T>::loadu(row_max + c);
+          Vec<T> new_max = old_max;
+          for (int64_t j = 0; j < k_rows; ++j) {
+            new_max = at::vec::maximum(new_max, Vec<T>::loadu(p_t + j * ld + c));
+          }
+          const Vec<T> safe_max = Vec<T>::blendv(new_max, Vec<T>(T(0)), new_max == minus_inf);
+          Vec<T> block_sum(T(0));
+          for (int64_t j = 0; j < k_rows; ++j) {
+            const Vec<T> p = vec_exp<T>(Vec<T>::loadu(p_t + j * ld + c) - safe_max);
+            p.store(p_t + j * ld + c);
+            block_sum = block_sum + p;
+          }
+          const Vec<T> alpha = vec_exp<T>(old_max - safe_max);
+          at::vec::fmadd(alpha, Vec<T>::loadu(row_sum + c), block_sum).store(row_sum + c);
+          alpha.store(rescale + c);
+          new_max.store(row_max + c);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          if (rescale[r] != T(1)) {
+            const Vec<T> alpha(rescale[r]);
+            for (int64_t d = 0; d < dim_v_padded; d += W) {
+              (Vec<T>::loadu(acc + r * dim_v_padded + d) * alpha).store(acc + r * dim_v_padded + d);
+            }
+          }
+        }
+
+        // acc (R x Dv) += P (R x k_rows) · v rows, P read through p_t's transpose.
+        const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
+        gemm<T>(rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/ld, v_block.data, v_block.row_stride,
+                acc, dim_v_padded, /*accumulate=*/true);
+      }
+
+      // The split's rows, normalised, with their lse: to the output when it is the only split.
+      const int64_t part = item;  // (b, h_kv, split), split fastest
+      for (int64_t r = 0; r < rows; ++r) {
+        T* acc_row = acc + r * dim_v_padded;
+        const bool seen = row_sum[r] > T(0);
+        const Vec<T> inv_sum(seen ? T(1) / row_sum[r] : T(0));
+        for (int64_t d = 0; d < dim_v_padded; d += W) {
+          (Vec<T>::loadu(acc_row + d) * inv_sum).store(acc_row + d);
+        }
+        const T row_lse = seen ? row_max[r] + std::log(row_sum[r]) : kMinusInf;
+        if (splits == 1) {
+          write_row(b, h_kv, r, acc_row, row_lse);
+        } else {
+          std::copy(acc_row, acc_row + dim_v_padded, part_out.get() + (part * rows + r) * dim_v_padded);
+          part_lse.get()[part * rows + r] = row_lse;
+        }
+      }
+    }
+  });
+  if (splits == 1) {
+    return;
+  }
+
+  // The merge, splits in order: out = Σ_s exp(lse_s - lse) · out_s, lse = log Σ_s exp(lse_s).
+  for_each_item(batch * kv_heads, [&](ItemQueue& items) {
+    Scratch<T> row_scratch(dim_v_padded);
+    T* merged = row_scratch.get();
+    for (int64_t item; items.next(item);) {
+      const int64_t b = item / kv_heads, h_kv = item % kv_heads;
+      const T* lses = part_lse.get() + item * splits * rows;        // [split][r]
+      const T* outs = part_out.get() + item * splits * rows * dim_v_padded;
+      for (int64_t r = 0; r < rows; ++r) {
+        T top = kMinusInf;
+        for (int64_t s = 0; s < splits; ++s) {
+          top = std::max(top, lses[s * rows + r]);
+        }
+        fill(merged, dim_v_padded, T(0));
+        if (top == kMinusInf) {  // no split saw a key
+          write_row(b, h_kv, r, merged, kMinusInf);
+          continue;
+        }
+        T total = 0;
+        for (int64_t s = 0; s < splits; ++s) {
+          total += std::exp(lses[s * rows + r] - top);  // exp(-inf) = 0: an empty split weighs 0
+        }
+        for (int64_t s = 0; s < splits; ++s) {
+          const T weight = std::exp(lses[s * rows + r] - top) / total;
+          if (weight == T(0)) {
+            continue;
+          }
+          const Vec<T> w(weight);
+          const T* part = outs + (s * rows + r) * dim_v_padded;
+          for (int64_t d = 0; d < dim_v_padded; d += W) {
+            at::vec::fmadd(w, Vec<T>::loadu(part + d), Vec<T>::loadu(merged + d)).store(merged + d);
+          }
+        }
+        write_row(b, h_kv, r, merged, top + std::log(total));
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+int64_t decode_splits_setting() {
+  const char* value = std::getenv("SELFATTN_DECODE_SPLITS");
+  if (value == nullptr || *value == '\0') {
+    return -1;
+  }
+  const std::string text(value);
+  const bool digits = text.size() <= 6 && text.find_first_not_of("0123456789") == std::string::npos;
+  TORCH_CHECK(digits, "SELFATTN_DECODE_SPLITS must be a non-negative integer below 10^6 (0: no decode path, "
+              "unset: automatic), got '", text, "'");
+  return std::stoll(text);
+}
+
+bool decode_path_applies(const at::Tensor& q, const at::Tensor& k) {
+  return q.size(2) * (q.size(1) / k.size(1)) <= cpu::kMaxRows && decode_splits_setting() != 0;
+}
+
+void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                          double scale, const at::Tensor& out, const at::Tensor& lse) {
+  const int64_t forced_splits = std::max<int64_t>(decode_splits_setting(), 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_decode_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cpu::decode_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), forced_splits, out, lse);
+  });
+}
+
+}  // namespace selfattn
