@@ -94,6 +94,8 @@ CASES = {  # name: (B, Hq, Hk, Nq, Nk, D, Dv, causal, mask builder or None)
     "causal": (1, 3, 3, 77, 77, 32, 32, True, None),
     "bottom_right": (1, 2, 2, 20, 133, 16, 16, "bottom_right", None),
     "gqa": (2, 4, 2, 40, 66, 8, 12, False, None),
+    # Few query rows against a long cache: the shape the CPU's decode (split-K) path takes without dropout.
+    "decode": (1, 8, 2, 2, 700, 16, 16, "bottom_right", None),
     "bool_mask": (2, 2, 2, 65, 70, 16, 16, False, lambda b, h, nq, nk: torch.rand(b, 1, nq, nk) > 0.3),
     "key_padding": (3, 2, 2, 33, 48, 16, 16, False,
                     lambda b, h, nq, nk: torch.arange(nk)[None, None, None, :] < torch.tensor([48, 20, 1])[:, None, None, None]),
