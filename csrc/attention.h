@@ -15,6 +15,8 @@
 #include "checks.h"
 #include "mask.h"
 
+#include <string>
+
 namespace selfattn {
 
 // Which keys each query sees (mask.h), and at most one tensor mask: undefined, or a
@@ -27,6 +29,7 @@ struct AttentionMask {
   bool none() const { return band.unbounded() && !tensor.defined(); }
 };
 
+// The CPU kernels, through the copy for the CPU at hand (cpu/dispatch.cpp).
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const AttentionMask& mask, double scale, const at::Tensor& out,
                            const at::Tensor& lse);
@@ -37,6 +40,10 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                             const AttentionMask& mask, double scale, const at::Tensor& grad_q,
                             const at::Tensor& grad_k, const at::Tensor& grad_v);
+
+// Which copy of the CPU kernels runs (cpu/dispatch.cpp; the op _cpu_capability): "" reports it,
+// "auto" decides again as on the first call, "default" / "avx2" / "avx512" forces one.
+std::string cpu_capability(std::string capability);
 
 #ifdef SELFATTN_WITH_CUDA
 void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

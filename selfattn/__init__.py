@@ -10,7 +10,7 @@
 
 from . import _load
 
-_build_info = _load.load()
+_load.load()
 
 from . import reference  # noqa: E402
 from .modules import SelfAttention  # noqa: E402
@@ -19,8 +19,10 @@ from .varlen import attention_varlen  # noqa: E402
 
 
 def build_info() -> _load.BuildInfo:
-    """Which build of the C++ library this process loaded (compiled or jit), and how it was built."""
-    return _build_info
+    """Which build of the C++ library this process loaded (compiled or jit), how it was built,
+    and which copy of the CPU kernels runs (``cpu_capability``: DEFAULT, AVX2 or AVX512, chosen
+    for this CPU at run time among the compiled ``cpu_capabilities``)."""
+    return _load.build_info()
 
 
 __all__ = ["attention", "attention_varlen", "self_attention", "SelfAttention", "reference", "build_info"]

@@ -11,7 +11,7 @@
 // tensor mask does not hide entirely (mask_tiles.h); tiles the band cuts at the top skip the
 // pairs nobody sees a slab at a time (tile.h). A query that sees no key gets output 0 and lse
 // -inf. Grouped-query attention: query head h reads kv head h / (Hq / Hk).
-#include "../attention.h"
+#include "kernels.h"
 #include "mask_tiles.h"
 #include "tile.h"
 
@@ -21,8 +21,7 @@
 
 #include <cmath>
 
-namespace selfattn {
-namespace cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
 constexpr int64_t kBlockQ = 64;  // queries per work item (columns of the score tile)
@@ -175,11 +174,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 }  // namespace
 
-}  // namespace cpu
-
-void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const AttentionMask& mask, double scale, const at::Tensor& out,
-                           const at::Tensor& lse) {
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const AttentionMask& mask, double scale, const at::Tensor& out,
+                       const at::Tensor& lse) {
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) {
     return;
   }
@@ -190,8 +187,8 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cpu::forward_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), out, lse);
+    forward_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), out, lse);
   });
 }
 
-}  // namespace selfattn
+}  // namespace selfattn::SELFATTN_CPU_NS

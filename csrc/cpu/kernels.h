@@ -1,0 +1,19 @@
+// The entry points every CPU kernel variant defines, in selfattn::SELFATTN_CPU_NS (capability.h);
+// their contracts are those of the *_cpu functions of attention.h, which dispatch.cpp defines
+// by calling the chosen variant's. A kernel file includes this once; dispatch.cpp once per
+// variant, with SELFATTN_CPU_NS set to each name in turn, hence no include guard. A new entry
+// point is declared here and added to CpuKernels in dispatch.cpp.
+#include "../attention.h"
+
+namespace selfattn::SELFATTN_CPU_NS {
+
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const AttentionMask& mask, double scale, const at::Tensor& out,
+                       const at::Tensor& lse);
+
+void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                        const AttentionMask& mask, double scale, const at::Tensor& grad_q,
+                        const at::Tensor& grad_k, const at::Tensor& grad_v);
+
+}  // namespace selfattn::SELFATTN_CPU_NS
