@@ -186,6 +186,10 @@ def _jit_compile(config: _settings.ExtensionConfig, name: str, build_dir: Path) 
     command = distribution.get_command_obj("build_ext")
     command.build_lib = str(build_dir)
     command.build_temp = str(build_dir / "temp")
+    command.ensure_finalized()
+    # BuildExtension forces a rebuild, leaving "nothing changed" to ninja, but then relinks every
+    # time; an import must not rewrite a library other processes may have loaded.
+    command.force = False
     log = build_dir / "build.log"
     verbose = os.environ.get("SELFATTN_VERBOSE") == "1"
     try:

@@ -60,7 +60,7 @@ def test_build_info_says_which_cpu_kernels_run():
 
 def run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **env}, timeout=900)
+                          env={**os.environ, **env}, timeout=1800)
 
 
 def test_a_second_build_in_one_process_is_refused():
