@@ -5,8 +5,9 @@
 Sources and flags come from selfattn/_settings.py, which the JIT build uses too.
 Environment: MAX_JOBS (parallel compile jobs), SELFATTN_CUDA=0|1 (force the CUDA sources
 off or on), CUDA_HOME (the CUDA toolkit; default: found as torch finds it), TORCH_CUDA_ARCH_LIST
-(GPU archs; default the visible GPUs', else 8.0;9.0), SELFATTN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512
-(instruction set; default: this machine's), SELFATTN_SANITIZE=1 (CPU only, ASan and UBSan).
+(GPU archs; default the visible GPUs', else 8.0;9.0), SELFATTN_SANITIZE=1 (CPU only, ASan and
+UBSan). The CPU kernels are compiled for every x86-64 instruction set they have code for (DEFAULT,
+AVX2, AVX512); the one to run is chosen at run time (csrc/cpu/dispatch.cpp).
 """
 
 import importlib.util
@@ -33,12 +34,12 @@ if shutil.which(_compiler) is None:
 # Settles CUDA_HOME and TORCH_CUDA_ARCH_LIST before cpp_extension reads them.
 config = _settings.extension_config()
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import CppExtension, CUDAExtension  # noqa: E402
 
 Extension = CUDAExtension if config.with_cuda else CppExtension
 
 
-class BuildExt(BuildExtension):
+class BuildExt(_settings.build_extension_class(config)):
     """Keeps object files in build/ across pip runs, so that rebuilding recompiles only what
     changed (pip hands each editable install a fresh temporary folder otherwise)."""
 
@@ -50,7 +51,7 @@ class BuildExt(BuildExtension):
 
 
 print(f"selfattn: building {'C++ and CUDA' if config.with_cuda else 'C++ (no CUDA)'} sources, "
-      f"CPU instruction set {config.cpu_capability}"
+      f"CPU kernels for {', '.join(config.cpu_capabilities)}"
       + (f", CUDA toolkit {os.environ['CUDA_HOME']}, GPU archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
          if config.with_cuda else "")
       + (", with ASan and UBSan" if config.sanitize else ""))
@@ -62,6 +63,7 @@ setup(
             "selfattn._C",
             sources=[os.path.relpath(src, ROOT) for src in config.sources],
             include_dirs=config.include_dirs,
+            depends=[os.path.relpath(path, ROOT) for path in _settings.extension_depends()],
             extra_compile_args={"cxx": config.cxx_flags, "nvcc": config.nvcc_flags},
             extra_link_args=config.link_flags,
         )

@@ -16,6 +16,8 @@
 #include "mask.h"
 #include "philox.h"
 
+#include <string>
+
 namespace selfattn {
 
 // Which keys each query sees (mask.h), and at most one tensor mask: undefined, or a
@@ -57,20 +59,10 @@ inline AttentionMask make_mask(const AttentionShape& s, bool causal, const std::
   return mask;
 }
 
+// The CPU kernels, through the copy for the CPU at hand (cpu/dispatch.cpp).
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const AttentionMask& mask, double scale, const at::Tensor& out,
                            const at::Tensor& lse);
-
-// Decoding (cpu/attention_decode.cpp): few query rows per kv head (Nq · Hq / Hk small) against a
-// long cache, split over the keys. attention_forward_cpu takes this path when
-// decode_path_applies(q, k). SELFATTN_DECODE_SPLITS in the environment (read per call by
-// decode_splits_setting: -1 unset = automatic, 0 = no decode path, S > 0 = S key splits) is the
-// knob for tests and benchmarks.
-int64_t decode_splits_setting();
-bool decode_path_applies(const at::Tensor& q, const at::Tensor& k);
-void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const AttentionMask& mask, double scale, const at::Tensor& out,
-                          const at::Tensor& lse);
 
 // grad_out (B, Hq, Nq, Dv), any strides; grad_q/k/v have the shapes of q/k/v, any strides
 // (the fused op passes views of one packed (B, N, H + 2·Hkv, D) buffer).
@@ -91,6 +83,9 @@ void attention_jvp_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask,
                         double scale, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out);
 #endif
+// Which copy of the CPU kernels runs (cpu/dispatch.cpp; the op _cpu_capability): "" reports it,
+// "auto" decides again as on the first call, "default" / "avx2" / "avx512" forces one.
+std::string cpu_capability(std::string capability);
 
 #ifdef SELFATTN_WITH_CUDA
 void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "attention.h"
+
 #ifndef SELFATTN_BUILD_INFO
 #define SELFATTN_BUILD_INFO unknown
 #endif
@@ -95,4 +97,10 @@ TORCH_LIBRARY(selfattn, m) {
       "Tensor lse, int num_heads, bool causal, float scale, bool[] output_mask, int num_kv_heads=0, "
       "Tensor? attn_mask=None, int window_left=-1, int window_right=-1, float dropout_p=0.0, "
       "Tensor? rng_state=None) -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
+  // Private, for tests: which copy of the CPU kernels runs (DEFAULT, AVX2 or AVX512; chosen at
+  // run time from the CPU, cpu/dispatch.cpp). "" reports it; "auto" decides again as the first
+  // call did; "default", "avx2" or "avx512" forces that copy for the whole process (an error if
+  // this build lacks it or this CPU cannot run it). Returns the one in use. No tensors, so no
+  // fake kernel: the function itself serves every dispatch key.
+  m.def("_cpu_capability(str capability='') -> str", &selfattn::cpu_capability);
 }

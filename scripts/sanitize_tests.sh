@@ -39,11 +39,13 @@ echo "sanitize_tests: build ready after $((SECONDS - start)) s"
 # Every forward and backward test of the CPU ops (all dtypes, odd shapes, strided views, the
 # fused layer, opcheck, float64 gradcheck) and the bad-input and edge-size tests: about half a
 # minute here. Not torch.compile: its time goes to compiling generated code, not to our library.
+# test_dispatch.py runs every copy of the CPU kernels (DEFAULT, AVX2, AVX512) this CPU can run;
+# not its fresh-process test, which would load the sanitizer build again per process.
 tests=(tests/test_attention.py tests/test_self_attention.py tests/test_inputs.py tests/test_ops.py
-       tests/test_bad_inputs.py tests/test_masks.py)
+       tests/test_bad_inputs.py tests/test_masks.py tests/test_dispatch.py)
 set +e
 # --capture=sys: a report is written to file descriptor 2, which must not be a capture file.
-$PYTHON -m pytest -q -p no:cacheprovider --capture=sys "${tests[@]}" -k "not compile" 2>&1 | tee -a "$LOG"
+$PYTHON -m pytest -q -p no:cacheprovider --capture=sys "${tests[@]}" -k "not compile and not follows_aten" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 set -e
 

@@ -14,7 +14,7 @@
 
 from . import _load
 
-_build_info = _load.load()
+_load.load()
 
 from . import reference, rng  # noqa: E402
 from .mha import MultiheadAttention, swap_attention  # noqa: E402
@@ -34,8 +34,10 @@ def __getattr__(name):
 
 
 def build_info() -> _load.BuildInfo:
-    """Which build of the C++ library this process loaded (compiled or jit), and how it was built."""
-    return _build_info
+    """Which build of the C++ library this process loaded (compiled or jit), how it was built,
+    and which copy of the CPU kernels runs (``cpu_capability``: DEFAULT, AVX2 or AVX512, chosen
+    for this CPU at run time among the compiled ``cpu_capabilities``)."""
+    return _load.build_info()
 
 
 __all__ = ["attention", "attention_varlen", "self_attention", "SelfAttention", "MultiheadAttention", "swap_attention",

@@ -10,12 +10,16 @@ The ops live in a C++ library that registers them with PyTorch's dispatcher
   (when no compiled library is present, or when ``SELFATTN_JIT=1``), cached between runs.
 
 Only one may be loaded in a process: both register the same op names. ``load()``
-decides which, once; ``selfattn.build_info()`` says which it was.
+decides which, once; ``selfattn.build_info()`` says which it was. Either build holds the CPU
+kernels for every x86-64 instruction set (DEFAULT, AVX2, AVX512) and picks one at run time
+(csrc/cpu/dispatch.cpp), so neither refuses a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import importlib
 import importlib.util
 import mmap
@@ -44,10 +48,11 @@ class BuildInfo:
     kind: str  # "compiled" or "jit"
     path: str
     torch: str
-    cpu_capability: str
+    cpu_capabilities: tuple[str, ...]  # the copies of the CPU kernels compiled in
     cuda: str | None
     cuda_archs: str | None = None  # as TORCH_CUDA_ARCH_LIST, separated by "/"
     sanitize: str | None = None  # the sanitizers compiled in, e.g. "address+undefined"
+    cpu_capability: str | None = None  # the copy in use (chosen at run time); None before loading
 
     def __str__(self) -> str:
         if self.cuda:
@@ -56,8 +61,9 @@ class BuildInfo:
         else:
             cuda = "no CUDA"
         sanitize = f", sanitizers {self.sanitize}" if self.sanitize else ""
-        return (f"selfattn {self.kind} build, torch {self.torch}, CPU {self.cpu_capability}{sanitize}, "
-                f"{cuda}: {self.path}")
+        in_use = f" (running {self.cpu_capability})" if self.cpu_capability else ""
+        return (f"selfattn {self.kind} build, torch {self.torch}, CPU kernels "
+                f"{'/'.join(self.cpu_capabilities)}{in_use}{sanitize}, {cuda}: {self.path}")
 
 
 def _arch_name(arch: str) -> str:
@@ -84,8 +90,9 @@ def read_build_info(library: str, kind: str) -> BuildInfo | None:
     fields = dict(item.split(":", 1) for item in text.strip().split(",") if ":" in item)
     cuda = fields.get("cuda", "none")
     return BuildInfo(kind=kind, path=library, torch=fields.get("torch", "?"),
-                     cpu_capability=fields.get("cpu", "?"), cuda=None if cuda == "none" else cuda,
-                     cuda_archs=fields.get("archs"), sanitize=fields.get("sanitize"))
+                     cpu_capabilities=tuple(fields.get("cpu", "?").split("/")),
+                     cuda=None if cuda == "none" else cuda, cuda_archs=fields.get("archs"),
+                     sanitize=fields.get("sanitize"))
 
 
 def _check_compatible(info: BuildInfo) -> None:
@@ -95,12 +102,6 @@ def _check_compatible(info: BuildInfo) -> None:
             f"but this process imports torch {torch.__version__}; rebuild it against this torch with "
             "`pip install --no-build-isolation .` (build isolation compiles against whatever torch "
             "pip downloads).")
-    have = _settings.host_cpu_capability()
-    wanted = info.cpu_capability
-    if wanted in _settings.CAPABILITIES and _settings.CAPABILITIES.index(wanted) > _settings.CAPABILITIES.index(have):
-        raise ImportError(
-            f"selfattn was compiled for {wanted} instructions, which this CPU lacks "
-            f"(it has {have}); rebuild it here, or build with SELFATTN_CPU_CAPABILITY={have}.")
 
 
 def _check_sanitizer_runtime() -> None:
@@ -113,8 +114,7 @@ def _check_sanitizer_runtime() -> None:
 
 
 def _load_compiled(spec) -> BuildInfo:
-    info = read_build_info(spec.origin, "compiled") or BuildInfo(
-        "compiled", spec.origin, "?", "?", None)
+    info = read_build_info(spec.origin, "compiled") or BuildInfo("compiled", spec.origin, "?", ("?",), None)
     _check_compatible(info)
     if info.sanitize:
         _check_sanitizer_runtime()
@@ -158,26 +158,69 @@ def _load_jit(reason: str) -> BuildInfo:
         raise ImportError(f"selfattn: {reason}, and the JIT build needs ninja: `pip install ninja`.") from error
     name = f"selfattn_jit_{_settings.torch_version_tag()}_{config.variant}"
     build_dir = _jit_build_directory(name)
-    verbose = os.environ.get("SELFATTN_VERBOSE") == "1"
     print(f"selfattn: {reason}; JIT-building csrc/ with ninja in {build_dir} "
-          f"(first build about a minute, later imports reuse it)", file=sys.stderr, flush=True)
-    try:
-        path = cpp_extension.load(
-            name=name,
-            sources=config.sources,
-            extra_cflags=config.cxx_flags,
-            extra_cuda_cflags=config.nvcc_flags,
-            extra_ldflags=config.link_flags,
-            extra_include_paths=config.include_dirs,
-            build_directory=str(build_dir),
-            with_cuda=config.with_cuda,
-            is_python_module=False,
-            verbose=verbose,
-        )
-    except Exception as error:  # the compiler's output is in the message
-        raise ImportError(f"selfattn: the JIT build of csrc/ failed:\n{error}") from error
-    return read_build_info(path, "jit") or BuildInfo("jit", path, torch.__version__, config.cpu_capability,
+          f"(first build a few minutes, later imports reuse it)", file=sys.stderr, flush=True)
+    from filelock import FileLock  # a dependency of torch
+
+    with FileLock(str(build_dir / "lock")):  # one builder per folder; the others wait, then reuse
+        path = _jit_compile(config, name, build_dir)
+    torch.ops.load_library(path)
+    return read_build_info(path, "jit") or BuildInfo("jit", path, torch.__version__, config.cpu_capabilities,
                                                      torch.version.cuda if config.with_cuda else None)
+
+
+def _jit_compile(config: _settings.ExtensionConfig, name: str, build_dir: Path) -> str:
+    """Builds the library as setup.py does (the same build_ext), into build_dir; ninja recompiles
+    only what changed, and nothing is relinked when no source or header is newer than the library.
+    The compiler's output goes to build_dir/build.log, and into the error when the build fails
+    (SELFATTN_VERBOSE=1: to the terminal)."""
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    extension = (CUDAExtension if config.with_cuda else CppExtension)(
+        name, sources=config.sources, include_dirs=config.include_dirs, depends=_settings.extension_depends(),
+        extra_compile_args={"cxx": list(config.cxx_flags), "nvcc": list(config.nvcc_flags)},
+        extra_link_args=config.link_flags)
+    distribution = Distribution({"name": name, "ext_modules": [extension],
+                                 "cmdclass": {"build_ext": _settings.build_extension_class(config)}})
+    command = distribution.get_command_obj("build_ext")
+    command.build_lib = str(build_dir)
+    command.build_temp = str(build_dir / "temp")
+    command.ensure_finalized()
+    # BuildExtension forces a rebuild, leaving "nothing changed" to ninja, but then relinks every
+    # time; an import must not rewrite a library other processes may have loaded.
+    command.force = False
+    log = build_dir / "build.log"
+    verbose = os.environ.get("SELFATTN_VERBOSE") == "1"
+    try:
+        with contextlib.nullcontext() if verbose else _output_to(log):
+            distribution.run_command("build_ext")
+    except Exception as error:  # the compiler's output is in the log
+        output = "" if verbose else log.read_text(errors="replace")[-20000:]
+        raise ImportError(f"selfattn: the JIT build of csrc/ failed ({error}):\n{output}") from error
+    return command.get_ext_fullpath(name)
+
+
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """Sends this process's stdout and stderr, and its children's (ninja, the compiler), to log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(log, "w") as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
 
 
 def load() -> BuildInfo:
@@ -198,3 +241,8 @@ def load() -> BuildInfo:
         else:
             _loaded = _load_compiled(spec)
     return _loaded
+
+
+def build_info() -> BuildInfo:
+    """The loaded build, with the copy of the CPU kernels in use now."""
+    return dataclasses.replace(load(), cpu_capability=torch.ops.selfattn._cpu_capability())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import importlib.metadata
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -23,14 +24,24 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCE_ROOT = PACKAGE_DIR.parent  # the checkout, when running from one
 CSRC = SOURCE_ROOT / "csrc"
 
+# The CPU kernel sources, compiled once per CPU capability (each copy in a namespace of its own,
+# csrc/cpu/capability.h); csrc/cpu/dispatch.cpp picks one at run time. Every other source is
+# compiled once, for the x86-64 baseline. Listed by name, not globbed: a new kernel file is added
+# here and to the table in csrc/cpu/kernels.h.
+CPU_KERNEL_SOURCES = (
+    "cpu/attention_fwd.cpp", "cpu/attention_bwd.cpp", "cpu/attention_jvp.cpp", "cpu/attention_decode.cpp",
+)
+
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 # Flags under which at::vec uses the instruction set's own code; without them it runs its
-# scalar fallback (measured ~10x slower for exp). Same sets as PyTorch's own kernels use.
+# scalar fallback (measured ~10x slower for exp). Same sets as PyTorch's own kernels use, plus
+# the namespace the copy lives in.
 CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-DSELFATTN_CPU_NS=cpu_avx512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+             "-DSELFATTN_CPU_NS=cpu_avx2"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DSELFATTN_CPU_NS=cpu_default"],
 }
 
 # SELFATTN_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer, stopping at the first
@@ -52,32 +63,10 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0"
 # CPU
 
 
-def host_cpu_capability() -> str:
-    """The best vector instruction set of this CPU that the kernels have code for."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return "DEFAULT"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "AVX512"
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "AVX2"
-    return "DEFAULT"
-
-
-def build_cpu_capability() -> str:
-    """The instruction set to compile for: this machine's, unless SELFATTN_CPU_CAPABILITY says."""
-    wanted = os.environ.get("SELFATTN_CPU_CAPABILITY", "").strip().upper()
-    if not wanted:
-        return host_cpu_capability()
-    if wanted not in CAPABILITIES:
-        raise ValueError(f"SELFATTN_CPU_CAPABILITY must be one of {', '.join(CAPABILITIES)}, got {wanted!r}")
-    return wanted
+def compiled_cpu_capabilities() -> tuple[str, ...]:
+    """The CPU variants one build holds: all three on x86-64 (the one that runs is chosen at run
+    time, csrc/cpu/dispatch.cpp), the portable one elsewhere."""
+    return CAPABILITIES if platform.machine().lower() in ("x86_64", "amd64") else ("DEFAULT",)
 
 
 def want_sanitize() -> bool:
@@ -195,20 +184,23 @@ def torch_version_tag() -> str:
 
 @dataclass
 class ExtensionConfig:
-    sources: list[str]
+    sources: list[str]  # compiled once, with cxx_flags (and nvcc_flags)
+    # capability -> the CPU kernel sources, compiled once more per capability with cxx_flags +
+    # CAPABILITY_FLAGS[capability], in CAPABILITIES order (the link order: see BuildExtension)
+    cpu_variant_sources: dict[str, list[str]]
     cxx_flags: list[str]
     nvcc_flags: list[str]
     link_flags: list[str]
     include_dirs: list[str]
     with_cuda: bool
     sanitize: bool
-    cpu_capability: str
+    cpu_capabilities: tuple[str, ...]
     build_info: str
 
     @property
     def variant(self) -> str:
         """What sets builds apart beyond the torch version: names their JIT build folders."""
-        return self.cpu_capability.lower() + ("_cuda" if self.with_cuda else "") + ("_sanitize" if self.sanitize else "")
+        return "cpu" + ("_cuda" if self.with_cuda else "") + ("_sanitize" if self.sanitize else "")
 
 
 def extension_config() -> ExtensionConfig:
@@ -216,10 +208,11 @@ def extension_config() -> ExtensionConfig:
     and TORCH_CUDA_ARCH_LIST for torch.utils.cpp_extension when they are unset."""
     with_cuda = want_cuda()
     sanitize = want_sanitize()
-    capability = build_cpu_capability()
+    capabilities = compiled_cpu_capabilities()
     include_dirs = []
     # Passed unquoted through the shell and stringized in selfattn.cpp: no quotes, spaces or ';'.
-    info = f"torch:{torch.__version__},cpu:{capability},cuda:{torch.version.cuda if with_cuda else 'none'}"
+    info = (f"torch:{torch.__version__},cpu:{'/'.join(capabilities)},"
+            f"cuda:{torch.version.cuda if with_cuda else 'none'}")
     if with_cuda:
         toolkit = cuda_toolkit_root()
         os.environ.setdefault("CUDA_HOME", toolkit)
@@ -228,13 +221,17 @@ def extension_config() -> ExtensionConfig:
         info += ",archs:" + re.sub(r"[;\s]+", "/", os.environ["TORCH_CUDA_ARCH_LIST"])
     if sanitize:
         info += ",sanitize:address+undefined"
-    sources = sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
+    kernel_sources = [str(CSRC / name) for name in CPU_KERNEL_SOURCES]
+    sources = [src for src in sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
+               if src not in kernel_sources]
     if with_cuda:  # the kernels (.cu) and their host side (.cpp: tensors, dispatch)
         sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu"))) + sorted(glob.glob(str(CSRC / "cuda" / "*.cpp")))
     cuda_define = ["-DSELFATTN_WITH_CUDA"] if with_cuda else []
+    # Which kernel variants dispatch.cpp may pick (DEFAULT always exists).
+    variant_defines = [f"-DSELFATTN_CPU_HAS_{c}" for c in capabilities]
     sanitize_flags = SANITIZE_FLAGS if sanitize else []
-    cxx = (["-O3", "-fopenmp"] + CAPABILITY_FLAGS[capability] + [f"-DSELFATTN_BUILD_INFO={info}"]
-           + cuda_define + sanitize_flags)
+    cxx = (["-O3", "-fopenmp", f"-DSELFATTN_BUILD_INFO={info}"] + variant_defines + cuda_define
+           + sanitize_flags)
     # No -std here: torch's cpp_extension adds the standard its headers need (C++20 from torch
     # 2.10 on), and only when no -std is given; a fixed -std=c++17 breaks those headers.
     # No SELFATTN_BUILD_INFO either (only selfattn.cpp reads it): nvcc splits -D values at
@@ -242,6 +239,7 @@ def extension_config() -> ExtensionConfig:
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_define
     return ExtensionConfig(
         sources=sources,
+        cpu_variant_sources={c: kernel_sources for c in capabilities},
         cxx_flags=cxx,
         nvcc_flags=nvcc,
         # at::parallel_for runs on one thread, silently, without OpenMP.
@@ -249,6 +247,55 @@ def extension_config() -> ExtensionConfig:
         include_dirs=include_dirs,
         with_cuda=with_cuda,
         sanitize=sanitize,
-        cpu_capability=capability,
+        cpu_capabilities=capabilities,
         build_info=info,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def build_extension_class(config: ExtensionConfig):
+    """torch's BuildExtension, plus the CPU kernel sources compiled once per capability.
+
+    setuptools compiles an extension's sources with one set of flags; the variants are compiled
+    here, each into a folder of its own (same file names, other flags), through the same
+    ninja-driven compiler, and linked after the extension's own objects. The link order matters:
+    an inline function of a header (ATen, c10, the standard library) that the linker does not
+    inline is emitted by every object using it, and the linker keeps the first copy. Baseline
+    objects first, then DEFAULT, AVX2, AVX512, so code outside the kernels never runs an
+    instruction this CPU may lack (tests/test_dispatch.py checks the library's instructions).
+    Imports torch.utils.cpp_extension: call after extension_config().
+    """
+    from setuptools.modified import newer_group
+    from torch.utils.cpp_extension import BuildExtension
+
+    class SelfattnBuildExtension(BuildExtension):
+        def build_extension(self, ext):
+            library = self.get_ext_fullpath(ext.name)
+            if self.force or newer_group(list(ext.sources) + list(ext.depends), library, "newer"):
+                ext.extra_objects = []
+                for capability, sources in config.cpu_variant_sources.items():
+                    flags = dict(ext.extra_compile_args)  # with what BuildExtension added by now
+                    flags["cxx"] = flags["cxx"] + CAPABILITY_FLAGS[capability]
+                    ext.extra_objects += self.compiler.compile(
+                        [_relative_to_cwd(src) for src in sources], output_dir=os.path.join(self.build_temp, "cpu_" + capability.lower()),
+                        include_dirs=ext.include_dirs, extra_postargs=flags, depends=ext.depends)
+            super().build_extension(ext)  # compiles ext.sources, links them + extra_objects
+
+    return SelfattnBuildExtension
+
+
+def _relative_to_cwd(path: str) -> str:
+    """A source path as setuptools prefers it (the object file's path follows it): relative to
+    the folder the build runs in, when inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def extension_depends() -> list[str]:
+    """Every file a build reads besides the sources it compiles: a change rebuilds the library."""
+    kernels = [str(CSRC / name) for name in CPU_KERNEL_SOURCES]
+    headers = [p for pattern in ("**/*.h", "**/*.cuh") for p in glob.glob(str(CSRC / pattern), recursive=True)]
+    return kernels + sorted(headers)

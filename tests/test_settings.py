@@ -3,6 +3,7 @@ found, the GPU archs, the sanitizer build. No compiling: fake toolkits in tmp_pa
 
 import importlib.metadata
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -128,3 +129,30 @@ def test_cuda_build_records_its_archs(monkeypatch):
     config = _settings.extension_config()
     assert config.with_cuda and config.build_info.endswith(",archs:8.0/9.0")
     assert not any("sanitize" in flag for flag in config.cxx_flags)
+
+
+def test_cpu_kernels_are_compiled_once_per_capability(monkeypatch):
+    """The kernel sources get a copy per instruction set, in a namespace of its own; every other
+    source is compiled once, for the x86-64 baseline. SELFATTN_CPU_CAPABILITY is a run-time choice
+    now (tests/test_dispatch.py) and changes nothing in the build."""
+    monkeypatch.delenv("SELFATTN_SANITIZE", raising=False)
+    monkeypatch.setenv("SELFATTN_CUDA", "0")
+    monkeypatch.setenv("SELFATTN_CPU_CAPABILITY", "default")
+    config = _settings.extension_config()
+    kernels = [str(_settings.CSRC / name) for name in _settings.CPU_KERNEL_SOURCES]
+    dispatch = str(_settings.CSRC / "cpu" / "dispatch.cpp")
+    # Every csrc/cpu source is a kernel file (listed, per copy) or the dispatch (once).
+    assert sorted((_settings.CSRC / "cpu").glob("*.cpp")) == sorted(map(Path, kernels + [dispatch]))
+    assert dispatch in config.sources and not set(kernels) & set(config.sources)
+    assert config.cpu_variant_sources == {c: kernels for c in config.cpu_capabilities}
+    if platform.machine() == "x86_64":
+        assert config.cpu_capabilities == ("DEFAULT", "AVX2", "AVX512")
+        assert ",cpu:DEFAULT/AVX2/AVX512," in config.build_info
+    assert not [f for f in config.cxx_flags if f.startswith("-m") or "CPU_CAPABILITY" in f]  # baseline
+    for capability in config.cpu_capabilities:
+        flags = _settings.CAPABILITY_FLAGS[capability]
+        assert f"-DSELFATTN_CPU_NS=cpu_{capability.lower()}" in flags
+        assert f"-DCPU_CAPABILITY={capability}" in flags  # at::vec's namespace and code for it
+        assert f"-DSELFATTN_CPU_HAS_{capability}" in config.cxx_flags  # what dispatch.cpp may pick
+    assert not [f for f in _settings.CAPABILITY_FLAGS["DEFAULT"] if f.startswith("-m")]
+    assert "-mavx512f" in _settings.CAPABILITY_FLAGS["AVX512"] and "-mavx2" in _settings.CAPABILITY_FLAGS["AVX2"]

@@ -7,7 +7,7 @@
 #include "tile.h"
 #include "tile_bf16.h"
 
-namespace selfattn::cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 
 // Forward: scores = scale · k rows · queries, acc += P · v rows (tiles transposed as in
 // attention_fwd.cpp: key rows x query columns).
@@ -192,4 +192,4 @@ class BackwardBf16 {
   PairRows k_pairs_{}, v_pairs_{};
 };
 
-}  // namespace selfattn::cpu
+}  // namespace selfattn::SELFATTN_CPU_NS

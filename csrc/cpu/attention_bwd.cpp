@@ -19,7 +19,7 @@
 // over several work items only when there are fewer of them than threads.
 // As in the forward, score tiles are transposed: key rows x query columns, and masks (mask.h)
 // skip the tiles nobody sees. A row whose lse is -inf (it saw no key) has P = 0.
-#include "../attention.h"
+#include "kernels.h"
 #include "dropout_tiles.h"
 #include "attention_bf16.h"
 #include "mask_tiles.h"
@@ -30,10 +30,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 
-#include <optional>
-
-namespace selfattn {
-namespace cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
 constexpr int64_t kBlockQ = 64;  // queries per tile (columns)
@@ -317,13 +314,11 @@ void reduce_grad_q(const BackwardShape& s, const at::Tensor& dq_sums, const at::
 }
 
 }  // namespace
-}  // namespace cpu
 
-void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                            const AttentionMask& mask, double scale, const at::Tensor& grad_q,
-                            const at::Tensor& grad_k, const at::Tensor& grad_v) {
-  using namespace cpu;
+void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                        const AttentionMask& mask, double scale, const at::Tensor& grad_q,
+                        const at::Tensor& grad_k, const at::Tensor& grad_v) {
   BackwardShape s;
   s.batch = q.size(0), s.heads = q.size(1), s.heads_kv = k.size(1), s.nq = q.size(2), s.nk = k.size(2);
   s.dim = q.size(3), s.dim_v = v.size(3);
@@ -374,4 +369,4 @@ void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, con
   });
 }
 
-}  // namespace selfattn
+}  // namespace selfattn::SELFATTN_CPU_NS

@@ -15,7 +15,7 @@
 // round differently from the backward's recomputation, and the gradients' error grew 3-5x past
 // eager's (P = exp(S - lse) must see the forward's S). Padding costs compute, not memory traffic.
 // bfloat16/float16 caches are read in their dtype and converted a tile at a time.
-#include "../attention.h"
+#include "kernels.h"
 #include "mask_tiles.h"
 #include "tile.h"
 
@@ -27,8 +27,7 @@
 #include <string>
 #include <vector>
 
-namespace selfattn {
-namespace cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
 constexpr int64_t kBlockK = 64;            // keys per step (rows of the score tile); mask tiles use it
@@ -261,7 +260,6 @@ gemm<T>(k_rows, ld, dim, k_block.data, k_block.row_stride, k_block.col_stride, q
 }
 
 }  // namespace
-}  // namespace cpu
 
 int64_t decode_splits_setting() {
   const char* value = std::getenv("SELFATTN_DECODE_SPLITS");
@@ -276,16 +274,16 @@ int64_t decode_splits_setting() {
 }
 
 bool decode_path_applies(const at::Tensor& q, const at::Tensor& k) {
-  return q.size(2) * (q.size(1) / k.size(1)) <= cpu::kMaxRows && decode_splits_setting() != 0;
+  return q.size(2) * (q.size(1) / k.size(1)) <= kMaxRows && decode_splits_setting() != 0;
 }
 
-void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
-                          double scale, const at::Tensor& out, const at::Tensor& lse) {
+void attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                      double scale, const at::Tensor& out, const at::Tensor& lse) {
   const int64_t forced_splits = std::max<int64_t>(decode_splits_setting(), 0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_decode_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_decode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cpu::decode_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), forced_splits, out, lse);
+    decode_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), forced_splits, out, lse);
   });
 }
 
-}  // namespace selfattn
+}  // namespace selfattn::SELFATTN_CPU_NS

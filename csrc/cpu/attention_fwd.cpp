@@ -15,7 +15,7 @@
 // Dropout (philox.h): each tile's probabilities, once the running sum has taken them, are
 // multiplied by 1/(1 - p) or 0 (dropout_tiles.h) before P·V, so lse stays the dropout-free one and
 // out = (P ∘ keep / (1 - p)) v.
-#include "../attention.h"
+#include "kernels.h"
 #include "dropout_tiles.h"
 #include "attention_bf16.h"
 #include "mask_tiles.h"
@@ -28,8 +28,7 @@
 #include <cmath>
 #include <optional>
 
-namespace selfattn {
-namespace cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
 constexpr int64_t kBlockQ = 64;  // queries per work item (columns of the score tile)
@@ -217,11 +216,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 }  // namespace
 
-}  // namespace cpu
-
-void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const AttentionMask& mask, double scale, const at::Tensor& out,
-                           const at::Tensor& lse) {
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const AttentionMask& mask, double scale, const at::Tensor& out,
+                       const at::Tensor& lse) {
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) {
     return;
   }
@@ -233,12 +230,12 @@ void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   // Few query rows, a long cache: split the keys instead. Dropout stays on the tiled path, whose
   // keep mask the backward regenerates tile by tile.
   if (!mask.dropout.active() && decode_path_applies(q, k)) {
-    return attention_decode_cpu(q, k, v, mask, scale, out, lse);
+    return attention_decode(q, k, v, mask, scale, out, lse);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cpu::forward_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), out, lse);
+    forward_kernel<scalar_t, acc_t>(q, k, v, mask, static_cast<acc_t>(scale), out, lse);
   });
 }
 
-}  // namespace selfattn
+}  // namespace selfattn::SELFATTN_CPU_NS

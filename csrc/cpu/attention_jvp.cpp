@@ -14,7 +14,7 @@
 // tangent scores dS (one GEMM per tangent of q or k), and P·dv and (P ∘ dS)·v into acc_t. An
 // undefined tangent is zero: its GEMMs are skipped. A row that sees no key gets out 0, lse -inf
 // and tangent 0.
-#include "../attention.h"
+#include "kernels.h"
 #include "mask_tiles.h"
 #include "tile.h"
 
@@ -24,8 +24,7 @@
 
 #include <cmath>
 
-namespace selfattn {
-namespace cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
 constexpr int64_t kBlockQ = 64;  // queries per work item (columns of the score tiles)
@@ -224,9 +223,8 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 }
 
 }  // namespace
-}  // namespace cpu
 
-void attention_jvp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
+void attention_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
                        const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask,
                        double scale, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out) {
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) {
@@ -240,9 +238,9 @@ void attention_jvp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_jvp_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cpu::jvp_kernel<scalar_t, acc_t>(q, k, v, tangent_q, tangent_k, tangent_v, mask, static_cast<acc_t>(scale), out,
+    jvp_kernel<scalar_t, acc_t>(q, k, v, tangent_q, tangent_k, tangent_v, mask, static_cast<acc_t>(scale), out,
                                      lse, tangent_out);
   });
 }
 
-}  // namespace selfattn
+}  // namespace selfattn::SELFATTN_CPU_NS

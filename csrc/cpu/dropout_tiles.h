@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace selfattn::cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 
 // 8 words of 32 bits, each in a 64-bit lane so that Philox's 32 x 32 -> 64 products fit.
 typedef uint64_t PhiloxLanes __attribute__((vector_size(64)));
@@ -52,4 +52,4 @@ void dropout_tile(const Dropout& dropout, PhiloxKey key, int64_t b, int64_t h, i
   }
 }
 
-}  // namespace selfattn::cpu
+}  // namespace selfattn::SELFATTN_CPU_NS

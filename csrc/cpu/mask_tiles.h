@@ -15,7 +15,7 @@
 #include <limits>
 #include <vector>
 
-namespace selfattn::cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 
 enum class TileState : uint8_t {
   kHidden,   // the mask hides every pair: skip the tile
@@ -198,4 +198,4 @@ void mask_band(MaskCut cut, int64_t k_rows, int64_t width, T* tile, int64_t ld, 
   }
 }
 
-}  // namespace selfattn::cpu
+}  // namespace selfattn::SELFATTN_CPU_NS

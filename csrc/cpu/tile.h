@@ -2,10 +2,11 @@
 // tensor access, aligned per-call scratch and vectorized row operations.
 //
 // Everything here is templated on T, the accumulation type (float, or double for
-// float64 inputs). Vector width follows the CPU capability this file is compiled for
-// (CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 / neither), chosen by the build settings
-// (selfattn/_settings.py).
+// float64 inputs). Vector width follows the CPU capability this copy is compiled for
+// (CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2 / neither; capability.h).
 #pragma once
+
+#include "capability.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,7 +20,7 @@
 #include <limits>
 #include <utility>
 
-namespace selfattn::cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -368,4 +369,4 @@ inline void fill(T* dst, int64_t n, T value) {
   std::fill(dst, dst + n, value);
 }
 
-}  // namespace selfattn::cpu
+}  // namespace selfattn::SELFATTN_CPU_NS

@@ -25,7 +25,7 @@
 #include <cstring>
 #include <utility>
 
-namespace selfattn::cpu {
+namespace selfattn::SELFATTN_CPU_NS {
 
 // The bf16 kernels are compiled into the AVX-512 build only (their tiles are 16 float32 wide).
 #if defined(CPU_CAPABILITY_AVX512)
@@ -277,4 +277,4 @@ SELFATTN_TARGET_BF16 inline void round_rows(const float* src, int64_t ld, int64_
   }
 }
 
-}  // namespace selfattn::cpu
+}  // namespace selfattn::SELFATTN_CPU_NS

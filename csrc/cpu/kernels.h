@@ -1,0 +1,34 @@
+// The entry points every CPU kernel variant defines, in selfattn::SELFATTN_CPU_NS (capability.h);
+// their contracts are those of the *_cpu functions of attention.h, which dispatch.cpp defines
+// by calling the chosen variant's. A kernel file includes this once; dispatch.cpp once per
+// variant, with SELFATTN_CPU_NS set to each name in turn, hence no include guard. A new entry
+// point is declared here and added to CpuKernels in dispatch.cpp.
+#include "../attention.h"
+
+namespace selfattn::SELFATTN_CPU_NS {
+
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const AttentionMask& mask, double scale, const at::Tensor& out,
+                       const at::Tensor& lse);
+
+void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                        const AttentionMask& mask, double scale, const at::Tensor& grad_q,
+                        const at::Tensor& grad_k, const at::Tensor& grad_v);
+
+// Forward-mode derivative (attention_jvp.cpp), the contract of attention_jvp_cpu.
+void attention_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
+                   const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask, double scale,
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out);
+
+// Decoding (attention_decode.cpp): few query rows per kv head (Nq · Hq / Hk small) against a
+// long cache, split over the keys. attention_forward takes this path when
+// decode_path_applies(q, k). SELFATTN_DECODE_SPLITS in the environment (read per call by
+// decode_splits_setting: -1 unset = automatic, 0 = no decode path, S > 0 = S key splits) is the
+// knob for tests and benchmarks. Called inside a copy only, so not in dispatch.cpp's table.
+int64_t decode_splits_setting();
+bool decode_path_applies(const at::Tensor& q, const at::Tensor& k);
+void attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                      double scale, const at::Tensor& out, const at::Tensor& lse);
+
+}  // namespace selfattn::SELFATTN_CPU_NS
