@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import selfattn
+from selfattn._system import cpu_model
 
 CASES = [(1, 1024), (1, 8192), (1, 32768), (8, 4096)]  # (B, Nk)
 HQ, HK, D = 32, 8, 128
@@ -45,17 +46,6 @@ def l3_bytes() -> int:
     except (OSError, subprocess.CalledProcessError, ValueError):
         pass
     return 32 << 20
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
