@@ -41,6 +41,18 @@ def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask
 
 
+def _one_input(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b are one input, for the fused self-attention route: the same tensor, or
+    aliases of it that are outputs of one autograd node. FSDP2 passes each forward input through
+    its own output of one autograd Function, so `query is key` fails in its forward yet holds in
+    a checkpoint's recompute (no hook there): the route, and the tensors saved, would differ
+    between the two. A detached or separately created alias has no shared grad_fn: not fused."""
+    if a is b:
+        return True
+    return (a.grad_fn is not None and a.grad_fn is b.grad_fn and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device)
+
+
 def _op_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], batch: int, heads: int,
              extra_keys: int, dtype: torch.dtype) -> Optional[Tensor]:
     """nn.MultiheadAttention's two masks as the one 4-D mask selfattn's ops take, or None.
@@ -135,7 +147,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         if query.is_nested or key.is_nested or value.is_nested:
             return self._forward_nested(query, key, value, key_padding_mask, attn_mask, need_weights,
                                         average_attn_weights)
-        is_self = query is key and key is value
+        is_self = _one_input(query, key) and _one_input(key, value)
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:  # torch's rule: the hint describes attn_mask
             raise ValueError("MultiheadAttention: is_causal=True needs attn_mask (is_causal is a hint that "

@@ -206,6 +206,33 @@ def test_self_attention_takes_the_fused_op():
         assert counter.selfattn_calls() == 1 and counter.calls[op] == 1, counter.calls
 
 
+class _ThreeAliases(torch.autograd.Function):
+    """x three times, as three outputs of one node: what FSDP2's pre-forward hook makes of (h, h, h)."""
+
+    @staticmethod
+    def forward(ctx, a, b, c):
+        return a.view_as(a), b.view_as(b), c.view_as(c)
+
+    @staticmethod
+    def backward(ctx, ga, gb, gc):
+        return ga, gb, gc
+
+
+def test_aliases_from_one_node_take_the_fused_op_and_keep_the_gradient():
+    ours = selfattn.MultiheadAttention(8, 2, dtype=F64)
+    x = torch.randn(4, 3, 8, dtype=F64, requires_grad=True)
+    expected = torch.autograd.grad(ours(x, x, x, need_weights=False)[0].sum(), x)[0]
+    q, k, v = _ThreeAliases.apply(x, x, x)
+    with CountOps() as counter:
+        out = ours(q, k, v, need_weights=False)[0]
+    assert counter.calls["selfattn::self_attention_fwd"] == 1, counter.calls
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], expected)
+    # A detached alias is another input: the separate projections, and no gradient through it.
+    with CountOps() as counter:
+        ours(x, x.detach(), x.detach(), need_weights=False)
+    assert counter.calls["selfattn::attention_fwd"] == 1, counter.calls
+
+
 def test_float32_within_twice_torchs_error():
     """float32 against float64 nn.MultiheadAttention: at most FACTOR × float32 torch's error."""
     ref64 = nn.MultiheadAttention(64, 4, batch_first=True, dtype=F64)
