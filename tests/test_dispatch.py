@@ -186,6 +186,11 @@ def test_no_instruction_outside_its_copy():
     AVX-512 and kept by the linker for everyone would fault on an AVX2 CPU; so would a static
     initializer of a kernel file."""
     info = selfattn.build_info()
+    if info.sanitize:
+        # ASan's instrumented clones (.constprop) of header functions are local to each copy's
+        # objects and named without its namespace: the check cannot tell whose they are. It holds
+        # for the builds that ship (checked in the plain test run).
+        pytest.skip("the sanitizer build's clones of header functions carry no copy's namespace")
     allowed = {"DEFAULT": {"legacy"}, "AVX2": {"legacy", "vex"}, "AVX512": {"legacy", "vex", "evex"}}
     found = {name: [insn for kind, insn in insns if kind not in allowed[owner]][:3]
              for name, (owner, insns) in disassembly(info.path).items()}
