@@ -191,6 +191,21 @@ def test_gqa_equals_repeated_kv():
     torch.testing.assert_close(shared[0], out.detach())
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_window_gqa_backward_over_split_keys(threads):
+    """The CPU backward packs each query block (q, dO, lse, delta) when a tile first needs it, per
+    query head: a narrow window over several key blocks, three query heads per kv head, and (at 4
+    threads) one kv head split over work items, each meeting other query blocks."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = inputs(1, 3, 1, 300, 333, 16, torch.float64)
+        check_against_oracle(q, k, v, causal="bottom_right", window=(40, 0))
+        check_against_oracle(q, k, v, window=(5, 70))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_gqa_needs_the_flag():
     q, k, v = inputs(1, 4, 2, 5, 5, 8)
     with pytest.raises(ValueError, match="pass enable_gqa=True"):

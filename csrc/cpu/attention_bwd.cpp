@@ -30,6 +30,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
 namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
@@ -91,8 +95,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
   for_each_item(s.batch * s.heads_kv * s.splits, [&](ItemQueue& items) {
     Scratch<T> scratch(scratch_size);
     Carver carve(scratch.get());
-    T* q_t = carve.take(s.dim * nq_padded);      // (D, Nq_padded): all queries as columns, times scale
-    T* do_t = carve.take(s.dim_v * nq_padded);   // (Dv, Nq_padded): all rows of dO as columns
+    // Query blocks as columns, block after block: block qb is a (D, block_q) panel at
+    // q_t + qb * D * block_q (a tile's GEMM then reads 64 contiguous rows, where columns of one
+    // (D, Nq) matrix lay Nq apart and met in the same few L1 sets).
+    T* q_t = carve.take(s.dim * nq_padded);      // queries times scale
+    T* do_t = carve.take(s.dim_v * nq_padded);   // rows of dO
     T* lse_row = carve.take(nq_padded);          // lse per query; +inf on padding so P = 0 there
     T* delta = carve.take(nq_padded);            // rowsum(dO ∘ out) per query
     T* p_t = carve.take(block_k * block_q);      // (block_k, block_q): P, transposed
@@ -105,6 +112,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     T* k_scratch = carve.take(k_reader.scratch_size(block_k));
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));
     T* dq_scratch = dq_in_scratch ? carve.take(s.nq * s.dim_padded) : nullptr;  // (Nq, D_padded)
+    std::vector<uint8_t> prepared(s.q_blocks);   // query blocks of the current head packed so far
     std::optional<BackwardBf16> bf16;
     if (use_bf16) {
       bf16.emplace(s.dim, s.dim_v, s.dim_padded, s.dim_v_padded, nq_padded, block_q, block_k);
@@ -130,27 +138,35 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
           if constexpr (kMayUseBf16) {
             bf16->pack_head(Bf16View(q), Bf16View(grad_out), b, h, s.nq);
           }
-        } else {
-          pack_columns(q_view, b, h, 0, s.nq, s.dim, scale, q_t, nq_padded);
-          pack_columns(do_view, b, h, 0, s.nq, s.dim_v, T(1), do_t, nq_padded);
         }
-        for (int64_t i = 0; i < nq_padded; ++i) {
-          // +inf stands in for padding and for rows that saw no key (lse -inf): P = 0 there.
-          const T row_lse = i < s.nq ? lse_data[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] : T(0);
-          if (i < s.nq && row_lse > -std::numeric_limits<T>::infinity()) {
-            lse_row[i] = row_lse;
-            const scalar_t* do_row = do_view.row(b, h, i);
-            const scalar_t* out_row = out_view.row(b, h, i);
-            T dot = 0;
-            for (int64_t d = 0; d < s.dim_v; ++d) {
-              dot += static_cast<T>(do_row[d * do_view.stride_d]) * static_cast<T>(out_row[d * out_view.stride_d]);
-            }
-            delta[i] = dot;
-          } else {
-            lse_row[i] = std::numeric_limits<T>::infinity();
-            delta[i] = 0;
+        // A query block's operands, lse and delta, prepared when a tile first needs them: a work
+        // item (a window's, a split's) then touches only the queries its keys meet.
+        std::fill(prepared.begin(), prepared.end(), uint8_t(0));
+        const auto prepare = [&](int64_t qb) {
+          const int64_t q0 = qb * block_q, q_rows = std::min(block_q, s.nq - q0);
+          if (!use_bf16) {
+            pack_columns(q_view, b, h, q0, q_rows, s.dim, scale, q_t + qb * s.dim * block_q, block_q);
+            pack_columns(do_view, b, h, q0, q_rows, s.dim_v, T(1), do_t + qb * s.dim_v * block_q, block_q);
           }
-        }
+          for (int64_t i = q0; i < q0 + block_q; ++i) {
+            // +inf stands in for padding and for rows that saw no key (lse -inf): P = 0 there.
+            const T row_lse = i < s.nq ? lse_data[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] : T(0);
+            if (i < s.nq && row_lse > -std::numeric_limits<T>::infinity()) {
+              lse_row[i] = row_lse;
+              const scalar_t* do_row = do_view.row(b, h, i);
+              const scalar_t* out_row = out_view.row(b, h, i);
+              T dot = 0;
+              for (int64_t d = 0; d < s.dim_v; ++d) {
+                dot += static_cast<T>(do_row[d * do_view.stride_d]) * static_cast<T>(out_row[d * out_view.stride_d]);
+              }
+              delta[i] = dot;
+            } else {
+              lse_row[i] = std::numeric_limits<T>::infinity();
+              delta[i] = 0;
+            }
+          }
+          prepared[qb] = 1;
+        };
 
         for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
           const int64_t k0 = kb * block_k, k_rows = std::min(block_k, s.nk - k0);
@@ -177,6 +193,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
             if (kv_rows <= 0 || !band.touches(q0, q0 + q_rows, k0, k0 + kv_rows) || tile == TileState::kHidden) {
               continue;
             }
+            if (!prepared[qb]) {
+              prepare(qb);
+            }
+            const T* q_cols = q_t + qb * s.dim * block_q;  // (D, block_q), ld block_q
+            const T* do_cols = do_t + qb * s.dim_v * block_q;
             RowBlock<T> q_block{}, do_block{};
             if (!use_bf16) {
               q_block = q_reader.read(b, h, q0, q_rows, q_scratch);
@@ -193,11 +214,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
                 bf16->scores(cut ? &band_cols : nullptr, kv_rows, q0, scale, p_t);
               }
             } else if (!cut) {
-              gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_t + q0, nq_padded, p_t,
+              gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_cols, block_q, p_t,
                       block_q, /*accumulate=*/false);
             } else {
               gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1,
-                                     q_t + q0, nq_padded, p_t, block_q, /*accumulate=*/false);
+                                     q_cols, block_q, p_t, block_q, /*accumulate=*/false);
             }
             if (cut) {
               mask_band(band_cols, kv_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
@@ -218,11 +239,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
                 bf16->dprobs(cut ? &band_cols : nullptr, kv_rows, q0, ds_t);
               }
             } else if (!cut) {
-              gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_t + q0,
-                      nq_padded, ds_t, block_q, /*accumulate=*/false);
+              gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_cols,
+                      block_q, ds_t, block_q, /*accumulate=*/false);
             } else {
               gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride,
-                                     v_block.col_stride, do_t + q0, nq_padded, ds_t, block_q, /*accumulate=*/false);
+                                     v_block.col_stride, do_cols, block_q, ds_t, block_q, /*accumulate=*/false);
             }
             const Vec<T> scale_vec(scale);
             if (!dropout.active()) {
