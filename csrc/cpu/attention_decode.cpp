@@ -14,7 +14,8 @@
 // (tile.h), the key block read transposed (transposed_block.h): the keys run along the vector
 // lanes, so no lane is padding whatever R is. (The first version computed S = K · Qᵀ with the R
 // rows as columns padded to the vector width: at R = 4 three quarters of the score FMAs were on
-// padding, and the kernel was compute-bound at 30-45% of copy_'s bandwidth.) Each score is still
+// padding. Removing them saved ~15% of a bfloat16 call's CPU time and nothing measurable in float32:
+// the time sits on the k/v loads, BENCHMARKS.md.) Each score is still
 // the FMA chain over d of k·q from 0, the order the backward recomputes it in — a dot-product kernel
 // along the head dim was tried and dropped: its scores rounded differently from the backward's, and
 // the gradients' error grew 3-5x past eager's (P = exp(S - lse) must see the forward's S).
@@ -36,7 +37,8 @@ namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
 constexpr int64_t kBlockK = 64;            // keys per step (rows of the score tile); mask tiles use it
-constexpr int64_t kMaxRows = 64;           // decode path when Nq · group <= this (measured: DESIGN.md)
+constexpr int64_t kMaxRows = 64;           // decode path when Nq · group <= this: even with the tiled
+                                           // kernel at 64, ahead below (BENCHMARKS.md)
 constexpr int64_t kMinBlocksPerSplit = 4;  // a split streams at least 256 keys (when there are)
 // Splits per call: enough work items for this many threads. Fixed rather than read from the thread
 // count, so that a result does not depend on how many threads computed it.
@@ -137,12 +139,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         if (!any_seen) {
           continue;
         }
-        const int64_t next = std::min(kBlockK, k_last - k0 - k_rows);  // the next block's keys
-        prefetch_rows(k_view, b, h_kv, k0 + k_rows, next, dim);
-        prefetch_rows(v_view, b, h_kv, k0 + k_rows, next, dim_v);
-
         // Sᵀ = Q · Kᵀ: the R rows of scores, keys along the vector; keys past k_rows are -inf.
-        read_transposed(k_view, b, h_kv, k0, k_rows, dim, k_t, kBlockK);
+        // While the block is read, the next block's k and v rows are prefetched, a slice at a time.
+        const int64_t next = std::min(kBlockK, k_last - k0 - k_rows);  // the next block's keys
+        read_transposed(k_view, b, h_kv, k0, k_rows, dim, k_t, kBlockK, [&](int64_t j0, int64_t count) {
+          const int64_t ahead = std::clamp<int64_t>(next - j0, 0, count);
+          prefetch_rows(k_view, b, h_kv, k0 + k_rows + j0, ahead, dim);
+          prefetch_rows(v_view, b, h_kv, k0 + k_rows + j0, ahead, dim_v);
+        });
         gemm<T>(rows, width, dim, q_s, dim, 1, k_t, kBlockK, s, kBlockK, /*accumulate=*/false);
         for (int64_t r = 0; r < rows; ++r) {
           fill(s + r * kBlockK + k_rows, width - k_rows, kMinusInf);

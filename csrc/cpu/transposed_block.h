@@ -64,8 +64,9 @@ inline void transpose16x16(__m512 r[16]) {
 }
 #endif
 
-// Asks for rows [n0, n0 + rows) of (b, h) to be brought into the cache (contiguous rows only):
-// the next block's k and v, so that their loads are in flight while this block is computed on.
+// Asks for rows [n0, n0 + rows) of (b, h) to be brought into L2 (contiguous rows only): the next
+// block's k and v, so that their loads are in flight while this block is computed on. (Into L2, not
+// L1: a block of k and v in float32 is 64 KiB, more than L1 holds beside the working tiles.)
 template <typename scalar_t>
 inline void prefetch_rows(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows,
                           int64_t dim) {
@@ -75,17 +76,18 @@ inline void prefetch_rows(const Strided4<const scalar_t>& src, int64_t b, int64_
   for (int64_t j = 0; j < rows; ++j) {
     const char* row = reinterpret_cast<const char*>(src.row(b, h, n0 + j));
     for (int64_t byte = 0; byte < dim * int64_t(sizeof(scalar_t)); byte += 64) {
-      __builtin_prefetch(row + byte, 0, 3);
+      __builtin_prefetch(row + byte, 0, 2);
     }
   }
 }
 
 // dst (dim x ld): dst[d * ld + j] = src row n0 + j (of (b, h)), element d, in T, for j < rows;
 // columns rows..round_up(rows, vector width) - 1 are 0 (keys the score GEMM computes on, the
-// caller ignores).
-template <typename scalar_t, typename T>
+// caller ignores). on_keys(j0, count) is called before keys [j0, j0 + count) are read (the caller's
+// prefetches, spread over the block rather than issued at once).
+template <typename scalar_t, typename T, typename OnKeys>
 void read_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows,
-                     int64_t dim, T* dst, int64_t ld) {
+                     int64_t dim, T* dst, int64_t ld, const OnKeys& on_keys) {
   constexpr int64_t W = kVecWidth<T>;
   const int64_t width = round_up(rows, W);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -95,6 +97,7 @@ void read_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, 
       __m512 r[16];
       for (int64_t j0 = 0; j0 < width; j0 += 16) {
         const int64_t keys = std::min<int64_t>(16, rows - j0);
+        on_keys(j0, keys);
         for (int64_t d0 = 0; d0 < dim; d0 += 16) {
           const int64_t count = std::min<int64_t>(16, dim - d0);
           for (int64_t j = 0; j < 16; ++j) {
@@ -110,6 +113,7 @@ void read_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, 
     }
   }
 #endif
+  on_keys(0, rows);
   for (int64_t j = 0; j < rows; ++j) {
     const scalar_t* row = src.row(b, h, n0 + j);
     for (int64_t d = 0; d < dim; ++d) {
