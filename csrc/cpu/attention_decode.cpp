@@ -10,14 +10,20 @@
 // never depend on which thread ran what. A split with lse -inf saw nothing and weighs 0; a row
 // every split misses gets output 0 and lse -inf.
 //
-// Scores and P·V use the tiled kernels' GEMM (tile.h), score columns padded to the vector width.
-// A dot-product kernel along the head dim (no padding columns) was tried and dropped: its scores
-// round differently from the backward's recomputation, and the gradients' error grew 3-5x past
-// eager's (P = exp(S - lse) must see the forward's S). Padding costs compute, not memory traffic.
+// Scores are computed as Sᵀ = Q · Kᵀ (R query rows x a block of keys) with the tiled kernels' GEMM
+// (tile.h), the key block read transposed (transposed_block.h): the keys run along the vector
+// lanes, so no lane is padding whatever R is. (The first version computed S = K · Qᵀ with the R
+// rows as columns padded to the vector width: at R = 4 three quarters of the score FMAs were on
+// padding. Removing them saved ~15% of a bfloat16 call's CPU time and nothing measurable in float32:
+// the time sits on the k/v loads, BENCHMARKS.md.) Each score is still
+// the FMA chain over d of k·q from 0, the order the backward recomputes it in — a dot-product kernel
+// along the head dim was tried and dropped: its scores rounded differently from the backward's, and
+// the gradients' error grew 3-5x past eager's (P = exp(S - lse) must see the forward's S).
 // bfloat16/float16 caches are read in their dtype and converted a tile at a time.
 #include "kernels.h"
 #include "mask_tiles.h"
 #include "tile.h"
+#include "transposed_block.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,7 +37,8 @@ namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
 constexpr int64_t kBlockK = 64;            // keys per step (rows of the score tile); mask tiles use it
-constexpr int64_t kMaxRows = 64;           // decode path when Nq · group <= this (measured: DESIGN.md)
+constexpr int64_t kMaxRows = 64;           // decode path when Nq · group <= this: even with the tiled
+                                           // kernel at 64, ahead below (BENCHMARKS.md)
 constexpr int64_t kMinBlocksPerSplit = 4;  // a split streams at least 256 keys (when there are)
 // Splits per call: enough work items for this many threads. Fixed rather than read from the thread
 // count, so that a result does not depend on how many threads computed it.
@@ -48,7 +55,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t kv_heads = k.size(1), group = heads / kv_heads;
   const int64_t nk = k.size(2), dim_v = v.size(3);
   const int64_t dim_v_padded = round_up(dim_v, W);
-  const int64_t rows = group * nq, ld = round_up(rows, W);  // score columns, and their padded count
+  const int64_t rows = group * nq;  // query rows of a work item
   const Band& band = mask.band;
   // One query block holds all Nq rows: a tile's state is then per (batch, head, key block).
   const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, nq, kBlockK) : MaskTiles();
@@ -62,9 +69,10 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                                                                  std::max<int64_t>(1, blocks / kMinBlocksPerSplit));
 
   const Strided4<const scalar_t> q_view(q);
-  // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
-  const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, dim, /*whole_rows=*/false);
+  const Strided4<const scalar_t> k_view(k);
+  // v is read as whole rows (P·V's B operand), in place when it can be.
   const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);
+  const Strided4<const scalar_t> v_view(v);
   const Strided4<scalar_t> out_view(out);
   T* const lse_data = lse.data_ptr<T>();
   const int64_t lse_stride_b = lse.stride(0), lse_stride_h = lse.stride(1), lse_stride_n = lse.stride(2);
@@ -83,46 +91,42 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   Scratch<T> part_lse(parts * rows);
 
   using Carver = ScratchCarver<T>;
-  const int64_t scratch_size = Carver::padded(dim * ld) + Carver::padded(kBlockK * ld) +
-                               Carver::padded(rows * dim_v_padded) + 3 * Carver::padded(ld) +
-                               Carver::padded(k_reader.scratch_size(kBlockK)) +
+  const int64_t scratch_size = Carver::padded(rows * dim) + Carver::padded(dim * kBlockK) +
+                               Carver::padded(rows * kBlockK) + Carver::padded(kBlockK * nq) +
+                               Carver::padded(rows * dim_v_padded) + 2 * Carver::padded(rows) +
                                Carver::padded(v_reader.scratch_size(kBlockK));
 
   for_each_item(batch * kv_heads * splits, [&](ItemQueue& items) {
     Scratch<T> scratch(scratch_size);
     Carver carve(scratch.get());
-    T* q_t = carve.take(dim * ld);               // (D, ld): the group's query rows as columns, times scale
-    T* p_t = carve.take(kBlockK * ld);           // (block_k, ld): scores, then probabilities
+    T* q_s = carve.take(rows * dim);             // (R, D): the group's query rows, times scale
+    T* k_t = carve.take(dim * kBlockK);          // (D, block_k): the key block, transposed
+    T* s = carve.take(rows * kBlockK);           // (R, block_k): scores, then probabilities
+    T* mask_tile = carve.take(kBlockK * nq);     // (block_k, Nq): one head's scores as mask_tiles lays them
     T* acc = carve.take(rows * dim_v_padded);    // (R, Dv_padded): unnormalised output rows
-    T* row_max = carve.take(ld);
-    T* row_sum = carve.take(ld);
-    T* rescale = carve.take(ld);
-    T* k_scratch = carve.take(k_reader.scratch_size(kBlockK));
+    T* row_max = carve.take(rows);
+    T* row_sum = carve.take(rows);
     T* v_scratch = carve.take(v_reader.scratch_size(kBlockK));
     std::vector<TileState> states(group);  // the mask's verdict on the block, per head of the group
-    fill(p_t, kBlockK * ld, T(0));  // padding columns stay 0: computed on, never read
 
     for (int64_t item; items.next(item);) {
       const int64_t split = item % splits, b = item / splits / kv_heads, h_kv = item / splits % kv_heads;
       const int64_t k_first = k_begin + split * blocks / splits * kBlockK;
       const int64_t k_last = std::min(k_end, k_begin + (split + 1) * blocks / splits * kBlockK);
 
-      // Column r = g·Nq + i of q_t is query i of the group's head g; padding columns are 0.
+      // Row r = g·Nq + i of q_s is query i of the group's head g.
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* src = q_view.row(b, h_kv * group + r / nq, r % nq);
         for (int64_t d = 0; d < dim; ++d) {
-          q_t[d * ld + r] = static_cast<T>(src[d * q_view.stride_d]) * scale;
+          q_s[r * dim + d] = static_cast<T>(src[d * q_view.stride_d]) * scale;
         }
       }
-      for (int64_t d = 0; d < dim; ++d) {
-        fill(q_t + d * ld + rows, ld - rows, T(0));
-      }
-      fill(row_max, ld, kMinusInf);
-      fill(row_sum, ld, T(0));
+      fill(row_max, rows, kMinusInf);
+      fill(row_sum, rows, T(0));
       fill(acc, rows * dim_v_padded, T(0));
 
       for (int64_t k0 = k_first; k0 < k_last; k0 += kBlockK) {
-        const int64_t k_rows = std::min(kBlockK, k_last - k0);
+        const int64_t k_rows = std::min(kBlockK, k_last - k0), width = round_up(k_rows, W);
         // Skip a block nobody sees: outside every query's band, or hidden from every head by the mask.
         if (!band.touches(0, nq, k0, k0 + k_rows)) {
           continue;
@@ -135,65 +139,84 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         if (!any_seen) {
           continue;
         }
-
-        // Scores of the R columns; then the band's hidden pairs, then the tensor mask, set to -inf.
-        const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
-gemm<T>(k_rows, ld, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, ld, p_t, ld,
-                /*accumulate=*/false);
+        // Sᵀ = Q · Kᵀ: the R rows of scores, keys along the vector; keys past k_rows are -inf.
+        // While the block is read, the next block's k and v rows are prefetched, a slice at a time.
+        const int64_t next = std::min(kBlockK, k_last - k0 - k_rows);  // the next block's keys
+        read_transposed(k_view, b, h_kv, k0, k_rows, dim, k_t, kBlockK, [&](int64_t j0, int64_t count) {
+          const int64_t ahead = std::clamp<int64_t>(next - j0, 0, count);
+          prefetch_rows(k_view, b, h_kv, k0 + k_rows + j0, ahead, dim);
+          prefetch_rows(v_view, b, h_kv, k0 + k_rows + j0, ahead, dim_v);
+        });
+        gemm<T>(rows, width, dim, q_s, dim, 1, k_t, kBlockK, s, kBlockK, /*accumulate=*/false);
+        for (int64_t r = 0; r < rows; ++r) {
+          fill(s + r * kBlockK + k_rows, width - k_rows, kMinusInf);
+        }
+        // The band's hidden pairs, then the tensor mask (which works on transposed tiles), to -inf.
         if (!band.covers(0, nq, k0, k0 + k_rows)) {
-          for (int64_t j = 0; j < k_rows; ++j) {
-            for (int64_t i = 0; i < nq; ++i) {
-              if (!band.visible(i, k0 + j)) {
-                for (int64_t g = 0; g < group; ++g) {
-                  p_t[j * ld + g * nq + i] = kMinusInf;
-                }
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t j = 0; j < k_rows; ++j) {
+              if (!band.visible(r % nq, k0 + j)) {
+                s[r * kBlockK + j] = kMinusInf;
               }
             }
           }
         }
         for (int64_t g = 0; g < group; ++g) {
+          T* head_rows = s + g * nq * kBlockK;
           if (states[g] == TileState::kHidden) {
-            for (int64_t j = 0; j < k_rows; ++j) {
-              fill(p_t + j * ld + g * nq, nq, kMinusInf);
-            }
+            fill(head_rows, nq * kBlockK, kMinusInf);
           } else if (states[g] == TileState::kPartial) {
-            mask_tiles.apply(b, h_kv * group + g, 0, nq, k0, k_rows, p_t + g * nq, ld);
+            for (int64_t i = 0; i < nq; ++i) {
+              for (int64_t j = 0; j < k_rows; ++j) {
+                mask_tile[j * nq + i] = head_rows[i * kBlockK + j];
+              }
+            }
+            mask_tiles.apply(b, h_kv * group + g, 0, nq, k0, k_rows, mask_tile, nq);
+            for (int64_t i = 0; i < nq; ++i) {
+              for (int64_t j = 0; j < k_rows; ++j) {
+                head_rows[i * kBlockK + j] = mask_tile[j * nq + i];
+              }
+            }
           }
         }
 
-        // Online softmax down each column, as in the tiled forward: a column that has seen only
-        // hidden pairs keeps max -inf, and exponentiates against 0 instead (exp gives 0, not NaN).
-        const Vec<T> minus_inf(kMinusInf);
-        for (int64_t c = 0; c < ld; c += W) {
-          const Vec<T> old_max = Vec<T>::loadu(row_max + c);
-          Vec<T> new_max = old_max;
-          for (int64_t j = 0; j < k_rows; ++j) {
-            new_max = at::vec::maximum(new_max, Vec<T>::loadu(p_t + j * ld + c));
+        // Online softmax along each row: a row that has seen only hidden pairs keeps max -inf, and
+        // exponentiates against 0 instead (exp gives 0, not NaN).
+        for (int64_t r = 0; r < rows; ++r) {
+          T* row = s + r * kBlockK;
+          Vec<T> top(kMinusInf);
+          for (int64_t j = 0; j < width; j += W) {
+            top = at::vec::maximum(top, Vec<T>::loadu(row + j));
           }
-          const Vec<T> safe_max = Vec<T>::blendv(new_max, Vec<T>(T(0)), new_max == minus_inf);
+          T lanes[W];
+          top.store(lanes);
+          const T new_max = std::max(row_max[r], *std::max_element(lanes, lanes + W));
+          const T safe_max = new_max == kMinusInf ? T(0) : new_max;
           Vec<T> block_sum(T(0));
-          for (int64_t j = 0; j < k_rows; ++j) {
-            const Vec<T> p = vec_exp<T>(Vec<T>::loadu(p_t + j * ld + c) - safe_max);
-            p.store(p_t + j * ld + c);
+          for (int64_t j = 0; j < width; j += W) {
+            const Vec<T> p = vec_exp<T>(Vec<T>::loadu(row + j) - Vec<T>(safe_max));
+            p.store(row + j);
             block_sum = block_sum + p;
           }
-          const Vec<T> alpha = vec_exp<T>(old_max - safe_max);
-          at::vec::fmadd(alpha, Vec<T>::loadu(row_sum + c), block_sum).store(row_sum + c);
-          alpha.store(rescale + c);
-          new_max.store(row_max + c);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          if (rescale[r] != T(1)) {
-            const Vec<T> alpha(rescale[r]);
+          const T alpha = std::exp(row_max[r] - safe_max);
+          block_sum.store(lanes);
+          T total = 0;
+          for (int64_t l = 0; l < W; ++l) {  // lanes in order: the sum does not depend on the threads
+            total += lanes[l];
+          }
+          row_sum[r] = alpha * row_sum[r] + total;
+          row_max[r] = new_max;
+          if (alpha != T(1)) {
+            const Vec<T> scale_by(alpha);
             for (int64_t d = 0; d < dim_v_padded; d += W) {
-              (Vec<T>::loadu(acc + r * dim_v_padded + d) * alpha).store(acc + r * dim_v_padded + d);
+              (Vec<T>::loadu(acc + r * dim_v_padded + d) * scale_by).store(acc + r * dim_v_padded + d);
             }
           }
         }
 
-        // acc (R x Dv) += P (R x k_rows) · v rows, P read through p_t's transpose.
+        // acc (R x Dv) += P (R x k_rows) · v rows.
         const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
-        gemm<T>(rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/ld, v_block.data, v_block.row_stride,
+        gemm<T>(rows, dim_v_padded, k_rows, s, /*a_row=*/kBlockK, /*a_col=*/1, v_block.data, v_block.row_stride,
                 acc, dim_v_padded, /*accumulate=*/true);
       }
 

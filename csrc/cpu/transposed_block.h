@@ -1,0 +1,128 @@
+// A block of key rows read transposed, for the decode path's score GEMM (attention_decode.cpp).
+//
+// With few query rows (R = group · Nq ≤ a handful) the score tile is computed as Sᵀ = Q · Kᵀ:
+// the R query rows are the GEMM's A operand (broadcast element by element) and the keys run along
+// the vector lanes, so no lane is padding and every k element is used by one FMA per query row.
+// The GEMM's B operand must then be Kᵀ (D x keys): this reads a block of k rows (any dtype,
+// converted to T on the way) into that layout. Each score is still the FMA chain over d = 0..D-1
+// of k[j][d] · q[r][d] from 0, as the tiled kernels and the backward compute it, so the scores are
+// bitwise those of the backward's recomputation.
+#pragma once
+
+#include "tile.h"
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace selfattn::SELFATTN_CPU_NS {
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Row d0 + dd (dd < 16) of one 16-key column strip of Kᵀ, loaded from 16 (or fewer) key rows.
+// Loads up to `count` elements of a row at `src`, converted to float; the rest are 0.
+template <typename scalar_t>
+inline __m512 load_as_float(const scalar_t* src, int64_t count) {
+  const __mmask16 mask = count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(mask, src);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m256i bits = _mm256_maskz_loadu_epi16(mask, src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>);
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src));
+  }
+}
+
+// r[0..15] (rows) -> r[0..15] (columns): r[c][i] becomes r[i][c].
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // within 128-bit lanes: pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: column 4L + c of rows 4i..4i+3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // gather the 128-bit lanes: column 4L + c of all 16 rows
+    const __m512 even_ab = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), odd_ab = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    const __m512 even_cd = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 odd_cd = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    t[c] = _mm512_shuffle_f32x4(even_ab, even_cd, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(even_ab, even_cd, 0xdd);
+    t[4 + c] = _mm512_shuffle_f32x4(odd_ab, odd_cd, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(odd_ab, odd_cd, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) {
+    r[i] = t[i];
+  }
+}
+#endif
+
+// Asks for rows [n0, n0 + rows) of (b, h) to be brought into L2 (contiguous rows only): the next
+// block's k and v, so that their loads are in flight while this block is computed on. (Into L2, not
+// L1: a block of k and v in float32 is 64 KiB, more than L1 holds beside the working tiles.)
+template <typename scalar_t>
+inline void prefetch_rows(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows,
+                          int64_t dim) {
+  if (src.stride_d != 1) {
+    return;
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    const char* row = reinterpret_cast<const char*>(src.row(b, h, n0 + j));
+    for (int64_t byte = 0; byte < dim * int64_t(sizeof(scalar_t)); byte += 64) {
+      __builtin_prefetch(row + byte, 0, 2);
+    }
+  }
+}
+
+// dst (dim x ld): dst[d * ld + j] = src row n0 + j (of (b, h)), element d, in T, for j < rows;
+// columns rows..round_up(rows, vector width) - 1 are 0 (keys the score GEMM computes on, the
+// caller ignores). on_keys(j0, count) is called before keys [j0, j0 + count) are read (the caller's
+// prefetches, spread over the block rather than issued at once).
+template <typename scalar_t, typename T, typename OnKeys>
+void read_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows,
+                     int64_t dim, T* dst, int64_t ld, const OnKeys& on_keys) {
+  constexpr int64_t W = kVecWidth<T>;
+  const int64_t width = round_up(rows, W);
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr bool kVectorized = std::is_same_v<T, float> && !std::is_same_v<scalar_t, double>;
+  if constexpr (kVectorized) {
+    if (src.stride_d == 1) {
+      __m512 r[16];
+      for (int64_t j0 = 0; j0 < width; j0 += 16) {
+        const int64_t keys = std::min<int64_t>(16, rows - j0);
+        on_keys(j0, keys);
+        for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+          const int64_t count = std::min<int64_t>(16, dim - d0);
+          for (int64_t j = 0; j < 16; ++j) {
+            r[j] = j < keys ? load_as_float(src.row(b, h, n0 + j0 + j) + d0, count) : _mm512_setzero_ps();
+          }
+          transpose16x16(r);
+          for (int64_t dd = 0; dd < count; ++dd) {
+            _mm512_storeu_ps(dst + (d0 + dd) * ld + j0, r[dd]);
+          }
+        }
+      }
+      return;
+    }
+  }
+#endif
+  on_keys(0, rows);
+  for (int64_t j = 0; j < rows; ++j) {
+    const scalar_t* row = src.row(b, h, n0 + j);
+    for (int64_t d = 0; d < dim; ++d) {
+      dst[d * ld + j] = static_cast<T>(row[d * src.stride_d]);
+    }
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    fill(dst + d * ld + rows, width - rows, T(0));
+  }
+}
+
+}  // namespace selfattn::SELFATTN_CPU_NS
