@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
   const int n_begin = clip(band.first_key(q0), 0, p.nk) / kBN;
   const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const float scale_log2 = p.scale * kLog2e;
-  const TcScoreMask mask = tc_score_mask(p);
+  const TcScoreMask<true> mask = tc_score_mask<true>(p);
   const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr q_a = smem_addr(q_s), do_a = smem_addr(do_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
   const T* const k_src = p.k.data + b * p.k.stride_b + hk * p.k.stride_h;
   const T* const v_src = p.v.data + b * p.v.stride_b + hk * p.v.stride_h;
   const float scale_log2 = p.scale * kLog2e;
-  const TcScoreMask mask = tc_score_mask(p);
+  const TcScoreMask<true> mask = tc_score_mask<true>(p);
   const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr k_a = smem_addr(k_s), v_a = smem_addr(v_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);

@@ -15,7 +15,8 @@
 // in natural units (scale q·k + element; tc_mask.cuh says why). Grouped-query attention: query
 // head h reads kv head h / group. Dropout (philox.h): P is multiplied by 1/(1 - p) or 0 after
 // the running sum took it.
-// Included by the attention_fwd_tc_*.cu files, one instantiation each (compile time).
+// Included by the attention_fwd_tc_*.cu files, one instantiation each (compile time), with and
+// without a tensor mask (kTensorMask: the unmasked kernel keeps its registers).
 #pragma once
 
 #include "kernels.h"
@@ -46,8 +47,8 @@ struct FwdTcConfig {
 // q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, D), out (B, Hq, Nq, D): T (half or bfloat16),
 // unit stride along D, other strides multiples of 8, 16-byte aligned bases; lse (B, H, Nq) float,
 // any strides. Grid: row_blocks * B * H blocks of Cfg::kThreads threads, Cfg::kSmemBytes of
-// dynamic shared memory. Requires Nk >= 1.
-template <typename T, typename Cfg>
+// dynamic shared memory. Requires Nk >= 1; kTensorMask: p.mask may be present (else it is not).
+template <typename T, typename Cfg, bool kTensorMask>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(const ForwardParams<T> p) {
 #if SELFATTN_TC_ARCH
   constexpr int D = Cfg::kDim, kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kMT = Cfg::kMTiles;
@@ -80,9 +81,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
   const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const int warp_q1 = imin(p.nq, warp_last + 1);
   const float scale_log2 = p.scale * kLog2e;
-  const TcScoreMask mask = tc_score_mask(p);
+  const TcScoreMask<kTensorMask> mask = tc_score_mask<kTensorMask>(p);
   // Scores to base 2: raw ones (times scale_log2), or natural ones with an additive mask.
-  const float to_base2 = mask.additive ? kLog2e : scale_log2;
+  const float to_base2 = mask.additive() ? kLog2e : scale_log2;
   const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr q_a = smem_addr(q_s), k_a = smem_addr(k_s), v_a = smem_addr(v_s);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
             for (int e = 0; e < 4; ++e) {
               const int row = warp_first + 16 * mi + g + 8 * (e >> 1);
               const int key = k0 + 8 * j + 2 * t + (e & 1);
-              s[mi][j][e] = mask.apply<T>(s[mi][j][e], b, h, row, key);
+              s[mi][j][e] = mask.template apply<T>(s[mi][j][e], b, h, row, key);
             }
           }
         }
@@ -196,7 +197,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
           // A row that has seen no key yet (all masked so far) keeps base 0 and alpha 1: no
           // inf - inf. An unchanged max gives alpha = exp2(0) = 1 exactly.
           const bool none = tile_max == -INFINITY;
-          const float base = none ? 0.f : mask.additive ? tile_max : tile_max * scale_log2;
+          const float base = none ? 0.f : mask.additive() ? tile_max : tile_max * scale_log2;
           alpha[mi][r] = none ? 1.f : fast_exp2((row_max[mi][r] - tile_max) * to_base2);
           rescale = rescale || alpha[mi][r] != 1.f;
           row_max[mi][r] = tile_max;
@@ -288,9 +289,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
       const int row = warp_first + 16 * mi + g + 8 * r;
       if (t == 0 && row < p.nq) {
         p.lse[lse_base + row * p.lse_stride_n] =
-            total <= 0.f     ? -INFINITY
-            : mask.additive ? row_max[mi][r] + log2f(total) * kLn2
-                            : (row_max[mi][r] * scale_log2 + log2f(total)) * kLn2;
+            total <= 0.f       ? -INFINITY
+            : mask.additive() ? row_max[mi][r] + log2f(total) * kLn2
+                              : (row_max[mi][r] * scale_log2 + log2f(total)) * kLn2;
       }
     }
     store_accumulators<T, D, kOTiles>(q_s, warp_row0 + 16 * mi, o[mi], inv, lane);
@@ -304,8 +305,13 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
 template <typename T, typename Cfg>
 void launch_forward_tc(ForwardParams<T> p, cudaStream_t stream) {
   p.row_blocks = static_cast<int>(ceil_div(p.nq, Cfg::kBlockM));
-  launch(attention_forward_tc_kernel<T, Cfg>, p.row_blocks * p.batch_heads, Cfg::kThreads,
-         Cfg::kSmemBytes, stream, p);
+  if (p.mask.present()) {
+    launch(attention_forward_tc_kernel<T, Cfg, true>, p.row_blocks * p.batch_heads, Cfg::kThreads,
+           Cfg::kSmemBytes, stream, p);
+  } else {
+    launch(attention_forward_tc_kernel<T, Cfg, false>, p.row_blocks * p.batch_heads, Cfg::kThreads,
+           Cfg::kSmemBytes, stream, p);
+  }
 }
 
 // Tile configurations (FlashAttention-2's for sm_80/sm_90): 128 queries per block, 4 warps of
