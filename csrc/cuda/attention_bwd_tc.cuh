@@ -17,10 +17,10 @@
 // for P or dS, nor a dq accumulation buffer (what that saves in time is not measured yet).
 //
 // Both stream their tiles through a two-stage cp.async ring: tile n+1 is fetched while tile n
-// is computed, one barrier per tile. Masks (the band of mask.h; attn_mask goes to the tiled
-// kernels): tiles no row of the block sees are never loaded, a warp skips the tiles none of its
-// rows sees, only tiles the band does not cover for the warp are masked element by element;
-// P = 0 for a row with lse = -inf. Grouped-query attention: query head h reads kv head h / group;
+// is computed, one barrier per tile. Masks (the band of mask.h and the tensor mask,
+// tc_mask.cuh): tiles no row of the block sees by the band are never loaded, a warp skips the
+// tiles none of its rows sees, only tiles the band does not cover for the warp are masked element
+// by element, every tile under a tensor mask; P = 0 for a row with lse = -inf. Grouped-query attention: query head h reads kv head h / group;
 // the dk/dv kernel of kv head hk streams the query tiles of heads hk * G .. hk * G + G - 1 in
 // that order into the same accumulators (a fixed order, no atomics).
 // Included by the attention_bwd_tc_*.cu files, one instantiation each.
@@ -29,6 +29,7 @@
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
+#include "tc_mask.cuh"
 
 namespace selfattn::cuda {
 
@@ -88,6 +89,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
   const int n_begin = clip(band.first_key(q0), 0, p.nk) / kBN;
   const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const float scale_log2 = p.scale * kLog2e;
+  const TcScoreMask<true> mask = tc_score_mask<true>(p);
   const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr q_a = smem_addr(q_s), do_a = smem_addr(do_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
 
   // This lane's rows: g and g + 8 of the warp's 16. delta = rowsum(dO ∘ out) straight from
   // global memory while the tiles load: the quad's 4 lanes take every 4th 16-byte chunk.
-  float lse2[2], delta[2];
+  float lse_sub[2], delta[2];  // lse as tc_probability subtracts it
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = warp_first + g + 8 * r;
@@ -125,9 +127,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
       }
     }
     delta[r] = group_sum<4>(sum);
-    lse2[r] = 0.f;  // padding rows: zero inputs, finite P, never stored
+    lse_sub[r] = 0.f;  // padding rows: masked or zero inputs, finite P, never stored
     if (row < p.nq) {
-      lse2[r] = backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_n]) * kLog2e;
+      const float lse = p.lse[b * p.lse_stride_b + h * p.lse_stride_h + row * p.lse_stride_n];
+      lse_sub[r] = tc_subtrahend(mask, backward_lse(lse));
       if (t == 0) {
         p.delta[bh * p.nq + row] = delta[r];
       }
@@ -188,8 +191,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
       }
     }
 
-    // dS = P ∘ (dP - delta), P = exp2(s * scale_log2 - lse2); masked entries have P = 0.
-    const bool masked = k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN);
+    // dS = P ∘ (dP - delta), P = exp(masked score - lse); masked entries have P = 0.
+    const bool masked =
+        mask.per_score() || k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN);
 #pragma unroll
     for (int j = 0; j < kSTiles; ++j) {
       // Dropout's M for the lane's keys 2t, 2t + 1 of rows g and g + 8 (one Philox call per row).
@@ -202,14 +206,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
       }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float prob = fast_exp2(fmaf(s[j][e], scale_log2, -lse2[e >> 1]));
-        if (masked) {
-          const int row = warp_first + g + 8 * (e >> 1);
-          const int key = k0 + 8 * j + 2 * t + (e & 1);
-          if (key >= p.nk || !band.visible(row, key)) {
-            prob = 0.f;
-          }
-        }
+        const int row = warp_first + g + 8 * (e >> 1), key = k0 + 8 * j + 2 * t + (e & 1);
+        const float x = masked ? mask.apply<T>(s[j][e], b, h, row, key) : s[j][e];
+        const float prob = tc_probability(mask, x, scale_log2, lse_sub[e >> 1]);
         const float m = (e & 1) ? keep[e >> 1].y : keep[e >> 1].x;
         s[j][e] = prob * (m * dp[j][e] - delta[e >> 1]);
       }
@@ -294,6 +293,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
   const T* const k_src = p.k.data + b * p.k.stride_b + hk * p.k.stride_h;
   const T* const v_src = p.v.data + b * p.v.stride_b + hk * p.v.stride_h;
   const float scale_log2 = p.scale * kLog2e;
+  const TcScoreMask<true> mask = tc_score_mask<true>(p);
   const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr k_a = smem_addr(k_s), v_a = smem_addr(v_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
@@ -400,30 +400,25 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
         }
       }
 
-      // Pᵀ = exp2(sᵀ * scale_log2 - lse2[query]) and dSᵀ = Pᵀ ∘ (dPᵀ - delta[query]); masked
-      // entries (queries past Nq, keys past Nk, outside the band) have Pᵀ = 0.
+      // Pᵀ = exp(masked sᵀ - lse[query]) and dSᵀ = Pᵀ ∘ (dPᵀ - delta[query]); masked entries
+      // (queries past Nq, keys past Nk, outside the band or the tensor mask) have Pᵀ = 0.
       const int qs0 = q0 + c0;
-      const bool masked = qs0 + kSubM > p.nq || warp_last >= p.nk ||
+      const int64_t hq = hk * p.group + it / tiles;  // the tile's query head
+      const bool masked = mask.per_score() || qs0 + kSubM > p.nq || warp_last >= p.nk ||
                           !band.covers(qs0, qs0 + kSubM, warp_first, warp_last + 1);
 #pragma unroll
       for (int j = 0; j < kQTiles; ++j) {
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
           const int col = c0 + 8 * j + 2 * t + e2;  // query within the tile
-          const float lse2 = backward_lse(lse_s[col]) * kLog2e, dlt = delta_s[col];
+          const float lse_sub = tc_subtrahend(mask, backward_lse(lse_s[col])), dlt = delta_s[col];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int e = 2 * r + e2;
-            float prob = fast_exp2(fmaf(st[j][e], scale_log2, -lse2));
-            if (masked) {
-              const int key = warp_first + g + 8 * r, query = q0 + col;
-              if (query >= p.nq || key >= p.nk || !band.visible(query, key)) {
-                prob = 0.f;
-              }
-            }
+            const float x = masked ? mask.apply<T>(st[j][e], b, hq, q0 + col, warp_first + g + 8 * r) : st[j][e];
+            const float prob = tc_probability(mask, x, scale_log2, lse_sub);
             // Dropout: keys run down the rows here, so each decision is a Philox call of its own.
-            const float keep = drop.active ? dropout_factor(drop, b, hk * p.group + it / tiles, q0 + col,
-                                                            warp_first + g + 8 * r) : 1.f;
+            const float keep = drop.active ? dropout_factor(drop, b, hq, q0 + col, warp_first + g + 8 * r) : 1.f;
             st[j][e] = prob * keep;
             dpt[j][e] = prob * (keep * dpt[j][e] - dlt);
           }

@@ -4,11 +4,9 @@
 // (kernels.h lists them).
 //
 // Every kernel takes the whole mask description (attention.h's AttentionMask: the band of mask.h
-// and at most one strided tensor mask) and grouped-query attention (Hk dividing Hq), except the
-// tensor-core kernels, which take the band and GQA but no tensor mask: with attn_mask, fp16/bf16
-// go to the tiled kernels (tc_head_dim).
+// and at most one strided tensor mask) and grouped-query attention (Hk dividing Hq).
 //
-//   forward:  half / bfloat16, D = Dv = 64 or 128, aligned layouts, no attn_mask
+//   forward:  half / bfloat16, D = Dv = 64 or 128, aligned layouts
 //                                           -> forward_tc (tensor cores)
 //             other float / half / bfloat16 -> forward_tiled      (attention_fwd.cu)
 //             double                        -> forward_generic    (attention_generic.cu)
@@ -105,14 +103,14 @@ bool tensor_cores_enabled(const at::Tensor& q) {
 
 // The head dim of the tensor-core kernels for these tensors, or 0 where they do not apply (the
 // tiled kernels serve those). The forward keeps raw-score maxima, so it needs scale > 0. The
-// tensor-core kernels take the band (causal, windows, offsets) and grouped-query attention but
-// no tensor mask: with attn_mask, the tiled kernels compute.
-// `tensors`: every tensor the kernels read or write.
-int tc_head_dim(const at::Tensor& q, const at::Tensor& v, const AttentionMask& mask, double scale,
+// tensor-core kernels take every mask (band, tensor mask of any strides) and grouped-query
+// attention; only q, k, v, out and the gradients need their aligned layouts.
+// `tensors`: every tensor the kernels read or write but the tensor mask (read element by element).
+int tc_head_dim(const at::Tensor& q, const at::Tensor& v, double scale,
                 std::initializer_list<const at::Tensor*> tensors) {
   const int64_t dim = q.size(3);
   if ((q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) ||
-      (dim != 64 && dim != 128) || v.size(3) != dim || mask.tensor.defined() ||
+      (dim != 64 && dim != 128) || v.size(3) != dim ||
       !(static_cast<float>(scale) > 0.f && std::isfinite(static_cast<float>(scale)))) {
     return 0;
   }
@@ -291,7 +289,7 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     return;
   }
   check_sizes(q, k, v);
-  const int tc_dim = tc_head_dim(q, v, mask, scale, {&q, &k, &v, &out});
+  const int tc_dim = tc_head_dim(q, v, scale, {&q, &k, &v, &out});
   switch (q.scalar_type()) {
     case at::kFloat:
       return forward_tiled(forward_params<float>(q, k, v, mask, scale, out, lse), stream);
@@ -336,7 +334,7 @@ void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
                               delta);
   };
   const int tc_dim =
-      tc_head_dim(q, v, mask, scale, {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v});
+      tc_head_dim(q, v, scale, {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v});
   switch (q.scalar_type()) {
     case at::kFloat:
       return backward_tiled(params(float()), stream);

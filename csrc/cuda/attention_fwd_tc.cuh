@@ -8,17 +8,21 @@
 // scores of key tile n are computed, and key tile n+1 while P v of tile n is: one buffer each
 // for keys and values, two barriers per tile (FlashAttention-2's schedule for sm_80).
 //
-// Masks (the band of mask.h; no tensor mask here: attention_cuda.cpp sends attn_mask to the tiled
-// kernels): key tiles no query of the block sees are never loaded, a warp skips the tiles none of
-// its rows sees, and only tiles the band does not cover for the warp (or that cross the end of
-// the keys) are masked element by element. Grouped-query attention: query head h reads kv head
-// h / group. Dropout (philox.h): P is multiplied by 1/(1 - p) or 0 after the running sum took it.
-// Included by the attention_fwd_tc_*.cu files, one instantiation each (compile time).
+// Masks (the band of mask.h and the tensor mask, tc_mask.cuh): key tiles no query of the block
+// sees by the band are never loaded, a warp skips the tiles none of its rows sees, and only tiles
+// the band does not cover for the warp (or that cross the end of the keys) are masked element by
+// element, every tile when there is a tensor mask. With an additive mask the running max is kept
+// in natural units (scale q·k + element; tc_mask.cuh says why). Grouped-query attention: query
+// head h reads kv head h / group. Dropout (philox.h): P is multiplied by 1/(1 - p) or 0 after
+// the running sum took it.
+// Included by the attention_fwd_tc_*.cu files, one instantiation each (compile time), with and
+// without a tensor mask (kTensorMask: the unmasked kernel keeps its registers).
 #pragma once
 
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
+#include "tc_mask.cuh"
 
 namespace selfattn::cuda {
 
@@ -43,8 +47,8 @@ struct FwdTcConfig {
 // q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, D), out (B, Hq, Nq, D): T (half or bfloat16),
 // unit stride along D, other strides multiples of 8, 16-byte aligned bases; lse (B, H, Nq) float,
 // any strides. Grid: row_blocks * B * H blocks of Cfg::kThreads threads, Cfg::kSmemBytes of
-// dynamic shared memory. Requires Nk >= 1.
-template <typename T, typename Cfg>
+// dynamic shared memory. Requires Nk >= 1; kTensorMask: p.mask may be present (else it is not).
+template <typename T, typename Cfg, bool kTensorMask>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(const ForwardParams<T> p) {
 #if SELFATTN_TC_ARCH
   constexpr int D = Cfg::kDim, kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kMT = Cfg::kMTiles;
@@ -77,6 +81,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
   const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const int warp_q1 = imin(p.nq, warp_last + 1);
   const float scale_log2 = p.scale * kLog2e;
+  const TcScoreMask<kTensorMask> mask = tc_score_mask<kTensorMask>(p);
+  // Scores to base 2: raw ones (times scale_log2), or natural ones with an additive mask.
+  const float to_base2 = mask.additive() ? kLog2e : scale_log2;
   const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr q_a = smem_addr(q_s), k_a = smem_addr(k_s), v_a = smem_addr(v_s);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
@@ -155,9 +162,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
         }
       }
 
-      // Mask only where the tile crosses the end of the keys or the band does not cover it for
-      // every row of the warp (padding rows past Nq included: never stored).
-      if (k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN)) {
+      // Mask every tile under a tensor mask, else only where the tile crosses the end of the keys
+      // or the band does not cover it for every row of the warp (padding rows past Nq: masked
+      // whole when masking, never stored).
+      if (mask.per_score() || k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN)) {
 #pragma unroll
         for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
@@ -166,9 +174,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
             for (int e = 0; e < 4; ++e) {
               const int row = warp_first + 16 * mi + g + 8 * (e >> 1);
               const int key = k0 + 8 * j + 2 * t + (e & 1);
-              if (key >= p.nk || !band.visible(row, key)) {
-                s[mi][j][e] = -INFINITY;
-              }
+              s[mi][j][e] = mask.template apply<T>(s[mi][j][e], b, h, row, key);
             }
           }
         }
@@ -191,8 +197,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
           // A row that has seen no key yet (all masked so far) keeps base 0 and alpha 1: no
           // inf - inf. An unchanged max gives alpha = exp2(0) = 1 exactly.
           const bool none = tile_max == -INFINITY;
-          const float base = none ? 0.f : tile_max * scale_log2;
-          alpha[mi][r] = none ? 1.f : fast_exp2((row_max[mi][r] - tile_max) * scale_log2);
+          const float base = none ? 0.f : mask.additive() ? tile_max : tile_max * scale_log2;
+          alpha[mi][r] = none ? 1.f : fast_exp2((row_max[mi][r] - tile_max) * to_base2);
           rescale = rescale || alpha[mi][r] != 1.f;
           row_max[mi][r] = tile_max;
           float sum = 0.f;
@@ -200,7 +206,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
           for (int j = 0; j < kSTiles; ++j) {
 #pragma unroll
             for (int e = 2 * r; e < 2 * r + 2; ++e) {
-              s[mi][j][e] = fast_exp2(fmaf(s[mi][j][e], scale_log2, -base));
+              s[mi][j][e] = tc_probability(mask, s[mi][j][e], scale_log2, base);
               sum += s[mi][j][e];
             }
           }
@@ -269,8 +275,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
     __syncthreads();
   }
 
-  // Normalize; lse = ln(sum) + max * scale (-inf, and a zero row, where the row saw no key). Rows go out through the warp's own rows of q_s (no
-  // other warp reads them), then as 16-byte stores.
+  // Normalize; lse = ln(sum) + max in natural units (-inf, and a zero row, where the row saw no
+  // key). Rows go out through the warp's own rows of q_s (no other warp reads them), then as
+  // 16-byte stores.
   const int64_t lse_base = b * p.lse_stride_b + h * p.lse_stride_h;
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) {
@@ -282,7 +289,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
       const int row = warp_first + 16 * mi + g + 8 * r;
       if (t == 0 && row < p.nq) {
         p.lse[lse_base + row * p.lse_stride_n] =
-            total > 0.f ? (row_max[mi][r] * scale_log2 + log2f(total)) * kLn2 : -INFINITY;
+            total <= 0.f       ? -INFINITY
+            : mask.additive() ? row_max[mi][r] + log2f(total) * kLn2
+                              : (row_max[mi][r] * scale_log2 + log2f(total)) * kLn2;
       }
     }
     store_accumulators<T, D, kOTiles>(q_s, warp_row0 + 16 * mi, o[mi], inv, lane);
@@ -296,8 +305,13 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
 template <typename T, typename Cfg>
 void launch_forward_tc(ForwardParams<T> p, cudaStream_t stream) {
   p.row_blocks = static_cast<int>(ceil_div(p.nq, Cfg::kBlockM));
-  launch(attention_forward_tc_kernel<T, Cfg>, p.row_blocks * p.batch_heads, Cfg::kThreads,
-         Cfg::kSmemBytes, stream, p);
+  if (p.mask.present()) {
+    launch(attention_forward_tc_kernel<T, Cfg, true>, p.row_blocks * p.batch_heads, Cfg::kThreads,
+           Cfg::kSmemBytes, stream, p);
+  } else {
+    launch(attention_forward_tc_kernel<T, Cfg, false>, p.row_blocks * p.batch_heads, Cfg::kThreads,
+           Cfg::kSmemBytes, stream, p);
+  }
 }
 
 // Tile configurations (FlashAttention-2's for sm_80/sm_90): 128 queries per block, 4 warps of

@@ -12,8 +12,7 @@
 //   attention_fwd_tc_hd{64,128}_{f16,bf16}.cu   forward_tc        half, bfloat16 (tensor cores)
 //   attention_bwd_tc_hd{64,128}_{f16,bf16}.cu   backward_tc       half, bfloat16 (tensor cores)
 //
-// Every kernel takes the band and grouped-query attention of params.h; all but the tensor-core
-// kernels take the tensor mask too. All launch on `stream` and return without synchronising.
+// Every kernel takes the band, the tensor mask and grouped-query attention of params.h. All launch on `stream` and return without synchronising.
 #pragma once
 
 #include "params.h"
@@ -34,8 +33,8 @@ void launch_delta(const BackwardParams<T>& p, cudaStream_t stream);
 
 // Tensor-core kernels (sm_80+, mma.sync): T = c10::Half or c10::BFloat16, D = Dv = kDim = 64 or
 // 128, every tensor with unit stride along D, its other strides multiples of 8 elements and a
-// 16-byte aligned base; scale > 0; the band and grouped-query attention, but no tensor mask
-// (p.mask.kind == kNone: attention_cuda.cpp sends attn_mask to the tiled kernels).
+// 16-byte aligned base; scale > 0; the band, the tensor mask (any strides) and grouped-query
+// attention.
 // backward_tc computes delta itself (no launch_delta).
 template <typename T, int kDim>
 void forward_tc(const ForwardParams<T>& p, cudaStream_t stream);
