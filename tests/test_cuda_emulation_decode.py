@@ -1,9 +1,9 @@
 """The CUDA split-K decoding forward (csrc/cuda/attention_decode.cu) in the CPU emulation: few
-queries (Nq = 1 or 4) against keys crossing its 32-key tiles and its splits, S = 1, 2, 7 (forced
+queries (Nq = 1, 2, 4) against keys crossing its 32-key tiles and its splits, S = 1, 2, 7 (forced
 through SELFATTN_DECODE_SPLITS) and automatic, grouped-query ratios 1/4/8, bottom-right causal,
-windows, key padding, rows and splits that see nothing; against a float64 oracle with a dense
-mask built here (tests/test_cuda_emulation.py's), FlashAttention's 2x rule for every dtype. The
-ordinary backward kernels then run from the decode kernel's lse.
+windows, key padding, an additive mask, rows and splits that see nothing; against a float64 oracle
+with a dense mask built here (tests/test_cuda_emulation.py's), FlashAttention's 2x rule for every
+dtype. The ordinary backward kernels then run from the decode kernel's lse.
 
 Opt-in like tests/test_cuda_emulation.py (its module fixture builds the harness):
     SELFATTN_TEST_EMULATION=1 python -m pytest -q tests/test_cuda_emulation_decode.py
@@ -56,6 +56,7 @@ CASES = {
     "nq4_gqa8_key_padding": (4, 8, 1, 130, True, -1, -1, 126, "padding"),  # 32 rows: two row chunks
     "nq4_masked_rows": (4, 4, 2, 70, False, -1, -1, 0, "rows"),
     "nq4_nk2_bottom_right": (4, 4, 4, 2, True, -1, -1, -2, None),  # rows 0 and 1 see nothing
+    "nq2_gqa4_additive": (2, 4, 1, 100, False, 60, 0, 98, "additive"),  # window + (1, 1, Nq, Nk) float32
 }
 EMPTY_ROWS = {"nq4_gqa8_key_padding", "nq4_masked_rows", "nq4_nk2_bottom_right"}
 DTYPES = {"fp32": (torch.float32, 40), "fp16": (torch.float16, 64), "bf16": (torch.bfloat16, 24),
@@ -70,6 +71,11 @@ def case_mask(kind, batch, hq, nq, nk):
         m = torch.rand(batch, hq, nq, nk, generator=g) < 0.8
         m[0, 1, 3] = False
         m[1, 3, 2] = False
+        return m
+    if kind == "additive":  # float32, broadcast over batch and heads, some -inf
+        g = torch.Generator().manual_seed(5)
+        m = torch.randn(1, 1, nq, nk, generator=g) * 2
+        m[torch.rand(1, 1, nq, nk, generator=g) < 0.2] = NEG_INF
         return m
     return None
 
