@@ -12,12 +12,14 @@
 # run), each reported and none stopping the others:
 #   1. environment (nvidia-smi, torch, nvcc)
 #   2. build for this GPU's arch only (pip editable install, or setup.py build_ext --inplace)
-#   3. pytest tests/test_cuda.py tests/test_cuda_jvp.py
+#   3. pytest tests/test_cuda.py tests/test_cuda_jvp.py (test_decode: the split-K decoding kernel)
 #   4. benchmarks, short timings (--quick: 2 ms samples, 7 interleaved rounds, no memory):
 #      a. FlashAttention's shapes (--sweep fa: bf16, batch·seqlen = 16384, heads·head_dim = 2048,
 #         head_dim 64 and 128, seqlen 512..8192, causal and not), forward and backward,
 #         selfattn next to SDPA with each backend forced in turn (flash, efficient, cuDNN);
 #      b. the fused layer (projections + attention) in bf16 against F.linear + SDPA;
+#      c. decoding (Nq = 1, Hq = 32, Hk = 8, D = 128, bf16, long caches): the split-K kernel against
+#         SDPA and selfattn's ordinary kernels (--sweep decode --device cuda);
 #   5. compute-sanitizer memcheck and racecheck on scripts/sanitize_case.py
 #   6. the CPU test suite, if time is left
 # and prints a summary last, ending with the benchmarks' TFLOP/s tables. Logs go to
@@ -146,6 +148,19 @@ else
   # The masked variants (key padding, varlen, GQA, sliding window, random mask), float32, each
   # against selfattn without it and SDPA given the same inputs; capped at 60 s.
   bench_step masks 60 50 --sweep masks
+  # Decoding: its own runner (selfattn/bench/decode.py, its own options); capped at 45 s.
+  log="$LOGS/bench_decode.log"
+  timeout "$(allow 45 40)" $PYTHON -m selfattn.bench --sweep decode --device cuda --dtype bfloat16 --rounds 7 \
+    --cases 1x8192,1x32768,8x4096 >"$log" 2>&1
+  rc=$?
+  tail -20 "$log"
+  if (( rc == 0 )); then
+    note "bench decode" "ok -- $log"
+    TABLES+=("" "--- bench decode (bf16, Nq = 1)")
+    while IFS= read -r l; do TABLES+=("$l"); done < <(sed -n '/^| B | Nk/,$p' "$log")  # the final table
+  else
+    note "bench decode" "$([[ $rc == 124 ]] && echo "TIMED OUT" || echo "FAILED (rc $rc)"): $(tail -1 "$log")"
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@
 //                                              backward_dkdv_tiled, backward_dq_tiled
 //             double                        -> delta, then backward_generic
 //   jvp:      every dtype                   -> jvp_generic        (attention_jvp.cu)
+// Decoding comes first: a forward without dropout with Nq <= 16 and Nq * Hq / Hk <= 64 (float64:
+// also D, Dv <= 128, for shared memory) -> forward_decode (attention_decode.cu, split-K), unless
+// SELFATTN_DECODE_SPLITS=0; SELFATTN_DECODE_SPLITS=S > 0 forces S splits (read per call, as on
+// the CPU).
 // SELFATTN_TENSOR_CORES=0 in the environment turns the tensor-core kernels off (read once), for
 // comparisons; they also need an sm_80 or newer GPU.
 //
@@ -27,6 +31,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -34,6 +39,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <string>
 
 #ifndef SELFATTN_CUDA_EMULATION
 #include <ATen/cuda/CUDAContextLight.h>
@@ -139,6 +145,39 @@ TensorMask tensor_mask(const at::Tensor& t) {
   return m;
 }
 
+// SELFATTN_DECODE_SPLITS, read per call: -1 unset (automatic), 0 (no decode path), S > 0 (S
+// splits). The same setting and message as the CPU's (csrc/cpu/attention_decode.cpp).
+int64_t decode_splits_setting() {
+  const char* value = std::getenv("SELFATTN_DECODE_SPLITS");
+  if (value == nullptr || *value == '\0') {
+    return -1;
+  }
+  const std::string text(value);
+  const bool digits = text.size() <= 6 && text.find_first_not_of("0123456789") == std::string::npos;
+  TORCH_CHECK(digits, "SELFATTN_DECODE_SPLITS must be a non-negative integer below 10^6 (0: no decode path, "
+              "unset: automatic), got '", text, "'");
+  return std::stoll(text);
+}
+
+// The decode kernels serve few query rows per kv head; the tiled and tensor-core kernels the rest.
+// Nq <= 16 rather than the CPU's Nq * group <= 64 alone: beyond a few queries the ordinary
+// kernels' query blocks are no longer mostly padding (to be measured on a GPU).
+bool use_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask) {
+  const int64_t nq = q.size(2), rows = nq * (q.size(1) / k.size(1));
+  const bool fits = q.scalar_type() != at::kDouble || std::max(q.size(3), v.size(3)) <= 128;
+  return !mask.dropout.active() && nq <= kDecodeMaxQueries && rows <= kDecodeMaxRows && fits &&
+         decode_splits_setting() != 0;
+}
+
+int sm_count(const at::Tensor& q) {
+#ifdef SELFATTN_CUDA_EMULATION
+  (void)q;
+  return 108;  // an A100's, so that the emulation tests see the automatic choice of splits
+#else
+  return at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount;
+#endif
+}
+
 // The fields ForwardParams and BackwardParams share: inputs, lse strides, sizes, scale, mask.
 template <typename T, typename Params>
 void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -242,6 +281,27 @@ JvpParams<T> jvp_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return p;
 }
 
+// The split-K decoding forward: its plan, then scratch for the splits' rows when S > 1 (on the
+// current stream, so the caching allocator reuses it safely).
+template <typename T>
+void run_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                double scale, const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
+  DecodeParams<T> p;
+  static_cast<ForwardParams<T>&>(p) = forward_params<T>(q, k, v, mask, scale, out, lse);
+  plan_decode(p, static_cast<int>(q.size(0)), sm_count(q), std::max<int64_t>(decode_splits_setting(), 0));
+  at::Tensor part_out, part_lse;
+  p.part_out = p.part_lse = nullptr;
+  if (p.splits > 1) {
+    const int64_t parts = q.size(0) * k.size(1) * p.splits * p.rows;
+    const auto options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    part_out = at::empty({parts * p.dim_v}, options);
+    part_lse = at::empty({parts}, options);
+    p.part_out = static_cast<acc_t<T>*>(part_out.data_ptr());
+    p.part_lse = static_cast<acc_t<T>*>(part_lse.data_ptr());
+  }
+  forward_decode(p, stream);
+}
+
 }  // namespace
 
 // Shapes as in attention.h; the caller has checked them and allocated the outputs.
@@ -289,6 +349,20 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     return;
   }
   check_sizes(q, k, v);
+  if (use_decode(q, k, v, mask)) {
+    switch (q.scalar_type()) {
+      case at::kFloat:
+        return run_decode<float>(q, k, v, mask, scale, out, lse, stream);
+      case at::kHalf:
+        return run_decode<c10::Half>(q, k, v, mask, scale, out, lse, stream);
+      case at::kBFloat16:
+        return run_decode<c10::BFloat16>(q, k, v, mask, scale, out, lse, stream);
+      case at::kDouble:
+        return run_decode<double>(q, k, v, mask, scale, out, lse, stream);
+      default:
+        break;  // the message below
+    }
+  }
   const int tc_dim = tc_head_dim(q, v, scale, {&q, &k, &v, &out});
   switch (q.scalar_type()) {
     case at::kFloat:

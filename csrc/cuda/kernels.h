@@ -9,6 +9,7 @@
 //   attention_bwd_dq.cu     backward_dq_tiled   float, half, bfloat16
 //   attention_generic.cu    forward_generic, backward_generic   double
 //   attention_jvp.cu        jvp_generic         all four dtypes
+//   attention_decode.cu     plan_decode, forward_decode   all four dtypes (split-K decoding)
 //   attention_fwd_tc_hd{64,128}_{f16,bf16}.cu   forward_tc        half, bfloat16 (tensor cores)
 //   attention_bwd_tc_hd{64,128}_{f16,bf16}.cu   backward_tc       half, bfloat16 (tensor cores)
 //
@@ -46,6 +47,25 @@ template <typename T>
 void forward_generic(const ForwardParams<T>& p, cudaStream_t stream);
 template <typename T>
 void backward_generic(const BackwardParams<T>& p, cudaStream_t stream);
+
+// Decoding (flash-decoding, split-K): few query rows per kv head against many keys. The
+// forward's choice between this and the kernels above is attention_cuda.cpp's (use_decode).
+constexpr int kDecodeKeys = 32;  // keys per tile; splits are whole tiles
+constexpr int kDecodeRows = 16;  // query rows (of R = group * Nq) per block
+constexpr int kDecodeMaxRows = 64;     // the decode path takes R <= this ...
+constexpr int kDecodeMaxQueries = 16;  // ... and Nq <= this
+
+// Fills p's rows, row_chunks, k_begin, k_end, k_tiles, smem_stride and splits: forced_splits if
+// > 0, else enough blocks for about two per SM (sm_count), but at least kDecodeMinTiles tiles per
+// split. p's shared fields (sizes, band) must be set.
+constexpr int kDecodeMinTiles = 8;  // 256 keys: below that a split's fixed costs dominate
+template <typename T>
+void plan_decode(DecodeParams<T>& p, int batch, int sm_count, int64_t forced_splits);
+
+// out and lse from p; p.part_out / p.part_lse hold B * Hk * S * R * Dv and B * Hk * S * R
+// elements of acc_t<T> when p.splits > 1 (scratch, no initial value needed).
+template <typename T>
+void forward_decode(const DecodeParams<T>& p, cudaStream_t stream);
 
 // Forward-mode derivative, a warp per row (A = acc_t<T> accumulation); head dims up to 256. Every
 // dtype and mask; the tensor-core and tiled kernels have no jvp of their own.

@@ -100,6 +100,23 @@ struct BackwardParams : SharedParams<T> {
   acc_t<T>* delta;             // (B, Hq, Nq) contiguous: rowsum(dO ∘ out), written by the delta kernel
 };
 
+// Decoding forward (attention_decode.cu, flash-decoding): the R = group * Nq query rows of one
+// (b, kv head) -- row r is query r % Nq of head hk * group + r / Nq -- against splits of the keys.
+// Keys [k_begin, k_end) (the ones some query may see) are cut into k_tiles tiles of
+// kDecodeKeys, and split s takes tiles [s * k_tiles / S, (s + 1) * k_tiles / S). With S > 1 each
+// split leaves its rows (normalised) and their lse in part_out / part_lse, and a merge kernel
+// combines them in split order; with S = 1 the split kernel writes out and lse itself.
+template <typename T>
+struct DecodeParams : ForwardParams<T> {
+  int rows;        // R = group * Nq
+  int row_chunks;  // blocks of kDecodeRows rows per (b, kv head)
+  int splits;      // S
+  int k_begin, k_end, k_tiles;
+  int smem_stride;          // elements per row of a shared tile (a multiple of 4, = 4 mod 32)
+  acc_t<T>* part_out;       // (B, Hk, S, R, Dv) contiguous, when S > 1
+  acc_t<T>* part_lse;       // (B, Hk, S, R) contiguous, when S > 1
+};
+
 // Forward-mode derivative (attention_jvp): out and lse as the forward's, and tangent_out, the
 // derivative of out along the tangents of q, k, v; an absent tangent (has_* false) is zero and its
 // view is not read.

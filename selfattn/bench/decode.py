@@ -1,6 +1,6 @@
-"""The decoding benchmark (CPU): one query against a long key/value cache, GQA.
+"""The decoding benchmark: one query against a long key/value cache, GQA.
 
-``python -m selfattn.bench --sweep decode [--rounds 7] [--dtype float32,bfloat16] [--threads N]``
+``python -m selfattn.bench --sweep decode [--rounds 7] [--dtype float32,bfloat16] [--threads N] [--device cuda]``
 
 Cases (issue 10, part 4): B = 1, Hq = 32, Hk = 8, D = 128, Nq = 1, Nk ∈ {1024, 8192, 32768}, and
 B = 8 at Nk = 4096. Contestants on the same un-repeated cache:
@@ -9,10 +9,13 @@ B = 8 at Nk = 4096. Contestants on the same un-repeated cache:
 * ``sdpa_gqa``: ``F.scaled_dot_product_attention(..., enable_gqa=True)``;
 * ``hf_repeat``: Hugging Face's way, ``repeat_kv`` (expand + reshape) then SDPA, the repeat timed
   with it;
-* ``copy``: ``dst.copy_(src)`` of as many bytes as k and v hold, the memory's own speed.
+* ``copy``: ``dst.copy_(src)`` of as many bytes as k and v hold, the memory's own speed;
+* on CUDA also ``selfattn_tiled``: selfattn with ``SELFATTN_DECODE_SPLITS=0`` (the ordinary kernels),
+  so the split-K kernel's gain shows.
 
 Memory, not cache: each contestant cycles through a set of caches totalling more than 4× the L3
-size, so every call reads k and v from DRAM. Rounds are interleaved (every contestant once per
+size (the L2 size on CUDA), so every call reads k and v from DRAM. On CUDA a sample ends with a
+synchronize. Rounds are interleaved (every contestant once per
 round, in rotating order); reported: the median of ≥ 7 rounds with min–max, the per-round ratio
 selfattn / baseline, and k + v bytes read per second against copy's (read + write) bytes per second.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -54,9 +58,11 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hk, groups, n, d).reshape(b, hk * groups, n, d)
 
 
-def time_rounds(contestants: Dict[str, Callable[[int], object]], sets: int, rounds: int) -> Dict[str, List[float]]:
+def time_rounds(contestants: Dict[str, Callable[[int], object]], sets: int, rounds: int,
+                sync: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
     """Seconds per call of each contestant, one sample per round; each sample is a pass over
-    every cache of the rotating set (so each call reads from memory), order rotated per round."""
+    every cache of the rotating set (so each call reads from memory), order rotated per round.
+    sync() waits for queued device work (CUDA) before and after each sample."""
     names = list(contestants)
     for fn in contestants.values():  # warm-up: first touch of every page, JIT-free paths
         for i in range(sets):
@@ -66,22 +72,37 @@ def time_rounds(contestants: Dict[str, Callable[[int], object]], sets: int, roun
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             fn = contestants[name]
+            sync()
             start = time.perf_counter()
             for i in range(sets):
                 fn(i)
+            sync()
             times[name].append((time.perf_counter() - start) / sets)
     return times
 
 
-def run_case(batch: int, nk: int, dtype: torch.dtype, rounds: int, l3: int) -> List[dict]:
+def without_decode_path(fn: Callable[[], object]) -> object:
+    """fn() with SELFATTN_DECODE_SPLITS=0 (read per call): selfattn's ordinary kernels."""
+    old = os.environ.get("SELFATTN_DECODE_SPLITS")
+    os.environ["SELFATTN_DECODE_SPLITS"] = "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["SELFATTN_DECODE_SPLITS"]
+        else:
+            os.environ["SELFATTN_DECODE_SPLITS"] = old
+
+
+def run_case(batch: int, nk: int, dtype: torch.dtype, rounds: int, l3: int, device: str = "cpu") -> List[dict]:
     groups = HQ // HK
     kv_bytes = 2 * batch * HK * nk * D * torch.finfo(dtype).bits // 8
     sets = max(2, math.ceil(4 * l3 / kv_bytes) + 1)
-    qs = [torch.randn(batch, HQ, 1, D, dtype=dtype) for _ in range(sets)]
-    ks = [torch.randn(batch, HK, nk, D, dtype=dtype) for _ in range(sets)]
-    vs = [torch.randn(batch, HK, nk, D, dtype=dtype) for _ in range(sets)]
+    qs = [torch.randn(batch, HQ, 1, D, dtype=dtype, device=device) for _ in range(sets)]
+    ks = [torch.randn(batch, HK, nk, D, dtype=dtype, device=device) for _ in range(sets)]
+    vs = [torch.randn(batch, HK, nk, D, dtype=dtype, device=device) for _ in range(sets)]
     # copy_: the same bytes as k + v, its own rotating set
-    srcs = [torch.empty(kv_bytes // 4, dtype=torch.float32).normal_() for _ in range(sets)]
+    srcs = [torch.empty(kv_bytes // 4, dtype=torch.float32, device=device).normal_() for _ in range(sets)]
     dsts = [torch.empty_like(s) for s in srcs]
     contestants = {
         "selfattn": lambda i: selfattn.attention(qs[i], ks[i], vs[i], enable_gqa=True),
@@ -90,7 +111,12 @@ def run_case(batch: int, nk: int, dtype: torch.dtype, rounds: int, l3: int) -> L
                                                               repeat_kv(vs[i], groups)),
         "copy": lambda i: dsts[i].copy_(srcs[i]),
     }
-    times = time_rounds(contestants, sets, rounds)
+    sync = lambda: None  # noqa: E731
+    if device != "cpu":
+        contestants["selfattn_tiled"] = lambda i: without_decode_path(
+            lambda: selfattn.attention(qs[i], ks[i], vs[i], enable_gqa=True))
+        sync = torch.cuda.synchronize
+    times = time_rounds(contestants, sets, rounds, sync)
     ours = times["selfattn"]
     rows = []
     copy_bw = [2 * kv_bytes / t for t in times["copy"]]  # read + write
@@ -98,7 +124,7 @@ def run_case(batch: int, nk: int, dtype: torch.dtype, rounds: int, l3: int) -> L
         row = {"B": batch, "Nk": nk, "dtype": str(dtype).replace("torch.", ""), "impl": name,
                "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
                "set_bytes": sets * kv_bytes}
-        if name in ("sdpa_gqa", "hf_repeat"):
+        if name in ("sdpa_gqa", "hf_repeat", "selfattn_tiled"):
             ratios = [b / a for a, b in zip(ours, ts)]
             row["speedup"] = (statistics.median(ratios), min(ratios), max(ratios))
         if name == "selfattn":
@@ -135,19 +161,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cases", default=None, help="BxNk[,...], e.g. 1x8192 (default: the issue's four)")
     p.add_argument("--l3-bytes", type=int, default=None, help="override lscpu's L3 size (tests)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the L2 size then stands for the L3's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = CASES if not args.cases else [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
-    l3 = args.l3_bytes or l3_bytes()
-    print(f"# decode: {cpu_model()}, {torch.get_num_threads()} threads, L3 {l3 >> 20} MiB; torch "
+    if args.device == "cpu":
+        l3 = args.l3_bytes or l3_bytes()
+        where = f"{cpu_model()}, {torch.get_num_threads()} threads, L3 {l3 >> 20} MiB"
+    else:
+        props = torch.cuda.get_device_properties(args.device)
+        l3 = args.l3_bytes or props.L2_cache_size
+        where = f"{props.name}, {props.multi_processor_count} SMs, L2 {l3 >> 20} MiB"
+    print(f"# decode: {where}; torch "
           f"{torch.__version__}; Hq={HQ}, Hk={HK}, D={D}, Nq=1; {args.rounds} interleaved rounds")
     rows: List[dict] = []
     for name in args.dtype.split(","):
         dtype = getattr(torch, name.strip())
         for batch, nk in cases:
-            rows += run_case(batch, nk, dtype, args.rounds, l3)
-            print("\n".join(markdown(rows[-4:]).splitlines()[2:]), flush=True)
+            case_rows = run_case(batch, nk, dtype, args.rounds, l3, args.device)
+            rows += case_rows
+            print("\n".join(markdown(case_rows).splitlines()[2:]), flush=True)
     print(markdown(rows))
     return 0
 

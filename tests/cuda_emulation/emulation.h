@@ -93,11 +93,13 @@ struct CollectiveSlot {
   uint32_t data[8];
 };
 
-// What the tensor-core instructions did, for the tests.
+// What the tensor-core instructions did (and which forward ran), for the tests.
 struct Counters {
   uint64_t mma = 0, ldmatrix = 0, cp_async = 0;
   uint64_t ldmatrix_phases = 0;         // 8-row phases (one per 8 x 8 matrix) read
   uint64_t ldmatrix_extra_wavefronts = 0;  // bank-conflict replays over all phases
+  uint64_t decode_launches = 0;  // forward_decode calls (attention_decode.cu)
+  uint64_t decode_splits = 0;    // the S of the latest one
 };
 
 constexpr size_t kStackBytes = 256 * 1024;

@@ -17,6 +17,7 @@
 #include "../../csrc/cuda/attention_bwd_tc_hd64_bf16.cu"
 #include "../../csrc/cuda/attention_bwd_tc_hd64_f16.cu"
 #include "../../csrc/cuda/attention_cuda.cpp"
+#include "../../csrc/cuda/attention_decode.cu"
 #include "../../csrc/cuda/attention_fwd.cu"
 #include "../../csrc/cuda/attention_fwd_tc_hd128_bf16.cu"
 #include "../../csrc/cuda/attention_fwd_tc_hd128_f16.cu"
@@ -125,9 +126,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             {"ldmatrix", c.ldmatrix},
             {"cp_async", c.cp_async},
             {"ldmatrix_phases", c.ldmatrix_phases},
-            {"ldmatrix_extra_wavefronts", c.ldmatrix_extra_wavefronts}};
+            {"ldmatrix_extra_wavefronts", c.ldmatrix_extra_wavefronts},
+            {"decode_launches", c.decode_launches},
+            {"decode_splits", c.decode_splits}};
       },
       "tensor-core instructions emulated so far (warp-level mma and ldmatrix, thread-level cp.async) "
-      "and ldmatrix bank-conflict replays");
+      "and ldmatrix bank-conflict replays; decode_launches / decode_splits: split-K decode forwards run and the "
+      "latest one's S");
   m.def("reset_counters", [] { emu::state().counters = emu::Counters{}; });
 }
