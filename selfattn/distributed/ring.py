@@ -15,9 +15,11 @@ the full sequence; a pair the band hides entirely is skipped, a pair it leaves w
 a band. Partial outputs are merged by lse in a fixed order (exact; a part with lse −inf is empty).
 
 Backward: the same ring. ``attention_bwd`` with the *global* out and lse of the rank's queries
-gives the exact partial dq, dk, dv of one pair; dq stays, and each chunk's dk/dv accumulator
-travels with the ring behind its k/v, one step late, and arrives home after W sends. Sums run in
-ring order: deterministic. Only point-to-point ops move k/v and their gradients; the one
+gives the exact partial dq, dk, dv of one pair, added at once into dq (which stays) and into the
+accumulator of the chunk held (float32 for low precision); each chunk's dk/dv accumulator travels
+with the ring behind its k/v, one step late, and arrives home after W sends. Sums run in ring
+order: deterministic. Memory per rank is a fixed number of chunks (see the note above
+``_ring_forward``): O(n), 1/W of the sequence. Only point-to-point ops move k/v and their gradients; the one
 collective is an all-reduce of a few integers that checks the ranks agree on shapes and dtype.
 """
 
@@ -149,13 +151,28 @@ def _wait(requests: list) -> None:
 
 
 def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
-    """acc ← the attention over both parts' keys, from each part's output and lse, in place. A part
-    with lse -inf (no visible key) weighs 0; a row empty in both stays 0 with lse -inf."""
+    """acc ← the attention over both parts' keys, from each part's output and lse, in place (``out``,
+    the new part's, is scaled in place: it is a kernel output nobody else holds). A part with lse
+    -inf (no visible key) weighs 0; a row empty in both stays 0 with lse -inf."""
     new_lse = torch.logaddexp(acc_lse, lse)
     finite = torch.where(new_lse == float("-inf"), 0.0, new_lse)  # exp(-inf - 0) = 0, never NaN
     acc_out.mul_(torch.exp(acc_lse - finite).unsqueeze(-1))
-    acc_out.add_(out * torch.exp(lse - finite).unsqueeze(-1))
+    acc_out.add_(out.mul_(torch.exp(lse - finite).unsqueeze(-1)))
     acc_lse.copy_(new_lse)
+
+
+# Memory per rank, in chunks (one (B, H, n, D) tensor of the rank's n rows; float32 here). One process
+# (world size 1) holds out, dq, dk and dv at the backward's peak: 4 chunks. The ring holds, besides out
+# and dq, the k/v chunk it is working with (2, received) and that chunk's dk/dv accumulator (2, which
+# travels: a rank's own arrives home last), during a step the next k/v chunk, received while it computes
+# (2, except on the last step), and one (query piece, key piece) pair's kernel outputs (dq, dk, dv of
+# the pair: 1.5 chunks for zigzag's half-chunk pieces, 3 for a contiguous chunk): 8 + pair at most.
+# Everything else is freed as soon as it is done with: a sent chunk once its send completes, each pair's
+# outputs once added, the previous k/v once the next has arrived. Hence the order below: the dk/dv
+# accumulator is received before the step's compute (and the k/v exchange is posted after that
+# arrival, so the old accumulator is gone first), and it is sent one tensor at a time (dk, then dv),
+# so that the exchange holds 1 chunk more rather than 2. The ring is in lockstep anyway: the k/v of
+# step s and the accumulator of step s come from the same neighbour, finished with its step s − 1.
 
 
 def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout):
@@ -174,9 +191,10 @@ def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout):
                 q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], causal=band_causal, scale=scale,
                 window_left=wl, window_right=wr, diagonal_offset=offset)
             _merge(out[..., qs, :], lse[..., qs], part_out, part_lse)
+            del part_out, part_lse  # before the next pair's outputs exist
         if step + 1 < ring.world_size:
             _wait(requests)
-            kv = next_kv
+            kv, next_kv = next_kv, None  # the chunk just used is freed (its send has completed)
     return out.to(q.dtype), lse
 
 
@@ -185,14 +203,16 @@ def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left
     acc_dtype = _checks.accumulate_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     kv = [k.contiguous(), v.contiguous()]
-    grad_kv = None  # the accumulator of the chunk held, arriving from the previous rank
+    # The dk/dv accumulator of the chunk held: this rank's own at step 0; afterwards the one the
+    # previous rank sent at the end of its step, with every contribution so far.
+    grad_kv = [torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
+               torch.zeros(v.shape, dtype=acc_dtype, device=v.device)]
     grad_requests = []
     for step in range(ring.world_size):
         src = (ring.rank - step) % ring.world_size
+        _wait(grad_requests)  # grad_kv has arrived; the accumulator sent last is freed
         if step + 1 < ring.world_size:
-            next_kv, requests = ring.exchange(kv)
-        partial = [torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
-                   torch.zeros(v.shape, dtype=acc_dtype, device=v.device)]
+            next_kv, requests = ring.exchange(kv)  # overlapped with this step's compute
         for qs, ks, (band_causal, wl, wr, offset) in _pairs(ring.rank, src, ring.world_size, rows, layout,
                                                              causal, left, right):
             g_q, g_k, g_v = torch.ops.selfattn.attention_bwd(
@@ -200,17 +220,21 @@ def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left
                 lse[..., qs], causal=band_causal, scale=scale, window_left=wl, window_right=wr,
                 diagonal_offset=offset)
             grad_q[..., qs, :] += g_q
-            partial[0][..., ks, :] += g_k
-            partial[1][..., ks, :] += g_v
-        _wait(grad_requests)
-        if grad_kv is not None:  # the chunk's gradient so far, from the ranks before this one
-            partial[0] += grad_kv[0]
-            partial[1] += grad_kv[1]
-            grad_kv = None  # freed before the next receive buffers exist
-        grad_kv, grad_requests = ring.exchange(partial, tag=2)  # W sends: the last one brings it home
+            grad_kv[0][..., ks, :] += g_k
+            grad_kv[1][..., ks, :] += g_v
+            del g_q, g_k, g_v  # before the next pair's outputs exist
         if step + 1 < ring.world_size:
             _wait(requests)
-            kv = next_kv
+            kv, next_kv = next_kv, None
+        else:
+            kv = None  # done with the last chunk before the last accumulator arrives
+        # Pass the accumulator on (W sends: the last brings this rank's own home), dk then dv: the
+        # dk exchange completes and its sent tensor is freed before the dv exchange allocates.
+        received, dk_requests = ring.exchange(grad_kv[:1], tag=2)
+        grad_kv[0] = None
+        _wait(dk_requests)
+        dv_received, grad_requests = ring.exchange(grad_kv[1:], tag=3)
+        grad_kv = received + dv_received
     _wait(grad_requests)
     return grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype)
 
