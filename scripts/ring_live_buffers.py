@@ -1,10 +1,11 @@
 """Which tensors are alive at the peak of one ring-attention call (forward + backward), and who made them.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=W scripts/ring_live_buffers.py [N [H]]
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=W scripts/ring_live_buffers.py [N [H [P]]]
 
 Same problem as ``scripts/ring_measure.py`` (zigzag, causal, float32, B = 1, H heads, D = 64, N / W rows
-per rank). A TorchDispatchMode records the storage of every tensor an op returns during the call (the
-receive buffers, the accumulators, each kernel call's outputs) with the op and the line of
+per rank, P kv heads per pass, default 1). A TorchDispatchMode records the storage of every tensor an
+op returns during the call (the receive buffers, the accumulators, each kernel call's outputs) with
+the op and the line of
 ``selfattn/distributed/ring.py`` that ran it; after each op it sums the storages still alive and keeps
 the list at the largest sum. Rank 0 prints that list in units of one chunk (one (B, H, N / W, D) float32
 tensor). Not counted: q, k, v and the output gradient (made before the call), and what the kernels
@@ -66,6 +67,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     n_total = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
     H = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    per_pass = int(sys.argv[3]) if len(sys.argv) > 3 else None
     rows = n_total // world
     gen = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(B, H, rows, D, generator=gen).requires_grad_() for _ in range(3))
@@ -73,10 +75,10 @@ def main():
     chunk = B * H * rows * D * 4
     mode = _LiveStorages([q, k, v, grad])
     with mode:
-        sd.ring_attention(q, k, v, causal=True, layout="zigzag").backward(grad)
+        sd.ring_attention(q, k, v, causal=True, layout="zigzag", kv_heads_per_pass=per_pass).backward(grad)
     dist.barrier()
     if rank == 0:
-        print(f"N = {n_total}, H = {H}, world size {world}: one chunk = {chunk / 2**20:.2f} MiB; tensors alive at "
+        print(f"N = {n_total}, H = {H}, world size {world}, kv heads per pass {per_pass or 1}: one chunk = {chunk / 2**20:.2f} MiB; tensors alive at "
               f"the peak, {mode.peak_bytes / chunk:.2f} chunks ({mode.peak_bytes / 2**20:.1f} MiB):")
         for nbytes, label in sorted(mode.peak, reverse=True):
             if nbytes >= chunk / 64:

@@ -166,14 +166,16 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
 # would hold, besides out and dq, the k/v chunk it works with (2, received) and that chunk's dk/dv
 # accumulator (2; it travels, a rank's own arrives home last), during a step the next k/v chunk received
 # while it computes (2), and one (query piece, key piece) pair's kernel outputs (1.5 for zigzag's half
-# pieces, 3 for a contiguous chunk): 8 + pair, twice one process's count. So the ring runs once per group
-# of ``kv_heads_per_pass`` kv heads (default 1, with their query heads): all the ring's buffers shrink to
-# that group's share, g = kv_heads_per_pass / Hk, while out, dq and the final dk, dv (each group's
-# accumulator is copied in when it arrives home) stay whole: 4 + (8 + pair)·g at most, e.g. 4.5 chunks of
-# n rows for Hk = 16 — a constant times n = N / W. Within a pass, each buffer is freed as soon as it is done
+# pieces, 3 for a contiguous chunk): 2 + 6 + pair, twice one process's count (measured: 8 chunks at W = 2,
+# where step 0 works with the input k/v). So the ring runs once per group of ``kv_heads_per_pass`` kv
+# heads (default 1, with their query heads): the ring's 6 + pair shrink to that group's share,
+# g = kv_heads_per_pass / Hk, while out, dq and the final dk, dv (each group's accumulator is copied in
+# when it arrives home) stay whole: 4 + (6 + pair)·g at most, e.g. 4.5 chunks of n rows for Hk = 16 — a
+# constant times n = N / W, about half of one process's rise at W = 2. Within a pass, each buffer is freed as soon as it is done
 # with (a sent chunk once its send completes, a pair's outputs once added, the old k/v once the next has
 # arrived): the dk/dv accumulator is received before the step's compute (then the k/v exchange is posted,
-# the old accumulator already gone) and passed on one tensor at a time (dk, then dv). The ring is in
+# the old accumulator already gone), so a rank holds one accumulator, not a local partial besides one
+# in flight each way; at a step's end, sending it and receiving the next hold one more. The ring is in
 # lockstep anyway: the k/v of step s and the accumulator of step s come from the same neighbour, finished
 # with its step s − 1.
 
@@ -263,13 +265,8 @@ def _ring_backward_pass(ring: _Ring, grad_out, q, k, v, out, lse, grad_q, causal
             kv, next_kv = next_kv, None
         else:
             kv = None  # done with the last chunk before the last accumulator arrives
-        # Pass the accumulator on (W sends: the last brings this rank's own home), dk then dv: the
-        # dk exchange completes and its sent tensor is freed before the dv exchange allocates.
-        received, dk_requests = ring.exchange(grad_kv[:1], tag=2)
-        grad_kv[0] = None
-        _wait(dk_requests)
-        dv_received, grad_requests = ring.exchange(grad_kv[1:], tag=3)
-        grad_kv = received + dv_received
+        # Pass the accumulator on (W sends: the last brings this rank's own home).
+        grad_kv, grad_requests = ring.exchange(grad_kv, tag=2)
     _wait(grad_requests)
     return grad_kv[0], grad_kv[1]
 
@@ -340,7 +337,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[dist.Proc
     heads), so that what it holds beyond the output and the gradients is that group's share of
     a chunk: per rank about 4.5 chunks of n rows at the backward's peak for 16 heads, against 4
     for one process with the whole sequence (notes in the source). More heads per pass: fewer,
-    larger kernel calls and messages, more memory (up to about 8 + 1.5 chunks with all heads).
+    larger kernel calls and messages, more memory (up to about 9.5 chunks with all heads).
 
     k/v and their gradients move only by point-to-point ops, overlapped with compute;
     ``check_ranks`` (default) first all-reduces a few integers so that ranks whose chunks differ
