@@ -145,6 +145,40 @@ def _check_only_point_to_point(rank, world_size):
     assert p2p.counts == {"isend": expected, "irecv": expected}, p2p.counts
 
 
+def _check_peak_live_tensors(rank, world_size):
+    """The tensors alive at once during one call (forward + backward), counted op by op (not RSS:
+    exact, not timed): at most out, dq, dk, dv and, per pass of one kv head out of 4, a quarter
+    of the ring's k/v chunk, the next one, the dk/dv accumulator and one pair's outputs (DESIGN.md),
+    i.e. 4 + 7.5 / 4 chunks; a ring over all heads at once would hold about 8."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from selfattn.distributed import ring_attention
+
+    q, k, v, grad = (t.requires_grad_(i < 3) for i, t in enumerate(_full_inputs((1, 4, 4, 64, 16, 16), 1, 5)))
+    before = {t.untyped_storage().data_ptr() for t in (q, k, v, grad)}
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.peak = {}, 0  # storage address -> (weak ref, bytes) of the op outputs alive
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+                if storage is not None and storage.data_ptr() not in before:
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            self.live = {key: ref for key, ref in self.live.items() if not ref[0].expired()}
+            self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+            return result
+
+    with Live() as live:
+        ring_attention(q, k, v, causal=True, layout="zigzag").backward(grad)
+    chunks = live.peak / (q.numel() * q.element_size())
+    assert 4 <= chunks <= 4 + 7.5 / 4 + 0.25, f"{chunks:.2f} chunks alive at the peak"
+
+
 def _check_bad_inputs(rank, world_size):
     import torch.distributed as dist
 
@@ -182,6 +216,7 @@ def _suite(rank, world_size):
              for seed, (name, shape, causal, window, layout, per_pass) in enumerate(CASES)]
     cases.append(("only-point-to-point", _check_only_point_to_point))
     cases.append(("bad-inputs", _check_bad_inputs))
+    cases.append(("peak-live-tensors", _check_peak_live_tensors))
     return run_cases(cases, rank, world_size)
 
 
@@ -191,7 +226,8 @@ def _suite_results(world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["only-point-to-point", "bad-inputs"])
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["only-point-to-point", "bad-inputs",
+                                                                  "peak-live-tensors"])
 def test_ring_attention(world_size, case):
     case_results(_suite_results(world_size), case)
 
