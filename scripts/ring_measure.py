@@ -1,9 +1,9 @@
 """Per-rank peak memory and time of ring attention (forward + backward) at one total sequence length.
 
-    MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=W scripts/ring_measure.py [N [H]]
+    MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=W scripts/ring_measure.py [N [H [P]]]
 
 for W = 1, 2, 4. Each rank holds N / W rows (zigzag, causal, float32, B = 1, H heads (default 16),
-D = 64). Memory:
+D = 64), P kv heads per pass of the ring (default: ring_attention's, 1; one pass at W = 1). Memory:
 the rise of the process's peak RSS (VmHWM, reset before each call) over the RSS before it, i.e.
 what the call allocates beyond the inputs — the activations, buffers and gradients. (The fixed
 mmap threshold makes glibc map every tensor of 64 KiB or more on its own and unmap it when
@@ -33,6 +33,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     n_total = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
     H = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    per_pass = int(sys.argv[3]) if len(sys.argv) > 3 else None
     rows = n_total // world
     gen = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(B, H, rows, D, generator=gen).requires_grad_() for _ in range(3))
@@ -45,7 +46,7 @@ def main():
         before = _system.status_kib("VmRSS")
         _system.reset_peak_rss()
         wall, cpu = time.perf_counter(), time.process_time()
-        sd.ring_attention(q, k, v, causal=True, layout="zigzag").backward(grad)
+        sd.ring_attention(q, k, v, causal=True, layout="zigzag", kv_heads_per_pass=per_pass).backward(grad)
         dist.barrier()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
@@ -56,7 +57,9 @@ def main():
     dist.all_gather(gathered, stats)  # (the report only; the ring itself uses no all-gather)
     if rank == 0:
         inputs_mib = 3 * B * H * rows * D * 4 / 2**20
-        print(f"N = {n_total}, H = {H}, world size {world}: {rows} rows per rank, q/k/v {inputs_mib:.1f} MiB per rank")
+        passes = "one pass (a single rank)" if world == 1 else f"kv heads per pass {per_pass or 1}"
+        print(f"N = {n_total}, H = {H}, world size {world}, {passes}: {rows} rows per rank, "
+              f"q/k/v {inputs_mib:.1f} MiB per rank")
         print("  peak RSS rise per rank (median, max over calls), MiB: "
               + ", ".join(f"{g[0]:.1f} ({g[1]:.1f})" for g in gathered))
         print(f"  wall per call: median {statistics.median(walls):.3f} s (min {min(walls):.3f}, max {max(walls):.3f}); "

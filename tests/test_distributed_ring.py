@@ -14,15 +14,17 @@ import torch
 
 from tests.distributed_harness import case_results, run_cases, run_ranks
 
-# (name, (B, Hq, Hk, rows per rank, D, Dv), causal, window, layout)
+# (name, (B, Hq, Hk, rows per rank, D, Dv), causal, window, layout, kv_heads_per_pass)
 CASES = [
-    (f"{layout}-{'causal' if causal else 'full'}", (2, 2, 2, 6, 8, 8), causal, None, layout)
+    (f"{layout}-{'causal' if causal else 'full'}", (2, 2, 2, 6, 8, 8), causal, None, layout, None)
     for layout in ("contiguous", "zigzag") for causal in (False, True)
 ] + [
-    ("zigzag-causal-gqa-dv", (1, 4, 2, 10, 8, 6), True, None, "zigzag"),
-    ("contiguous-causal-window", (1, 2, 2, 6, 4, 4), True, (4, 0), "contiguous"),
-    ("zigzag-window-both-sides", (1, 2, 2, 8, 4, 4), False, (3, 2), "zigzag"),
-    ("contiguous-causal-long", (1, 1, 1, 80, 16, 16), True, None, "contiguous"),  # more than a 64-row tile
+    ("zigzag-causal-gqa-dv", (1, 4, 2, 10, 8, 6), True, None, "zigzag", None),
+    ("zigzag-causal-gqa-one-pass", (1, 4, 2, 10, 8, 6), True, None, "zigzag", 2),  # all heads in one pass
+    ("contiguous-full-uneven-passes", (2, 3, 3, 6, 4, 4), False, None, "contiguous", 2),  # passes of 2 and 1
+    ("contiguous-causal-window", (1, 2, 2, 6, 4, 4), True, (4, 0), "contiguous", None),
+    ("zigzag-window-both-sides", (1, 2, 2, 8, 4, 4), False, (3, 2), "zigzag", None),
+    ("contiguous-causal-long", (1, 1, 1, 80, 16, 16), True, None, "contiguous", None),  # more than a 64-row tile
 ]
 
 
@@ -60,7 +62,7 @@ def _full_inputs(shape, world_size, seed, dtype=torch.float64):
     return q, k, v, grad_out
 
 
-def _check_case(shape, causal, window, layout, seed, rank, world_size):
+def _check_case(shape, causal, window, layout, per_pass, seed, rank, world_size):
     import selfattn
     from selfattn.distributed import ring_attention, split_sequence
 
@@ -81,7 +83,7 @@ def _check_case(shape, causal, window, layout, seed, rank, world_size):
 
     local = [mine(t).clone().requires_grad_() for t in (q, k, v)]
     out, lse = ring_attention(*local, causal=causal, window=window, layout=layout, enable_gqa=gqa,
-                              return_lse=True)
+                              return_lse=True, kv_heads_per_pass=per_pass)
     grads = torch.autograd.grad(out, local, mine(grad_out))
     tol = dict(rtol=0, atol=1e-12)
     torch.testing.assert_close(out, mine(expected), **tol)
@@ -127,7 +129,8 @@ class _CountPointToPoint:
 def _check_only_point_to_point(rank, world_size):
     """CommDebugMode sees one all-reduce (the check that the ranks agree) and no all-gather of any
     kind, forward or backward; k/v and their gradients move by isend/irecv, as many as the ring
-    needs: forward k, v on W - 1 steps; backward k, v on W - 1 steps and dk, dv on W."""
+    needs, per pass (one per kv head by default): forward k, v on W - 1 steps; backward k, v on
+    W - 1 steps and dk, dv on W."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     from selfattn.distributed import ring_attention
@@ -138,8 +141,42 @@ def _check_only_point_to_point(rank, world_size):
     counts = {str(op): n for op, n in comm.get_comm_counts().items()}
     assert not [op for op in counts if "gather" in op or "all_to_all" in op or "broadcast" in op], counts
     assert sum(counts.values()) == 1 and "allreduce" in str(counts), counts
-    expected = 2 * (world_size - 1) * 2 + 2 * world_size
+    expected = k.shape[1] * (2 * (world_size - 1) * 2 + 2 * world_size)
     assert p2p.counts == {"isend": expected, "irecv": expected}, p2p.counts
+
+
+def _check_peak_live_tensors(rank, world_size):
+    """The tensors alive at once during one call (forward + backward), counted op by op (not RSS:
+    exact, not timed): at most out, dq, dk, dv and, per pass of one kv head out of 4, a quarter
+    of the ring's k/v chunk, the next one, the dk/dv accumulator and one pair's outputs (DESIGN.md),
+    i.e. 4 + 7.5 / 4 chunks; a ring over all heads at once would hold about 8."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from selfattn.distributed import ring_attention
+
+    q, k, v, grad = (t.requires_grad_(i < 3) for i, t in enumerate(_full_inputs((1, 4, 4, 64, 16, 16), 1, 5)))
+    before = {t.untyped_storage().data_ptr() for t in (q, k, v, grad)}
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.peak = {}, 0  # storage address -> (weak ref, bytes) of the op outputs alive
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+                if storage is not None and storage.data_ptr() not in before:
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            self.live = {key: ref for key, ref in self.live.items() if not ref[0].expired()}
+            self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+            return result
+
+    with Live() as live:
+        ring_attention(q, k, v, causal=True, layout="zigzag").backward(grad)
+    chunks = live.peak / (q.numel() * q.element_size())
+    assert 4 <= chunks <= 4 + 7.5 / 4 + 0.25, f"{chunks:.2f} chunks alive at the peak"
 
 
 def _check_bad_inputs(rank, world_size):
@@ -154,6 +191,11 @@ def _check_bad_inputs(rank, world_size):
     q = torch.randn(1, 2, 4, 4, dtype=dtype)
     with pytest.raises(ValueError, match="same shape and dtype.*differ in dtype"):
         ring_attention(q, q, q)
+    q = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="same kv_heads_per_pass.*differ in kv_heads_per_pass"):
+        ring_attention(q, q, q, kv_heads_per_pass=1 + rank)
+    with pytest.raises(ValueError, match="kv_heads_per_pass must be a positive int"):
+        ring_attention(q, q, q, kv_heads_per_pass=0)
     # A group of one rank (every rank must create every group): plain attention.
     singles = [dist.new_group([r]) for r in range(world_size)]
     q, k, v = _full_inputs((1, 2, 2, 6, 4, 4), 1, 11)[:3]
@@ -170,10 +212,11 @@ def _check_bad_inputs(rank, world_size):
 
 
 def _suite(rank, world_size):
-    cases = [(name, functools.partial(_check_case, shape, causal, window, layout, seed))
-             for seed, (name, shape, causal, window, layout) in enumerate(CASES)]
+    cases = [(name, functools.partial(_check_case, shape, causal, window, layout, per_pass, seed))
+             for seed, (name, shape, causal, window, layout, per_pass) in enumerate(CASES)]
     cases.append(("only-point-to-point", _check_only_point_to_point))
     cases.append(("bad-inputs", _check_bad_inputs))
+    cases.append(("peak-live-tensors", _check_peak_live_tensors))
     return run_cases(cases, rank, world_size)
 
 
@@ -183,7 +226,8 @@ def _suite_results(world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["only-point-to-point", "bad-inputs"])
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["only-point-to-point", "bad-inputs",
+                                                                  "peak-live-tensors"])
 def test_ring_attention(world_size, case):
     case_results(_suite_results(world_size), case)
 

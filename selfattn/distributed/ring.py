@@ -15,9 +15,11 @@ the full sequence; a pair the band hides entirely is skipped, a pair it leaves w
 a band. Partial outputs are merged by lse in a fixed order (exact; a part with lse −inf is empty).
 
 Backward: the same ring. ``attention_bwd`` with the *global* out and lse of the rank's queries
-gives the exact partial dq, dk, dv of one pair; dq stays, and each chunk's dk/dv accumulator
-travels with the ring behind its k/v, one step late, and arrives home after W sends. Sums run in
-ring order: deterministic. Only point-to-point ops move k/v and their gradients; the one
+gives the exact partial dq, dk, dv of one pair, added at once into dq (which stays) and into the
+accumulator of the chunk held (float32 for low precision); each chunk's dk/dv accumulator travels
+with the ring behind its k/v, one step late, and arrives home after W sends. Sums run in ring
+order: deterministic. Memory per rank is a fixed number of chunks (see the note above
+``_ring_forward``): O(n), 1/W of the sequence. Only point-to-point ops move k/v and their gradients; the one
 collective is an all-reduce of a few integers that checks the ranks agree on shapes and dtype.
 """
 
@@ -149,20 +151,55 @@ def _wait(requests: list) -> None:
 
 
 def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
-    """acc ← the attention over both parts' keys, from each part's output and lse, in place. A part
-    with lse -inf (no visible key) weighs 0; a row empty in both stays 0 with lse -inf."""
+    """acc ← the attention over both parts' keys, from each part's output and lse, in place (``out``,
+    the new part's, is scaled in place: it is a kernel output nobody else holds). A part with lse
+    -inf (no visible key) weighs 0; a row empty in both stays 0 with lse -inf."""
     new_lse = torch.logaddexp(acc_lse, lse)
     finite = torch.where(new_lse == float("-inf"), 0.0, new_lse)  # exp(-inf - 0) = 0, never NaN
     acc_out.mul_(torch.exp(acc_lse - finite).unsqueeze(-1))
-    acc_out.add_(out * torch.exp(lse - finite).unsqueeze(-1))
+    acc_out.add_(out.mul_(torch.exp(lse - finite).unsqueeze(-1)))
     acc_lse.copy_(new_lse)
 
 
-def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout):
-    rows = q.shape[-2]
+# Memory per rank, in chunks (one (B, H, n, D) tensor of the rank's n rows; float32 here). One process
+# (world size 1) holds out, dq, dk and dv at the backward's peak: 4 chunks. A ring over all heads at once
+# would hold, besides out and dq, the k/v chunk it works with (2, received) and that chunk's dk/dv
+# accumulator (2; it travels, a rank's own arrives home last), during a step the next k/v chunk received
+# while it computes (2), and one (query piece, key piece) pair's kernel outputs (1.5 for zigzag's half
+# pieces, 3 for a contiguous chunk): 2 + 6 + pair, twice one process's count (measured: 8 chunks at W = 2,
+# where step 0 works with the input k/v). So the ring runs once per group of ``kv_heads_per_pass`` kv
+# heads (default 1, with their query heads): the ring's 6 + pair shrink to that group's share,
+# g = kv_heads_per_pass / Hk, while out, dq and the final dk, dv (each group's accumulator is copied in
+# when it arrives home) stay whole: 4 + (6 + pair)·g at most, e.g. 4.5 chunks of n rows for Hk = 16 — a
+# constant times n = N / W, about half of one process's rise at W = 2. Within a pass, each buffer is freed as soon as it is done
+# with (a sent chunk once its send completes, a pair's outputs once added, the old k/v once the next has
+# arrived): the dk/dv accumulator is received before the step's compute (then the k/v exchange is posted,
+# the old accumulator already gone), so a rank holds one accumulator, not a local partial besides one
+# in flight each way; at a step's end, sending it and receiving the next hold one more. The ring is in
+# lockstep anyway: the k/v of step s and the accumulator of step s come from the same neighbour, finished
+# with its step s − 1.
+
+
+def _head_passes(hq: int, hk: int, per_pass: int):
+    """(query heads, kv heads) of each pass: kv heads [s, s + per_pass) with the query heads that read them."""
+    group = hq // hk
+    return [(slice(s * group, min(s + per_pass, hk) * group), slice(s, min(s + per_pass, hk)))
+            for s in range(0, hk, per_pass)]
+
+
+def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout, per_pass):
     acc_dtype = _checks.accumulate_dtype(q.dtype)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc_dtype)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc_dtype)
+    for hq, hk in _head_passes(q.shape[1], k.shape[1], per_pass):
+        _ring_forward_pass(ring, q[:, hq], k[:, hk], v[:, hk], out[:, hq], lse[:, hq], causal, scale, left, right,
+                           layout)
+    return out.to(q.dtype), lse
+
+
+def _ring_forward_pass(ring: _Ring, q, k, v, out, lse, causal, scale, left, right, layout):
+    """One pass of the ring for some heads: their out and lse (views of the whole ones) merged in place."""
+    rows = q.shape[-2]
     kv = [k.contiguous(), v.contiguous()]
     for step in range(ring.world_size):
         src = (ring.rank - step) % ring.world_size
@@ -174,25 +211,45 @@ def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout):
                 q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], causal=band_causal, scale=scale,
                 window_left=wl, window_right=wr, diagonal_offset=offset)
             _merge(out[..., qs, :], lse[..., qs], part_out, part_lse)
+            del part_out, part_lse  # before the next pair's outputs exist
         if step + 1 < ring.world_size:
             _wait(requests)
-            kv = next_kv
-    return out.to(q.dtype), lse
+            kv, next_kv = next_kv, None  # the chunk just used is freed (its send has completed)
 
 
-def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout):
-    rows = q.shape[-2]
+def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass):
     acc_dtype = _checks.accumulate_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    passes = _head_passes(q.shape[1], k.shape[1], per_pass)
+    if len(passes) == 1:  # the accumulators that arrive home are the gradients
+        grad_k, grad_v = _ring_backward_pass(ring, grad_out, q, k, v, out, lse, grad_q, causal, scale, left, right,
+                                             layout)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+    grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+    for hq, hk in passes:
+        pass_k, pass_v = _ring_backward_pass(ring, grad_out[:, hq], q[:, hq], k[:, hk], v[:, hk], out[:, hq],
+                                             lse[:, hq], grad_q[:, hq], causal, scale, left, right, layout)
+        grad_k[:, hk], grad_v[:, hk] = pass_k, pass_v
+        del pass_k, pass_v
+    return grad_q.to(q.dtype), grad_k, grad_v
+
+
+def _ring_backward_pass(ring: _Ring, grad_out, q, k, v, out, lse, grad_q, causal, scale, left, right, layout):
+    """One pass of the ring for some heads: adds into grad_q (a view of the whole one) in place and
+    returns the heads' dk, dv (float32 for low precision)."""
+    rows = q.shape[-2]
+    acc_dtype = grad_q.dtype
     kv = [k.contiguous(), v.contiguous()]
-    grad_kv = None  # the accumulator of the chunk held, arriving from the previous rank
+    # The dk/dv accumulator of the chunk held: this rank's own at step 0; afterwards the one the
+    # previous rank sent at the end of its step, with every contribution so far.
+    grad_kv = [torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
+               torch.zeros(v.shape, dtype=acc_dtype, device=v.device)]
     grad_requests = []
     for step in range(ring.world_size):
         src = (ring.rank - step) % ring.world_size
+        _wait(grad_requests)  # grad_kv has arrived; the accumulator sent last is freed
         if step + 1 < ring.world_size:
-            next_kv, requests = ring.exchange(kv)
-        partial = [torch.zeros(k.shape, dtype=acc_dtype, device=k.device),
-                   torch.zeros(v.shape, dtype=acc_dtype, device=v.device)]
+            next_kv, requests = ring.exchange(kv)  # overlapped with this step's compute
         for qs, ks, (band_causal, wl, wr, offset) in _pairs(ring.rank, src, ring.world_size, rows, layout,
                                                              causal, left, right):
             g_q, g_k, g_v = torch.ops.selfattn.attention_bwd(
@@ -200,52 +257,51 @@ def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left
                 lse[..., qs], causal=band_causal, scale=scale, window_left=wl, window_right=wr,
                 diagonal_offset=offset)
             grad_q[..., qs, :] += g_q
-            partial[0][..., ks, :] += g_k
-            partial[1][..., ks, :] += g_v
-        _wait(grad_requests)
-        if grad_kv is not None:  # the chunk's gradient so far, from the ranks before this one
-            partial[0] += grad_kv[0]
-            partial[1] += grad_kv[1]
-            grad_kv = None  # freed before the next receive buffers exist
-        grad_kv, grad_requests = ring.exchange(partial, tag=2)  # W sends: the last one brings it home
+            grad_kv[0][..., ks, :] += g_k
+            grad_kv[1][..., ks, :] += g_v
+            del g_q, g_k, g_v  # before the next pair's outputs exist
         if step + 1 < ring.world_size:
             _wait(requests)
-            kv = next_kv
+            kv, next_kv = next_kv, None
+        else:
+            kv = None  # done with the last chunk before the last accumulator arrives
+        # Pass the accumulator on (W sends: the last brings this rank's own home).
+        grad_kv, grad_requests = ring.exchange(grad_kv, tag=2)
     _wait(grad_requests)
-    return grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype)
+    return grad_kv[0], grad_kv[1]
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring, causal, scale, left, right, layout):
-        out, lse = _ring_forward(ring, q, k, v, causal, scale, left, right, layout)
+    def forward(ctx, q, k, v, ring, causal, scale, left, right, layout, per_pass):
+        out, lse = _ring_forward(ring, q, k, v, causal, scale, left, right, layout, per_pass)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (ring, causal, scale, left, right, layout)
+        ctx.args = (ring, causal, scale, left, right, layout, per_pass)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        ring, causal, scale, left, right, layout = ctx.args
+        ring, causal, scale, left, right, layout, per_pass = ctx.args
         if ring.world_size == 1:
             grads = torch.ops.selfattn.attention_bwd(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
                                                     window_left=left, window_right=right)
         else:
-            grads = _ring_backward(ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout)
-        return (*grads,) + (None,) * 6
+            grads = _ring_backward(ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass)
+        return (*grads,) + (None,) * 7
 
 
 # ---------------------------------------------------------------------------------------------
 # Checks: every rank must pass the same shapes and dtype, or the point-to-point ops would hang
 
 
-def _agree_across_ranks(ring: _Ring, q: Tensor, k: Tensor, v: Tensor) -> None:
+def _agree_across_ranks(ring: _Ring, q: Tensor, k: Tensor, v: Tensor, per_pass: int) -> None:
     """One all-reduce of a few integers (max of each and of its negation): every rank learns
     whether all passed the same shapes and dtype, so every rank raises together — no hang."""
     dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
     code = dtypes.index(q.dtype) if q.dtype in dtypes else len(dtypes)
-    mine = torch.tensor([*q.shape, *k.shape, *v.shape, code], dtype=torch.int64)
+    mine = torch.tensor([*q.shape, *k.shape, *v.shape, code, per_pass], dtype=torch.int64)
     both = torch.cat([mine, -mine])
     if dist.get_backend(ring.group) == "nccl":
         both = both.to(q.device)
@@ -253,18 +309,19 @@ def _agree_across_ranks(ring: _Ring, q: Tensor, k: Tensor, v: Tensor) -> None:
     high, low = both[: mine.numel()].cpu(), -both[mine.numel():].cpu()
     if torch.equal(high, low):
         return
-    names = ["q"] * 4 + ["k"] * 4 + ["v"] * 4 + ["dtype"]
-    dims = ["B", "H", "N", "D"] * 3 + [""]
+    names = ["q"] * 4 + ["k"] * 4 + ["v"] * 4 + ["dtype", "kv_heads_per_pass"]
+    dims = ["B", "H", "N", "D"] * 3 + ["", ""]
     differ = [f"{n} {d}".strip() for n, d, h, l in zip(names, dims, high.tolist(), low.tolist()) if h != l]
     raise ValueError(f"selfattn.distributed.ring_attention: every rank must pass chunks of the same shape and "
-                     f"dtype (equal sequence chunks), but the ranks differ in {', '.join(differ)}; this rank "
-                     f"has q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}")
+                     f"dtype (equal sequence chunks) and the same kv_heads_per_pass, but the ranks differ in "
+                     f"{', '.join(differ)}; this rank has q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                     f"{q.dtype}, kv_heads_per_pass={per_pass}")
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[dist.ProcessGroup] = None,
                    causal: bool = False, scale: Optional[float] = None, layout: str = "contiguous",
                    window: Optional[tuple] = None, enable_gqa: bool = False, return_lse: bool = False,
-                   check_ranks: bool = True):
+                   check_ranks: bool = True, kv_heads_per_pass: Optional[int] = None):
     """Attention over a sequence split across the ranks of ``group``, as ``selfattn.attention``
     would compute it on the whole sequence.
 
@@ -275,6 +332,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[dist.Proc
     sequence), ``window=(left, right)`` a global sliding window (-1 unbounded), ``enable_gqa``
     lets Hk divide Hq. Returns this rank's rows of the output, (B, Hq, n, Dv), differentiable in
     q, k and v; with ``return_lse`` also their lse (B, Hq, n), float32 (float64 for float64).
+
+    The ring runs once per group of ``kv_heads_per_pass`` kv heads (default 1; with their query
+    heads), so that what it holds beyond the output and the gradients is that group's share of
+    a chunk: per rank about 4.5 chunks of n rows at the backward's peak for 16 heads, against 4
+    for one process with the whole sequence (notes in the source). More heads per pass: fewer,
+    larger kernel calls and messages, more memory (up to about 9.5 chunks with all heads).
 
     k/v and their gradients move only by point-to-point ops, overlapped with compute;
     ``check_ranks`` (default) first all-reduces a few integers so that ranks whose chunks differ
@@ -305,12 +368,18 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[dist.Proc
     if layout == "zigzag" and q.shape[-2] % 2 != 0:
         raise ValueError(f"selfattn.distributed.ring_attention: layout='zigzag' needs an even chunk length (two "
                          f"pieces per rank), got {q.shape[-2]}")
+    if kv_heads_per_pass is None:
+        kv_heads_per_pass = 1
+    if isinstance(kv_heads_per_pass, bool) or not isinstance(kv_heads_per_pass, int) or kv_heads_per_pass < 1:
+        raise ValueError(f"selfattn.distributed.ring_attention: kv_heads_per_pass must be a positive int or None, "
+                         f"got {kv_heads_per_pass!r}")
     ring = _Ring(group)
     if check_ranks and ring.world_size > 1:
-        _agree_across_ranks(ring, q, k, v)
+        _agree_across_ranks(ring, q, k, v, kv_heads_per_pass)
     scale = _resolve_scale(scale, q.shape[-1])
     if ring.world_size == 1:
-        # The whole sequence is here: the layouts coincide (zigzag's two pieces are in order).
-        layout = "contiguous"
-    out, lse = _RingAttention.apply(q, k, v, ring, causal, scale, left, right, layout)
+        # The whole sequence is here: the layouts coincide (zigzag's two pieces are in order), and
+        # with no ring buffers one pass over all heads holds no more than several.
+        layout, kv_heads_per_pass = "contiguous", k.shape[1]
+    out, lse = _RingAttention.apply(q, k, v, ring, causal, scale, left, right, layout, kv_heads_per_pass)
     return (out, lse) if return_lse else out
