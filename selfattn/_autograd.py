@@ -55,6 +55,8 @@ _self_attention_fwd = torch.ops.selfattn.self_attention_fwd.default
 _self_attention_bwd = torch.ops.selfattn.self_attention_bwd.default
 _varlen_attention_fwd = torch.ops.selfattn.varlen_attention_fwd.default
 _varlen_attention_bwd = torch.ops.selfattn.varlen_attention_bwd.default
+# (OpOverload._op: the C++ entry point; OpOverload.__call__ costs ~0.5 µs more.)
+_attention_fwd_eager = torch.ops.selfattn._attention_fwd_eager.default._op
 
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
 _lib = torch.library.Library("selfattn", "IMPL")
@@ -146,6 +148,16 @@ def call(op, function, args: tuple, tensors: tuple):
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_mask: Optional[Tensor] = None,
                   window_left: int = -1, window_right: int = -1, diagonal_offset: int = 0, dropout_p: float = 0.0,
                   rng_state: Optional[Tensor] = None):
+    # Plain eager mode: the C++ entry with the C++ autograd (csrc/eager.cpp), a third of the time of
+    # a small call. What needs the Python Autograd kernel (tracing, torch.func, autocast's cast
+    # before autograd records, forward mode) takes call().
+    if not (_is_compiling() or _functorch_active() or _any_autocast_enabled() or _forward_ad._current_level >= 0):
+        if rng_state is None and dropout_p == 0.0:
+            if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
+                return _attention_fwd_eager(q, k, v, causal, scale)
+            return _attention_fwd_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
+        return _attention_fwd_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset,
+                                    dropout_p, rng_state)
     if rng_state is None and dropout_p == 0.0:
         if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
             return call(_attention_fwd, attention_fwd_function, (q, k, v, causal, scale), (q, k, v))
