@@ -40,6 +40,8 @@ namespace {
 constexpr int64_t kBlockQ = 64;  // queries per tile (columns)
 constexpr int64_t kBlockK = 64;  // keys per tile (rows), the unit of work splitting
 
+enum class Packed : uint8_t { kNo, kYes };  // whether a query block's operands are prepared
+
 struct BackwardShape {
   int64_t batch, heads, heads_kv, group, nq, nk, dim, dim_v;
   int64_t dim_padded, dim_v_padded;  // row widths of the GEMM operands
@@ -112,7 +114,10 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     T* k_scratch = carve.take(k_reader.scratch_size(block_k));
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));
     T* dq_scratch = dq_in_scratch ? carve.take(s.nq * s.dim_padded) : nullptr;  // (Nq, D_padded)
-    std::vector<uint8_t> prepared(s.q_blocks);   // query blocks of the current head packed so far
+    // Query blocks of the current head packed so far. (An enum of this copy's namespace, not uint8_t:
+    // std::vector<uint8_t>'s members compiled here for AVX-512 could be the ones the linker keeps
+    // for the baseline code too; tests/test_dispatch.py checks.)
+    std::vector<Packed> prepared(s.q_blocks);
     std::optional<BackwardBf16> bf16;
     if (use_bf16) {
       bf16.emplace(s.dim, s.dim_v, s.dim_padded, s.dim_v_padded, nq_padded, block_q, block_k);
@@ -141,7 +146,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
         }
         // A query block's operands, lse and delta, prepared when a tile first needs them: a work
         // item (a window's, a split's) then touches only the queries its keys meet.
-        std::fill(prepared.begin(), prepared.end(), uint8_t(0));
+        std::fill(prepared.begin(), prepared.end(), Packed::kNo);
         const auto prepare = [&](int64_t qb) {
           const int64_t q0 = qb * block_q, q_rows = std::min(block_q, s.nq - q0);
           if (!use_bf16) {
@@ -165,7 +170,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
               delta[i] = 0;
             }
           }
-          prepared[qb] = 1;
+          prepared[qb] = Packed::kYes;
         };
 
         for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
@@ -193,7 +198,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
             if (kv_rows <= 0 || !band.touches(q0, q0 + q_rows, k0, k0 + kv_rows) || tile == TileState::kHidden) {
               continue;
             }
-            if (!prepared[qb]) {
+            if (prepared[qb] == Packed::kNo) {
               prepare(qb);
             }
             const T* q_cols = q_t + qb * s.dim * block_q;  // (D, block_q), ld block_q
