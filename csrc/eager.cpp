@@ -102,9 +102,10 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
-// The private op's kernel (schema in selfattn.cpp). Without a gradient to record it is
-// attention_fwd below autograd.
-std::tuple<at::Tensor, at::Tensor> attention_fwd_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// The private op's kernel (schema in selfattn.cpp): out alone (one Python object fewer per call;
+// lse stays in the node for the backward). Without a gradient to record it is attention_fwd
+// below autograd.
+at::Tensor attention_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        bool causal, double scale, const OptionalTensor& attn_mask,
                                                        int64_t window_left, int64_t window_right,
                                                        int64_t diagonal_offset, double dropout_p,
@@ -114,23 +115,22 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_eager(const at::Tensor& q, cons
                       (q.requires_grad() || k.requires_grad() || v.requires_grad() || mask_requires_grad);
   if (!record) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return forward_op().call(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset,
-                             dropout_p, rng_state);
+    return std::get<0>(forward_op().call(q, k, v, causal, scale, attn_mask, window_left, window_right,
+                                         diagonal_offset, dropout_p, rng_state));
   }
   // (The same words as the Python autograd's refusal.)
   TORCH_CHECK_NOT_IMPLEMENTED(!mask_requires_grad,
                               "selfattn.attention: attn_mask requires grad, but selfattn does not compute the "
                               "gradient of a mask; detach it, or use F.scaled_dot_product_attention for a learned "
                               "additive mask");
-  variable_list outputs = AttentionFunction::apply(q, k, v, causal, scale, attn_mask, window_left, window_right,
-                                                   diagonal_offset, dropout_p, rng_state);
-  return {outputs[0], outputs[1]};
+  return AttentionFunction::apply(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset,
+                                  dropout_p, rng_state)[0];
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(selfattn, CompositeImplicitAutograd, m) {
-  m.impl("_attention_fwd_eager", &attention_fwd_eager);
+  m.impl("_attention_eager", &attention_eager);
 }
 
 }  // namespace selfattn

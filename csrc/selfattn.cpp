@@ -97,14 +97,14 @@ TORCH_LIBRARY(selfattn, m) {
       "Tensor lse, int num_heads, bool causal, float scale, bool[] output_mask, int num_kv_heads=0, "
       "Tensor? attn_mask=None, int window_left=-1, int window_right=-1, float dropout_p=0.0, "
       "Tensor? rng_state=None) -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
-  // Private: attention_fwd with its reverse-mode autograd in C++ (eager.cpp), the entry
+  // Private: attention_fwd's out with its reverse-mode autograd in C++ (eager.cpp), the entry
   // selfattn.attention takes in plain eager mode, where a small call's time is mostly the Python
-  // autograd's. Same arguments and results as attention_fwd, which it calls; no kernel of its own
+  // autograd's. attention_fwd's arguments; it calls that op; no kernel of its own
   // (CompositeImplicitAutograd), so no fake kernel either.
   m.def(
-      "_attention_fwd_eager(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? attn_mask=None, "
+      "_attention_eager(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? attn_mask=None, "
       "int window_left=-1, int window_right=-1, int diagonal_offset=0, float dropout_p=0.0, "
-      "Tensor? rng_state=None) -> (Tensor out, Tensor lse)");
+      "Tensor? rng_state=None) -> Tensor");
   // Private, for tests: which copy of the CPU kernels runs (DEFAULT, AVX2 or AVX512; chosen at
   // run time from the CPU, cpu/dispatch.cpp). "" reports it; "auto" decides again as the first
   // call did; "default", "avx2" or "avx512" forces that copy for the whole process (an error if

@@ -18,11 +18,9 @@ refuse (a second-derivative kernel slots in there: `_refuse_double_backward`,
 `_refuse_forward_mode`, `_refuse_derivative_of_jvp`).
 Batching rules (vmap) are in _vmap.py.
 
-Why not torch.library.register_autograd, as before: the Function it generates takes ctx in
-forward and has no setup_context, so every torch.func transform refuses it (pytorch#168393,
-#179652); it has no jvp, and an input carrying only a tangent does not require grad, so it
-skipped autograd altogether and forward mode got a zero tangent, silently; and nothing covered
-the backward ops, so a backward through a gradient only warned and left the gradient None.
+Why not torch.library.register_autograd: its Function has no setup_context (torch.func refuses
+it) and no jvp (forward mode got a zero tangent), and nothing covered the backward ops (DESIGN.md).
+selfattn.attention in plain eager mode takes a C++ autograd instead (csrc/eager.cpp).
 
 How torch.func gets through: like a C++ autograd kernel, not like an autograd.Function called
 from Python. The kernel runs once per grad level, on that level's wrapped tensors, so it applies a
@@ -47,6 +45,10 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.autograd.function import _SingleLevelFunction
 
+from ._refusals import (_LAYER_ALTERNATIVE, _SDPA_MATH, _VARLEN_ALTERNATIVE, _refuse_derivative_of_jvp,
+                        _refuse_double_backward, _refuse_dropout_tangent, _refuse_forward_mode, _refuse_mask_grad,
+                        _refuse_mask_tangent)
+
 
 _attention_fwd = torch.ops.selfattn.attention_fwd.default
 _attention_bwd = torch.ops.selfattn.attention_bwd.default
@@ -56,55 +58,10 @@ _self_attention_bwd = torch.ops.selfattn.self_attention_bwd.default
 _varlen_attention_fwd = torch.ops.selfattn.varlen_attention_fwd.default
 _varlen_attention_bwd = torch.ops.selfattn.varlen_attention_bwd.default
 # (OpOverload._op: the C++ entry point; OpOverload.__call__ costs ~0.5 µs more.)
-_attention_fwd_eager = torch.ops.selfattn._attention_fwd_eager.default._op
+_attention_eager = torch.ops.selfattn._attention_eager.default._op
 
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
 _lib = torch.library.Library("selfattn", "IMPL")
-
-_SDPA_MATH = "F.scaled_dot_product_attention under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
-_LAYER_ALTERNATIVE = f"F.linear followed by {_SDPA_MATH}"
-_VARLEN_ALTERNATIVE = f"{_SDPA_MATH} on each sequence"
-
-
-# ---------------------------------------------------------------------------------------------
-# The refusals
-
-
-def _refuse_forward_mode(op: str, public: str, alternative: str) -> Callable:
-    """The jvp of a backward op: forward mode of a gradient, a second derivative."""
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            f"{public} (torch.ops.selfattn.{op}): forward-mode AD of its gradient (torch.func.hessian, "
-            f"jacfwd of grad or jacrev: a second derivative) is not supported yet; for second-order "
-            f"derivatives use {alternative}")
-    return jvp
-
-
-def _refuse_double_backward(op: str, public: str, alternative: str) -> Callable:
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"{public} (torch.ops.selfattn.{op}): double backward, a derivative of its gradient "
-            f"(backward through a create_graph=True gradient, gradgradcheck, torch.func.grad of grad, "
-            f"jacrev of jacrev) is not supported yet; for second-order derivatives use {alternative}")
-    return backward
-
-
-def _refuse_derivative_of_jvp(op: str, public: str, alternative: str) -> Callable:
-    def refuse(ctx, *tangents_or_grads):
-        raise NotImplementedError(
-            f"{public} (torch.ops.selfattn.{op}): a derivative of its forward-mode derivative (a second "
-            f"derivative: jacrev or jacfwd of jacfwd, grad through a jvp) is not supported yet; for "
-            f"second-order derivatives use {alternative}")
-    return refuse
-
-
-def _refuse_mask_tangent(tangent: Optional[Tensor], public: str) -> None:
-    if tangent is not None:
-        raise NotImplementedError(
-            f"{public}: attn_mask carries a forward-mode tangent, but selfattn does not compute the derivative "
-            "along a mask; pass it without a tangent, or use F.scaled_dot_product_attention for a learned "
-            "additive mask")
-
 
 # ---------------------------------------------------------------------------------------------
 # When autograd is involved
@@ -145,28 +102,29 @@ def call(op, function, args: tuple, tensors: tuple):
         return op._op(*args)  # the C++ entry point: OpOverload.__call__ costs ~0.5 µs more
 
 
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_mask: Optional[Tensor] = None,
-                  window_left: int = -1, window_right: int = -1, diagonal_offset: int = 0, dropout_p: float = 0.0,
-                  rng_state: Optional[Tensor] = None):
-    # Plain eager mode: the C++ entry with the C++ autograd (csrc/eager.cpp), a third of the time of
-    # a small call. What needs the Python Autograd kernel (tracing, torch.func, autocast's cast
-    # before autograd records, forward mode) takes call().
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_mask: Optional[Tensor] = None,
+              window_left: int = -1, window_right: int = -1, diagonal_offset: int = 0, dropout_p: float = 0.0,
+              rng_state: Optional[Tensor] = None) -> Tensor:
+    """attention_fwd's out, differentiable. In plain eager mode through the C++ entry with the C++
+    autograd (csrc/eager.cpp): a small call takes ~2/3 of the time (BENCHMARKS.md). What needs the
+    Python Autograd kernel (tracing, torch.func, autocast's cast before autograd records, forward
+    mode) takes call()."""
     if not (_is_compiling() or _functorch_active() or _any_autocast_enabled() or _forward_ad._current_level >= 0):
         if rng_state is None and dropout_p == 0.0:
             if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
-                return _attention_fwd_eager(q, k, v, causal, scale)
-            return _attention_fwd_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
-        return _attention_fwd_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset,
-                                    dropout_p, rng_state)
+                return _attention_eager(q, k, v, causal, scale)
+            return _attention_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
+        return _attention_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset,
+                                dropout_p, rng_state)
     if rng_state is None and dropout_p == 0.0:
         if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
-            return call(_attention_fwd, attention_fwd_function, (q, k, v, causal, scale), (q, k, v))
+            return call(_attention_fwd, attention_fwd_function, (q, k, v, causal, scale), (q, k, v))[0]
         return call(_attention_fwd, attention_fwd_function,
                     (q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset),
-                    (q, k, v, attn_mask))
+                    (q, k, v, attn_mask))[0]
     return call(_attention_fwd, attention_fwd_function,
                 (q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
-                (q, k, v, attn_mask))
+                (q, k, v, attn_mask))[0]
 
 
 def self_attention_fwd(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int, causal: bool,
@@ -270,14 +228,6 @@ def _forward_mode_possible() -> bool:
     return _forward_ad._current_level >= 0 or _functorch_active()
 
 
-def _refuse_mask_grad(attn_mask: Optional[Tensor], public: str) -> None:
-    if attn_mask is not None and attn_mask.requires_grad:
-        # The kernels do not compute a mask's gradient; refuse rather than hand back None.
-        raise NotImplementedError(
-            f"{public}: attn_mask requires grad, but selfattn does not compute the gradient "
-            "of a mask; detach it, or use F.scaled_dot_product_attention for a learned additive mask")
-
-
 def _attention_setup_context(ctx, inputs, output):
     # rest: attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state (or a prefix)
     q, k, v, causal, scale, *rest = inputs
@@ -325,14 +275,6 @@ def _attention_tangent(ctx, tangent_q, tangent_k, tangent_v, *mask_tangents):
         args = (*tensors, *ctx.args, attn_mask, *ctx.window[:3])
     _, _, tangent_out = call(_attention_jvp, attention_jvp_function, args, tensors)
     return tangent_out, None
-
-
-def _refuse_dropout_tangent(dropout_p: tuple, public: str) -> None:
-    """Forward mode through dropout is not implemented (attention_jvp has no keep mask)."""
-    if dropout_p and dropout_p[0] != 0.0:
-        raise NotImplementedError(
-            f"{public}: forward-mode AD (jvp) with dropout_p > 0 is not supported; use dropout_p=0 "
-            "(e.g. the module in eval mode), or F.scaled_dot_product_attention with the math backend")
 
 
 def _split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int):

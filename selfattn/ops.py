@@ -183,16 +183,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
                          "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
     if attn_mask is None and window is None and causal is False and not is_causal and rng_state is None:
         # no mask, no dropout: skip masks.py
-        out, _ = _autograd.attention_fwd(q, k, v, False, _resolve_scale(scale, shape[-1] if shape else 0))
+        out = _autograd.attention(q, k, v, False, _resolve_scale(scale, shape[-1] if shape else 0))
     else:
         if q.dim() < 3 or k.dim() < 3:  # the op says what is wrong; a mask needs Nq and Nk first
             mask = masks.MaskArgs(False, None, -1, -1, 0)
         else:
             mask = masks.mask_args(attn_mask, is_causal or causal, window, q.shape[-2], k.shape[-2],
                                    3 if three_d else 4)
-        out, _ = _autograd.attention_fwd(q, k, v, mask.causal, _resolve_scale(scale, shape[-1] if shape else 0),
-                                         mask.attn_mask, mask.window_left, mask.window_right,
-                                         mask.diagonal_offset, dropout_p, rng_state)
+        out = _autograd.attention(q, k, v, mask.causal, _resolve_scale(scale, shape[-1] if shape else 0),
+                                  mask.attn_mask, mask.window_left, mask.window_right, mask.diagonal_offset,
+                                  dropout_p, rng_state)
     return out.squeeze(1) if three_d else out
 
 

@@ -1,0 +1,64 @@
+"""The clear refusals of what selfattn's autograd does not implement: every second derivative, the
+derivative along a mask, forward mode through dropout. Each names the op and the alternative."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import Tensor
+
+_SDPA_MATH = "F.scaled_dot_product_attention under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
+_LAYER_ALTERNATIVE = f"F.linear followed by {_SDPA_MATH}"
+_VARLEN_ALTERNATIVE = f"{_SDPA_MATH} on each sequence"
+
+
+def _refuse_forward_mode(op: str, public: str, alternative: str) -> Callable:
+    """The jvp of a backward op: forward mode of a gradient, a second derivative."""
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"{public} (torch.ops.selfattn.{op}): forward-mode AD of its gradient (torch.func.hessian, "
+            f"jacfwd of grad or jacrev: a second derivative) is not supported yet; for second-order "
+            f"derivatives use {alternative}")
+    return jvp
+
+
+def _refuse_double_backward(op: str, public: str, alternative: str) -> Callable:
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{public} (torch.ops.selfattn.{op}): double backward, a derivative of its gradient "
+            f"(backward through a create_graph=True gradient, gradgradcheck, torch.func.grad of grad, "
+            f"jacrev of jacrev) is not supported yet; for second-order derivatives use {alternative}")
+    return backward
+
+
+def _refuse_derivative_of_jvp(op: str, public: str, alternative: str) -> Callable:
+    def refuse(ctx, *tangents_or_grads):
+        raise NotImplementedError(
+            f"{public} (torch.ops.selfattn.{op}): a derivative of its forward-mode derivative (a second "
+            f"derivative: jacrev or jacfwd of jacfwd, grad through a jvp) is not supported yet; for "
+            f"second-order derivatives use {alternative}")
+    return refuse
+
+
+def _refuse_mask_tangent(tangent: Optional[Tensor], public: str) -> None:
+    if tangent is not None:
+        raise NotImplementedError(
+            f"{public}: attn_mask carries a forward-mode tangent, but selfattn does not compute the derivative "
+            "along a mask; pass it without a tangent, or use F.scaled_dot_product_attention for a learned "
+            "additive mask")
+
+
+def _refuse_mask_grad(attn_mask: Optional[Tensor], public: str) -> None:
+    if attn_mask is not None and attn_mask.requires_grad:
+        # The kernels do not compute a mask's gradient; refuse rather than hand back None.
+        raise NotImplementedError(
+            f"{public}: attn_mask requires grad, but selfattn does not compute the gradient "
+            "of a mask; detach it, or use F.scaled_dot_product_attention for a learned additive mask")
+
+
+def _refuse_dropout_tangent(dropout_p: tuple, public: str) -> None:
+    """Forward mode through dropout is not implemented (attention_jvp has no keep mask)."""
+    if dropout_p and dropout_p[0] != 0.0:
+        raise NotImplementedError(
+            f"{public}: forward-mode AD (jvp) with dropout_p > 0 is not supported; use dropout_p=0 "
+            "(e.g. the module in eval mode), or F.scaled_dot_product_attention with the math backend")

@@ -1,0 +1,124 @@
+"""selfattn.attention's plain-eager entry: the private op _attention_eager (attention_fwd's out), whose reverse-mode
+autograd is a C++ Function (csrc/eager.cpp), against the dispatcher's Python Autograd kernel of
+attention_fwd (selfattn/_autograd.py) — same outputs and gradients, bitwise — and the routing:
+plain eager takes the C++ node, everything that needs the Python kernel does not."""
+
+import pytest
+import torch
+
+import selfattn
+from tests.common import sample_inputs
+
+ops = torch.ops.selfattn
+
+
+def cases():
+    """(name, q, k, v, op arguments after q, k, v): masks, GQA, windows, dropout, Nq != Nk."""
+    torch.manual_seed(0)
+    q, k, v = sample_inputs(2, 4, 37, 70, 16, 8, layout="transposed")
+    yield "plain", q, k, v, (False, 0.3)
+    yield "causal", q, k, v, (True, 0.3)
+    k2, v2 = k[:, :2], v[:, :2]
+    yield "gqa-bottom-right-window", q, k2, v2, (True, 0.3, None, 20, 0, 70 - 37)
+    mask = torch.rand(2, 1, 37, 70) > 0.3
+    yield "bool-mask", q, k, v, (False, 0.3, mask)
+    float_mask = torch.randn(1, 4, 37, 70)
+    yield "float-mask", q, k, v, (False, 0.3, float_mask, -1, -1, 0)
+    rng_state = torch.tensor([1234, 8], dtype=torch.int64)
+    yield "dropout", q, k, v, (True, 0.3, None, -1, -1, 0, 0.25, rng_state)
+
+
+CASES = list(cases())
+
+
+def forward_and_grads(fwd, q, k, v, args):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fwd(q, k, v, *args)
+    grad_out = torch.randn_like(out, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_same_results_as_the_python_autograd(case):
+    _, q, k, v, args = case
+    eager = forward_and_grads(ops._attention_eager, q, k, v, args)
+    python = forward_and_grads(lambda *a: ops.attention_fwd(*a)[0], q, k, v, args)  # its Autograd kernel: Python
+    for got, expected in zip((eager[0], *eager[1]), (python[0], *python[1])):
+        assert torch.isfinite(got).all()
+        assert torch.equal(got, expected)
+
+
+def test_public_function_takes_the_cpp_node_in_plain_eager():
+    q, k, v = sample_inputs(1, 2, 5, 5, 8, 8, requires_grad=True)
+    out = selfattn.attention(q, k, v)
+    assert type(out.grad_fn).__name__ == "CppFunction", type(out.grad_fn)
+    with torch.no_grad():
+        assert selfattn.attention(q, k, v).grad_fn is None
+    # Forward mode and torch.func need the Python kernel (it alone has the jvp and the levels).
+    with torch.autograd.forward_ad.dual_level():
+        out = selfattn.attention(q, k, v)
+    assert type(out.grad_fn).__name__ != "CppFunction"
+
+
+def test_gradients_against_float64_eager():
+    q, k, v = sample_inputs(2, 3, 11, 13, 8, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 1, 11, 13) > 0.2
+    out = selfattn.attention(q, k, v, attn_mask=mask, is_causal=False, scale=0.4)
+    scores = (q @ k.transpose(-1, -2) * 0.4).masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    wanted = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for g, w in zip(got, wanted):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_through_the_cpp_node():
+    q, k, v = sample_inputs(1, 2, 4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(1, 2, 4, 6) > 0.3
+    assert torch.autograd.gradcheck(lambda a, b, c: ops._attention_eager(a, b, c, True, 0.7, mask, -1, -1, 2),
+                                    (q, k, v))
+
+
+def test_batched_gradients_through_the_cpp_node():
+    """A vmap over the backward (is_grads_batched) reaches attention_bwd's batching rule."""
+    q, k, v = sample_inputs(1, 2, 6, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+    out = selfattn.attention(q, k, v, is_causal=True)
+    grad_outs = torch.randn(3, *out.shape, dtype=torch.float64)
+    batched = torch.autograd.grad(out, (q, k, v), grad_outs, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        single = torch.autograd.grad(out, (q, k, v), grad_outs[i], retain_graph=True)
+        for b, s in zip(batched, single):
+            torch.testing.assert_close(b[i], s, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_refused():
+    q, k, v = sample_inputs(1, 2, 5, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    out = selfattn.attention(q, k, v)
+    (grad_q,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad_q.sum().backward()
+
+
+def test_mask_requiring_grad_refused():
+    q, k, v = sample_inputs(1, 2, 5, 5, 4, 4, requires_grad=True)
+    mask = torch.zeros(1, 2, 5, 5, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask requires grad"):
+        ops._attention_eager(q, k, v, False, 0.5, mask)
+
+
+def test_opcheck():
+    q, k, v = sample_inputs(2, 3, 9, 12, 8, 8, requires_grad=True)
+    torch.library.opcheck(ops._attention_eager, (q, k, v, True, 0.25))
+    mask = torch.rand(2, 1, 9, 12) > 0.5
+    torch.library.opcheck(ops._attention_eager, (q, k, v, False, 0.25, mask, 3, 1, 0))
+
+
+def test_bad_input_named():
+    q, k, v = sample_inputs(1, 2, 5, 5, 4, 4)
+    with pytest.raises(ValueError, match="k must have shape"):
+        ops._attention_eager(q, k[..., :3], v, False, 0.5)
+    with pytest.raises(ValueError, match="k must have shape"):
+        ops._attention_eager(q.to("meta"), k[..., :3].to("meta"), v.to("meta"), False, 0.5)
