@@ -106,7 +106,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_
               window_left: int = -1, window_right: int = -1, diagonal_offset: int = 0, dropout_p: float = 0.0,
               rng_state: Optional[Tensor] = None) -> Tensor:
     """attention_fwd's out, differentiable. In plain eager mode through the C++ entry with the C++
-    autograd (csrc/eager.cpp): a small call takes ~2/3 of the time (BENCHMARKS.md). What needs the
+    autograd (csrc/eager.cpp): a small call in grad mode takes ~3/4 of the time (BENCHMARKS.md). What needs the
     Python Autograd kernel (tracing, torch.func, autocast's cast before autograd records, forward
     mode) takes call()."""
     if not (_is_compiling() or _functorch_active() or _any_autocast_enabled() or _forward_ad._current_level >= 0):
