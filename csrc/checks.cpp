@@ -5,6 +5,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -284,6 +285,18 @@ void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at:
   check_shape(out, "out", out_shape, "(B, N, M)");
   check_shape(qkv, "qkv", {s.batch, s.seq, s.qkv_dim()}, "(B, N, (num_heads + 2 * num_kv_heads) * head_dim)");
   check_lse(lse, x, "x", {s.batch, s.heads, s.seq}, "(B, num_heads, N)");
+}
+
+int64_t decode_splits_setting() {
+  const char* value = std::getenv("SELFATTN_DECODE_SPLITS");
+  if (value == nullptr || *value == '\0') {
+    return -1;
+  }
+  const std::string text(value);
+  const bool digits = text.size() <= 6 && text.find_first_not_of("0123456789") == std::string::npos;
+  TORCH_CHECK(digits, "SELFATTN_DECODE_SPLITS must be a non-negative integer below 10^6 (0: no decode path, "
+              "unset: automatic), got '", text, "'");
+  return std::stoll(text);
 }
 
 }  // namespace selfattn

@@ -108,4 +108,8 @@ void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at:
                              const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
                              const c10::List<bool>& output_mask);
 
+// SELFATTN_DECODE_SPLITS, the decode paths' knob for tests and benchmarks (CPU and CUDA), read and
+// checked per call: -1 unset (automatic), 0 (no decode path), S > 0 (S key splits).
+int64_t decode_splits_setting();
+
 }  // namespace selfattn

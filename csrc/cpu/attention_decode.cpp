@@ -29,8 +29,6 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 namespace selfattn::SELFATTN_CPU_NS {
@@ -283,18 +281,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }
 
 }  // namespace
-
-int64_t decode_splits_setting() {
-  const char* value = std::getenv("SELFATTN_DECODE_SPLITS");
-  if (value == nullptr || *value == '\0') {
-    return -1;
-  }
-  const std::string text(value);
-  const bool digits = text.size() <= 6 && text.find_first_not_of("0123456789") == std::string::npos;
-  TORCH_CHECK(digits, "SELFATTN_DECODE_SPLITS must be a non-negative integer below 10^6 (0: no decode path, "
-              "unset: automatic), got '", text, "'");
-  return std::stoll(text);
-}
 
 bool decode_path_applies(const at::Tensor& q, const at::Tensor& k) {
   return q.size(2) * (q.size(1) / k.size(1)) <= kMaxRows && decode_splits_setting() != 0;

@@ -23,10 +23,8 @@ void attention_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
 // Decoding (attention_decode.cpp): few query rows per kv head (Nq · Hq / Hk small) against a
 // long cache, split over the keys. attention_forward takes this path when
-// decode_path_applies(q, k). SELFATTN_DECODE_SPLITS in the environment (read per call by
-// decode_splits_setting: -1 unset = automatic, 0 = no decode path, S > 0 = S key splits) is the
-// knob for tests and benchmarks. Called inside a copy only, so not in dispatch.cpp's table.
-int64_t decode_splits_setting();
+// decode_path_applies(q, k). SELFATTN_DECODE_SPLITS (decode_splits_setting, checks.h) is the knob
+// for tests and benchmarks. Called inside a copy only, so not in dispatch.cpp's table.
 bool decode_path_applies(const at::Tensor& q, const at::Tensor& k);
 void attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
                       double scale, const at::Tensor& out, const at::Tensor& lse);

@@ -145,20 +145,6 @@ TensorMask tensor_mask(const at::Tensor& t) {
   return m;
 }
 
-// SELFATTN_DECODE_SPLITS, read per call: -1 unset (automatic), 0 (no decode path), S > 0 (S
-// splits). The same setting and message as the CPU's (csrc/cpu/attention_decode.cpp).
-int64_t decode_splits_setting() {
-  const char* value = std::getenv("SELFATTN_DECODE_SPLITS");
-  if (value == nullptr || *value == '\0') {
-    return -1;
-  }
-  const std::string text(value);
-  const bool digits = text.size() <= 6 && text.find_first_not_of("0123456789") == std::string::npos;
-  TORCH_CHECK(digits, "SELFATTN_DECODE_SPLITS must be a non-negative integer below 10^6 (0: no decode path, "
-              "unset: automatic), got '", text, "'");
-  return std::stoll(text);
-}
-
 // The decode kernels serve few query rows per kv head; the tiled and tensor-core kernels the rest.
 // Nq <= 16 rather than the CPU's Nq * group <= 64 alone: beyond a few queries the ordinary
 // kernels' query blocks are no longer mostly padding (to be measured on a GPU).
