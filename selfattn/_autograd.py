@@ -14,7 +14,7 @@ and the public functions behave alike. When something is to be differentiated, t
 the op's autograd Function: for a forward op, backward is the matching backward op and jvp calls
 attention_jvp (which recomputes out beside its tangent, so forward mode costs a forward and a
 jvp pass; varlen calls it once per sequence); for a backward op or attention_jvp, backward and jvp
-refuse (a second-derivative kernel slots in there: `_refuse_double_backward`,
+refuse (_refusals.py; a second-derivative kernel slots in there: `_refuse_double_backward`,
 `_refuse_forward_mode`, `_refuse_derivative_of_jvp`).
 Batching rules (vmap) are in _vmap.py.
 
