@@ -12,32 +12,31 @@ _LAYER_ALTERNATIVE = f"F.linear followed by {_SDPA_MATH}"
 _VARLEN_ALTERNATIVE = f"{_SDPA_MATH} on each sequence"
 
 
+def _refuse_second_derivative(op: str, public: str, alternative: str, what: str) -> Callable:
+    """A backward or jvp that raises: ``what`` names the second derivative that was asked for."""
+    def refuse(ctx, *grads_or_tangents):
+        raise NotImplementedError(f"{public} (torch.ops.selfattn.{op}): {what} is not supported yet; for "
+                                  f"second-order derivatives use {alternative}")
+    return refuse
+
+
 def _refuse_forward_mode(op: str, public: str, alternative: str) -> Callable:
-    """The jvp of a backward op: forward mode of a gradient, a second derivative."""
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            f"{public} (torch.ops.selfattn.{op}): forward-mode AD of its gradient (torch.func.hessian, "
-            f"jacfwd of grad or jacrev: a second derivative) is not supported yet; for second-order "
-            f"derivatives use {alternative}")
-    return jvp
+    """The jvp of a backward op: forward mode of a gradient."""
+    return _refuse_second_derivative(op, public, alternative, "forward-mode AD of its gradient (torch.func.hessian, "
+                                     "jacfwd of grad or jacrev: a second derivative)")
 
 
 def _refuse_double_backward(op: str, public: str, alternative: str) -> Callable:
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"{public} (torch.ops.selfattn.{op}): double backward, a derivative of its gradient "
-            f"(backward through a create_graph=True gradient, gradgradcheck, torch.func.grad of grad, "
-            f"jacrev of jacrev) is not supported yet; for second-order derivatives use {alternative}")
-    return backward
+    """The backward of a backward op."""
+    return _refuse_second_derivative(op, public, alternative, "double backward, a derivative of its gradient "
+                                     "(backward through a create_graph=True gradient, gradgradcheck, "
+                                     "torch.func.grad of grad, jacrev of jacrev)")
 
 
 def _refuse_derivative_of_jvp(op: str, public: str, alternative: str) -> Callable:
-    def refuse(ctx, *tangents_or_grads):
-        raise NotImplementedError(
-            f"{public} (torch.ops.selfattn.{op}): a derivative of its forward-mode derivative (a second "
-            f"derivative: jacrev or jacfwd of jacfwd, grad through a jvp) is not supported yet; for "
-            f"second-order derivatives use {alternative}")
-    return refuse
+    """The backward and the jvp of attention_jvp."""
+    return _refuse_second_derivative(op, public, alternative, "a derivative of its forward-mode derivative (a "
+                                     "second derivative: jacrev or jacfwd of jacfwd, grad through a jvp)")
 
 
 def _refuse_mask_tangent(tangent: Optional[Tensor], public: str) -> None:
