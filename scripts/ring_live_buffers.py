@@ -14,7 +14,6 @@ allocate and free inside one call (peak RSS, ring_measure.py, sees that).
 
 from __future__ import annotations
 
-import sys
 import traceback
 
 import torch
@@ -23,8 +22,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import selfattn.distributed as sd
-
-B, D = 1, 64
+from ring_measure import B, D, setup  # (this script's folder is on sys.path)
 
 
 def _where() -> str:
@@ -62,16 +60,7 @@ class _LiveStorages(TorchDispatchMode):
 
 
 def main():
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    n_total = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
-    H = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-    per_pass = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    rows = n_total // world
-    gen = torch.Generator().manual_seed(rank)
-    q, k, v = (torch.randn(B, H, rows, D, generator=gen).requires_grad_() for _ in range(3))
-    grad = torch.randn(B, H, rows, D, generator=gen)
+    rank, world, n_total, H, per_pass, rows, q, k, v, grad = setup(4096)
     chunk = B * H * rows * D * 4
     mode = _LiveStorages([q, k, v, grad])
     with mode:

@@ -27,17 +27,24 @@ from selfattn import _system
 B, D, REPEATS = 1, 64, 7
 
 
-def main():
+def setup(default_total: int):
+    """Joins the gloo group (one thread per rank) and makes this rank's problem from the command line
+    [N [H [P]]]: (rank, world, N, H, P or None, rows per rank, q, k, v, the output gradient)."""
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    n_total = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
+    n_total = int(sys.argv[1]) if len(sys.argv) > 1 else default_total
     H = int(sys.argv[2]) if len(sys.argv) > 2 else 16
     per_pass = int(sys.argv[3]) if len(sys.argv) > 3 else None
     rows = n_total // world
     gen = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(B, H, rows, D, generator=gen).requires_grad_() for _ in range(3))
     grad = torch.randn(B, H, rows, D, generator=gen)
+    return rank, world, n_total, H, per_pass, rows, q, k, v, grad
+
+
+def main():
+    rank, world, n_total, H, per_pass, rows, q, k, v, grad = setup(8192)
     peaks, walls, cpus = [], [], []
     for _ in range(REPEATS + 1):  # the first call warms up
         q.grad = k.grad = v.grad = None
