@@ -105,11 +105,9 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 // The private op's kernel (schema in selfattn.cpp): out alone (one Python object fewer per call;
 // lse stays in the node for the backward). Without a gradient to record it is attention_fwd
 // below autograd.
-at::Tensor attention_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                       bool causal, double scale, const OptionalTensor& attn_mask,
-                                                       int64_t window_left, int64_t window_right,
-                                                       int64_t diagonal_offset, double dropout_p,
-                                                       const OptionalTensor& rng_state) {
+at::Tensor attention_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+                           const OptionalTensor& attn_mask, int64_t window_left, int64_t window_right,
+                           int64_t diagonal_offset, double dropout_p, const OptionalTensor& rng_state) {
   const bool mask_requires_grad = attn_mask.has_value() && attn_mask->requires_grad();
   const bool record = at::GradMode::is_enabled() &&
                       (q.requires_grad() || k.requires_grad() || v.requires_grad() || mask_requires_grad);
