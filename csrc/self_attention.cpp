@@ -33,6 +33,26 @@ std::array<at::Tensor, 3> split_heads(const at::Tensor& packed, const LayerShape
           heads.narrow(2, s.heads + s.heads_kv, s.heads_kv).transpose(1, 2)};
 }
 
+// The projection GEMMs. float16 ones on a CPU without float16 arithmetic (no AVX512-FP16) fall
+// back in ATen to code 4-90x slower than float32 (AMD EPYC Zen 5, (4096, 512) x (512, 1536):
+// 196 ms forward, 1.2-3.9 s for the backward's two products, against 44-47 ms in float32), so
+// those run in float32 on widened copies, rounded to float16 once at the end: float32
+// accumulation, as a float16 GEMM's own.
+bool widen_float16_gemm(const at::Tensor& t) {
+  static const bool has_float16_arithmetic = __builtin_cpu_supports("avx512fp16");
+  return t.is_cpu() && t.scalar_type() == at::kHalf && !has_float16_arithmetic;
+}
+
+// a · b (+ bias, broadcast over rows).
+at::Tensor projection_mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  if (widen_float16_gemm(a)) {
+    const at::Tensor product = projection_mm(a.to(at::kFloat), b.to(at::kFloat),
+                                             bias.has_value() ? std::optional(bias->to(at::kFloat)) : std::nullopt);
+    return product.to(at::kHalf);
+  }
+  return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
+}
+
 // The layer's mask arguments as the kernels take them.
 AttentionMask layer_mask(const LayerShape& s, bool causal, const std::optional<at::Tensor>& attn_mask,
                          int64_t window_left, int64_t window_right, double dropout_p,
@@ -56,8 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_fwd(
   check_dropout(dropout_p, rng_state, x, "x");
   // 1. Query, key and value of every token from one GEMM: (B*N, E) · (E, (H + 2·Hkv)·D).
   const at::Tensor x_rows = x.reshape({s.batch * s.seq, s.embed});
-  const at::Tensor qkv = b_qkv.has_value() ? at::addmm(*b_qkv, x_rows, w_qkv.t())
-                                           : at::mm(x_rows, w_qkv.t());
+  const at::Tensor qkv = projection_mm(x_rows, w_qkv.t(), b_qkv);
   const auto [q, k, v] = split_heads(qkv, s);
   // 2-5. Attention on the strided views, written as (B, N, H, D): heads concatenated.
   at::Tensor out = at::empty({s.batch, s.seq, s.heads, s.head_dim}, x.options());
@@ -90,8 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_attention_bwd(
 
   // Outputs must not alias each other, so each skipped gradient gets its own empty tensor.
   const auto nothing = [&] { return at::empty({0}, x.options()); };
-  const at::Tensor grad_x = output_mask.get(0) ? at::mm(grad_qkv, w_qkv).view({s.batch, s.seq, s.embed}) : nothing();
-  const at::Tensor grad_w = output_mask.get(1) ? at::mm(grad_qkv.t(), x.reshape({s.batch * s.seq, s.embed})) : nothing();
+  const at::Tensor grad_x =
+      output_mask.get(0) ? projection_mm(grad_qkv, w_qkv, std::nullopt).view({s.batch, s.seq, s.embed}) : nothing();
+  const at::Tensor grad_w =
+      output_mask.get(1) ? projection_mm(grad_qkv.t(), x.reshape({s.batch * s.seq, s.embed}), std::nullopt) : nothing();
   const at::Tensor grad_b = output_mask.get(2) ? grad_qkv.sum(0) : nothing();
   return {grad_x, grad_w, grad_b};
 }
