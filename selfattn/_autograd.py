@@ -50,13 +50,8 @@ from ._refusals import (_LAYER_ALTERNATIVE, _SDPA_MATH, _VARLEN_ALTERNATIVE, _re
                         _refuse_mask_tangent)
 
 
-_attention_fwd = torch.ops.selfattn.attention_fwd.default
-_attention_bwd = torch.ops.selfattn.attention_bwd.default
-_attention_jvp = torch.ops.selfattn.attention_jvp.default
-_self_attention_fwd = torch.ops.selfattn.self_attention_fwd.default
-_self_attention_bwd = torch.ops.selfattn.self_attention_bwd.default
-_varlen_attention_fwd = torch.ops.selfattn.varlen_attention_fwd.default
-_varlen_attention_bwd = torch.ops.selfattn.varlen_attention_bwd.default
+from ._op_handles import (_attention_bwd, _attention_fwd, _attention_jvp, _self_attention_bwd, _self_attention_fwd,
+                          _varlen_attention_bwd, _varlen_attention_fwd)
 # (OpOverload._op: the C++ entry point; OpOverload.__call__ costs ~0.5 µs more.)
 _attention_eager = torch.ops.selfattn._attention_eager.default._op
 

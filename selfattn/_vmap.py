@@ -13,13 +13,8 @@ from torch import Tensor
 
 from . import _checks
 
-_attention_fwd = torch.ops.selfattn.attention_fwd.default
-_attention_bwd = torch.ops.selfattn.attention_bwd.default
-_attention_jvp = torch.ops.selfattn.attention_jvp.default
-_self_attention_fwd = torch.ops.selfattn.self_attention_fwd.default
-_self_attention_bwd = torch.ops.selfattn.self_attention_bwd.default
-_varlen_attention_fwd = torch.ops.selfattn.varlen_attention_fwd.default
-_varlen_attention_bwd = torch.ops.selfattn.varlen_attention_bwd.default
+from ._op_handles import (_attention_bwd, _attention_fwd, _attention_jvp, _self_attention_bwd, _self_attention_fwd,
+                          _varlen_attention_bwd, _varlen_attention_fwd)
 
 _lib = torch.library.Library("selfattn", "IMPL")
 
