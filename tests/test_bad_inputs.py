@@ -419,9 +419,8 @@ def doors(case: Case, device: str):
     return found
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_same_clear_error_from_every_door(case, device):
+def assert_same_clear_error(case: Case, device: str):
+    """Every door raises case.error with case.message, the same first line, prefixed "selfattn: "."""
     messages = {}
     for door, call in doors(case, device):
         with pytest.raises(case.error, match=case.message) as caught:
@@ -429,6 +428,12 @@ def test_same_clear_error_from_every_door(case, device):
         messages[door] = str(caught.value).splitlines()[0]
     assert all(m.startswith("selfattn: ") for m in messages.values()), messages
     assert len(set(messages.values())) == 1, f"the doors disagree: {messages}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_same_clear_error_from_every_door(case, device):
+    assert_same_clear_error(case, device)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.public is not None][:3], ids=lambda c: c.name)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import selfattn
-from tests.test_bad_inputs import (DEVICES, Case, attn_bwd, doors, layer_bwd, layer_fwd, layer_kwargs, randn,
-                                   varlen_bwd, varlen_fwd)
+from tests.test_bad_inputs import (DEVICES, Case, assert_same_clear_error, attn_bwd, doors, layer_bwd, layer_fwd,
+                                   layer_kwargs, randn, varlen_bwd, varlen_fwd)
 
 
 def rng(*shape, dtype=torch.int64, device=None):
@@ -108,13 +108,7 @@ DROPOUT = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", DROPOUT, ids=lambda c: c.name)
 def test_same_clear_error_from_every_door(case, device):
-    messages = {}
-    for door, call in doors(case, device):
-        with pytest.raises(case.error, match=case.message) as caught:
-            call()
-        messages[door] = str(caught.value).splitlines()[0]
-    assert all(m.startswith("selfattn: ") for m in messages.values()), messages
-    assert len(set(messages.values())) == 1, f"the doors disagree: {messages}"
+    assert_same_clear_error(case, device)
 
 
 PUBLIC_ONLY = [
