@@ -3,7 +3,6 @@
 // self_attention.cpp (the fused layer), and
 // every one of them first checks all its arguments (checks.h); fake kernels, which make the
 // same checks, and autograd are registered from Python (selfattn/ops.py, selfattn/_checks.py).
-#include <Python.h>
 #include <torch/library.h>
 
 #include "attention.h"
@@ -22,12 +21,6 @@ extern "C" {
 __attribute__((used)) const char selfattn_build_info[] =
     "selfattn-build-info:" SELFATTN_STRINGIZE(SELFATTN_BUILD_INFO);
 
-// `import selfattn._C` loads this library, and loading it runs the registrations below.
-// The module itself is empty: every entry point is reached through torch.ops.selfattn.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 }
 
 TORCH_LIBRARY(selfattn, m) {

@@ -36,6 +36,7 @@ each op's batching rule (_vmap.py) runs before autograd and folds the vmapped di
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -54,6 +55,10 @@ from ._op_handles import (_attention_bwd, _attention_fwd, _attention_jvp, _self_
                           _varlen_attention_bwd, _varlen_attention_fwd)
 # (OpOverload._op: the C++ entry point; OpOverload.__call__ costs ~0.5 µs more.)
 _attention_eager = torch.ops.selfattn._attention_eager.default._op
+# The same op's plain call (no mask, window or dropout) without torch.ops' generic argument
+# conversion (csrc/python_module.cpp); NotImplemented when it cannot take the arguments. Only the
+# compiled build has it as a module (the JIT build is loaded as a plain library).
+_attention_eager_plain = getattr(sys.modules.get("selfattn._C"), "attention_eager", None)
 
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
 _lib = torch.library.Library("selfattn", "IMPL")
@@ -107,6 +112,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_
     if not (_is_compiling() or _functorch_active() or _any_autocast_enabled() or _forward_ad._current_level >= 0):
         if rng_state is None and dropout_p == 0.0:
             if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
+                if _attention_eager_plain is not None:
+                    out = _attention_eager_plain(q, k, v, causal, scale)
+                    if out is not NotImplemented:
+                        return out
                 return _attention_eager(q, k, v, causal, scale)
             return _attention_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
         return _attention_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset,

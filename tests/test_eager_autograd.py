@@ -122,3 +122,77 @@ def test_bad_input_named():
         ops._attention_eager(q, k[..., :3], v, False, 0.5)
     with pytest.raises(ValueError, match="k must have shape"):
         ops._attention_eager(q.to("meta"), k[..., :3].to("meta"), v.to("meta"), False, 0.5)
+
+
+# The plain call's direct entry (csrc/python_module.cpp): selfattn._C.attention_eager, in the compiled build.
+entry = getattr(selfattn._autograd, "_attention_eager_plain", None)
+needs_entry = pytest.mark.skipif(entry is None, reason="the JIT build has no selfattn._C module: torch.ops serves")
+
+
+@pytest.fixture
+def torch_ops_calls(monkeypatch):
+    """Counts the plain calls that went through torch.ops (the fallback) instead of the direct entry."""
+    calls = []
+    op = selfattn._autograd._attention_eager
+
+    def counted(*args):
+        calls.append(args)
+        return op(*args)
+
+    monkeypatch.setattr(selfattn._autograd, "_attention_eager", counted)
+    return calls
+
+
+@needs_entry
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_direct_entry_same_results_as_torch_ops(grad, torch_ops_calls):
+    q, k, v = sample_inputs(2, 3, 9, 12, 8, 8, layout="transposed", requires_grad=grad)
+    for causal in (False, True):
+        if grad:
+            direct = forward_and_grads(lambda *a: selfattn.attention(*a[:3], is_causal=a[3], scale=a[4]),
+                                       q, k, v, (causal, 0.3))
+        else:
+            with torch.no_grad():
+                direct = (selfattn.attention(q, k, v, is_causal=causal, scale=0.3),)
+        assert not torch_ops_calls, "a plain call in eager mode went through torch.ops"
+        via_ops = forward_and_grads(ops._attention_eager, q, k, v, (causal, 0.3)) if grad else (
+            ops._attention_eager(q, k, v, causal, 0.3),)
+        assert torch.equal(direct[0], via_ops[0])
+        if grad:
+            assert type(direct[0].grad_fn).__name__ == "CppFunction"
+            assert all(torch.equal(a, b) for a, b in zip(direct[1], via_ops[1]))
+
+
+@needs_entry
+def test_direct_entry_declines_what_only_torch_ops_handles(torch_ops_calls):
+    q, k, v = sample_inputs(1, 2, 5, 5, 8, 8)
+    assert entry(q, k, v, False, 1) is NotImplemented  # an int scale
+    assert entry(q, k, v, 0, 0.5) is NotImplemented  # an int for causal
+    assert entry(q, k, v, False) is NotImplemented
+
+    class Subclass(torch.Tensor):  # with __torch_function__, which only torch.ops honours
+        pass
+
+    assert entry(q.as_subclass(Subclass), k, v, False, 0.5) is NotImplemented
+    assert entry(torch.nn.Parameter(q), k, v, False, 0.5) is not NotImplemented  # plain, as torch's bindings treat it
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert entry(q, k, v, False, 0.5) is NotImplemented
+        out = selfattn.attention(q, k, v)
+    assert len(torch_ops_calls) == 1  # the public function fell back
+    assert torch.equal(out, selfattn.attention(q, k, v))
+
+
+@needs_entry
+def test_direct_entry_raises_the_ops_error():
+    """An error raised while the op runs (the GIL let go) comes back as the op's own exception."""
+    q, k, v = sample_inputs(1, 2, 5, 5, 4, 4)
+    with pytest.raises(ValueError) as direct:
+        entry(q, k[..., :3], v, False, 0.5)
+    with pytest.raises(ValueError) as via_ops:
+        ops._attention_eager(q, k[..., :3], v, False, 0.5)
+    assert str(direct.value) == str(via_ops.value) and "k must have shape" in str(direct.value)
