@@ -95,13 +95,31 @@ void read_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, 
   if constexpr (kVectorized) {
     if (src.stride_d == 1) {
       __m512 r[16];
+      const scalar_t* key_rows[16];
       for (int64_t j0 = 0; j0 < width; j0 += 16) {
         const int64_t keys = std::min<int64_t>(16, rows - j0);
         on_keys(j0, keys);
+        for (int64_t j = 0; j < keys; ++j) {
+          key_rows[j] = src.row(b, h, n0 + j0 + j);
+        }
         for (int64_t d0 = 0; d0 < dim; d0 += 16) {
           const int64_t count = std::min<int64_t>(16, dim - d0);
+          if (keys == 16 && count == 16) {
+            // A whole 16 x 16 square, the common case: fixed trip counts, so the loads need no mask
+            // and r[] stays in registers (a runtime count indexes it through a chain of compares).
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; ++j) {
+              r[j] = load_as_float(key_rows[j] + d0, 16);
+            }
+            transpose16x16(r);
+#pragma GCC unroll 16
+            for (int dd = 0; dd < 16; ++dd) {
+              _mm512_storeu_ps(dst + (d0 + dd) * ld + j0, r[dd]);
+            }
+            continue;
+          }
           for (int64_t j = 0; j < 16; ++j) {
-            r[j] = j < keys ? load_as_float(src.row(b, h, n0 + j0 + j) + d0, count) : _mm512_setzero_ps();
+            r[j] = j < keys ? load_as_float(key_rows[j] + d0, count) : _mm512_setzero_ps();
           }
           transpose16x16(r);
           for (int64_t dd = 0; dd < count; ++dd) {
