@@ -3,6 +3,7 @@ and the build under test in the header."""
 
 import os
 import random
+import zlib
 
 import pytest
 import torch
@@ -20,6 +21,12 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # Fresh inputs per test, yet reproducible: the session seed mixed with the test's name.
-    torch.manual_seed((SEED + hash(request.node.nodeid)) % 2**31)
+    # Fresh inputs per test, yet reproducible: the session seed mixed with the test's name (by
+    # crc32: Python's str hash changes from process to process).
+    torch.manual_seed((SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31)
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Also under -q, which hides the header: a failure's inputs can then be drawn again.
+    terminalreporter.write_line(f"selfattn: test seed {SEED} (SELFATTN_TEST_SEED={SEED} reproduces the inputs)")
