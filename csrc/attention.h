@@ -86,6 +86,9 @@ void attention_jvp_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // Which copy of the CPU kernels runs (cpu/dispatch.cpp; the op _cpu_capability): "" reports it,
 // "auto" decides again as on the first call, "default" / "avx2" / "avx512" forces one.
 std::string cpu_capability(std::string capability);
+// The tile GEMMs bfloat16 inputs would run on in that copy now (cpu/kernels.h; the op
+// _bf16_tile_gemm).
+std::string bf16_tile_gemm();
 
 #ifdef SELFATTN_WITH_CUDA
 void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -104,4 +104,8 @@ TORCH_LIBRARY(selfattn, m) {
   // this build lacks it or this CPU cannot run it). Returns the one in use. No tensors, so no
   // fake kernel: the function itself serves every dispatch key.
   m.def("_cpu_capability(str capability='') -> str", &selfattn::cpu_capability);
+  // Private: the tile GEMMs bfloat16 inputs would run on now in that copy — "float32" (blocks
+  // converted), "avx512bf16" (selfattn's micro-kernel) or "onednn-brgemm (AMX)" (where the CPU has
+  // it); SELFATTN_BF16_KERNELS and SELFATTN_BF16_GEMM change it (cpu/brgemm_bf16.h).
+  m.def("_bf16_tile_gemm() -> str", &selfattn::bf16_tile_gemm);
 }

@@ -53,6 +53,7 @@ class BuildInfo:
     cuda_archs: str | None = None  # as TORCH_CUDA_ARCH_LIST, separated by "/"
     sanitize: str | None = None  # the sanitizers compiled in, e.g. "address+undefined"
     cpu_capability: str | None = None  # the copy in use (chosen at run time); None before loading
+    bf16_gemm: str | None = None  # what bf16 tile GEMMs run on in that copy (the op _bf16_tile_gemm)
 
     def __str__(self) -> str:
         if self.cuda:
@@ -62,6 +63,8 @@ class BuildInfo:
             cuda = "no CUDA"
         sanitize = f", sanitizers {self.sanitize}" if self.sanitize else ""
         in_use = f" (running {self.cpu_capability})" if self.cpu_capability else ""
+        if self.bf16_gemm:
+            in_use += f", bf16 tile GEMMs {self.bf16_gemm}"
         return (f"selfattn {self.kind} build, torch {self.torch}, CPU kernels "
                 f"{'/'.join(self.cpu_capabilities)}{in_use}{sanitize}, {cuda}: {self.path}")
 
@@ -244,5 +247,7 @@ def load() -> BuildInfo:
 
 
 def build_info() -> BuildInfo:
-    """The loaded build, with the copy of the CPU kernels in use now."""
-    return dataclasses.replace(load(), cpu_capability=torch.ops.selfattn._cpu_capability())
+    """The loaded build, with the copy of the CPU kernels in use now and what its bf16 GEMMs run on."""
+    info = load()
+    ops = torch.ops.selfattn
+    return dataclasses.replace(info, cpu_capability=ops._cpu_capability(), bf16_gemm=ops._bf16_tile_gemm())

@@ -30,13 +30,19 @@ NATIVE_REASON = "this CPU has no AVX512-BF16 (or the library is not the AVX-512 
 native_available = cpu_has_avx512_bf16() and "AVX512" in str(selfattn.build_info())
 
 
-@pytest.fixture(params=["native", "float32"])
+# The native paths' tile GEMMs: selfattn's own AVX512-BF16 micro-kernel, or oneDNN's brgemm (the
+# default where the CPU has AMX, which it then runs on; elsewhere oneDNN's AVX512-BF16 code).
+GEMM_OF_PATH = {"native": "avx512bf16", "brgemm": "brgemm"}
+
+
+@pytest.fixture(params=["native", "brgemm", "float32"])
 def bf16_path(request, monkeypatch):
-    """Runs a test on each bf16 path; the native one is skipped where the CPU cannot run it."""
-    if request.param == "native":
+    """Runs a test on each bf16 path; the native ones are skipped where the CPU cannot run them."""
+    if request.param in GEMM_OF_PATH:
         if not native_available:
             pytest.skip(NATIVE_REASON)
         monkeypatch.delenv("SELFATTN_BF16_KERNELS", raising=False)
+        monkeypatch.setenv("SELFATTN_BF16_GEMM", GEMM_OF_PATH[request.param])
     else:
         monkeypatch.setenv("SELFATTN_BF16_KERNELS", "0")
     return request.param
@@ -103,3 +109,44 @@ def test_native_path_runs_and_agrees(monkeypatch):
         assert not native.isnan().any()
         assert not torch.equal(native, widened)
         torch.testing.assert_close(native.float(), widened.float(), atol=0.06, rtol=0.05)
+
+
+def test_overlapping_rows(bf16_path):
+    """k and v rows that overlap in memory (row stride 8 < D): read in place by the micro-kernel;
+    brgemm gets copies (a row stride below the depth is outside oneDNN's stated contract, though
+    its AVX512-BF16 code here reads it correctly)."""
+    q = make_tensor((1, 2, 70, 64), BF16)
+    k, v = (torch.randn(4400, dtype=BF16).as_strided((1, 2, 130, 64), (2200, 1100, 8, 1)) for _ in range(2))
+    check_against_oracle(q, k, v, causal=True)
+
+
+def cpu_has_amx_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def test_tile_gemm_choice_is_reported(monkeypatch):
+    """build_info() names the bf16 tile GEMMs the kernels run on: brgemm by default where the CPU
+    has AMX-BF16 (oneDNN drives AMX), the micro-kernel elsewhere; the settings choose, and a
+    setting that names neither is refused in words."""
+    ops = torch.ops.selfattn
+    monkeypatch.setenv("SELFATTN_BF16_KERNELS", "0")
+    assert ops._bf16_tile_gemm() == "float32"
+    monkeypatch.delenv("SELFATTN_BF16_KERNELS")
+    if not native_available:
+        pytest.skip(NATIVE_REASON)
+    amx = cpu_has_amx_bf16()
+    brgemm = "onednn-brgemm (AMX)" if amx else "onednn-brgemm (AVX512-BF16)"
+    monkeypatch.delenv("SELFATTN_BF16_GEMM", raising=False)
+    assert ops._bf16_tile_gemm() == (brgemm if amx else "avx512bf16")
+    assert f"bf16 tile GEMMs {ops._bf16_tile_gemm()}," in str(selfattn.build_info())
+    for setting, expected in [("brgemm", brgemm), ("avx512bf16", "avx512bf16")]:
+        monkeypatch.setenv("SELFATTN_BF16_GEMM", setting)
+        assert ops._bf16_tile_gemm() == expected
+    monkeypatch.setenv("SELFATTN_BF16_GEMM", "amx")
+    q, k, v = inputs(1, 1, 1, 100, 100, 64, BF16)  # the tiled path (few queries would decode)
+    with pytest.raises(RuntimeError, match="SELFATTN_BF16_GEMM: expected 'brgemm' or 'avx512bf16'.*got 'amx'"):
+        selfattn.attention(q, k, v)

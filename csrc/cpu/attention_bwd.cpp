@@ -84,6 +84,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
   // bfloat16 on a CPU with AVX512-BF16: the five GEMMs run on bf16 operands (attention_bf16.h).
   constexpr bool kMayUseBf16 = std::is_same_v<scalar_t, c10::BFloat16> && kBf16KernelsCompiled;
   const bool use_bf16 = kMayUseBf16 && bf16_kernels_enabled();
+  const bool bf16_brgemm = use_bf16 && bf16_gemm_uses_brgemm();
 
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size =
@@ -120,7 +121,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     std::vector<Packed> prepared(s.q_blocks);
     std::optional<BackwardBf16> bf16;
     if (use_bf16) {
-      bf16.emplace(s.dim, s.dim_v, s.dim_padded, s.dim_v_padded, nq_padded, block_q, block_k);
+      bf16.emplace(s.dim, s.dim_v, s.dim_padded, s.dim_v_padded, nq_padded, block_q, block_k, bf16_brgemm);
     }
 
     for (int64_t item; items.next(item);) {

@@ -59,6 +59,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // otherwise they run in T on blocks converted to it.
   constexpr bool kMayUseBf16 = std::is_same_v<scalar_t, c10::BFloat16> && kBf16KernelsCompiled;
   const bool use_bf16 = kMayUseBf16 && bf16_kernels_enabled();
+  const bool bf16_brgemm = use_bf16 && bf16_gemm_uses_brgemm();
   // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
   const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, dim, /*whole_rows=*/false);
   const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);
@@ -86,7 +87,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     T* v_scratch = carve.take(v_reader.scratch_size(block_k));  // a value block, padded rows
     std::optional<ForwardBf16> bf16;
     if (use_bf16) {
-      bf16.emplace(dim, dim_v, dim_v_padded, block_q, block_k);
+      bf16.emplace(dim, dim_v, dim_v_padded, block_q, block_k, bf16_brgemm);
     }
 
     for (int64_t item; items.next(item);) {
@@ -215,6 +216,16 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 }  // namespace
+
+std::string bf16_tile_gemm() {
+  if (!kBf16KernelsCompiled || !bf16_kernels_enabled()) {
+    return "float32";
+  }
+  if (!bf16_gemm_uses_brgemm()) {
+    return "avx512bf16";
+  }
+  return cpu_has_amx_bf16() ? "onednn-brgemm (AMX)" : "onednn-brgemm (AVX512-BF16)";
+}
 
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const AttentionMask& mask, double scale, const at::Tensor& out,

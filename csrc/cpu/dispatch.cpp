@@ -38,8 +38,10 @@ struct CpuKernels {
   decltype(&cpu_default::attention_forward) attention_forward;
   decltype(&cpu_default::attention_backward) attention_backward;
   decltype(&cpu_default::attention_jvp) attention_jvp;
+  decltype(&cpu_default::bf16_tile_gemm) bf16_tile_gemm;
 };
-#define SELFATTN_CPU_KERNELS(ns) CpuKernels{&ns::attention_forward, &ns::attention_backward, &ns::attention_jvp}
+#define SELFATTN_CPU_KERNELS(ns) \
+  CpuKernels{&ns::attention_forward, &ns::attention_backward, &ns::attention_jvp, &ns::bf16_tile_gemm}
 
 enum Capability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kCount = 3 };
 constexpr const char* kNames[kCount] = {"DEFAULT", "AVX2", "AVX512"};
@@ -173,6 +175,8 @@ std::string cpu_capability(std::string capability) {
   }
   return kNames[current_capability()];
 }
+
+std::string bf16_tile_gemm() { return kernels().bf16_tile_gemm(); }
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const AttentionMask& mask, double scale, const at::Tensor& out,

@@ -5,6 +5,8 @@
 // point is declared here and added to CpuKernels in dispatch.cpp.
 #include "../attention.h"
 
+#include <string>
+
 namespace selfattn::SELFATTN_CPU_NS {
 
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -20,6 +22,11 @@ void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const a
 void attention_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
                    const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask, double scale,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out);
+
+// The tile GEMMs bfloat16 inputs would run on now (attention_fwd.cpp; the op _bf16_tile_gemm):
+// "float32" (converted blocks), "avx512bf16" (tile_bf16.h) or "onednn-brgemm (AMX)" /
+// "onednn-brgemm (AVX512-BF16)" (brgemm_bf16.h).
+std::string bf16_tile_gemm();
 
 // Decoding (attention_decode.cpp): few query rows per kv head (Nq · Hq / Hk small) against a
 // long cache, split over the keys. attention_forward takes this path when

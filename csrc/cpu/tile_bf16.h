@@ -190,10 +190,11 @@ struct PairRows {
 };
 
 // Rows n0 .. n0 + rows - 1 of src (b, h) as a PairRows: in place when a row is contiguous and
-// of even length, else copied into scratch (rows x round_up(dim, 2)) with a zero pad.
+// of even length (and, for brgemm's lda, rows do not overlap: no stride-0 broadcast), else copied
+// into scratch (rows x round_up(dim, 2)) with a zero pad.
 inline PairRows pair_rows(const Bf16View& src, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t dim,
-                          uint16_t* scratch) {
-  if (src.stride_d == 1 && dim % 2 == 0) {
+                          uint16_t* scratch, bool disjoint_rows = false) {
+  if (src.stride_d == 1 && dim % 2 == 0 && (!disjoint_rows || src.stride_n >= dim)) {
     return {reinterpret_cast<const uint16_t*>(src.row(b, h, n0)), src.stride_n};
   }
   const int64_t even = round_up(dim, 2);

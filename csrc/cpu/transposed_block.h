@@ -11,9 +11,7 @@
 
 #include "tile.h"
 
-#if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
-#endif
 
 namespace selfattn::SELFATTN_CPU_NS {
 
@@ -34,8 +32,11 @@ inline __m512 load_as_float(const scalar_t* src, int64_t count) {
   }
 }
 
-// r[0..15] (rows) -> r[0..15] (columns): r[c][i] becomes r[i][c].
-inline void transpose16x16(__m512 r[16]) {
+#endif
+
+// r[0..15] (rows) -> r[0..15] (columns): r[c][i] becomes r[i][c]. Its own target attribute: the
+// bf16 kernels (brgemm_bf16.h) call it from a library copy built without AVX-512 flags too.
+__attribute__((target("avx512f"))) inline void transpose16x16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {  // within 128-bit lanes: pairs of rows interleaved
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -62,7 +63,6 @@ inline void transpose16x16(__m512 r[16]) {
     r[i] = t[i];
   }
 }
-#endif
 
 // Asks for rows [n0, n0 + rows) of (b, h) to be brought into L2 (contiguous rows only): the next
 // block's k and v, so that their loads are in flight while this block is computed on. (Into L2, not
