@@ -1,5 +1,7 @@
-"""bfloat16 on the CPU: selfattn's native bf16 kernels against SDPA-bf16, against selfattn's float32
-path for bf16 inputs (SELFATTN_BF16_KERNELS=0, what ran before) and against selfattn in float32.
+"""bfloat16 on the CPU: selfattn's native bf16 kernels against SDPA-bf16, against the same kernels
+with their other tile GEMM (oneDNN's brgemm where the micro-kernel is the default, and the other way
+round on an AMX CPU: SELFATTN_BF16_GEMM), against selfattn's float32 path for bf16 inputs
+(SELFATTN_BF16_KERNELS=0, what ran before) and against selfattn in float32.
 
 Core (selfattn.attention vs F.scaled_dot_product_attention) and layer (selfattn.self_attention vs
 F.linear + SDPA), forward and forward+backward, causal and not. Every contestant of a case — and a
@@ -38,14 +40,25 @@ def timed(fn, min_seconds=0.2):
             return elapsed / calls
 
 
-def with_native(enabled: bool, fn):
+def with_settings(fn, **settings):
+    """fn run with these environment settings, restored after."""
     def run():
-        os.environ["SELFATTN_BF16_KERNELS"] = "1" if enabled else "0"
+        before = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
         try:
             return fn()
         finally:
-            os.environ.pop("SELFATTN_BF16_KERNELS", None)
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return run
+
+
+def other_tile_gemm() -> str:
+    """The SELFATTN_BF16_GEMM setting that is not this CPU's default."""
+    return "avx512bf16" if torch.ops.selfattn._bf16_tile_gemm().startswith("onednn-brgemm") else "brgemm"
 
 
 def step(forward, inputs, backward):
@@ -90,8 +103,9 @@ def contestants(shape: Shape, causal: bool, level: str, backward: bool):
             ours = step(lambda x, w: selfattn.self_attention(x, w, num_heads=h, causal=causal), [x, w], backward)
             sdpa = step(linear_sdpa, [x, w], backward)
         if dtype == torch.bfloat16:
-            out["selfattn-bf16"] = with_native(True, ours)
-            out["selfattn-bf16 (fp32 path)"] = with_native(False, ours)
+            out["selfattn-bf16"] = ours
+            out[f"selfattn-bf16 ({other_tile_gemm()})"] = with_settings(ours, SELFATTN_BF16_GEMM=other_tile_gemm())
+            out["selfattn-bf16 (fp32 path)"] = with_settings(ours, SELFATTN_BF16_KERNELS="0")
             out["sdpa-bf16"] = sdpa
         else:
             out["selfattn-fp32"] = ours
@@ -108,6 +122,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(selfattn.build_info(), flush=True)
     gemms = {"sgemm": (matmul(2048, torch.float32), 2 * 2048 ** 3), "bf16 matmul": (matmul(2048, torch.bfloat16), 2 * 2048 ** 3)}
     results = []
     for spec in args.shapes.split(","):
@@ -140,7 +155,8 @@ def main():
                     line += f"selfattn-bf16 {gflops:.0f} GFLOP/s = {100 * gflops / rates['bf16 matmul']:.0f}% bf16 matmul " \
                             f"({rates['bf16 matmul']:.0f}), {100 * gflops / rates['sgemm']:.0f}% sgemm ({rates['sgemm']:.0f}); "
                     row["speedup"] = {}
-                    for base in ("sdpa-bf16", "selfattn-bf16 (fp32 path)", "selfattn-fp32"):
+                    for base in ("sdpa-bf16", f"selfattn-bf16 ({other_tile_gemm()})", "selfattn-bf16 (fp32 path)",
+                                 "selfattn-fp32"):
                         ratios = [b_ / o for b_, o in zip(samples[base], ours)]
                         row["speedup"][base] = [statistics.median(ratios), min(ratios), max(ratios)]
                         line += f"vs {base} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}); "
@@ -148,7 +164,8 @@ def main():
                     results.append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": _system.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}, f, indent=1)
+            json.dump({"cpu": _system.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "build": str(selfattn.build_info()), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class ForwardBf16 {
   }
   ~ForwardBf16() {
     if (brgemm_) {
-      at::native::cpublas::brgemm_release();  // AMX: this thread's tile configuration
+      brgemm_bf16_release();
     }
   }
   ForwardBf16(const ForwardBf16&) = delete;
@@ -138,7 +138,7 @@ class BackwardBf16 {
   }
   ~BackwardBf16() {
     if (brgemm_) {
-      at::native::cpublas::brgemm_release();
+      brgemm_bf16_release();
     }
   }
   BackwardBf16(const BackwardBf16&) = delete;

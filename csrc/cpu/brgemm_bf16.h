@@ -26,14 +26,25 @@ namespace selfattn::SELFATTN_CPU_NS {
 
 constexpr int64_t kPackedWidth = 64;  // the widest VNNI block an AMX brgemm reads
 
+// ATen declares its bf16 brgemm with this macro (torch ≥ 2.6); an older torch builds without it.
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+constexpr bool kBrgemmCompiled = true;
+#else
+constexpr bool kBrgemmCompiled = false;
+#endif
+
+inline bool cpu_has_amx_bf16() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  static const bool has_amx_bf16 = at::native::cpublas::could_pack(at::kBFloat16);
+  return has_amx_bf16;
+#else
+  return false;
+#endif
+}
+
 // Whether the bf16 tile GEMMs (where the bf16 kernels run at all) go through brgemm: by default
 // where the CPU has AMX-BF16 (cpublas::could_pack); SELFATTN_BF16_GEMM=brgemm or =avx512bf16
 // chooses (read at every call: tests run both).
-inline bool cpu_has_amx_bf16() {
-  static const bool has_amx_bf16 = at::native::cpublas::could_pack(at::kBFloat16);
-  return has_amx_bf16;
-}
-
 inline bool bf16_gemm_uses_brgemm() {
   const char* setting = std::getenv("SELFATTN_BF16_GEMM");
   if (setting == nullptr || *setting == '\0') {
@@ -41,6 +52,8 @@ inline bool bf16_gemm_uses_brgemm() {
   }
   TORCH_CHECK(std::strcmp(setting, "brgemm") == 0 || std::strcmp(setting, "avx512bf16") == 0,
               "SELFATTN_BF16_GEMM: expected 'brgemm' or 'avx512bf16' (or unset), got '", setting, "'");
+  TORCH_CHECK(kBrgemmCompiled || std::strcmp(setting, "brgemm") != 0,
+              "SELFATTN_BF16_GEMM=brgemm: this build's torch has no bf16 brgemm (torch >= 2.6 has)");
   return std::strcmp(setting, "brgemm") == 0;
 }
 
@@ -48,8 +61,17 @@ inline bool bf16_gemm_uses_brgemm() {
 // ldb pairs, n ≤ ldb ∈ {16, 32, 48, 64}); k even.
 inline void brgemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint32_t* b,
                         int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, reinterpret_cast<const at::BFloat16*>(a),
                               reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+#endif
+}
+
+// Ends this thread's brgemm use (on AMX: releases its tile configuration).
+inline void brgemm_bf16_release() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  at::native::cpublas::brgemm_release();
+#endif
 }
 
 // The same product for a B packed in 64-wide column blocks (vnni_over_rows_blocked): block j
