@@ -18,16 +18,17 @@ from tests.test_masks import check_against_oracle, inputs, make_mask
 BF16 = torch.bfloat16
 
 
-def cpu_has_avx512_bf16() -> bool:
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists this CPU flag (avx512_bf16, amx_bf16)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+            return any(line.startswith("flags") and flag in line.split() for line in f)
     except OSError:
         return False
 
 
 NATIVE_REASON = "this CPU has no AVX512-BF16 (or the library is not the AVX-512 build): only the float32 path runs"
-native_available = cpu_has_avx512_bf16() and "AVX512" in str(selfattn.build_info())
+native_available = cpu_has("avx512_bf16") and "AVX512" in str(selfattn.build_info())
 
 
 # The native paths' tile GEMMs: selfattn's own AVX512-BF16 micro-kernel, or oneDNN's brgemm (the
@@ -120,14 +121,6 @@ def test_overlapping_rows(bf16_path):
     check_against_oracle(q, k, v, causal=True)
 
 
-def cpu_has_amx_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
 def test_tile_gemm_choice_is_reported(monkeypatch):
     """build_info() names the bf16 tile GEMMs the kernels run on: brgemm by default where the CPU
     has AMX-BF16 (oneDNN drives AMX), the micro-kernel elsewhere; the settings choose, and a
@@ -138,7 +131,7 @@ def test_tile_gemm_choice_is_reported(monkeypatch):
     monkeypatch.delenv("SELFATTN_BF16_KERNELS")
     if not native_available:
         pytest.skip(NATIVE_REASON)
-    amx = cpu_has_amx_bf16()
+    amx = cpu_has("amx_bf16")
     brgemm = "onednn-brgemm (AMX)" if amx else "onednn-brgemm (AVX512-BF16)"
     monkeypatch.delenv("SELFATTN_BF16_GEMM", raising=False)
     assert ops._bf16_tile_gemm() == (brgemm if amx else "avx512bf16")

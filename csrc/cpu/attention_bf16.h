@@ -32,6 +32,8 @@ class ForwardBf16 {
     v_vnni_ = carve.take(ceil_div(block_k, 2) * dim_v_padded);
     p_vnni_ = carve.take(ceil_div(block_k, 2) * block_q);
     k_scratch_ = reinterpret_cast<uint16_t*>(carve.take(ceil_div(block_k * round_up(dim, 2), 2)));
+    // brgemm's P (block_q rows of block_k) lives in p_vnni_: whole 16-key transposes must fit.
+    TORCH_INTERNAL_ASSERT(block_k % 16 == 0);
   }
   ~ForwardBf16() {
     if (brgemm_) {
@@ -69,7 +71,7 @@ class ForwardBf16 {
   void add_probs_times_values(const float* p_t, int64_t k_rows, int64_t q_rows, const Bf16View& v, int64_t b,
                               int64_t h, int64_t k0, const MaskCut* cut, float* acc) {
     if (brgemm_) {  // P row-major over keys (hidden pairs are 0), v in 64-wide VNNI blocks
-      const int64_t k_pairs = ceil_div(k_rows, 2), p_ld = round_up(block_k_, 16);
+      const int64_t k_pairs = ceil_div(k_rows, 2), p_ld = block_k_;
       uint16_t* p_rows = reinterpret_cast<uint16_t*>(p_vnni_);
       round_transposed(p_t, block_q_, k_rows, block_q_, p_rows, p_ld);
       vnni_over_rows_blocked(v, b, h, k0, k_rows, dim_v_, dim_v_padded_, k_pairs, v_vnni_);
