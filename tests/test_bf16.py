@@ -8,6 +8,11 @@ odd key and query counts (the bf16 GEMMs run over pairs) and several 64-wide blo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -143,3 +148,28 @@ def test_tile_gemm_choice_is_reported(monkeypatch):
     q, k, v = inputs(1, 1, 1, 100, 100, 64, BF16)  # the tiled path (few queries would decode)
     with pytest.raises(RuntimeError, match="SELFATTN_BF16_GEMM: expected 'brgemm' or 'avx512bf16'.*got 'amx'"):
         selfattn.attention(q, k, v)
+
+
+CAPPED_ISA = """
+import os, torch, selfattn
+q, k, v = (torch.randn(1, 2, 100, 64, dtype=torch.bfloat16) for _ in range(3))
+out = selfattn.attention(q, k, v)
+print(torch.ops.selfattn._bf16_tile_gemm(), bool(out.isfinite().all()))
+os.environ["SELFATTN_BF16_GEMM"] = "brgemm"
+selfattn.attention(q, k, v)
+"""
+
+
+def test_brgemm_that_onednn_cannot_build():
+    """With oneDNN capped below AVX512-BF16 (ONEDNN_MAX_CPU_ISA) it cannot build a bf16 brgemm: the
+    default falls back to the micro-kernel (on an AMX CPU too), and SELFATTN_BF16_GEMM=brgemm is
+    refused in words, not with oneDNN's bare 'could not generate a kernel'."""
+    if not native_available:
+        pytest.skip(NATIVE_REASON)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    env.pop("SELFATTN_BF16_GEMM", None)
+    result = subprocess.run([sys.executable, "-c", CAPPED_ISA], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert result.stdout.split() == ["avx512bf16", "True"], result.stderr
+    assert result.returncode != 0
+    assert "SELFATTN_BF16_GEMM=brgemm: no bf16 brgemm can run here (oneDNN: could not" in result.stderr

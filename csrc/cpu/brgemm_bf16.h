@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <string>
 
 namespace selfattn::SELFATTN_CPU_NS {
 
@@ -33,6 +35,7 @@ constexpr bool kBrgemmCompiled = true;
 constexpr bool kBrgemmCompiled = false;
 #endif
 
+// The CPU has AMX-BF16, and ATen's oneDNN the ukernel API to drive it (cpublas::could_pack).
 inline bool cpu_has_amx_bf16() {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   static const bool has_amx_bf16 = at::native::cpublas::could_pack(at::kBFloat16);
@@ -40,21 +43,6 @@ inline bool cpu_has_amx_bf16() {
 #else
   return false;
 #endif
-}
-
-// Whether the bf16 tile GEMMs (where the bf16 kernels run at all) go through brgemm: by default
-// where the CPU has AMX-BF16 (cpublas::could_pack); SELFATTN_BF16_GEMM=brgemm or =avx512bf16
-// chooses (read at every call: tests run both).
-inline bool bf16_gemm_uses_brgemm() {
-  const char* setting = std::getenv("SELFATTN_BF16_GEMM");
-  if (setting == nullptr || *setting == '\0') {
-    return cpu_has_amx_bf16();
-  }
-  TORCH_CHECK(std::strcmp(setting, "brgemm") == 0 || std::strcmp(setting, "avx512bf16") == 0,
-              "SELFATTN_BF16_GEMM: expected 'brgemm' or 'avx512bf16' (or unset), got '", setting, "'");
-  TORCH_CHECK(kBrgemmCompiled || std::strcmp(setting, "brgemm") != 0,
-              "SELFATTN_BF16_GEMM=brgemm: this build's torch has no bf16 brgemm (torch >= 2.6 has)");
-  return std::strcmp(setting, "brgemm") == 0;
 }
 
 // C (m x n, row stride ldc) (+)= A (m x k, row-major, row stride lda) · B (VNNI: k/2 rows of
@@ -72,6 +60,46 @@ inline void brgemm_bf16_release() {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   at::native::cpublas::brgemm_release();
 #endif
+}
+
+// Empty if oneDNN can build a bf16 brgemm kernel here, else why not (asked once, on a tiny
+// product): oneDNN cannot where ONEDNN_MAX_CPU_ISA caps it below AVX512-BF16, say, and an older
+// torch has no bf16 brgemm at all.
+inline const std::string& brgemm_bf16_failure() {
+  static const std::string failure = []() -> std::string {
+    if (!kBrgemmCompiled) {
+      return "this build's torch has no bf16 brgemm (torch >= 2.6 has)";
+    }
+    try {
+      const uint16_t a[2] = {0, 0};
+      const uint32_t b[16] = {};
+      float c[16];
+      brgemm_bf16(1, 16, 2, a, 2, b, 16, c, 16, /*accumulate=*/false);
+      brgemm_bf16_release();
+      return "";
+    } catch (const std::exception& e) {
+      return std::string("oneDNN: ") + e.what();
+    }
+  }();
+  return failure;
+}
+
+// Whether the bf16 tile GEMMs (where the bf16 kernels run at all) go through brgemm: by default
+// where the CPU has AMX-BF16 (cpublas::could_pack) and oneDNN can build the kernel;
+// SELFATTN_BF16_GEMM=brgemm or =avx512bf16 chooses (read at every call: tests run both).
+inline bool bf16_gemm_uses_brgemm() {
+  const char* setting = std::getenv("SELFATTN_BF16_GEMM");
+  if (setting == nullptr || *setting == '\0') {
+    return cpu_has_amx_bf16() && brgemm_bf16_failure().empty();
+  }
+  TORCH_CHECK(std::strcmp(setting, "brgemm") == 0 || std::strcmp(setting, "avx512bf16") == 0,
+              "SELFATTN_BF16_GEMM: expected 'brgemm' or 'avx512bf16' (or unset), got '", setting, "'");
+  if (std::strcmp(setting, "avx512bf16") == 0) {
+    return false;
+  }
+  TORCH_CHECK(brgemm_bf16_failure().empty(), "SELFATTN_BF16_GEMM=brgemm: no bf16 brgemm can run here (",
+              brgemm_bf16_failure(), "); unset it to use selfattn's own bf16 kernels");
+  return true;
 }
 
 // The same product for a B packed in 64-wide column blocks (vnni_over_rows_blocked): block j
