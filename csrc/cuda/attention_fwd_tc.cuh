@@ -16,7 +16,9 @@
 // head h reads kv head h / group. Dropout (philox.h): P is multiplied by 1/(1 - p) or 0 after
 // the running sum took it.
 // Included by the attention_fwd_tc_*.cu files, one instantiation each (compile time), with and
-// without a tensor mask (kTensorMask: the unmasked kernel keeps its registers).
+// without a tensor mask and with and without dropout (kTensorMask, kDropout: at 255 registers
+// every live value counts; ptxas at sm_90 spills 296/288 B per thread in the plain D = 64 kernel
+// when it also carries the dropout code, 200/180 B without; at D = 128, 136/116 against 28/28).
 #pragma once
 
 #include "kernels.h"
@@ -47,8 +49,9 @@ struct FwdTcConfig {
 // q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, D), out (B, Hq, Nq, D): T (half or bfloat16),
 // unit stride along D, other strides multiples of 8, 16-byte aligned bases; lse (B, H, Nq) float,
 // any strides. Grid: row_blocks * B * H blocks of Cfg::kThreads threads, Cfg::kSmemBytes of
-// dynamic shared memory. Requires Nk >= 1; kTensorMask: p.mask may be present (else it is not).
-template <typename T, typename Cfg, bool kTensorMask>
+// dynamic shared memory. Requires Nk >= 1; kTensorMask: p.mask may be present (else it is not);
+// kDropout: p.dropout may be active (else it is not).
+template <typename T, typename Cfg, bool kTensorMask, bool kDropout>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(const ForwardParams<T> p) {
 #if SELFATTN_TC_ARCH
   constexpr int D = Cfg::kDim, kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kMT = Cfg::kMTiles;
@@ -213,7 +216,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
           row_sum[mi][r] = row_sum[mi][r] * alpha[mi][r] + sum;
           // Dropout, once the sum has the probabilities: the lane's keys 2t, 2t + 1 of each 8
           // share one Philox call.
-          if (drop.active) {
+          if (kDropout && drop.active) {  // (a runtime test too: ptxas spills less around a branch)
             const int row = warp_first + 16 * mi + g + 8 * r;
 #pragma unroll
             for (int j = 0; j < kSTiles; ++j) {
@@ -302,15 +305,21 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
 #endif
 }
 
+template <typename T, typename Cfg, bool kTensorMask>
+void launch_forward_tc(const ForwardParams<T>& p, cudaStream_t stream) {
+  const bool dropout = p.dropout.active();
+  launch(dropout ? attention_forward_tc_kernel<T, Cfg, kTensorMask, true>
+                 : attention_forward_tc_kernel<T, Cfg, kTensorMask, false>,
+         p.row_blocks * p.batch_heads, Cfg::kThreads, Cfg::kSmemBytes, stream, p);
+}
+
 template <typename T, typename Cfg>
 void launch_forward_tc(ForwardParams<T> p, cudaStream_t stream) {
   p.row_blocks = static_cast<int>(ceil_div(p.nq, Cfg::kBlockM));
   if (p.mask.present()) {
-    launch(attention_forward_tc_kernel<T, Cfg, true>, p.row_blocks * p.batch_heads, Cfg::kThreads,
-           Cfg::kSmemBytes, stream, p);
+    launch_forward_tc<T, Cfg, true>(p, stream);
   } else {
-    launch(attention_forward_tc_kernel<T, Cfg, false>, p.row_blocks * p.batch_heads, Cfg::kThreads,
-           Cfg::kSmemBytes, stream, p);
+    launch_forward_tc<T, Cfg, false>(p, stream);
   }
 }
 
