@@ -69,12 +69,14 @@ def find_cuobjdump() -> str:
 
 def kernel_kind(name: str) -> str:
     """A mangled kernel name as its kind, with the instantiation's template flags (the forward's
-    kTensorMask and kDropout as +mask, +dropout)."""
+    kTensorMask and kDropout, the backward's kDropout, as +mask, +dropout)."""
     flags = re.findall(r"Lb([01])E", name)
     for key, kind in (("forward_tc", "forward"), ("dq_tc", "dq"), ("dkdv_tc", "dk/dv")):
         if key in name:
             if kind == "forward" and len(flags) == 2:
                 return kind + " +mask" * (flags[0] == "1") + " +dropout" * (flags[1] == "1")
+            if len(flags) == 1:  # the backward kernels' kDropout
+                return kind + " +dropout" * (flags[0] == "1")
             return kind + (f" [{''.join(flags)}]" if flags else "")
     return name[:40]
 

@@ -55,8 +55,9 @@ struct DqTcConfig {
 // grad_q and delta of a block of queries. q, k, v, out, grad_out, grad_q: T, layouts as for the
 // forward (unit stride along D, other strides multiples of 8, 16-byte aligned); lse (B, H, Nq)
 // float any strides; delta (B*H*Nq) float, written here. Grid: row_blocks * B * H blocks of
-// Cfg::kThreads, Cfg::kSmemBytes. Requires Nk >= 1.
-template <typename T, typename Cfg>
+// Cfg::kThreads, Cfg::kSmemBytes. Requires Nk >= 1. kDropout: p.dropout may be active (else it is
+// not; the plain kernel carries no Philox code, which was over a third of its loop).
+template <typename T, typename Cfg, bool kDropout>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel(const BackwardParams<T> p) {
 #if SELFATTN_TC_ARCH
   constexpr int D = Cfg::kDim, kBM = Cfg::kBlockM, kBN = Cfg::kBlockN;
@@ -198,7 +199,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
     for (int j = 0; j < kSTiles; ++j) {
       // Dropout's M for the lane's keys 2t, 2t + 1 of rows g and g + 8 (one Philox call per row).
       float2 keep[2] = {make_float2(1.f, 1.f), make_float2(1.f, 1.f)};
-      if (drop.active) {
+      if (kDropout && drop.active) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           keep[r] = dropout_factor_pair(drop, b, h, warp_first + g + 8 * r, k0 + 8 * j + 2 * t);
@@ -268,7 +269,8 @@ struct DkdvTcConfig {
 // grad_k, grad_v of a block of keys. Tensors as for the dq kernel; delta as written by it.
 // grad_k, grad_v: every element of the block's rows below Nk written (zeros for keys no query
 // sees). Grid: row_blocks (key blocks) * B * H blocks of Cfg::kThreads, Cfg::kSmemBytes.
-template <typename T, typename Cfg>
+// kDropout as for the dq kernel.
+template <typename T, typename Cfg, bool kDropout>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kernel(const BackwardParams<T> p) {
 #if SELFATTN_TC_ARCH
   constexpr int D = Cfg::kDim, kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kSubM = Cfg::kSubM;
@@ -418,7 +420,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
             const float x = masked ? mask.apply<T>(st[j][e], b, hq, q0 + col, warp_first + g + 8 * r) : st[j][e];
             const float prob = tc_probability(mask, x, scale_log2, lse_sub);
             // Dropout: keys run down the rows here, so each decision is a Philox call of its own.
-            const float keep = drop.active ? dropout_factor(drop, b, hq, q0 + col, warp_first + g + 8 * r) : 1.f;
+            const float keep = kDropout && drop.active ? dropout_factor(drop, b, hq, q0 + col, warp_first + g + 8 * r) : 1.f;
             st[j][e] = prob * keep;
             dpt[j][e] = prob * (keep * dpt[j][e] - dlt);
           }
@@ -474,12 +476,13 @@ void backward_tc(const BackwardParams<T>& params, cudaStream_t stream) {
   BackwardParams<T> p = params;
   using Dq = DqTcDefault<kDim>;
   using Dkdv = DkdvTcDefault<kDim>;
+  const bool dropout = p.dropout.active();
   p.row_blocks = static_cast<int>(ceil_div(p.nq, Dq::kBlockM));
-  launch(attention_backward_dq_tc_kernel<T, Dq>, p.row_blocks * p.batch_heads, Dq::kThreads,
-         Dq::kSmemBytes, stream, p);
+  launch(dropout ? attention_backward_dq_tc_kernel<T, Dq, true> : attention_backward_dq_tc_kernel<T, Dq, false>,
+         p.row_blocks * p.batch_heads, Dq::kThreads, Dq::kSmemBytes, stream, p);
   p.row_blocks = static_cast<int>(ceil_div(p.nk, Dkdv::kBlockN));
-  launch(attention_backward_dkdv_tc_kernel<T, Dkdv>, p.row_blocks * (p.batch_heads / p.group), Dkdv::kThreads,
-         Dkdv::kSmemBytes, stream, p);
+  launch(dropout ? attention_backward_dkdv_tc_kernel<T, Dkdv, true> : attention_backward_dkdv_tc_kernel<T, Dkdv, false>,
+         p.row_blocks * (p.batch_heads / p.group), Dkdv::kThreads, Dkdv::kSmemBytes, stream, p);
 }
 
 }  // namespace selfattn::cuda
