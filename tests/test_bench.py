@@ -8,8 +8,13 @@ reported as skipped, not run. Speed goals live in the benchmark's numbers, not h
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +292,56 @@ def test_masks_visible_pairs():
     packed = variants.pack(torch.randn(8, 8, 512, 64), case)
     assert packed.shape == (sum(lengths), 8, 64)
     assert [v.shape[2] for v in variants.unpack_views(packed, case)] == list(lengths)
+
+
+# ---------------------------------------------------------------------------------------
+# The stand-alone scripts behind BENCHMARKS.md's tables: they run, and they time what they say.
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def run_script(name, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SCRIPTS.parent), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_layout_script_views_are_the_layers():
+    """bench_layout's "views" are q/k/v as the fused layer sees them: heads of one packed buffer,
+    rows (3·H·D) apart, and its "contiguous" inputs hold the same values."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        bench_layout = importlib.import_module("bench_layout")
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    b, n, e, h = 2, 16, 24, 3
+    inputs = bench_layout.layouts(cases.Shape(b, n, e, h), torch.float32)
+    for i, (view, dense) in enumerate(zip(inputs["views"], inputs["contiguous"])):
+        assert view.shape == dense.shape == (b, h, n, e // h)
+        assert view.stride(2) == 3 * e and not view.is_contiguous() and dense.is_contiguous()
+        assert torch.equal(view, dense)
+        assert view.data_ptr() == inputs["views"][0].data_ptr() + i * e * view.element_size()
+
+
+def test_layout_script_runs(tmp_path):
+    out = run_script("bench_layout.py", "--shapes", "1x64x32x2", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| 1x64x32x2 |")]
+    # 2 causal x 2 modes: selfattn and sdpa rows, then the layer split.
+    assert len(rows) == 12, out
+    assert sum("| selfattn |" in r for r in rows) == 4 and sum("| sdpa |" in r for r in rows) == 4
+    assert all(r.rstrip().endswith("|") and "nan" not in r for r in rows)
+
+
+def test_bf16_script_runs(tmp_path):
+    path = tmp_path / "bf16.json"
+    out = run_script("bench_bf16.py", "--shapes", "1x64x32x2", "--repeats", "1", "--levels", "core",
+                     "--json", str(path))
+    assert "bf16 tile GEMMs" in out.splitlines()[0]
+    results = json.loads(path.read_text())["results"]
+    assert {(r["causal"], r["mode"]) for r in results} == {(c, m) for c in (False, True) for m in ("fwd", "fwd+bwd")}
+    for row in results:
+        assert set(row["speedup"]) >= {"sdpa-bf16", "selfattn-fp32"}
+        assert all(v > 0 and math.isfinite(v) for ratios in row["speedup"].values() for v in ratios)
