@@ -326,7 +326,7 @@ def test_layout_script_views_are_the_layers():
         assert view.data_ptr() == inputs["views"][0].data_ptr() + i * e * view.element_size()
 
 
-def test_layout_script_runs(tmp_path):
+def test_layout_script_runs():
     out = run_script("bench_layout.py", "--shapes", "1x64x32x2", "--repeats", "1")
     rows = [line for line in out.splitlines() if line.startswith("| 1x64x32x2 |")]
     # 2 causal x 2 modes: selfattn and sdpa rows, then the layer split.
