@@ -28,6 +28,13 @@ def _off_native_fast_path(module, args):
     return None
 
 
+# nn.Module's hook dicts (torch/nn/modules/module.py), shared between a module and its replacement.
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                "_backward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+                "_load_state_dict_post_hooks")
+
+
 def _bool_or_float(mask: Optional[Tensor], name: str) -> None:
     if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"MultiheadAttention: {name} must be bool (True = not allowed) or floating point "
@@ -125,7 +132,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
         """The same layer as ``mha``, sharing its parameters (the same nn.Parameter objects, so an
-        optimizer built over ``mha`` keeps training them), with its training mode."""
+        optimizer built over ``mha`` keeps training them) and its hooks, with its training mode."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"MultiheadAttention.from_torch: mha must be a torch.nn.MultiheadAttention, got "
                             f"{type(mha).__name__}")
@@ -136,6 +143,14 @@ class MultiheadAttention(nn.MultiheadAttention):
             setattr(module, name, param)
         module.out_proj = mha.out_proj
         module.train(mha.training)
+        # mha's hooks run on the replacement, never silently lost: the two share their hook tables
+        # (the same dicts, so a handle taken before the swap still removes its hook). The no-op
+        # pre-hook that keeps the encoder layer's native fast path off then sits in mha's table too.
+        for table in _HOOK_TABLES:
+            object.__setattr__(module, table, getattr(mha, table))
+        module._is_full_backward_hook = mha._is_full_backward_hook
+        if _off_native_fast_path not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_off_native_fast_path)
         return module
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
@@ -292,7 +307,7 @@ def swap_attention(model: nn.Module) -> nn.Module:
     """Replace, in place, every torch.nn.MultiheadAttention in ``model`` (exactly that class, not a
     subclass) by a selfattn.MultiheadAttention sharing its parameters, device, dtype and training
     mode; a module shared between parents is replaced by one module. Hooks registered on a replaced
-    module are not carried over. Returns ``model`` (or, if ``model`` itself is an
+    module run on its replacement (from_torch shares them). Returns ``model`` (or, if ``model`` itself is an
     nn.MultiheadAttention, its replacement)."""
     if type(model) is nn.MultiheadAttention:
         return MultiheadAttention.from_torch(model)

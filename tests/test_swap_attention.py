@@ -67,6 +67,29 @@ def test_swap_attention_replaces_every_one_and_an_optimizer_keeps_training_them(
     assert type(selfattn.swap_attention(single)) is selfattn.MultiheadAttention
 
 
+def test_swap_attention_carries_the_hooks_over():
+    """Forward pre-hooks, forward hooks (with kwargs) and full backward hooks registered on an
+    nn.MultiheadAttention run on its replacement, and a handle taken before the swap removes its hook."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.attn = nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float32)
+    seen = []
+    pre = model.attn.register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m))))
+    model.attn.register_forward_hook(lambda m, args, kwargs, out: seen.append(("post", kwargs["need_weights"])),
+                                     with_kwargs=True)
+    model.attn.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(("backward", len(grad_out))))
+    selfattn.swap_attention(model)
+    assert type(model.attn) is selfattn.MultiheadAttention
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    out, _ = model.attn(x, x, x, need_weights=False)
+    out.sum().backward()
+    assert seen == [("pre", selfattn.MultiheadAttention), ("post", False), ("backward", 2)]
+    pre.remove()
+    seen.clear()
+    model.attn(x, x, x, need_weights=False)
+    assert seen == [("post", False)]
+
+
 ENCODER_MODES = [  # (training, grad enabled, key padding, enable_nested_tensor, causal mask, batch_first)
     (True, True, False, True, False, True), (True, True, True, False, True, False),
     (False, True, True, True, False, True), (False, False, False, True, False, True),
