@@ -1,9 +1,13 @@
 """The Hugging Face transformers backend (selfattn/integrations/transformers.py).
 
 Small random-init models built from configs (no downloads): each runs with
-attn_implementation="selfattn" against the same weights under "sdpa", and the expected values
-come from the sdpa model in float64 (FlashAttention's rule, tests/common.py: selfattn's error at
-most twice sdpa's at the same dtype). The attention function itself is checked against an explicit
+attn_implementation="selfattn" against the same weights under "eager" (FlashAttention's rule,
+tests/common.py: selfattn's error at most twice eager's at the same dtype). The exact values come
+from the model in float64 under "sdpa" — eager rounds float64 scores to float32 before its softmax
+in most families, so a left-padded row that sees no key is NaN there and spreads to real rows —
+except where 4.57's sdpa lacks the layer's math (ORACLE_EAGER). Models whose attention selfattn does not implement (GPT-OSS's
+sinks, Gemma 2's softcap) must be refused at their first forward, and every keyword the installed
+release's layers pass must be one the backend knows. The attention function itself is checked against an explicit
 float64 softmax with a dense mask built here. Skipped without transformers; scripts/
 test_transformers.sh runs this file against 4.57.x and the newest 5.x.
 """
@@ -73,12 +77,35 @@ def _bart_config():
                                    attention_dropout=0.0, activation_dropout=0.0)
 
 
-MODELS = {  # name: (config, Auto class, attention layers per forward)
+def _gpt2_layer_scaled_config():
+    """GPT-2 scaling by 1/(layer + 1) on top of 1/sqrt(D): 4.57 reads it from the layer's attributes
+    in its eager function only (it passes no scaling=), 5.x passes the product."""
+    config = _gpt2_config()
+    config.scale_attn_by_inverse_layer_idx = True
+    return config
+
+
+def _gemma3_config():
+    """Gemma 3 text: a sliding and a global layer, the scale from query_pre_attn_scalar (not D)."""
+    return transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
+                                         max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=40,
+                                         layer_types=["sliding_attention", "full_attention"],
+                                         attention_dropout=0.0)
+
+
+MODELS = {  # name: (config, Auto class, attention layers per forward); the README's covered families
     "llama": (_llama_config, "AutoModelForCausalLM", 2),
     "mistral": (_mistral_config, "AutoModelForCausalLM", 2),
     "gpt2": (_gpt2_config, "AutoModelForCausalLM", 2),
+    "gpt2_layer_scaled": (_gpt2_layer_scaled_config, "AutoModelForCausalLM", 2),
+    "gemma3": (_gemma3_config, "AutoModelForCausalLM", 2),
     "bart": (_bart_config, "AutoModelForSeq2SeqLM", 2 + 2 * 2),  # encoder; decoder self + cross
 }
+
+
+# Families whose float64 oracle is eager: 4.57's sdpa ignores GPT-2's layer scaling attributes.
+ORACLE_EAGER = {"gpt2_layer_scaled"}
 
 
 def build(name, attn_implementation, dtype=torch.float32, state_dict=None):
@@ -129,19 +156,19 @@ def logits_and_grads(model, inputs, real, loss_weights):
 
 
 # ---------------------------------------------------------------------------------------------
-# Whole models against sdpa.
+# Whole models against eager.
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_logits_and_grads_match_sdpa(name, side, dtype):
-    reference = build(name, "sdpa", torch.float64)
+def test_logits_and_grads_match_eager(name, side, dtype):
+    reference = build(name, "eager" if name in ORACLE_EAGER else "sdpa", torch.float64)
     state = reference.state_dict()
     inputs, real = batch_for(name, side)
     weights = torch.randn(int(real.sum()), VOCAB, dtype=torch.float64)
     expected, expected_grads = logits_and_grads(reference, inputs, real, weights)
-    eager, eager_grads = logits_and_grads(build(name, "sdpa", dtype, state), inputs, real, weights)
+    eager, eager_grads = logits_and_grads(build(name, "eager", dtype, state), inputs, real, weights)
     with SelfattnCalls() as calls:
         actual, grads = logits_and_grads(build(name, "selfattn", dtype, state), inputs, real, weights)
     layers = MODELS[name][2]
@@ -159,20 +186,20 @@ def _greedy(model, inputs, steps, cache):
 
 
 @pytest.mark.parametrize("name, cache", [(name, "dynamic") for name in MODELS]
-                         + [("llama", "static"), ("mistral", "static")])
-def test_generate_matches_sdpa(name, cache):
+                         + [("llama", "static"), ("mistral", "static"), ("gemma3", "static")])
+def test_generate_matches_eager(name, cache):
     """Greedy decoding with the KV cache (a static cache's keys include empty slots past the
-    queries): the same tokens as sdpa. A random-init model may have a near-tie at some step;
-    tokens must agree up to a step whose top two sdpa scores are within rounding, and the scores
+    queries): the same tokens as eager. A random-init model may have a near-tie at some step;
+    tokens must agree up to a step whose top two eager scores are within rounding, and the scores
     up to there must agree."""
-    sdpa = build(name, "sdpa").eval()
-    ours = build(name, "selfattn", state_dict=sdpa.state_dict()).eval()
+    eager = build(name, "eager").eval()
+    ours = build(name, "selfattn", state_dict=eager.state_dict()).eval()
     inputs, _ = batch_for(name, "left")
-    if name == "mistral":  # a prompt longer than the window, then steps past it
+    if name in ("mistral", "gemma3"):  # a prompt longer than the window, then steps past it
         inputs, _ = batch_for(name, "left", seq=9)
     steps = 8
     with torch.no_grad():
-        expected = _greedy(sdpa, inputs, steps, cache)
+        expected = _greedy(eager, inputs, steps, cache)
         with SelfattnCalls() as calls:
             actual = _greedy(ours, inputs, steps, cache)
     assert calls.count("attention_fwd") >= steps * MODELS[name][2] // (2 if name == "bart" else 1)
@@ -184,7 +211,7 @@ def test_generate_matches_sdpa(name, cache):
         differs = int((new_actual != new_expected).any(0).nonzero()[0])
         top2 = expected.scores[differs].topk(2, dim=-1).values
         assert (top2[:, 0] - top2[:, 1]).min() < 1e-4, f"{name}: tokens differ at step {differs}: " \
-            f"{new_actual.tolist()} vs sdpa {new_expected.tolist()}"
+            f"{new_actual.tolist()} vs eager {new_expected.tolist()}"
     for step in range(differs):
         torch.testing.assert_close(actual.scores[step], expected.scores[step], rtol=1e-4, atol=1e-4)
 
@@ -306,10 +333,103 @@ def test_position_bias_is_folded_into_the_mask():
 
 def test_unsupported_arguments_are_refused():
     q, k, v = _qkv(1, 2, 2, 3, 3)
-    with pytest.raises(ValueError, match="softcap"):
+    with pytest.raises(ValueError, match=r"^selfattn: _Module passes softcap= .*attn_implementation='eager'$"):
         selfattn_hf.attention_forward(_Module(), q, k, v, None, softcap=30.0)
     with pytest.raises(ValueError, match="head_mask"):
         selfattn_hf.attention_forward(_Module(), q, k, v, None, head_mask=torch.ones(2))
+    with pytest.raises(ValueError, match=r"s_aux= \(attention-sink logits\)"):
+        selfattn_hf.attention_forward(_Module(), q, k, v, None, s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"the keyword frobnicate=, which the selfattn backend does not know"):
+        selfattn_hf.attention_forward(_Module(), q, k, v, None, frobnicate=False)
+    packed = torch.tensor([0, 2, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seq_lens_q= for 2 packed sequences but no attention_mask"):
+        selfattn_hf.attention_forward(_Module(), q, k, v, None, cu_seq_lens_q=packed, cu_seq_lens_k=packed)
+    # None leaves them off; bookkeeping passes; a packed batch whose mask carries the packing passes
+    visible = _band(3, 3) & (torch.tensor([0, 0, 1])[:, None] == torch.tensor([0, 0, 1])[None, :])
+    out, _ = selfattn_hf.attention_forward(_Module(), q, k, v, visible[None, None], softcap=None, s_aux=None,
+                                           head_mask=None, position_ids=torch.arange(3)[None], use_cache=True,
+                                           cu_seq_lens_q=packed, cu_seq_lens_k=packed, max_length_q=2,
+                                           max_length_k=2)
+    torch.testing.assert_close(out.double(), explicit_attention(q, k, v, visible.expand(1, 2, 3, 3)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _gpt_oss_config():
+    """The issue's model: GQA, a sliding window, sinks drawn from N(0, 1) after building."""
+    return transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
+                                     num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                     max_position_embeddings=64, layer_types=["sliding_attention", "full_attention"])
+
+
+def _gemma2_config():
+    return transformers.Gemma2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
+                                     max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=50.0)
+
+
+@pytest.mark.parametrize("config_fn, layer, keyword", [(_gpt_oss_config, "GptOssAttention", "s_aux"),
+                                                       (_gemma2_config, "Gemma2Attention", "softcap")],
+                         ids=["gpt_oss", "gemma2"])
+def test_models_whose_attention_selfattn_lacks_are_refused_at_the_first_forward(config_fn, layer, keyword):
+    """GPT-OSS's sinks and Gemma 2's softcap change the result: refused in one sentence naming the
+    keyword, the layer's class and the alternative — never dropped (eager differs from the same
+    model without them, so a dropped keyword would be a wrong result, not a no-op)."""
+    model = transformers.AutoModelForCausalLM.from_config(config_fn(), attn_implementation="selfattn")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".sinks"):
+                param.normal_()
+    inputs, _ = batch_for("llama", "left")
+    with pytest.raises(ValueError, match=rf"^selfattn: {layer} passes {keyword}= \(.*\), which the selfattn backend "
+                                         r"does not implement; use attn_implementation='eager'$"):
+        model(**inputs)
+    model.set_attn_implementation("eager")
+    model(**inputs)  # the alternative the message names runs
+
+
+def _attention_call_keywords(root):
+    """{keyword: sorted model families} passed by name at every call of a model's attention function
+    (attention_interface(...), ALL_ATTENTION_FUNCTIONS[...](...), eager_attention_forward(...)) in
+    the modeling files under root."""
+    import ast
+    found = {}
+    for path in sorted(root.glob("models/*/modeling_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+            if isinstance(func, ast.Subscript):  # ALL_ATTENTION_FUNCTIONS[...](...)
+                name = ast.unparse(func.value).rsplit(".", 1)[-1]
+            elif isinstance(func, ast.Call):  # ALL_ATTENTION_FUNCTIONS.get_interface(...)(...)
+                name = ast.unparse(func.func).split(".", 1)[0]
+            if name in ("attention_interface", "ALL_ATTENTION_FUNCTIONS") or \
+                    (name or "").endswith("eager_attention_forward"):
+                for kw in node.keywords:
+                    if kw.arg is not None:
+                        found.setdefault(kw.arg, set()).add(path.parent.name)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def test_every_keyword_the_installed_models_pass_is_known():
+    """Every keyword that a layer of the installed transformers passes to its attention function by
+    name, and every key of its **kwargs TypedDicts, is honoured (a parameter of attention_forward),
+    harmless, or refused: a release that adds one fails here before it is silently dropped."""
+    from pathlib import Path
+    from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
+    from transformers.utils.generic import TransformersKwargs
+    honoured = set(inspect.signature(selfattn_hf.attention_forward).parameters) - {"module", "kwargs"}
+    known = honoured | selfattn_hf.HARMLESS_KEYWORDS | set(selfattn_hf.UNSUPPORTED_KEYWORDS)
+    passed = _attention_call_keywords(Path(transformers.__file__).parent)
+    assert {"scaling", "dropout", "sliding_window"} <= set(passed) and "gpt_oss" in passed["s_aux"]
+    typed = set(TransformersKwargs.__annotations__) | set(FlashAttentionKwargs.__annotations__)
+    unknown = {k: v[:5] for k, v in passed.items() if k not in known}
+    unknown.update({k: ["TransformersKwargs"] for k in typed - known})
+    assert not unknown, f"transformers {transformers.__version__}: keywords neither honoured, harmless nor " \
+                        f"refused (keyword: families): {unknown}"
+    assert not (selfattn_hf.HARMLESS_KEYWORDS & set(selfattn_hf.UNSUPPORTED_KEYWORDS))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ additive float mask. The mask is passed to the op as it comes (a view, never exp
 heads; the kernels read it through its strides).
 
 Works with transformers 4.57.x and 5.x; the differences between their ``sdpa_attention_forward``
-that matter here are handled in ``attention_forward`` (the causal rule, ``position_bias``,
-``softcap``). This module imports transformers only inside ``register``; ``import selfattn``
+that matter here are handled in ``attention_forward`` (the causal rule, ``position_bias``);
+every other keyword a model passes is either bookkeeping (HARMLESS_KEYWORDS) or refused. This module imports transformers only inside ``register``; ``import selfattn``
 never imports it.
 """
 
@@ -31,12 +31,87 @@ from torch import Tensor
 import selfattn
 
 
+# Every keyword a model's layer passes to its attention function falls in one of three groups
+# (read from the modeling files of transformers 4.57.6 and 5.25; tests/test_transformers.py checks
+# the installed release's call sites against them). A keyword in none of them is refused, so a
+# release that adds one that changes the result fails loudly instead of being silently wrong.
+#
+# Honoured: the named parameters of attention_forward (attention_mask, dropout, scaling, is_causal,
+# sliding_window, position_bias, output_attentions).
+#
+# Harmless: bookkeeping that does not change the attention's result here.
+HARMLESS_KEYWORDS = frozenset({
+    "position_ids",  # positions (RoPE is applied before); packed sequences reach us in the mask
+    "cache_position", "past_key_value", "past_key_values", "cache", "use_cache",  # k, v already hold the past
+    "position_embeddings", "layer_idx",  # applied to q and k before the call
+    "output_hidden_states", "output_router_logits", "return_dict", "num_items_in_batch",  # outputs, loss
+    "deterministic",  # flash-attn's determinism switch; selfattn is deterministic by default
+    "seq_idx",  # packed-sequence index of the Mamba kernels; attention's packing is in the mask
+    "logits_indices", "logits_processor_args", "logits_to_keep",  # which logits the model keeps
+    # flash-attn's packed-sequence lengths: transformers builds the same packing into the mask from
+    # position_ids, so they are redundant here, as for sdpa, whenever a mask comes along (checked)
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "max_seqlen_q", "max_seqlen_k",
+})
+# Refused when not None: they change the result and selfattn does not implement them (yet).
+UNSUPPORTED_KEYWORDS = {
+    "softcap": "attention-logit soft-capping",
+    "s_aux": "attention-sink logits",
+    "sinks": "attention-sink logits",
+    "head_mask": "a per-head mask of the attention weights (sdpa ignores it with a warning)",
+    "indices": "sparse key selection",
+    "block_indices": "block-sparse key selection",
+    "read_index": "continuous batching's paged KV cache",
+    "write_index": "continuous batching's paged KV cache",
+    "block_table": "continuous batching's paged KV cache",
+    "k_cache": "continuous batching's paged KV cache",
+    "v_cache": "continuous batching's paged KV cache",
+}
+
+
+def _check_keywords(module: torch.nn.Module, attention_mask: Optional[Tensor], kwargs: dict) -> None:
+    """Refuses, in one sentence naming the keyword and the layer's class, a keyword that would change
+    the result and is not implemented, and any keyword this backend does not know."""
+    layer = type(module).__name__
+    for name, value in kwargs.items():
+        if name in UNSUPPORTED_KEYWORDS:
+            if value is not None:
+                raise ValueError(f"selfattn: {layer} passes {name}= ({UNSUPPORTED_KEYWORDS[name]}), which the "
+                                 "selfattn backend does not implement; use attn_implementation='eager'")
+        elif name not in HARMLESS_KEYWORDS:
+            raise ValueError(f"selfattn: {layer} passes the keyword {name}=, which the selfattn backend does not "
+                             "know and so cannot honour (it may change the result); use "
+                             "attn_implementation='eager'")
+    packed = kwargs.get("cu_seq_lens_q")
+    if packed is not None and attention_mask is None and packed.numel() > 2:
+        raise ValueError(f"selfattn: {layer} passes cu_seq_lens_q= for {packed.numel() - 1} packed sequences but "
+                         "no attention_mask to keep them apart (pass position_ids to the model, from which "
+                         "transformers builds the packed mask), or use attn_implementation='eager'")
+
+
+def _layer_scaling(module: torch.nn.Module, head_dim: int) -> float:
+    """The softmax scale when the layer passes none: 1/sqrt(D), or what 4.57's GPT-2-style layers
+    (gpt2, decision_transformer) apply from their own attributes in their eager function (5.x's
+    pass this product as scaling=)."""
+    scale = head_dim ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
+    if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+        scale /= float(module.layer_idx + 1)
+    return scale
+
+
+def _check_layer(module: torch.nn.Module) -> None:
+    """Refuses a layer whose eager attention reads a score modification from its own attributes
+    rather than from a keyword (4.57's ESM relative position embeddings)."""
+    kind = getattr(module, "position_embedding_type", None)
+    if kind in ("relative_key", "relative_key_query"):
+        raise ValueError(f"selfattn: {type(module).__name__} adds {kind} position embeddings to the scores, which "
+                         "the selfattn backend does not implement; use attn_implementation='eager'")
+
+
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                      attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                      is_causal: Optional[bool] = None, sliding_window: Optional[int] = None,
-                      position_bias: Optional[Tensor] = None, softcap: Optional[float] = None,
-                      head_mask: Optional[Tensor] = None, output_attentions: bool = False,
-                      **kwargs) -> Tuple[Tensor, None]:
+                      attention_mask: Optional[Tensor] = None, dropout: float = 0.0,
+                      scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                      sliding_window: Optional[int] = None, position_bias: Optional[Tensor] = None,
+                      output_attentions: bool = False, **kwargs) -> Tuple[Tensor, None]:
     """transformers' attention-function signature, with the meaning of its ``sdpa_attention_forward``.
 
     query (B, Hq, Nq, D); key, value (B, Hkv, Nk, D) with Hkv dividing Hq — never repeated
@@ -56,15 +131,17 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
       static cache's keys are not the last Nk positions, so a bottom-right band would be wrong there.
     * ``dropout``: the models pass 0 outside training (``0.0 if not self.training else p``), as
       to SDPA; it is selfattn's ``dropout_p``.
-    * ``scaling``: the softmax scale; None is 1/sqrt(D).
+    * ``scaling``: the softmax scale; None is 1/sqrt(D), or 4.57 GPT-2's scale from its layer's
+      ``scale_attn_weights`` / ``scale_attn_by_inverse_layer_idx``.
     * ``position_bias`` (5.x, T5-like models): folded into a float mask, as 5.x's sdpa does.
+    * any other keyword: bookkeeping in HARMLESS_KEYWORDS passes; one in UNSUPPORTED_KEYWORDS
+      (softcap, GPT-OSS's s_aux sinks, head_mask, sparse indices, a paged cache) is refused unless
+      None, and so is every keyword in neither list.
     """
-    if softcap is not None:
-        raise ValueError("selfattn: softcap (attention-logit soft-capping) is not supported; "
-                         "use attn_implementation='eager'")
-    if head_mask is not None:
-        raise ValueError("selfattn: head_mask is not supported (sdpa ignores it with a warning); "
-                         "use attn_implementation='eager'")
+    _check_keywords(module, attention_mask, kwargs)
+    _check_layer(module)
+    if scaling is None:
+        scaling = _layer_scaling(module, query.shape[-1])
     if output_attentions:
         warnings.warn("selfattn does not return attention weights (output_attentions=True): "
                       "they are None, as with sdpa", stacklevel=2)
