@@ -341,6 +341,10 @@ def test_unsupported_arguments_are_refused():
         selfattn_hf.attention_forward(_Module(), q, k, v, None, s_aux=torch.zeros(2))
     with pytest.raises(ValueError, match=r"the keyword frobnicate=, which the selfattn backend does not know"):
         selfattn_hf.attention_forward(_Module(), q, k, v, None, frobnicate=False)
+    relative = _Module()
+    relative.position_embedding_type = "relative_key"  # 4.57's ESM: read by its eager function, no keyword
+    with pytest.raises(ValueError, match=r"_Module adds relative_key position embeddings to the scores"):
+        selfattn_hf.attention_forward(relative, q, k, v, None)
     packed = torch.tensor([0, 2, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"cu_seq_lens_q= for 2 packed sequences but no attention_mask"):
         selfattn_hf.attention_forward(_Module(), q, k, v, None, cu_seq_lens_q=packed, cu_seq_lens_k=packed)
