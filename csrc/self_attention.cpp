@@ -33,22 +33,25 @@ std::array<at::Tensor, 3> split_heads(const at::Tensor& packed, const LayerShape
           heads.narrow(2, s.heads + s.heads_kv, s.heads_kv).transpose(1, 2)};
 }
 
-// The projection GEMMs. float16 ones on a CPU without float16 arithmetic (no AVX512-FP16) fall
-// back in ATen to code 4-90x slower than float32 (AMD EPYC Zen 5, (4096, 512) x (512, 1536):
-// 196 ms forward, 1.2-3.9 s for the backward's two products, against 44-47 ms in float32), so
-// those run in float32 on widened copies, rounded to float16 once at the end: float32
-// accumulation, as a float16 GEMM's own.
-bool widen_float16_gemm(const at::Tensor& t) {
+// The projection GEMMs. A float16 or bfloat16 one on a CPU without that type's arithmetic
+// (AVX512-FP16, AVX512-BF16) falls back in ATen to code 4-90x slower than float32 (AMD EPYC
+// Zen 5, float16 (4096, 512) x (512, 1536): 196 ms forward, 1.2-3.9 s for the backward's two
+// products, against 44-47 ms in float32; Zen 1, bfloat16: 5.5 s against 0.20 s), so those run in
+// float32 on widened copies, rounded once at the end: float32 accumulation, as the
+// reduced-precision GEMM's own.
+bool widen_gemm(const at::Tensor& t) {
   static const bool has_float16_arithmetic = __builtin_cpu_supports("avx512fp16");
-  return t.is_cpu() && t.scalar_type() == at::kHalf && !has_float16_arithmetic;
+  static const bool has_bfloat16_arithmetic = __builtin_cpu_supports("avx512bf16");
+  return t.is_cpu() && ((t.scalar_type() == at::kHalf && !has_float16_arithmetic) ||
+                        (t.scalar_type() == at::kBFloat16 && !has_bfloat16_arithmetic));
 }
 
 // a · b (+ bias, broadcast over rows).
 at::Tensor projection_mm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
-  if (widen_float16_gemm(a)) {
+  if (widen_gemm(a)) {
     const at::Tensor product = projection_mm(a.to(at::kFloat), b.to(at::kFloat),
                                              bias.has_value() ? std::optional(bias->to(at::kFloat)) : std::nullopt);
-    return product.to(at::kHalf);
+    return product.to(a.scalar_type());
   }
   return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
