@@ -25,14 +25,21 @@ def mem_available_bytes() -> Optional[float]:
 
 
 def cpu_model() -> str:
-    """/proc/cpuinfo's model name, or what `platform` knows."""
+    """/proc/cpuinfo's model name with its CPU family and model (VMs often name only "AMD EPYC":
+    family 23 is Zen 1/2, 25 Zen 3/4, 26 Zen 5), or what `platform` knows."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    if "model name" in fields:
+        family = f" (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else ""
+        return fields["model name"] + family
     return platform.processor() or platform.machine()
 
 

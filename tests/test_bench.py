@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn.bench import cases, impls, measure, run, variants
+from selfattn.bench import cases, impls, isa, measure, run, variants
 from selfattn.bench.__main__ import main
 
 TINY = "1x32x64x2"
@@ -345,3 +345,28 @@ def test_bf16_script_runs(tmp_path):
     for row in results:
         assert set(row["speedup"]) >= {"sdpa-bf16", "selfattn-fp32"}
         assert all(v > 0 and math.isfinite(v) for ratios in row["speedup"].values() for v in ratios)
+
+
+@pytest.mark.skipif(not isa.cpu_flags(), reason="no /proc/cpuinfo flags to tell the caps this CPU can run")
+def test_isa_sweep_caps_both_sides_and_says_what_ran(tmp_path, capsys):
+    """--sweep isa with the baseline cap (every x86-64 CPU runs it): the probe finds ATen and
+    selfattn both on DEFAULT, and the run's tables come back under the cap's heading."""
+    path = tmp_path / "isa.json"
+    assert main(["--sweep", "isa", "--caps", "default", "--probe-size", "64", "--quick", "--shapes", TINY,
+                 "--dtype", "float32", "--causal", "no", "--level", "core", "--modes", "fwd", "--repeats", "2",
+                 "--threads", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    (only,) = result["runs"]
+    assert only["cap"] == "default" and only["env"]["ATEN_CPU_CAPABILITY"] == "default"
+    assert only["probe"]["aten"] == "DEFAULT" and only["probe"]["selfattn"] == "DEFAULT"
+    assert set(only["probe"]["rates"]) == {"sgemm", "bf16 matmul"}
+    assert {r["impl"] for r in only["result"]["records"]} == {"selfattn", "sdpa"}
+    assert "cap default (`SELFATTN_CPU_CAPABILITY=default`" in out and "ran: ATen DEFAULT, selfattn DEFAULT" in out
+    assert "| selfattn |" in out
+
+
+def test_isa_cap_check_names_the_side_that_runs_another_set():
+    assert isa.check_cap("avx2", {"aten": "AVX2", "selfattn": "AVX2"}) is None
+    assert isa.check_cap("avx512", {"aten": "AVX2", "selfattn": "AVX512"}) == "capped to avx512, but aten runs AVX2"
+    assert isa.check_cap("amx", {"aten": "AVX512", "selfattn": "AVX512"}) is None

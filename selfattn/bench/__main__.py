@@ -27,7 +27,9 @@ whole layer (the tutorial's module, eager, F.linear + SDPA, nn.MultiheadAttentio
 SelfAttention), forward and forward+backward, interleaved in rounds with a large GEMM. Reports
 median (min-max) times, FLOP rates, % of the GEMM rate, selfattn's speedup over each (median of
 per-round ratios) and peak memory; prints markdown tables, writes JSON and a PNG plot. --sweep decode
-runs the KV-cache decoding benchmark (selfattn/bench/decode.py, its own options). --sweep masks
+runs the KV-cache decoding benchmark (selfattn/bench/decode.py, its own options). --sweep isa runs
+the targets sweep once per instruction-set cap this CPU can run, both sides capped alike
+(selfattn/bench/isa.py: --caps, and the options below). --sweep masks
 times the masked variants (padding, varlen, GQA, sliding window, random mask), each against selfattn
 without the variant and SDPA given the same inputs."""
 
@@ -132,19 +134,25 @@ def _make_device(args: argparse.Namespace):
     return CpuDevice(threads)
 
 
-def _decode_argv(argv: List[str]) -> Optional[List[str]]:
-    """The remaining arguments when the sweep is 'decode' (its own runner: selfattn/bench/decode.py)."""
+def _runner_argv(argv: List[str], sweep: str) -> Optional[List[str]]:
+    """The remaining arguments when the sweep is one with a runner of its own ('decode':
+    selfattn/bench/decode.py; 'isa': selfattn/bench/isa.py), else None."""
     for i, arg in enumerate(argv):
-        if arg == "--sweep=decode" or (arg == "--sweep" and argv[i + 1:i + 2] == ["decode"]):
+        if arg == f"--sweep={sweep}" or (arg == "--sweep" and argv[i + 1:i + 2] == [sweep]):
             return argv[:i] + argv[i + (1 if "=" in arg else 2):]
     return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    decode_argv = _decode_argv(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    decode_argv = _runner_argv(argv, "decode")
     if decode_argv is not None:
         from selfattn.bench import decode
         return decode.main(decode_argv)
+    isa_argv = _runner_argv(argv, "isa")
+    if isa_argv is not None:
+        from selfattn.bench import isa
+        return isa.main(isa_argv)
     args = parse_args(argv)
     dev = _make_device(args)
     opts, sweep = make_options(args, dev)

@@ -207,6 +207,9 @@ SWEEPS: Dict[str, Sweep] = {
                       for n in (512, 1024, 2048, 4096, 8192)),
                 dtypes=("bfloat16",), levels=("core",), modes=("fwd", "bwd"),
                 note="FlashAttention's benchmark shapes (batch·seqlen = 16384, heads·head_dim = 2048)"),
+    # The every-CPU targets (--sweep isa runs them once per instruction-set cap).
+    "targets": Sweep((Shape(8, 512, 512, 8), Shape(2, 2048, 512, 8)), memory=False,
+                     note="the every-CPU targets: core and layer, float32 and bfloat16"),
     # Issue 9's cases: each variant against selfattn without it and SDPA given the same inputs.
     "masks": Sweep((), dtypes=("float32",), levels=(MASKS_LEVEL,), memory=False,
                    cases=(Case(Shape(8, 512, 512, 8), False, "float32", "padding"),
