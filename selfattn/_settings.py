@@ -268,13 +268,12 @@ def build_extension_class(config: ExtensionConfig):
     instruction this CPU may lack (tests/test_dispatch.py checks the library's instructions).
     Imports torch.utils.cpp_extension: call after extension_config().
     """
-    from setuptools.modified import newer_group
     from torch.utils.cpp_extension import BuildExtension
 
     class SelfattnBuildExtension(BuildExtension):
         def build_extension(self, ext):
             library = self.get_ext_fullpath(ext.name)
-            if self.force or newer_group(list(ext.sources) + list(ext.depends), library, "newer"):
+            if self.force or any_newer(list(ext.sources) + list(ext.depends), library):
                 ext.extra_objects = []
                 for capability, sources in config.cpu_variant_sources.items():
                     flags = dict(ext.extra_compile_args)  # with what BuildExtension added by now
@@ -285,6 +284,23 @@ def build_extension_class(config: ExtensionConfig):
             super().build_extension(ext)  # compiles ext.sources, links them + extra_objects
 
     return SelfattnBuildExtension
+
+
+def any_newer(inputs: list[str], target: str) -> bool:
+    """Whether target is missing or older than one of inputs (a missing input counts as newer):
+    setuptools.modified.newer_group(inputs, target, "newer"), done here because that module
+    came with setuptools 69 and the build supports older ones."""
+    try:
+        built = os.stat(target).st_mtime
+    except FileNotFoundError:
+        return True
+    for path in inputs:
+        try:
+            if os.stat(path).st_mtime > built:
+                return True
+        except FileNotFoundError:
+            return True
+    return False
 
 
 def _relative_to_cwd(path: str) -> str:

@@ -156,3 +156,18 @@ def test_cpu_kernels_are_compiled_once_per_capability(monkeypatch):
         assert f"-DSELFATTN_CPU_HAS_{capability}" in config.cxx_flags  # what dispatch.cpp may pick
     assert not [f for f in _settings.CAPABILITY_FLAGS["DEFAULT"] if f.startswith("-m")]
     assert "-mavx512f" in _settings.CAPABILITY_FLAGS["AVX512"] and "-mavx2" in _settings.CAPABILITY_FLAGS["AVX2"]
+
+
+def test_a_newer_library_counts_as_up_to_date(tmp_path):
+    """The build's own test of whether to compile the CPU kernels' copies (setuptools.modified's
+    newer_group, which older setuptools lack)."""
+    source, library = tmp_path / "a.cpp", tmp_path / "lib.so"
+    source.write_text("")
+    assert _settings.any_newer([str(source)], str(library))  # no library yet
+    library.write_text("")
+    os.utime(source, (1000, 1000))
+    os.utime(library, (2000, 2000))
+    assert not _settings.any_newer([str(source)], str(library))
+    assert _settings.any_newer([str(source), str(tmp_path / "gone.h")], str(library))  # missing: newer
+    os.utime(source, (3000, 3000))
+    assert _settings.any_newer([str(source)], str(library))
