@@ -49,6 +49,16 @@ def test_build_info_says_how_far_the_cuda_kernels_are_tested(tmp_path):
     assert "CPU kernels DEFAULT, sanitizers address+undefined, no CUDA" in str(cpu)
 
 
+def test_build_info_says_why_a_cuda_torch_got_no_cuda(tmp_path):
+    """pip hides setup.py's output: a build that left CUDA out for a mismatched toolkit says so here."""
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(_load.BUILD_MARKER + b"torch:2.6.0+cu124,cpu:DEFAULT,cuda:none,cuda_toolkit_mismatch:13.0/12.4\0")
+    info = _load.read_build_info(str(fake), "compiled")
+    assert (info.cuda, info.cuda_toolkit_mismatch) == (None, "13.0/12.4")
+    assert str(info).endswith("no CUDA (the CUDA toolkit found is CUDA 13.0, torch's CUDA is 12.4: rebuild with "
+                              f"CUDA_HOME at a CUDA 12.x toolkit for the CUDA kernels): {fake}")
+
+
 def test_build_info_says_which_cpu_kernels_run():
     """Every x86-64 build holds the three copies and runs one (tests/test_dispatch.py: which)."""
     info = selfattn.build_info()
