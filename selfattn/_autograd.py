@@ -381,6 +381,19 @@ attention_fwd_function = _register(
 self_attention_fwd_function = _register(
     _self_attention_fwd, _self_attention_setup_context, _self_attention_backward, _self_attention_tangent)
 
+
+def _values(t: Tensor) -> list:
+    """A 1-d tensor's values as a Python list, read on the host. torch 2.6's tolist() reads the
+    data pointer itself, which a tensor wrapped by a torch.func level (cu_seqlens saved under
+    torch.func.jvp) lacks ("Cannot access data pointer of Tensor that doesn't have storage");
+    element by element, each read goes through the dispatcher and the wrapper. Newer torch's
+    tolist() works on it."""
+    try:
+        return t.tolist()
+    except RuntimeError:
+        return [x.item() for x in t]
+
+
 def _varlen_tangent(ctx, tangent_q, tangent_k, tangent_v, *_integer_inputs):
     """attention_jvp once per sequence, on (1, H, n_s, D) views of the packed tensors (the
     sequence boundaries read on the host: a synchronisation on CUDA), tangents joined along T."""
@@ -391,7 +404,7 @@ def _varlen_tangent(ctx, tangent_q, tangent_k, tangent_v, *_integer_inputs):
     if tangent_q is None and tangent_k is None and tangent_v is None:
         return None, None
     q, k, v, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    bounds_q, bounds_k = _values(cu_seqlens_q), _values(cu_seqlens_k)
 
     def rows(t, start, end):
         return None if t is None else t[start:end].transpose(0, 1).unsqueeze(0)

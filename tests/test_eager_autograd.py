@@ -34,7 +34,8 @@ CASES = list(cases())
 def forward_and_grads(fwd, q, k, v, args):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fwd(q, k, v, *args)
-    grad_out = torch.randn_like(out, generator=torch.Generator().manual_seed(5))
+    # (randn, not randn_like: torch 2.6's randn_like takes no generator)
+    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5))
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     return out, grads
 
