@@ -15,6 +15,9 @@ import torch
 
 from selfattn import _settings
 
+# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+pytestmark = pytest.mark.floor
+
 
 def fake_toolkit(root: Path) -> Path:
     (root / "bin").mkdir(parents=True)
