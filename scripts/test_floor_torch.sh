@@ -28,7 +28,8 @@ if ! "$env/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('
   rm -rf "$env"
   "$PYTHON" -m venv "$env"
   # No pip cache: the wheels are installed once into the kept venv, and would take 3.5 GB more.
-  "$env/bin/python" -m pip install -q --no-cache-dir "torch==$FLOOR_TORCH" "setuptools==$FLOOR_SETUPTOOLS"
+  # (numpy with torch, which warns on import without it)
+  "$env/bin/python" -m pip install -q --no-cache-dir "torch==$FLOOR_TORCH" "setuptools==$FLOOR_SETUPTOOLS" numpy
 fi
 "$env/bin/python" -c "import torch, setuptools; print('test_floor_torch: torch', torch.__version__, '| CUDA', torch.version.cuda, '| setuptools', setuptools.__version__)"
 echo "test_floor_torch: torch ready after $((SECONDS - start)) s"
