@@ -193,9 +193,9 @@ def cuda_mismatch(toolkit: str, version: str | None) -> str | None:
     torch_major = torch.version.cuda.split(".")[0]
     if version.split(".")[0] == torch_major:
         return None
-    return (f"the CUDA toolkit at {toolkit} is CUDA {version}, but torch {torch.__version__} was built "
-            f"with CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch_major}.x toolkit to build "
-            "the CUDA kernels)")
+    return (f"the CUDA toolkit at {toolkit} is CUDA {version}, not the CUDA {torch_major}.x torch {torch.__version__} "
+            f"was built with ({torch.version.cuda}); set CUDA_HOME to a CUDA {torch_major}.x toolkit to build the "
+            "CUDA kernels")
 
 
 def cuda_choice() -> tuple[bool, str | None]:

@@ -198,8 +198,8 @@ def test_toolkit_of_another_major_version_gives_a_cpu_only_build_in_one_sentence
     assert _settings.want_cuda() is False
     message = capsys.readouterr().err.strip()
     assert message == (f"selfattn: building the CPU kernels only: the CUDA toolkit at {toolkit} is CUDA 13.0, "
-                       "but torch 2.6.0+cu124 was built with CUDA 12.4 (set CUDA_HOME to a CUDA 12.x toolkit "
-                       "to build the CUDA kernels).")
+                       "not the CUDA 12.x torch 2.6.0+cu124 was built with (12.4); set CUDA_HOME to a CUDA 12.x "
+                       "toolkit to build the CUDA kernels.")
     assert not _settings.extension_config().with_cuda
     monkeypatch.setenv("SELFATTN_CUDA", "1")  # the same words, as an error
     with pytest.raises(RuntimeError) as error:
