@@ -2,12 +2,14 @@
 
     pip install --no-build-isolation .      # compiles against the torch already installed
 
-Sources and flags come from selfattn/_settings.py, which the JIT build uses too.
-Environment: MAX_JOBS (parallel compile jobs), SELFATTN_CUDA=0|1 (force the CUDA sources
-off or on), CUDA_HOME (the CUDA toolkit; default: found as torch finds it), TORCH_CUDA_ARCH_LIST
-(GPU archs; default the visible GPUs', else 8.0;9.0), SELFATTN_SANITIZE=1 (CPU only, ASan and
-UBSan). The CPU kernels are compiled for every x86-64 instruction set they have code for (DEFAULT,
-AVX2, AVX512); the one to run is chosen at run time (csrc/cpu/dispatch.cpp).
+Sources and flags come from selfattn/_settings.py, which the JIT build uses too. A torch older
+than _settings.TORCH_FLOOR is refused before anything is compiled. Environment: MAX_JOBS (parallel
+compile jobs), SELFATTN_CUDA=0|1 (force the CUDA sources off or on; unset, a CUDA toolkit of another
+major version than torch's CUDA gives a CPU-only build, said in one line), CUDA_HOME (the CUDA
+toolkit; default: found as torch finds it), TORCH_CUDA_ARCH_LIST (GPU archs; default the visible
+GPUs', else 8.0;9.0), SELFATTN_SANITIZE=1 (CPU only, ASan and UBSan). The CPU kernels are compiled
+for every x86-64 instruction set they have code for (DEFAULT, AVX2, AVX512); the one to run is
+chosen at run time (csrc/cpu/dispatch.cpp).
 """
 
 import importlib.util
@@ -31,8 +33,13 @@ if shutil.which(_compiler) is None:
     sys.exit(f"selfattn: building the extension needs a C++ compiler, but {_compiler!r} is not on PATH "
              "(install g++, or point CXX at one).")
 
-# Settles CUDA_HOME and TORCH_CUDA_ARCH_LIST before cpp_extension reads them.
-config = _settings.extension_config()
+# Refuses a torch older than the floor and a SELFATTN_CUDA=1 that cannot be met, before anything
+# is compiled; settles CUDA_HOME and TORCH_CUDA_ARCH_LIST before cpp_extension reads them.
+try:
+    config = _settings.extension_config()
+except RuntimeError as error:
+    message = str(error)
+    sys.exit(message if message.startswith("selfattn") else f"selfattn: {message}")
 
 from torch.utils.cpp_extension import CppExtension, CUDAExtension  # noqa: E402
 

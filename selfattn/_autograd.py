@@ -40,11 +40,12 @@ import sys
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
-from torch._functorch.utils import enable_single_level_autograd_function
-from torch.autograd.forward_ad import _set_fwd_grad_enabled
-from torch.autograd.function import _SingleLevelFunction
+
+from ._torch_internals import (AutoDispatchBelowAutograd, OptionalType, SingleLevelFunction, TensorType,
+                               after_autograd_keyset, are_functorch_transforms_active,
+                               enable_single_level_autograd_function, forward_ad_level, is_any_autocast_enabled,
+                               op_entry, op_name, op_schema, set_fwd_grad_enabled)
 
 from ._refusals import (_LAYER_ALTERNATIVE, _SDPA_MATH, _VARLEN_ALTERNATIVE, _refuse_derivative_of_jvp,
                         _refuse_double_backward, _refuse_dropout_tangent, _refuse_forward_mode, _refuse_mask_grad,
@@ -54,13 +55,13 @@ from ._refusals import (_LAYER_ALTERNATIVE, _SDPA_MATH, _VARLEN_ALTERNATIVE, _re
 from ._op_handles import (_attention_bwd, _attention_fwd, _attention_jvp, _self_attention_bwd, _self_attention_fwd,
                           _varlen_attention_bwd, _varlen_attention_fwd)
 # (OpOverload._op: the C++ entry point; OpOverload.__call__ costs ~0.5 µs more.)
-_attention_eager = torch.ops.selfattn._attention_eager.default._op
+_attention_eager = op_entry(torch.ops.selfattn._attention_eager.default)
 # The same op's plain call (no mask, window or dropout) without torch.ops' generic argument
 # conversion (csrc/python_module.cpp); NotImplemented when it cannot take the arguments. Only the
 # compiled build has it as a module (the JIT build is loaded as a plain library).
 _attention_eager_plain = getattr(sys.modules.get("selfattn._C"), "attention_eager", None)
 
-_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_BelowAutograd = AutoDispatchBelowAutograd
 _lib = torch.library.Library("selfattn", "IMPL")
 
 # ---------------------------------------------------------------------------------------------
@@ -68,15 +69,15 @@ _lib = torch.library.Library("selfattn", "IMPL")
 
 
 _is_compiling = torch.compiler.is_compiling
-_functorch_active = torch._C._are_functorch_transforms_active
-_any_autocast_enabled = torch._C._is_any_autocast_enabled
+_functorch_active = are_functorch_transforms_active
+_any_autocast_enabled = is_any_autocast_enabled
 
 
 def _differentiating(tensors: Sequence[Optional[Tensor]]) -> bool:
     """Whether a call must go through the op's autograd Function: a gradient is wanted of one of
     its tensors, or forward-mode AD is on (an input carrying only a tangent does not require grad,
-    so requires_grad alone would miss it). A loop, not torch._C._any_requires_grad: ~5x faster."""
-    if _forward_ad._current_level >= 0:
+    so requires_grad alone would miss it). A loop, not torch's private _any_requires_grad: ~5x faster."""
+    if forward_ad_level() >= 0:
         return True
     if not torch.is_grad_enabled():
         return False
@@ -99,7 +100,7 @@ def call(op, function, args: tuple, tensors: tuple):
     if _differentiating(tensors):
         return function.apply(*args)
     with _BelowAutograd():
-        return op._op(*args)  # the C++ entry point: OpOverload.__call__ costs ~0.5 µs more
+        return op_entry(op)(*args)  # the C++ entry point: OpOverload.__call__ costs ~0.5 µs more
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_mask: Optional[Tensor] = None,
@@ -109,7 +110,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_
     autograd (csrc/eager.cpp): a small call in grad mode takes ~3/4 of the time (BENCHMARKS.md). What needs the
     Python Autograd kernel (tracing, torch.func, autocast's cast before autograd records, forward
     mode) takes call()."""
-    if not (_is_compiling() or _functorch_active() or _any_autocast_enabled() or _forward_ad._current_level >= 0):
+    if not (_is_compiling() or _functorch_active() or _any_autocast_enabled() or forward_ad_level() >= 0):
         if rng_state is None and dropout_p == 0.0:
             if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
                 if _attention_eager_plain is not None:
@@ -154,31 +155,32 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, 
 
 def _register(op, setup_context: Callable, backward: Callable, jvp: Callable):
     """The op's autograd Function and its Autograd kernel; returns the Function."""
-    name = op._opname
-    tensor_positions = [i for i, arg in enumerate(op._schema.arguments)
-                        if arg.type in (torch._C.TensorType.get(), torch._C.OptionalType(torch._C.TensorType.get()))]
+    name = op_name(op)
+    entry = op_entry(op)
+    tensor_positions = [i for i, arg in enumerate(op_schema(op).arguments)
+                        if arg.type in (TensorType.get(), OptionalType(TensorType.get()))]
 
     def forward(ctx, *args):
         if _functorch_active():
             # Function.apply turned both gradient modes off; the torch.func levels below this one
             # (the outer grad of grad(grad(f)), the jvp of jacfwd(jacrev(f))) must still record
             # this call. functorch's own single-level Functions do the same.
-            with torch.enable_grad(), _set_fwd_grad_enabled(True), _BelowAutograd():
+            with torch.enable_grad(), set_fwd_grad_enabled(True), _BelowAutograd():
                 output = op(*args)
         else:
             with _BelowAutograd():
-                output = op._op(*args)
+                output = entry(*args)
         setup_context(ctx, args, output)
         return output
 
-    function = type(f"{name}_function", (_SingleLevelFunction,), {
+    function = type(f"{name}_function", (SingleLevelFunction,), {
         "forward": staticmethod(forward), "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
 
     def autograd_kernel(keyset, *args):
         # (The dispatcher leaves out trailing arguments at their defaults, such as attn_mask=None.)
         if not _differentiating([args[i] for i in tensor_positions if i < len(args)]):
             with _BelowAutograd():
-                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+                return op.redispatch(keyset & after_autograd_keyset, *args)
         if _functorch_active():
             with enable_single_level_autograd_function():
                 return function.apply(*args)
@@ -229,7 +231,7 @@ attention_jvp_function = _register(
 def _forward_mode_possible() -> bool:
     """Whether a jvp may follow this forward (a dual level is open, or a torch.func transform is
     active): only then are the inputs kept for it (save_for_forward), off the plain backward path."""
-    return _forward_ad._current_level >= 0 or _functorch_active()
+    return forward_ad_level() >= 0 or _functorch_active()
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -379,6 +381,19 @@ attention_fwd_function = _register(
 self_attention_fwd_function = _register(
     _self_attention_fwd, _self_attention_setup_context, _self_attention_backward, _self_attention_tangent)
 
+
+def _values(t: Tensor) -> list:
+    """A 1-d tensor's values as a Python list, read on the host. torch 2.6's tolist() reads the
+    data pointer itself, which a tensor wrapped by a torch.func level (cu_seqlens saved under
+    torch.func.jvp) lacks ("Cannot access data pointer of Tensor that doesn't have storage");
+    element by element, each read goes through the dispatcher and the wrapper. Newer torch's
+    tolist() works on it."""
+    try:
+        return t.tolist()
+    except RuntimeError:
+        return [x.item() for x in t]
+
+
 def _varlen_tangent(ctx, tangent_q, tangent_k, tangent_v, *_integer_inputs):
     """attention_jvp once per sequence, on (1, H, n_s, D) views of the packed tensors (the
     sequence boundaries read on the host: a synchronisation on CUDA), tangents joined along T."""
@@ -389,7 +404,7 @@ def _varlen_tangent(ctx, tangent_q, tangent_k, tangent_v, *_integer_inputs):
     if tangent_q is None and tangent_k is None and tangent_v is None:
         return None, None
     q, k, v, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    bounds_q, bounds_k = _values(cu_seqlens_q), _values(cu_seqlens_k)
 
     def rows(t, start, end):
         return None if t is None else t[start:end].transpose(0, 1).unsqueeze(0)

@@ -54,11 +54,18 @@ class BuildInfo:
     sanitize: str | None = None  # the sanitizers compiled in, e.g. "address+undefined"
     cpu_capability: str | None = None  # the copy in use (chosen at run time); None before loading
     bf16_gemm: str | None = None  # what bf16 tile GEMMs run on in that copy (the op _bf16_tile_gemm)
+    # "13.0/12.4": the CUDA toolkit found and torch's CUDA, when their major versions differed and
+    # the build went CPU-only for it
+    cuda_toolkit_mismatch: str | None = None
 
     def __str__(self) -> str:
         if self.cuda:
             archs = ", ".join(_arch_name(a) for a in (self.cuda_archs or "?").split("/"))
             cuda = f"CUDA {self.cuda} kernels compiled for {archs}, {CUDA_STATUS}"
+        elif self.cuda_toolkit_mismatch:
+            toolkit, _, torch_cuda = self.cuda_toolkit_mismatch.partition("/")
+            cuda = (f"no CUDA (the CUDA toolkit found is CUDA {toolkit}, torch's CUDA is {torch_cuda}: rebuild "
+                    f"with CUDA_HOME at a CUDA {torch_cuda.split('.')[0]}.x toolkit for the CUDA kernels)")
         else:
             cuda = "no CUDA"
         sanitize = f", sanitizers {self.sanitize}" if self.sanitize else ""
@@ -95,7 +102,7 @@ def read_build_info(library: str, kind: str) -> BuildInfo | None:
     return BuildInfo(kind=kind, path=library, torch=fields.get("torch", "?"),
                      cpu_capabilities=tuple(fields.get("cpu", "?").split("/")),
                      cuda=None if cuda == "none" else cuda, cuda_archs=fields.get("archs"),
-                     sanitize=fields.get("sanitize"))
+                     sanitize=fields.get("sanitize"), cuda_toolkit_mismatch=fields.get("cuda_toolkit_mismatch"))
 
 
 def _check_compatible(info: BuildInfo) -> None:
@@ -150,7 +157,10 @@ def _load_jit(reason: str) -> BuildInfo:
     if shutil.which(compiler) is None:
         raise ImportError(f"selfattn: {reason}, and building csrc/ needs a C++ compiler, but "
                           f"{compiler!r} is not on PATH (install g++, or set CXX).")
-    config = _settings.extension_config()  # before cpp_extension is imported: it reads CUDA_HOME
+    try:  # before cpp_extension is imported: it reads CUDA_HOME
+        config = _settings.extension_config()
+    except RuntimeError as error:  # a torch below the floor, an unmet SELFATTN_CUDA=1
+        raise ImportError(f"selfattn: {reason}, and no JIT build: {error}") from error
     if config.sanitize:
         _check_sanitizer_runtime()
     from torch.utils import cpp_extension

@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,30 @@ CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h
 # GPU architectures to compile for when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible:
 # A100 and H100.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+# The oldest torch release the C++ sources compile against and the Python side runs on; CI builds
+# and tests both ends (scripts/test_floor_torch.sh: this one; .ci/run: the newest). Kept equal to
+# the torch floor in requirements.txt and pyproject.toml.
+TORCH_FLOOR = (2, 6)
+
+
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string: "2.6.0+cu124" -> (2, 6)."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:
+        raise RuntimeError(f"selfattn: cannot read a release from torch's version {version!r}.")
+    return int(found.group(1)), int(found.group(2))
+
+
+def check_torch_supported(version: str | None = None) -> None:
+    """Refuses, in one sentence, a torch older than TORCH_FLOOR: before anything is compiled
+    (setup.py and the JIT build call this first)."""
+    version = version or torch.__version__
+    if torch_release(version) < TORCH_FLOOR:
+        floor = ".".join(map(str, TORCH_FLOOR))
+        raise RuntimeError(f"selfattn supports torch {floor} or newer, but torch {version} is installed; "
+                           f"upgrade it with `pip install 'torch>={floor}'` and build again.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,24 +169,73 @@ def cuda_library_include_dirs(toolkit: str) -> list[str]:
     return sorted(dirs)
 
 
-def want_cuda() -> bool:
-    """Build the CUDA sources when torch is a CUDA build and a CUDA toolkit is present
-    (no GPU needed); SELFATTN_CUDA=0 or 1 forces the choice. Sanitizer builds are CPU only."""
+def toolkit_cuda_version(root: str | Path) -> str | None:
+    """The CUDA version of a toolkit ("13.0"), read as torch reads it: from `nvcc --version`."""
+    try:
+        result = subprocess.run([str(Path(root) / "bin" / "nvcc"), "--version"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", result.stdout)
+    return found.group(1) if found else None
+
+
+def cuda_mismatch(toolkit: str, version: str | None) -> str | None:
+    """Why a toolkit of that CUDA version cannot build against this torch's CUDA, in words, or None
+    when it can.
+
+    Judged as torch.utils.cpp_extension judges (and would refuse the build with a message
+    that names neither selfattn nor a way out): another major version is a mismatch; another minor
+    version only gets torch's warning, and builds. A toolkit whose version nvcc does not say is
+    left to torch's own check."""
+    if version is None or torch.version.cuda is None:
+        return None
+    torch_major = torch.version.cuda.split(".")[0]
+    if version.split(".")[0] == torch_major:
+        return None
+    return (f"the CUDA toolkit at {toolkit} is CUDA {version}, not the CUDA {torch_major}.x torch {torch.__version__} "
+            f"was built with ({torch.version.cuda}); set CUDA_HOME to a CUDA {torch_major}.x toolkit to build the "
+            "CUDA kernels")
+
+
+def cuda_choice() -> tuple[bool, str | None]:
+    """Whether to build the CUDA sources, and the CUDA version of a toolkit passed over for not
+    matching torch's (None if none was).
+
+    CUDA is built when torch is a CUDA build and a CUDA toolkit of the same major version is present
+    (no GPU needed); a toolkit of another major version gives a CPU-only build, said in one line.
+    SELFATTN_CUDA=0 or 1 forces the choice (1 makes a mismatch an error). Sanitizer builds are CPU
+    only."""
     forced = os.environ.get("SELFATTN_CUDA")
     if forced == "1" and want_sanitize():
         raise RuntimeError("SELFATTN_SANITIZE=1 builds the CPU library only; unset SELFATTN_CUDA=1")
     if forced == "0" or want_sanitize():
-        return False
+        return False, None
     has_sources = bool(glob.glob(str(CSRC / "cuda" / "*.cu")))
-    possible = torch.version.cuda is not None and has_sources and cuda_toolkit_root() is not None
+    toolkit = cuda_toolkit_root()
+    possible = torch.version.cuda is not None and has_sources and toolkit is not None
     if forced == "1" and not possible:
         explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-        toolkit = (f"CUDA_HOME={explicit} lacks bin/nvcc or cuda_runtime.h" if explicit else
-                   f"none on PATH or in {DEFAULT_CUDA_HOME}; set CUDA_HOME")
+        where = (f"CUDA_HOME={explicit} lacks bin/nvcc or cuda_runtime.h" if explicit else
+                 f"none on PATH or in {DEFAULT_CUDA_HOME}; set CUDA_HOME")
         raise RuntimeError(
             "SELFATTN_CUDA=1, but a CUDA build needs a CUDA build of torch "
-            f"(this one: {torch.__version__}), a CUDA toolkit ({toolkit}), and csrc/cuda/*.cu")
-    return possible
+            f"(this one: {torch.__version__}), a CUDA toolkit ({where}), and csrc/cuda/*.cu")
+    if not possible:
+        return False, None
+    version = toolkit_cuda_version(toolkit)
+    mismatch = cuda_mismatch(toolkit, version)
+    if mismatch is None:
+        return True, None
+    if forced == "1":
+        raise RuntimeError(f"SELFATTN_CUDA=1, but {mismatch}.")
+    print(f"selfattn: building the CPU kernels only: {mismatch}.", file=sys.stderr, flush=True)
+    return False, version
+
+
+def want_cuda() -> bool:
+    """Whether to build the CUDA sources (cuda_choice)."""
+    return cuda_choice()[0]
 
 
 def cuda_arch_list() -> str:
@@ -206,13 +280,16 @@ class ExtensionConfig:
 def extension_config() -> ExtensionConfig:
     """Sources and flags of the C++ library, for setup.py and the JIT build alike. Sets CUDA_HOME
     and TORCH_CUDA_ARCH_LIST for torch.utils.cpp_extension when they are unset."""
-    with_cuda = want_cuda()
+    check_torch_supported()
+    with_cuda, passed_over = cuda_choice()
     sanitize = want_sanitize()
     capabilities = compiled_cpu_capabilities()
     include_dirs = []
     # Passed unquoted through the shell and stringized in selfattn.cpp: no quotes, spaces or ';'.
     info = (f"torch:{torch.__version__},cpu:{'/'.join(capabilities)},"
             f"cuda:{torch.version.cuda if with_cuda else 'none'}")
+    if passed_over:  # selfattn.build_info() says why there is no CUDA (pip hides setup.py's output)
+        info += f",cuda_toolkit_mismatch:{passed_over}/{torch.version.cuda}"
     if with_cuda:
         toolkit = cuda_toolkit_root()
         os.environ.setdefault("CUDA_HOME", toolkit)
@@ -268,13 +345,12 @@ def build_extension_class(config: ExtensionConfig):
     instruction this CPU may lack (tests/test_dispatch.py checks the library's instructions).
     Imports torch.utils.cpp_extension: call after extension_config().
     """
-    from setuptools.modified import newer_group
     from torch.utils.cpp_extension import BuildExtension
 
     class SelfattnBuildExtension(BuildExtension):
         def build_extension(self, ext):
             library = self.get_ext_fullpath(ext.name)
-            if self.force or newer_group(list(ext.sources) + list(ext.depends), library, "newer"):
+            if self.force or any_newer(list(ext.sources) + list(ext.depends), library):
                 ext.extra_objects = []
                 for capability, sources in config.cpu_variant_sources.items():
                     flags = dict(ext.extra_compile_args)  # with what BuildExtension added by now
@@ -285,6 +361,23 @@ def build_extension_class(config: ExtensionConfig):
             super().build_extension(ext)  # compiles ext.sources, links them + extra_objects
 
     return SelfattnBuildExtension
+
+
+def any_newer(inputs: list[str], target: str) -> bool:
+    """Whether target is missing or older than one of inputs (a missing input counts as newer):
+    setuptools.modified.newer_group(inputs, target, "newer"), done here because that module
+    came with setuptools 69 and the build supports older ones."""
+    try:
+        built = os.stat(target).st_mtime
+    except FileNotFoundError:
+        return True
+    for path in inputs:
+        try:
+            if os.stat(path).st_mtime > built:
+                return True
+        except FileNotFoundError:
+            return True
+    return False
 
 
 def _relative_to_cwd(path: str) -> str:

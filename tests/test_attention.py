@@ -8,6 +8,9 @@ import torch.nn.functional as F
 import selfattn
 from tests.common import ALL_DTYPES, assert_close, attention_with_grads, eager_attention, sample_inputs
 
+# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+pytestmark = pytest.mark.floor
+
 # (B, H, Nq, Nk, D, Dv): N not only multiples of the 64-wide blocks, Nq != Nk both ways, D != Dv.
 SHAPES = [
     (1, 1, 1, 1, 16, 16),

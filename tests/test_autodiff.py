@@ -28,6 +28,9 @@ import selfattn
 from selfattn import _vmap
 from tests.common import assert_close, eager_attention, sample_inputs
 
+# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+pytestmark = pytest.mark.floor
+
 f64 = torch.float64
 ops = torch.ops.selfattn
 

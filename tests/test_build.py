@@ -1,4 +1,6 @@
-"""Which build the tests run against, and how the loader reports the builds it cannot use."""
+"""Which build the tests run against, and how the loader reports the builds it cannot use. All but
+the JIT build's test (minutes of compiling) also run against the oldest supported torch
+(`floor`: scripts/test_floor_torch.sh)."""
 
 import os
 import subprocess
@@ -14,6 +16,7 @@ from selfattn import _load, _settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.floor
 def test_build_under_test_is_the_expected_one():
     info = selfattn.build_info()
     assert info.kind in ("compiled", "jit")
@@ -29,6 +32,7 @@ def test_build_under_test_is_the_expected_one():
         assert (info.cuda is not None) == (expected_cuda == "1"), f"CUDA in the build: {info.cuda}"
 
 
+@pytest.mark.floor
 def test_library_built_for_another_torch_is_reported_in_words(tmp_path):
     fake = tmp_path / "_C.so"
     fake.write_bytes(b"\x7fELF junk " + _load.BUILD_MARKER + b"torch:1.0.0,cpu:DEFAULT/AVX2,cuda:none\0 more")
@@ -38,6 +42,7 @@ def test_library_built_for_another_torch_is_reported_in_words(tmp_path):
         _load._check_compatible(info)
 
 
+@pytest.mark.floor
 def test_build_info_says_how_far_the_cuda_kernels_are_tested(tmp_path):
     fake = tmp_path / "_C.so"
     fake.write_bytes(_load.BUILD_MARKER + b"torch:2.9.0,cpu:DEFAULT/AVX2/AVX512,cuda:13.0,archs:8.0/9.0+PTX\0")
@@ -49,6 +54,18 @@ def test_build_info_says_how_far_the_cuda_kernels_are_tested(tmp_path):
     assert "CPU kernels DEFAULT, sanitizers address+undefined, no CUDA" in str(cpu)
 
 
+@pytest.mark.floor
+def test_build_info_says_why_a_cuda_torch_got_no_cuda(tmp_path):
+    """pip hides setup.py's output: a build that left CUDA out for a mismatched toolkit says so here."""
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(_load.BUILD_MARKER + b"torch:2.6.0+cu124,cpu:DEFAULT,cuda:none,cuda_toolkit_mismatch:13.0/12.4\0")
+    info = _load.read_build_info(str(fake), "compiled")
+    assert (info.cuda, info.cuda_toolkit_mismatch) == (None, "13.0/12.4")
+    assert str(info).endswith("no CUDA (the CUDA toolkit found is CUDA 13.0, torch's CUDA is 12.4: rebuild with "
+                              f"CUDA_HOME at a CUDA 12.x toolkit for the CUDA kernels): {fake}")
+
+
+@pytest.mark.floor
 def test_build_info_says_which_cpu_kernels_run():
     """Every x86-64 build holds the three copies and runs one (tests/test_dispatch.py: which)."""
     info = selfattn.build_info()
@@ -63,11 +80,13 @@ def run_python(code, **env):
                           env={**os.environ, **env}, timeout=1800)
 
 
+@pytest.mark.floor
 def test_a_second_build_in_one_process_is_refused():
     result = run_python("import selfattn\nfrom selfattn import _load\n_load._loaded = None\n_load.load()")
     assert result.returncode != 0 and "already registered" in result.stderr
 
 
+@pytest.mark.floor
 def test_missing_compiler_is_reported_in_words(tmp_path):
     result = run_python("import selfattn", SELFATTN_JIT="1", SELFATTN_JIT_CACHE=str(tmp_path),
                         CXX="no-such-compiler")
@@ -124,6 +143,7 @@ def test_jit_build_from_csrc(tmp_path):
     assert library.stat().st_mtime_ns == built
 
 
+@pytest.mark.floor
 def test_demo_runs():
     result = subprocess.run([sys.executable, "-m", "selfattn", "--no-timing"], capture_output=True, text=True,
                             cwd=ROOT, timeout=300)

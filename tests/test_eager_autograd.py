@@ -9,6 +9,9 @@ import torch
 import selfattn
 from tests.common import sample_inputs
 
+# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+pytestmark = pytest.mark.floor
+
 ops = torch.ops.selfattn
 
 
@@ -34,7 +37,8 @@ CASES = list(cases())
 def forward_and_grads(fwd, q, k, v, args):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fwd(q, k, v, *args)
-    grad_out = torch.randn_like(out, generator=torch.Generator().manual_seed(5))
+    # (randn, not randn_like: torch 2.6's randn_like takes no generator)
+    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5))
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     return out, grads
 

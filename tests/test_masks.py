@@ -18,6 +18,9 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 import selfattn
 from tests.common import ALL_DTYPES, assert_close
 
+# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+pytestmark = pytest.mark.floor
+
 ops = torch.ops.selfattn
 
 

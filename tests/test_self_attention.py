@@ -9,6 +9,9 @@ from torch import nn
 import selfattn
 from tests.common import ALL_DTYPES, assert_close, eager_attention
 
+# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+pytestmark = pytest.mark.floor
+
 PARTS = ("query", "key", "value")
 
 # (batch or None for a single (N, E) sequence, N, E, M, H)

@@ -1,16 +1,22 @@
 """Build settings (selfattn/_settings.py): where the CUDA toolkit and the CUDA library headers are
-found, the GPU archs, the sanitizer build. No compiling: fake toolkits in tmp_path."""
+found, whether its CUDA matches torch's, the GPU archs, the sanitizer build, the torch floor. No
+compiling: fake toolkits in tmp_path."""
 
 import importlib.metadata
 import os
 import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from selfattn import _settings
+
+# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+pytestmark = pytest.mark.floor
 
 
 def fake_toolkit(root: Path) -> Path:
@@ -156,3 +162,100 @@ def test_cpu_kernels_are_compiled_once_per_capability(monkeypatch):
         assert f"-DSELFATTN_CPU_HAS_{capability}" in config.cxx_flags  # what dispatch.cpp may pick
     assert not [f for f in _settings.CAPABILITY_FLAGS["DEFAULT"] if f.startswith("-m")]
     assert "-mavx512f" in _settings.CAPABILITY_FLAGS["AVX512"] and "-mavx2" in _settings.CAPABILITY_FLAGS["AVX2"]
+
+
+def versioned_toolkit(root: Path, release: str) -> Path:
+    """A fake toolkit whose nvcc --version says `release` as a real one does."""
+    toolkit = fake_toolkit(root)
+    (toolkit / "bin" / "nvcc").write_text(
+        f'#!/bin/sh\necho "Cuda compilation tools, release {release}, V{release}.88"\n')
+    return toolkit
+
+
+@pytest.fixture
+def toolkit_for(no_cuda_env, monkeypatch, tmp_path):
+    """CUDA_HOME at a fake toolkit of a given CUDA version, beside a torch built with CUDA 12.4."""
+    monkeypatch.delenv("SELFATTN_SANITIZE", raising=False)
+    monkeypatch.delenv("SELFATTN_CUDA", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+
+    def make(release):
+        toolkit = versioned_toolkit(tmp_path / f"cuda-{release}", release)
+        monkeypatch.setenv("CUDA_HOME", str(toolkit))
+        return toolkit
+
+    return make
+
+
+def test_toolkit_version_is_read_from_nvcc(tmp_path):
+    assert _settings.toolkit_cuda_version(versioned_toolkit(tmp_path / "cuda", "13.0")) == "13.0"
+    assert _settings.toolkit_cuda_version(fake_toolkit(tmp_path / "silent")) is None  # nvcc says nothing
+
+
+def test_toolkit_of_another_major_version_gives_a_cpu_only_build_in_one_sentence(toolkit_for, monkeypatch, capsys):
+    toolkit = toolkit_for("13.0")
+    assert _settings.want_cuda() is False
+    message = capsys.readouterr().err.strip()
+    assert message == (f"selfattn: building the CPU kernels only: the CUDA toolkit at {toolkit} is CUDA 13.0, "
+                       "not the CUDA 12.x torch 2.6.0+cu124 was built with (12.4); set CUDA_HOME to a CUDA 12.x "
+                       "toolkit to build the CUDA kernels.")
+    assert not _settings.extension_config().with_cuda
+    monkeypatch.setenv("SELFATTN_CUDA", "1")  # the same words, as an error
+    with pytest.raises(RuntimeError) as error:
+        _settings.want_cuda()
+    assert str(error.value) == "SELFATTN_CUDA=1, but " + message.split("only: ", 1)[1]
+
+
+def test_toolkit_of_another_minor_version_builds_cuda(toolkit_for, capsys):
+    toolkit_for("12.8")  # torch itself only warns, and builds
+    assert _settings.want_cuda() is True
+    assert capsys.readouterr().err == ""
+
+
+def test_cpu_only_torch_with_a_toolkit_builds_cpu_only_in_silence(toolkit_for, monkeypatch, capsys):
+    toolkit_for("13.0")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _settings.want_cuda() is False
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("SELFATTN_CUDA", "1")
+    with pytest.raises(RuntimeError, match="needs a CUDA build of torch"):
+        _settings.want_cuda()
+
+
+def test_torch_older_than_the_floor_is_refused_in_one_sentence():
+    floor = ".".join(map(str, _settings.TORCH_FLOOR))
+    with pytest.raises(RuntimeError) as error:
+        _settings.check_torch_supported("2.5.1+cu124")
+    assert str(error.value) == (f"selfattn supports torch {floor} or newer, but torch 2.5.1+cu124 is installed; "
+                                f"upgrade it with `pip install 'torch>={floor}'` and build again.")
+    for version in (f"{floor}.0", f"{floor}.0a0+git1234", "2.14.1+cu130", "3.0.0", torch.__version__):
+        _settings.check_torch_supported(version)
+
+
+def test_setup_py_refuses_an_old_torch_before_compiling(tmp_path):
+    """setup.py stops at its first step, with that one sentence (torch's version faked: no build
+    of an old torch is installed here)."""
+    fake = tmp_path / "sitecustomize.py"  # runs before setup.py: makes torch look like 2.5.1
+    fake.write_text("import torch\ntorch.__version__ = '2.5.1'\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SELFATTN_CUDA": "0"}
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=_settings.SOURCE_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("selfattn supports torch 2.6 or newer, but torch 2.5.1 ")
+    assert "building" not in result.stdout
+
+
+def test_a_newer_library_counts_as_up_to_date(tmp_path):
+    """The build's own test of whether to compile the CPU kernels' copies (setuptools.modified's
+    newer_group, which older setuptools lack)."""
+    source, library = tmp_path / "a.cpp", tmp_path / "lib.so"
+    source.write_text("")
+    assert _settings.any_newer([str(source)], str(library))  # no library yet
+    library.write_text("")
+    os.utime(source, (1000, 1000))
+    os.utime(library, (2000, 2000))
+    assert not _settings.any_newer([str(source)], str(library))
+    assert _settings.any_newer([str(source), str(tmp_path / "gone.h")], str(library))  # missing: newer
+    os.utime(source, (3000, 3000))
+    assert _settings.any_newer([str(source)], str(library))

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 namespace selfattn::SELFATTN_CPU_NS {
@@ -281,11 +282,17 @@ struct RowBlock {
   int64_t row_stride, col_stride;
 };
 
+// bfloat16 or float16: the types at::vec::convert_to_float widens. Newer torch says the same with
+// c10::is_reduced_floating_point_v; torch 2.6 has it only as std::is_reduced_floating_point_v, in
+// a header (c10/util/BFloat16-math.h) that ATen's vec headers do not include.
+template <typename T>
+constexpr bool kIsReducedFloat = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
 // dst[0 .. n) = src[0 .. n) widened to T: bfloat16 and float16 a vector at a time (ATen's
 // at::vec::convert widens them one element at a time, which took a third of a float16 forward).
 template <typename scalar_t, typename T>
 inline void widen_row(const scalar_t* src, T* dst, int64_t n) {
-  if constexpr (c10::is_reduced_floating_point_v<scalar_t> && std::is_same_v<T, float>) {
+  if constexpr (kIsReducedFloat<scalar_t> && std::is_same_v<T, float>) {
     constexpr int64_t kStep = Vec<scalar_t>::size();  // two float vectors' worth
     int64_t d = 0;
     for (; d + kStep <= n; d += kStep) {

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 import selfattn
 
+from .._torch_internals import fused_sdp_choice
 from . import variants
 from .cases import MIB, Case, Shape, input_shapes, out_projection_flops, output_shape, pairs_flops
 
@@ -94,7 +95,7 @@ def sdpa_choice(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Optional[Te
 
         names = {int(member): name for name, member in SDPBackend.__members__.items()}
         extra = {"enable_gqa": True} if gqa else {}
-        return names[int(torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, **extra))].lower()
+        return names[int(fused_sdp_choice(q, k, v, mask, 0.0, causal, **extra))].lower()
     except Exception:  # a private API: any failure only loses the label
         return "?"
 

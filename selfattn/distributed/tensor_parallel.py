@@ -28,6 +28,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Replicate, Sh
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from .._torch_internals import op_schema
 from ..ops import self_attention
 
 __all__ = ["SelfAttentionParallel", "interleave_qkv", "deinterleave_qkv", "qkv_rows_of_rank",
@@ -74,7 +75,7 @@ def _divides(spec, dim: int, size: int) -> bool:
 
 
 def _dropout_index(op) -> Optional[int]:
-    names = [a.name for a in op._schema.arguments]
+    names = [a.name for a in op_schema(op).arguments]
     return names.index("dropout_p") if "dropout_p" in names else None
 
 
