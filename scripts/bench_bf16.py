@@ -5,7 +5,8 @@ round on an AMX CPU: SELFATTN_BF16_GEMM), against selfattn's float32 path for bf
 
 Core (selfattn.attention vs F.scaled_dot_product_attention) and layer (selfattn.self_attention vs
 F.linear + SDPA), forward and forward+backward, causal and not. Every contestant of a case — and a
-2048³ matmul in float32 and in bfloat16 — runs once per round, rounds rotate the order (interleaved);
+2048³ (--gemm-size) matmul in float32 and in bfloat16 (512³ without bf16 arithmetic) — runs once
+per round, rounds rotate the order (interleaved);
 reported: median (min–max) ms, GFLOP/s (core: the visible pairs, backward 2.5× forward, as
 selfattn.bench counts), % of the same-run matmul rates, and per-round ratios' median (min–max).
 
@@ -84,6 +85,16 @@ def matmul(n, dtype):
     return lambda: torch.mm(a, b)
 
 
+def bf16_matmul_size(n):
+    """n, or 512 where bf16 matmul runs below 10 GFLOP/s (no bf16 arithmetic: ~1 GFLOP/s on an AVX2
+    CPU, where an n = 2048 call takes a minute)."""
+    small = min(n, 512)
+    run = matmul(small, torch.bfloat16)
+    start = time.perf_counter()
+    run()
+    return n if 2 * small**3 / (time.perf_counter() - start) > 10e9 else small
+
+
 def contestants(shape: Shape, causal: bool, level: str, backward: bool):
     b, n, e, h = shape.batch, shape.seq, shape.embed, shape.heads
     d = e // h
@@ -119,11 +130,14 @@ def main():
     parser.add_argument("--levels", default="core,layer")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--json")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="the square GEMMs timed in the same rounds")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(selfattn.build_info(), flush=True)
-    gemms = {"sgemm": (matmul(2048, torch.float32), 2 * 2048 ** 3), "bf16 matmul": (matmul(2048, torch.bfloat16), 2 * 2048 ** 3)}
+    n_bf16 = bf16_matmul_size(args.gemm_size)
+    gemms = {"sgemm": (matmul(args.gemm_size, torch.float32), 2 * args.gemm_size ** 3),
+             "bf16 matmul": (matmul(n_bf16, torch.bfloat16), 2 * n_bf16 ** 3)}
     results = []
     for spec in args.shapes.split(","):
         shape = Shape(*map(int, spec.split("x")))

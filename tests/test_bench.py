@@ -338,7 +338,7 @@ def test_layout_script_runs():
 def test_bf16_script_runs(tmp_path):
     path = tmp_path / "bf16.json"
     out = run_script("bench_bf16.py", "--shapes", "1x64x32x2", "--repeats", "1", "--levels", "core",
-                     "--json", str(path))
+                     "--gemm-size", "128", "--json", str(path))
     assert "bf16 tile GEMMs" in out.splitlines()[0]
     results = json.loads(path.read_text())["results"]
     assert {(r["causal"], r["mode"]) for r in results} == {(c, m) for c in (False, True) for m in ("fwd", "fwd+bwd")}
