@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import selfattn
 from selfattn import _system
 from selfattn.bench.cases import Shape, attention_flops, projection_flops
+from selfattn.bench.isa import matmul_size
 
 
 def timed(fn, min_seconds=0.2):
@@ -85,16 +86,6 @@ def matmul(n, dtype):
     return lambda: torch.mm(a, b)
 
 
-def bf16_matmul_size(n):
-    """n, or 512 where bf16 matmul runs below 10 GFLOP/s (no bf16 arithmetic: ~1 GFLOP/s on an AVX2
-    CPU, where an n = 2048 call takes a minute)."""
-    small = min(n, 512)
-    run = matmul(small, torch.bfloat16)
-    start = time.perf_counter()
-    run()
-    return n if 2 * small**3 / (time.perf_counter() - start) > 10e9 else small
-
-
 def contestants(shape: Shape, causal: bool, level: str, backward: bool):
     b, n, e, h = shape.batch, shape.seq, shape.embed, shape.heads
     d = e // h
@@ -135,7 +126,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     print(selfattn.build_info(), flush=True)
-    n_bf16 = bf16_matmul_size(args.gemm_size)
+    n_bf16 = matmul_size(args.gemm_size, torch.bfloat16)
     gemms = {"sgemm": (matmul(args.gemm_size, torch.float32), 2 * args.gemm_size ** 3),
              "bf16 matmul": (matmul(n_bf16, torch.bfloat16), 2 * n_bf16 ** 3)}
     results = []

@@ -61,6 +61,16 @@ def runnable(cap: str, flags: set) -> bool:
     return CAP_FLAGS[cap] <= flags
 
 
+def matmul_size(size: int, dtype) -> int:
+    """size, or 512 where a square matmul of dtype runs below 10 GFLOP/s (bf16 without bf16
+    arithmetic: ~1 GFLOP/s, where a 2048³ call takes a minute). scripts/bench_bf16.py uses it too."""
+    import torch
+    small = torch.randn(min(size, 512), min(size, 512), dtype=dtype)
+    start = time.perf_counter()
+    torch.mm(small, small)
+    return size if 2 * small.shape[0]**3 / (time.perf_counter() - start) > 10e9 else small.shape[0]
+
+
 def probe_main(size: int) -> None:
     """In a capped process: what each side runs, and the GEMM rates; one JSON line on stdout."""
     import torch
@@ -70,11 +80,7 @@ def probe_main(size: int) -> None:
     info = selfattn.build_info()
     rates = {}
     for name, dtype in (("sgemm", torch.float32), ("bf16 matmul", torch.bfloat16)):
-        # Without bf16 arithmetic (~1 GFLOP/s) a 2048³ call takes a minute: then 512³ is timed.
-        small = torch.randn(min(size, 512), min(size, 512), dtype=dtype)
-        start = time.perf_counter()
-        torch.mm(small, small)
-        n = size if 2 * small.shape[0]**3 / (time.perf_counter() - start) > 10e9 else small.shape[0]
+        n = matmul_size(size, dtype)
         a, b = (torch.randn(n, n, dtype=dtype) for _ in range(2))
         torch.mm(a, b)
         times = []
@@ -115,8 +121,8 @@ def _libraries_said(output: str) -> Dict[str, List[str]]:
     return {"mkl": mkl[:1] or ["(no MKL call)"], "onednn": onednn or ["(no oneDNN call)"]}
 
 
-def _run(args: List[str], env: Dict[str, str], timeout: Optional[float] = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable] + args, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(args: List[str], env: Dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable] + args, env=env, capture_output=True, text=True)
 
 
 def _cap_env(cap: str) -> Dict[str, str]:
