@@ -29,13 +29,16 @@ CAUSAL_SPELLINGS = (False, True, "top_left", "bottom_right")
 
 @dataclass(frozen=True)
 class MaskArgs:
-    """The ops' trailing mask arguments: (causal, attn_mask, window_left, window_right, diagonal_offset)."""
+    """The ops' mask arguments, under the ops' names (the public functions pass them by name)."""
 
     causal: bool
     attn_mask: Optional[Tensor]
     window_left: int
     window_right: int
     diagonal_offset: int
+
+
+NO_MASK = MaskArgs(False, None, -1, -1, 0)
 
 
 def causal_alignment(causal) -> Optional[str]:

@@ -1,28 +1,18 @@
-"""The public functions over torch.ops.selfattn.*, and their fake kernels.
+"""The public functions over torch.ops.selfattn.* (attention and the fused layer), and their fake kernels.
 
-The C++ library (csrc/) registers these ops (and the varlen pair, varlen.py) with the dispatcher:
-
-    attention_fwd(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
-                  diagonal_offset=0, dropout_p=0.0, rng_state=None) -> (out, lse)
-    attention_bwd(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
-                  window_right=-1, diagonal_offset=0, dropout_p=0.0, rng_state=None)
-        -> (grad_q, grad_k, grad_v)
-    attention_jvp(q, k, v, tangent_q, tangent_k, tangent_v, causal, scale, attn_mask=None,
-                  window_left=-1, window_right=-1, diagonal_offset=0) -> (out, lse, tangent_out)
-    self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
-                       window_left=-1, window_right=-1, dropout_p=0.0, rng_state=None) -> (out, qkv, lse)
-    self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
-                       num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1, dropout_p=0.0,
-                       rng_state=None) -> (grad_x, grad_w, grad_b)
+The C++ library registers the ops; their schemas, with what each argument means, are in one place:
+csrc/selfattn.cpp (`python -c "import selfattn, torch; print(torch.ops.selfattn.attention_fwd.default._schema)"`
+prints one). Each op's autograd (reverse and forward mode, torch.func, the refusal of second
+derivatives) and batching rule are generated from its description in the op table (_op_table.py,
+_autograd.py, _vmap.py).
 
 Dropout (rng.py): rng_state, int64 (seed, offset) on the inputs' device, decides the keep mask; the
-public functions draw it from the device's generator when it is not given.
+public functions draw it from the device's default generator when it is not given.
 
-This file gives each a fake kernel (shapes, dtypes and strides, for torch.compile and meta
+This file gives each op a fake kernel (shapes, dtypes and strides, for torch.compile and meta
 tensors; it checks the arguments as the C++ op does, with _checks.py) and offers the two public
-functions, which resolve ``scale`` and accept SDPA's spellings; the ops check the rest. Their
-autograd (reverse and forward mode, torch.func, and the refusal of double backward) is in
-_autograd.py.
+functions, which resolve ``scale`` and accept SDPA's spellings, and pass the ops' arguments by
+name; the ops check the rest.
 """
 
 from __future__ import annotations
@@ -33,52 +23,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _autograd, _checks, masks, rng
+from . import _autograd, _checks, masks
+from ._args import accumulate_dtype, check_bool, check_int, dropout_args, require_tensor, resolve_scale
 
 
 # ---------------------------------------------------------------------------------------------
 # Argument normalisation. The ops check every argument themselves (csrc/checks.cpp, and
 # _checks.py in the fake kernels); the public functions only turn SDPA's spellings, 3-D inputs
-# and scale=None into the ops' arguments, checking just what that needs.
-
-
-def _require_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"selfattn: {name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _resolve_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"selfattn: scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
-
-
-def _check_causal(causal) -> bool:
-    if not isinstance(causal, bool):
-        raise TypeError(f"selfattn: causal must be a bool, got {type(causal).__name__}")
-    return causal
-
-
-def _check_num_heads(num_heads, name: str = "num_heads") -> int:
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"selfattn: {name} must be an int, got {type(num_heads).__name__}")
-    return num_heads
-
-
-def _dropout_args(dropout_p, rng_state, device) -> tuple:
-    """(dropout_p, rng_state) for the op: p checked (before anything is drawn); rng_state drawn
-    from ``device``'s default generator when p > 0 and none is given."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"selfattn: dropout_p must be a float, got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
-    _checks.check_dropout_p(dropout_p)
-    if rng_state is not None:
-        _require_tensor(rng_state, "rng_state")
-    elif dropout_p > 0.0:
-        rng_state = rng.draw_rng_state(device)
-    return dropout_p, rng_state
+# and scale=None into the ops' arguments, checking just what that needs (_args.py).
 
 
 def _broadcasts(shape, full) -> bool:
@@ -95,7 +47,7 @@ def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
     (N, N) attn_mask — bool: both must allow; float: -inf where the key is padding.
     """
     if key_padding_mask is not None:
-        _require_tensor(key_padding_mask, "key_padding_mask")
+        require_tensor(key_padding_mask, "key_padding_mask")
         expected = [seq] if single else [batch, seq]
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"selfattn: key_padding_mask must be bool (True = a real token), got "
@@ -109,7 +61,7 @@ def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
                              f"{list(key_padding_mask.shape)}")
         key_padding_mask = key_padding_mask.reshape(batch, seq)[:, None, None, :]  # a view
     if attn_mask is not None:
-        _require_tensor(attn_mask, "attn_mask")
+        require_tensor(attn_mask, "attn_mask")
         if attn_mask.dim() < 4:
             attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if key_padding_mask is None:
@@ -162,7 +114,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
     A query that sees no key gets output 0 (SDPA ≥ 2.5 too) and zero gradients, never NaN.
     """
     if dropout_p != 0.0 or rng_state is not None:
-        dropout_p, rng_state = _dropout_args(dropout_p, rng_state, q.device if isinstance(q, Tensor) else None)
+        dropout_p, rng_state = dropout_args(dropout_p, rng_state, q.device if isinstance(q, Tensor) else None)
     if not isinstance(is_causal, bool):
         raise TypeError(f"selfattn: is_causal must be a bool, got {type(is_causal).__name__}")
     if is_causal and causal not in (False, True, "top_left"):
@@ -170,7 +122,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
     # One test on the common path (a small call spends most of its time in such Python).
     if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
         for t, name in ((q, "q"), (k, "k"), (v, "v")):
-            _require_tensor(t, name)
+            require_tensor(t, name)
     shape = q.shape  # once: each tensor attribute read costs ~0.1 µs
     three_d = len(shape) == 3
     if three_d:
@@ -183,16 +135,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
                          "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
     if attn_mask is None and window is None and causal is False and not is_causal and rng_state is None:
         # no mask, no dropout: skip masks.py
-        out = _autograd.attention(q, k, v, False, _resolve_scale(scale, shape[-1] if shape else 0))
+        out = _autograd.attention(q, k, v, False, resolve_scale(scale, shape[-1] if shape else 0))
     else:
         if q.dim() < 3 or k.dim() < 3:  # the op says what is wrong; a mask needs Nq and Nk first
-            mask = masks.MaskArgs(False, None, -1, -1, 0)
+            mask = masks.NO_MASK
         else:
             mask = masks.mask_args(attn_mask, is_causal or causal, window, q.shape[-2], k.shape[-2],
                                    3 if three_d else 4)
-        out = _autograd.attention(q, k, v, mask.causal, _resolve_scale(scale, shape[-1] if shape else 0),
-                                  mask.attn_mask, mask.window_left, mask.window_right, mask.diagonal_offset,
-                                  dropout_p, rng_state)
+        # The mask's arguments travel by name (masks.MaskArgs holds them under the ops' names).
+        out = _autograd.attention(q, k, v, scale=resolve_scale(scale, shape[-1] if shape else 0),
+                                  dropout_p=dropout_p, rng_state=rng_state, **vars(mask))
     return out.squeeze(1) if three_d else out
 
 
@@ -232,28 +184,30 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
 
     A row that sees no key (all its keys masked) gives 0.
     """
-    causal = _check_causal(causal)
-    dropout_p, rng_state = _dropout_args(dropout_p, rng_state, x.device if isinstance(x, Tensor) else None)
-    num_heads = _check_num_heads(num_heads)
-    num_kv_heads = 0 if num_kv_heads is None else _check_num_heads(num_kv_heads, "num_kv_heads")
+    causal = check_bool(causal, "causal")
+    dropout_p, rng_state = dropout_args(dropout_p, rng_state, x.device if isinstance(x, Tensor) else None)
+    num_heads = check_int(num_heads, "num_heads")
+    num_kv_heads = 0 if num_kv_heads is None else check_int(num_kv_heads, "num_kv_heads")
     window_left, window_right = masks.window_sides(window)
-    _require_tensor(x, "x")
-    _require_tensor(w_qkv, "w_qkv")
+    require_tensor(x, "x")
+    require_tensor(w_qkv, "w_qkv")
     single = x.dim() == 2
     if single:
         x = x.unsqueeze(0)
     # head_dim for scale=None; 0 when the arguments cannot give one (the op then says why).
     slots = num_heads + 2 * (num_kv_heads or num_heads)
     head_dim = w_qkv.shape[0] // slots if w_qkv.dim() == 2 and num_heads > 0 and slots > 0 else 0
-    scale = _resolve_scale(scale, head_dim)
+    scale = resolve_scale(scale, head_dim)
     mask = None
     if key_padding_mask is not None or attn_mask is not None:
         if x.dim() != 3:  # the op names x's shape
             mask = attn_mask
         else:
             mask = _layer_mask(key_padding_mask, attn_mask, x.shape[0], x.shape[1], num_heads, single, x.device)
-    out, _, _ = _autograd.self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, mask,
-                                             window_left, window_right, dropout_p, rng_state)
+    out, _, _ = _autograd.forward("self_attention_fwd", x=x, w_qkv=w_qkv, b_qkv=b_qkv, num_heads=num_heads,
+                                  causal=causal, scale=scale, num_kv_heads=num_kv_heads, attn_mask=mask,
+                                  window_left=window_left, window_right=window_right, dropout_p=dropout_p,
+                                  rng_state=rng_state)
     return out.squeeze(0) if single else out
 
 
@@ -268,7 +222,7 @@ def _attention_fwd_fake(q, k, v, causal, scale, attn_mask=None, window_left=-1, 
     _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
     _checks.check_dropout(dropout_p, rng_state, q, "q")
     out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
-    lse = q.new_empty((s.batch, s.heads, s.nq), dtype=_checks.accumulate_dtype(q.dtype))
+    lse = q.new_empty((s.batch, s.heads, s.nq), dtype=accumulate_dtype(q.dtype))
     return out, lse
 
 
@@ -289,7 +243,7 @@ def _attention_jvp_fake(q, k, v, tangent_q, tangent_k, tangent_v, causal, scale,
     _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
     _checks.check_attention_tangents(s, q, tangent_q, tangent_k, tangent_v)
     out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
-    lse = q.new_empty((s.batch, s.heads, s.nq), dtype=_checks.accumulate_dtype(q.dtype))
+    lse = q.new_empty((s.batch, s.heads, s.nq), dtype=accumulate_dtype(q.dtype))
     tangent_out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
     return out, lse, tangent_out
 
@@ -302,7 +256,7 @@ def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_h
     _checks.check_dropout(dropout_p, rng_state, x, "x")
     out = x.new_empty((s.batch, s.seq, s.model))
     qkv = x.new_empty((s.batch, s.seq, s.qkv_dim))
-    lse = x.new_empty((s.batch, s.heads, s.seq), dtype=_checks.accumulate_dtype(x.dtype))
+    lse = x.new_empty((s.batch, s.heads, s.seq), dtype=accumulate_dtype(x.dtype))
     return out, qkv, lse
 
 

@@ -18,13 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _autograd, _checks, masks
-from .ops import _dropout_args, _require_tensor, _resolve_scale
-
-
-def _check_int(value, name: str):
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"selfattn: {name} must be an int, got {type(value).__name__}")
-    return value
+from ._args import accumulate_dtype, check_bool, check_int, dropout_args, require_tensor, resolve_scale
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -63,21 +57,22 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     be captured in a CUDA graph.
     """
     alignment = masks.causal_alignment(causal)  # the spellings of selfattn.attention
-    dropout_p, rng_state = _dropout_args(dropout_p, rng_state, q.device if isinstance(q, Tensor) else None)
+    dropout_p, rng_state = dropout_args(dropout_p, rng_state, q.device if isinstance(q, Tensor) else None)
     window_left, window_right = masks.window_sides(window)
-    if not isinstance(enable_gqa, bool):
-        raise TypeError(f"selfattn: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    check_bool(enable_gqa, "enable_gqa")
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
-        _require_tensor(t, name)
-    _check_int(max_seqlen_q, "max_seqlen_q")
-    _check_int(max_seqlen_k, "max_seqlen_k")
+        require_tensor(t, name)
+    check_int(max_seqlen_q, "max_seqlen_q")
+    check_int(max_seqlen_k, "max_seqlen_k")
     if q.dim() == 3 and k.dim() == 3 and q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"selfattn: q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for "
                          "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
-    scale = _resolve_scale(scale, q.shape[-1] if q.dim() >= 1 else 0)
-    out, _ = _autograd.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            alignment is not None, scale, window_left, window_right,
-                                            alignment == "bottom_right", dropout_p, rng_state)
+    scale = resolve_scale(scale, q.shape[-1] if q.dim() >= 1 else 0)
+    out, _ = _autograd.forward("varlen_attention_fwd", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
+                               cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                               causal=alignment is not None, scale=scale, window_left=window_left,
+                               window_right=window_right, bottom_right=alignment == "bottom_right",
+                               dropout_p=dropout_p, rng_state=rng_state)
     return out
 
 
@@ -92,7 +87,7 @@ def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     _checks.check_window(window_left, window_right)
     _checks.check_dropout(dropout_p, rng_state, q, "q")
     out = q.new_empty((s.total_q, s.heads, s.dim_v))
-    lse = q.new_empty((s.heads, s.total_q), dtype=_checks.accumulate_dtype(q.dtype))
+    lse = q.new_empty((s.heads, s.total_q), dtype=accumulate_dtype(q.dtype))
     return out, lse
 
 

@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _checks, masks
-from ..ops import _resolve_scale
+from .. import masks
+from .._args import accumulate_dtype, resolve_scale
+from .._op_table import OPS
 
 __all__ = ["ring_attention", "split_sequence", "unsplit_sequence"]
 
@@ -188,7 +189,7 @@ def _head_passes(hq: int, hk: int, per_pass: int):
 
 
 def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout, per_pass):
-    acc_dtype = _checks.accumulate_dtype(q.dtype)
+    acc_dtype = accumulate_dtype(q.dtype)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc_dtype)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc_dtype)
     for hq, hk in _head_passes(q.shape[1], k.shape[1], per_pass):
@@ -207,7 +208,7 @@ def _ring_forward_pass(ring: _Ring, q, k, v, out, lse, causal, scale, left, righ
             next_kv, requests = ring.exchange(kv)  # overlapped with this step's compute
         for qs, ks, (band_causal, wl, wr, offset) in _pairs(ring.rank, src, ring.world_size, rows, layout,
                                                              causal, left, right):
-            part_out, part_lse = torch.ops.selfattn.attention_fwd(
+            part_out, part_lse = OPS["attention_fwd"].handle(
                 q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], causal=band_causal, scale=scale,
                 window_left=wl, window_right=wr, diagonal_offset=offset)
             _merge(out[..., qs, :], lse[..., qs], part_out, part_lse)
@@ -218,7 +219,7 @@ def _ring_forward_pass(ring: _Ring, q, k, v, out, lse, causal, scale, left, righ
 
 
 def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass):
-    acc_dtype = _checks.accumulate_dtype(q.dtype)
+    acc_dtype = accumulate_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     passes = _head_passes(q.shape[1], k.shape[1], per_pass)
     if len(passes) == 1:  # the accumulators that arrive home are the gradients
@@ -252,7 +253,7 @@ def _ring_backward_pass(ring: _Ring, grad_out, q, k, v, out, lse, grad_q, causal
             next_kv, requests = ring.exchange(kv)  # overlapped with this step's compute
         for qs, ks, (band_causal, wl, wr, offset) in _pairs(ring.rank, src, ring.world_size, rows, layout,
                                                              causal, left, right):
-            g_q, g_k, g_v = torch.ops.selfattn.attention_bwd(
+            g_q, g_k, g_v = OPS["attention_bwd"].handle(
                 grad_out[..., qs, :], q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], out[..., qs, :],
                 lse[..., qs], causal=band_causal, scale=scale, window_left=wl, window_right=wr,
                 diagonal_offset=offset)
@@ -285,7 +286,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         ring, causal, scale, left, right, layout, per_pass = ctx.args
         if ring.world_size == 1:
-            grads = torch.ops.selfattn.attention_bwd(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
+            grads = OPS["attention_bwd"].handle(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
                                                     window_left=left, window_right=right)
         else:
             grads = _ring_backward(ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass)
@@ -376,7 +377,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[dist.Proc
     ring = _Ring(group)
     if check_ranks and ring.world_size > 1:
         _agree_across_ranks(ring, q, k, v, kv_heads_per_pass)
-    scale = _resolve_scale(scale, q.shape[-1])
+    scale = resolve_scale(scale, q.shape[-1])
     if ring.world_size == 1:
         # The whole sequence is here: the layouts coincide (zigzag's two pieces are in order), and
         # with no ring buffers one pass over all heads holds no more than several.
