@@ -47,13 +47,11 @@ from ._torch_internals import (AutoDispatchBelowAutograd, OptionalType, SingleLe
                                enable_single_level_autograd_function, forward_ad_level, is_any_autocast_enabled,
                                op_entry, op_name, op_schema, set_fwd_grad_enabled)
 
-from ._refusals import (_LAYER_ALTERNATIVE, _SDPA_MATH, _VARLEN_ALTERNATIVE, _refuse_derivative_of_jvp,
-                        _refuse_double_backward, _refuse_dropout_tangent, _refuse_forward_mode, _refuse_mask_grad,
+from ._op_table import OPS, OpDescription
+from ._refusals import (_refuse_derivative_of_jvp, _refuse_double_backward, _refuse_forward_mode, _refuse_mask_grad,
                         _refuse_mask_tangent)
 
-
-from ._op_handles import (_attention_bwd, _attention_fwd, _attention_jvp, _self_attention_bwd, _self_attention_fwd,
-                          _varlen_attention_bwd, _varlen_attention_fwd)
+_attention_fwd = OPS["attention_fwd"].handle
 # (OpOverload._op: the C++ entry point; OpOverload.__call__ costs ~0.5 µs more.)
 _attention_eager = op_entry(torch.ops.selfattn._attention_eager.default)
 # The same op's plain call (no mask, window or dropout) without torch.ops' generic argument
@@ -132,33 +130,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_
                 (q, k, v, attn_mask))[0]
 
 
-def self_attention_fwd(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor], num_heads: int, causal: bool,
-                       scale: float, num_kv_heads: int = 0, attn_mask: Optional[Tensor] = None,
-                       window_left: int = -1, window_right: int = -1, dropout_p: float = 0.0,
-                       rng_state: Optional[Tensor] = None):
-    args = (x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left, window_right)
-    if rng_state is not None or dropout_p != 0.0:
-        args = args + (dropout_p, rng_state)
-    return call(_self_attention_fwd, self_attention_fwd_function, args, (x, w_qkv, b_qkv, attn_mask))
+def forward(name: str, **arguments):
+    """The forward op ``name``'s outputs, differentiable; its arguments by schema name (those left
+    out at their defaults). For the public functions other than selfattn.attention."""
+    description = OPS[name]
+    args = tuple(description.signature.positional(arguments))
+    return call(description.handle, FUNCTIONS[name], args, tuple(a for a in args if isinstance(a, Tensor)))
 
 
-def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                         max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, window_left: int = -1,
-                         window_right: int = -1, bottom_right: bool = False, dropout_p: float = 0.0,
-                         rng_state: Optional[Tensor] = None):
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-            window_right, bottom_right)
-    if rng_state is not None or dropout_p != 0.0:
-        args = args + (dropout_p, rng_state)
-    return call(_varlen_attention_fwd, varlen_attention_fwd_function, args, (q, k, v))
+# ---------------------------------------------------------------------------------------------
+# Generated from the op table: each op's autograd Function and Autograd-key kernel.
 
 
-def _register(op, setup_context: Callable, backward: Callable, jvp: Callable):
+def _register(description: OpDescription, setup_context: Callable, backward: Callable, jvp: Callable):
     """The op's autograd Function and its Autograd kernel; returns the Function."""
-    name = op_name(op)
+    op = description.handle
     entry = op_entry(op)
-    tensor_positions = [i for i, arg in enumerate(op_schema(op).arguments)
-                        if arg.type in (TensorType.get(), OptionalType(TensorType.get()))]
+    signature = description.signature
+    tensor_positions = [i for i, name in enumerate(signature.names) if name in signature.tensor_names]
 
     def forward(ctx, *args):
         if _functorch_active():
@@ -173,7 +162,7 @@ def _register(op, setup_context: Callable, backward: Callable, jvp: Callable):
         setup_context(ctx, args, output)
         return output
 
-    function = type(f"{name}_function", (SingleLevelFunction,), {
+    function = type(f"{description.name}_function", (SingleLevelFunction,), {
         "forward": staticmethod(forward), "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
 
     def autograd_kernel(keyset, *args):
@@ -186,46 +175,20 @@ def _register(op, setup_context: Callable, backward: Callable, jvp: Callable):
                 return function.apply(*args)
         return function.apply(*args)
 
-    _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    _lib.impl(description.name, autograd_kernel, "Autograd", with_keyset=True)
     return function
 
 
-# ---------------------------------------------------------------------------------------------
-# The backward ops: their own autograd refuses a second derivative, at the moment one is taken.
-# (Refusing as soon as a backward runs with create_graph=True would break torch.func.grad, which
-# always builds a graph of the gradient.)
-
-
-def _nothing_to_save(ctx, inputs, output):
-    pass
-
-
-attention_bwd_function = _register(
-    _attention_bwd, _nothing_to_save,
-    _refuse_double_backward("attention_bwd", "selfattn.attention", _SDPA_MATH),
-    _refuse_forward_mode("attention_bwd", "selfattn.attention's backward", _SDPA_MATH))
-
-self_attention_bwd_function = _register(
-    _self_attention_bwd, _nothing_to_save,
-    _refuse_double_backward("self_attention_bwd", "selfattn.self_attention", _LAYER_ALTERNATIVE),
-    _refuse_forward_mode("self_attention_bwd", "selfattn.self_attention's backward", _LAYER_ALTERNATIVE))
-
-varlen_attention_bwd_function = _register(
-    _varlen_attention_bwd, _nothing_to_save,
-    _refuse_double_backward("varlen_attention_bwd", "selfattn.attention_varlen", _VARLEN_ALTERNATIVE),
-    _refuse_forward_mode("varlen_attention_bwd", "selfattn.attention_varlen's backward", _VARLEN_ALTERNATIVE))
-
-
-# The forward-mode op: no derivative of its own (that would be a second derivative).
-attention_jvp_function = _register(
-    _attention_jvp, _nothing_to_save,
-    _refuse_derivative_of_jvp("attention_jvp", "selfattn.attention's forward-mode derivative", _SDPA_MATH),
-    _refuse_derivative_of_jvp("attention_jvp", "selfattn.attention's forward-mode derivative", _SDPA_MATH))
-
-
-# ---------------------------------------------------------------------------------------------
-# The forward ops. lse (and the fused op's qkv buffer) are kept for backward and are not
-# differentiable.
+def _register_derivative_op(description: OpDescription, is_jvp: bool):
+    """A backward op or the forward-mode op: their own derivatives are second derivatives, refused
+    at the moment one is taken. (Refusing as soon as a backward runs with create_graph=True would
+    break torch.func.grad, which always builds a graph of the gradient.)"""
+    args = (description.name, description.public, description.alternative)
+    if is_jvp:
+        backward = jvp = _refuse_derivative_of_jvp(*args)
+    else:
+        backward, jvp = _refuse_double_backward(*args), _refuse_forward_mode(*args)
+    return _register(description, lambda ctx, inputs, output: None, backward, jvp)
 
 
 def _forward_mode_possible() -> bool:
@@ -234,53 +197,87 @@ def _forward_mode_possible() -> bool:
     return forward_ad_level() >= 0 or _functorch_active()
 
 
-def _attention_setup_context(ctx, inputs, output):
-    # rest: attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state (or a prefix)
-    q, k, v, causal, scale, *rest = inputs
-    attn_mask = rest[0] if rest else None
-    rng_state = rest[5] if len(rest) > 5 else None  # saved: the backward regenerates the same keep mask
-    _refuse_mask_grad(attn_mask, "selfattn.attention")
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state)
-    if _forward_mode_possible():
-        ctx.save_for_forward(q, k, v, attn_mask)
-    ctx.args = (causal, scale)
-    ctx.window = tuple(rest[1:5])  # the window, diagonal offset and dropout_p
-    ctx.num_inputs = len(inputs)
+def _register_forward_op(description: OpDescription, adapt_tangent: Optional[Callable] = None):
+    """A forward op: backward by its backward op, forward mode by its jvp op, both called with the
+    forward's arguments by name. ctx keeps the forward's non-tensor arguments by name
+    (``ctx.arguments``) and the tensors each derivative reads (by the names in ``saved_names`` /
+    ``forward_names``). ``adapt_tangent(ctx, values, tangents)``, for an op whose inputs are not
+    attention_jvp's, computes the tangent of the first output from ``values`` (the saved tensors
+    and arguments by name) and ``tangents`` (by input name)."""
+    signature = description.signature
+    backward_op = OPS[description.backward]
+    jvp_op = OPS[description.jvp]
+    output_name = signature.returns[0]
+    # The tensors the backward op reads: the forward's tensor inputs and outputs it names.
+    saved_names = tuple(n for n in backward_op.signature.names if n in signature.tensor_names or n in signature.returns)
+    input_tensors = tuple(n for n in signature.names if n in signature.tensor_names)
+    forward_names = input_tensors + description.kept_outputs
+    no_grad = tuple(n for g in description.groups if g.no_grad for n in g.arguments)
+    refusing_forward_mode = tuple(g for g in description.groups if g.forward_mode is not None)
+    differentiable_positions = [signature.names.index(n) for n in description.differentiable]
+    wants_output_mask = "output_mask" in backward_op.signature.names
+    public = description.public
+
+    def setup_context(ctx, inputs, output):
+        values = signature.bind(inputs)
+        for name in no_grad:
+            _refuse_mask_grad(values[name], public)
+        outputs = dict(zip(signature.returns, output))
+        ctx.mark_non_differentiable(*(outputs[n] for n in description.kept_outputs))
+        # Otherwise autograd hands the backward zero tensors for the gradients of the kept outputs
+        # (the layer's qkv: measured +48 MiB peak at N = 8192, E = 512).
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*(values[n] if n in values else outputs[n] for n in saved_names))
+        if _forward_mode_possible():
+            ctx.save_for_forward(*(values[n] for n in input_tensors), *(outputs[n] for n in description.kept_outputs))
+        ctx.arguments = {n: v for n, v in values.items() if n not in signature.tensor_names}
+        ctx.num_inputs = len(inputs)
+
+    def backward(ctx, grad_output, *_kept_output_grads):
+        if grad_output is None:
+            return (None,) * ctx.num_inputs
+        needs = ctx.needs_input_grad
+        values = dict(zip(saved_names, ctx.saved_tensors))
+        values.update(ctx.arguments)
+        values["grad_" + output_name] = grad_output
+        if wants_output_mask:  # which gradients to compute (the layer's)
+            values["output_mask"] = [i < len(needs) and bool(needs[i]) for i in differentiable_positions]
+        args = tuple(backward_op.signature.positional(values))
+        grads = call(backward_op.handle, FUNCTIONS[backward_op.name], args,
+                     tuple(a for a in args if isinstance(a, Tensor)))
+        result = [None] * ctx.num_inputs
+        for i, grad in zip(differentiable_positions, grads):
+            if i < ctx.num_inputs and needs[i]:
+                result[i] = grad
+        return tuple(result)
+
+    def jvp(ctx, *tangents):
+        """The tangent of the first output (the kept ones are not differentiable)."""
+        tangents = dict(zip(signature.names, tangents))
+        for name in no_grad:
+            _refuse_mask_tangent(tangents.get(name), public)
+        values = dict(zip(forward_names, ctx.saved_tensors))
+        values.update(ctx.arguments)
+        for group in refusing_forward_mode:
+            group.forward_mode(values, public)
+        nothing = (None,) * (1 + len(description.kept_outputs))
+        if all(tangents.get(n) is None for n in description.differentiable):
+            return nothing
+        if adapt_tangent is not None:
+            return (adapt_tangent(ctx, values, tangents),) + nothing[1:]
+        for name in description.differentiable:
+            values["tangent_" + name] = tangents.get(name)
+        return (_tangent(values, "tangent_" + output_name),) + nothing[1:]
+
+    return _register(description, setup_context, backward, jvp)
 
 
-def _attention_backward(ctx, grad_out, _grad_lse):
-    if grad_out is None:
-        return (None,) * ctx.num_inputs
-    q, k, v, out, lse, attn_mask, rng_state = ctx.saved_tensors
-    tensors = (grad_out, q, k, v, out, lse)
-    if attn_mask is None and not ctx.window:
-        args = (*tensors, *ctx.args)
-    else:
-        args = (*tensors, *ctx.args, attn_mask, *ctx.window)
-    if rng_state is not None:
-        args = args + (rng_state,)
-    grad_q, grad_k, grad_v = call(_attention_bwd, attention_bwd_function, args, tensors)
-    return (grad_q, grad_k, grad_v) + (None,) * (ctx.num_inputs - 3)
-
-
-def _attention_tangent(ctx, tangent_q, tangent_k, tangent_v, *mask_tangents):
-    """The tangent of out (lse is not differentiable) by the attention_jvp op, which recomputes out
-    beside it in one pass. An input without a tangent (None) adds nothing."""
-    _refuse_mask_tangent(mask_tangents[2] if len(mask_tangents) > 2 else None, "selfattn.attention")
-    _refuse_dropout_tangent(ctx.window[3:], "selfattn.attention")
-    if tangent_q is None and tangent_k is None and tangent_v is None:
-        return None, None
-    q, k, v, attn_mask = ctx.saved_tensors
-    tensors = (q, k, v, tangent_q, tangent_k, tangent_v)
-    if attn_mask is None and not ctx.window:
-        args = (*tensors, *ctx.args)
-    else:
-        args = (*tensors, *ctx.args, attn_mask, *ctx.window[:3])
-    _, _, tangent_out = call(_attention_jvp, attention_jvp_function, args, tensors)
-    return tangent_out, None
+def _tangent(values: dict, output: str = "tangent_out") -> Tensor:
+    """attention_jvp's ``output`` for the arguments in ``values``, by name."""
+    jvp_op = OPS["attention_jvp"]
+    args = tuple(jvp_op.signature.positional(values))
+    outputs = call(jvp_op.handle, FUNCTIONS["attention_jvp"], args, tuple(a for a in args if isinstance(a, Tensor)))
+    return outputs[jvp_op.signature.returns.index(output)]
 
 
 def _split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int):
@@ -289,97 +286,25 @@ def _split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int):
     return heads[:, :num_heads], heads[:, num_heads:num_heads + num_kv_heads], heads[:, num_heads + num_kv_heads:]
 
 
-def _self_attention_setup_context(ctx, inputs, output):
-    # mask_args: num_kv_heads, attn_mask, window_left, window_right, dropout_p, rng_state (or a prefix)
-    x, w_qkv, b_qkv, num_heads, causal, scale, *mask_args = inputs
-    attn_mask = mask_args[1] if len(mask_args) > 1 else None
-    rng_state = mask_args[5] if len(mask_args) > 5 else None
-    _refuse_mask_grad(attn_mask, "selfattn.self_attention")
-    out, qkv, lse = output
-    ctx.mark_non_differentiable(qkv, lse)
-    # Otherwise autograd hands the backward a zero tensor the size of qkv (B·N·(H + 2Hkv)·D) as
-    # the gradient of that non-differentiable output: measured +48 MiB peak at N = 8192, E = 512.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, w_qkv, qkv, out, lse, attn_mask, rng_state)
-    if _forward_mode_possible():
-        ctx.save_for_forward(x, w_qkv, qkv, attn_mask)
-    ctx.has_bias = b_qkv is not None
-    ctx.args = (num_heads, causal, scale)
-    ctx.mask_args = (mask_args[0] if mask_args else 0, *mask_args[2:5])  # num_kv_heads, window sides, dropout_p
-    ctx.num_inputs = len(inputs)
-
-
-def _self_attention_backward(ctx, grad_out, _grad_qkv, _grad_lse):
-    if grad_out is None:
-        return (None,) * ctx.num_inputs
-    x, w_qkv, qkv, out, lse, attn_mask, rng_state = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
-    tensors = (grad_out, x, w_qkv, qkv, out, lse)
-    num_kv_heads, *window = ctx.mask_args
-    args = (*tensors, *ctx.args, mask, num_kv_heads, attn_mask, *window)
-    if rng_state is not None:
-        args = args + (rng_state,)
-    grad_x, grad_w, grad_b = call(_self_attention_bwd, self_attention_bwd_function, args, tensors)
-    return (grad_x if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None) \
-        + (None,) * (ctx.num_inputs - 3)
-
-
-def _self_attention_tangent(ctx, tangent_x, tangent_w, tangent_b, *rest):
+def _self_attention_tangent(ctx, values: dict, tangents: dict) -> Optional[Tensor]:
     """The projection's tangent (dx·Wᵀ + x·dWᵀ + db), then attention_jvp on the heads of the saved
     projection and of its tangent, then the tangent of out with the heads side by side."""
-    _refuse_mask_tangent(rest[4] if len(rest) > 4 else None, "selfattn.self_attention")  # attn_mask's
-    _refuse_dropout_tangent(ctx.mask_args[3:], "selfattn.self_attention")
-    x, w_qkv, qkv, attn_mask = ctx.saved_tensors
+    x, w_qkv, qkv = values["x"], values["w_qkv"], values["qkv"]
+    tangent_x, tangent_w, tangent_b = tangents.get("x"), tangents.get("w_qkv"), tangents.get("b_qkv")
     tangent_qkv = None
     for term in (None if tangent_x is None else torch.nn.functional.linear(tangent_x, w_qkv),
                  None if tangent_w is None else torch.nn.functional.linear(x, tangent_w),
                  tangent_b):
         if term is not None:
             tangent_qkv = term if tangent_qkv is None else tangent_qkv + term
-    if tangent_qkv is None:
-        return None, None, None
-    num_heads, causal, scale = ctx.args
-    num_kv_heads, *window = ctx.mask_args[:3]
-    heads_kv = num_kv_heads or num_heads
-    q, k, v = _split_heads(qkv, num_heads, heads_kv)
-    tangent_q, tangent_k, tangent_v = _split_heads(tangent_qkv.expand_as(qkv), num_heads, heads_kv)
-    tensors = (q, k, v, tangent_q, tangent_k, tangent_v)
-    _, _, tangent_out = call(_attention_jvp, attention_jvp_function,
-                             (*tensors, causal, scale, attn_mask, *window), tensors)
+    num_heads = values["num_heads"]
+    heads_kv = values["num_kv_heads"] or num_heads
+    # The layer's arguments by name serve attention_jvp's mask and scale arguments as they are.
+    values["q"], values["k"], values["v"] = _split_heads(qkv, num_heads, heads_kv)
+    values["tangent_q"], values["tangent_k"], values["tangent_v"] = \
+        _split_heads(tangent_qkv.expand_as(qkv), num_heads, heads_kv)
     # (B, H, N, D) laid out as (B, N, H, D): the (B, N, H·D) tangent with the heads side by side.
-    return tangent_out.transpose(1, 2).flatten(2), None, None
-
-
-def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *args = inputs
-    rng_state = args[8] if len(args) > 8 else None  # saved: the backward regenerates the same keep mask
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero tensor for lse's (absent) gradient
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
-    if _forward_mode_possible():
-        ctx.save_for_forward(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, bottom_right, dropout_p
-    ctx.args = tuple(args[:8])
-    ctx.num_inputs = len(inputs)
-
-
-def _varlen_backward(ctx, grad_out, _grad_lse):
-    if grad_out is None:
-        return (None,) * ctx.num_inputs
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
-    tensors = (grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    args = (*tensors, *ctx.args) + ((rng_state,) if rng_state is not None else ())
-    grad_q, grad_k, grad_v = call(_varlen_attention_bwd, varlen_attention_bwd_function, args, tensors)
-    return (grad_q, grad_k, grad_v) + (None,) * (ctx.num_inputs - 3)
-
-
-attention_fwd_function = _register(
-    _attention_fwd, _attention_setup_context, _attention_backward, _attention_tangent)
-
-self_attention_fwd_function = _register(
-    _self_attention_fwd, _self_attention_setup_context, _self_attention_backward, _self_attention_tangent)
+    return _tangent(values).transpose(1, 2).flatten(2)
 
 
 def _values(t: Tensor) -> list:
@@ -394,17 +319,11 @@ def _values(t: Tensor) -> list:
         return [x.item() for x in t]
 
 
-def _varlen_tangent(ctx, tangent_q, tangent_k, tangent_v, *_integer_inputs):
+def _varlen_tangent(ctx, values: dict, tangents: dict) -> Tensor:
     """attention_jvp once per sequence, on (1, H, n_s, D) views of the packed tensors (the
     sequence boundaries read on the host: a synchronisation on CUDA), tangents joined along T."""
-    # ctx.args: max_seqlen_q, max_seqlen_k, causal, scale, then the defaults' prefix given
-    _, _, causal, scale, window_left, window_right, bottom_right, dropout_p = \
-        ctx.args + (-1, -1, False, 0.0)[len(ctx.args) - 4:]
-    _refuse_dropout_tangent((dropout_p,), "selfattn.attention_varlen")
-    if tangent_q is None and tangent_k is None and tangent_v is None:
-        return None, None
-    q, k, v, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    bounds_q, bounds_k = _values(cu_seqlens_q), _values(cu_seqlens_k)
+    q, v = values["q"], values["v"]
+    bounds_q, bounds_k = _values(values["cu_seqlens_q"]), _values(values["cu_seqlens_k"])
 
     def rows(t, start, end):
         return None if t is None else t[start:end].transpose(0, 1).unsqueeze(0)
@@ -412,19 +331,25 @@ def _varlen_tangent(ctx, tangent_q, tangent_k, tangent_v, *_integer_inputs):
     pieces = []
     for s in range(len(bounds_q) - 1):
         (q0, q1), (k0, k1) = bounds_q[s:s + 2], bounds_k[s:s + 2]
-        tensors = (rows(q, q0, q1), rows(k, k0, k1), rows(v, k0, k1), rows(tangent_q, q0, q1),
-                   rows(tangent_k, k0, k1), rows(tangent_v, k0, k1))
-        offset = (k1 - k0) - (q1 - q0) if bottom_right else 0
-        _, _, tangent = call(_attention_jvp, attention_jvp_function,
-                             (*tensors, causal, scale, None, window_left, window_right, offset), tensors)
-        pieces.append(tangent[0].transpose(0, 1))  # (n_s, Hq, Dv)
+        sequence = dict(values)  # the band's arguments by name; its offset per sequence:
+        sequence["diagonal_offset"] = (k1 - k0) - (q1 - q0) if values["bottom_right"] else 0
+        for name, (start, end) in (("q", (q0, q1)), ("k", (k0, k1)), ("v", (k0, k1))):
+            sequence[name] = rows(values[name], start, end)
+            sequence["tangent_" + name] = rows(tangents.get(name), start, end)
+        pieces.append(_tangent(sequence)[0].transpose(0, 1))  # (n_s, Hq, Dv)
     if not pieces:
-        return q.new_zeros(0, q.shape[1], v.shape[2]), None
-    return torch.cat(pieces), None
+        return q.new_zeros(0, q.shape[1], v.shape[2])
+    return torch.cat(pieces)
 
 
-varlen_attention_fwd_function = _register(
-    _varlen_attention_fwd, _varlen_setup_context, _varlen_backward, _varlen_tangent)
+# The derivative ops first: the forward ops' derivatives call them through their Functions.
+FUNCTIONS = {}
+for _name in ("attention_bwd", "self_attention_bwd", "varlen_attention_bwd", "attention_jvp"):
+    FUNCTIONS[_name] = _register_derivative_op(OPS[_name], is_jvp=_name == "attention_jvp")
+FUNCTIONS["attention_fwd"] = _register_forward_op(OPS["attention_fwd"])
+FUNCTIONS["self_attention_fwd"] = _register_forward_op(OPS["self_attention_fwd"], _self_attention_tangent)
+FUNCTIONS["varlen_attention_fwd"] = _register_forward_op(OPS["varlen_attention_fwd"], _varlen_tangent)
+attention_fwd_function = FUNCTIONS["attention_fwd"]
 
 
 from . import _vmap  # noqa: E402,F401  (registers the batching rules)

@@ -1,5 +1,6 @@
 """The clear refusals of what selfattn's autograd does not implement: every second derivative, the
-derivative along a mask, forward mode through dropout. Each names the op and the alternative."""
+derivative along a mask, forward mode through dropout. Each names the op and the alternative. The op
+table (_op_table.py) says which op and argument group refuses what."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-_SDPA_MATH = "F.scaled_dot_product_attention under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
-_LAYER_ALTERNATIVE = f"F.linear followed by {_SDPA_MATH}"
-_VARLEN_ALTERNATIVE = f"{_SDPA_MATH} on each sequence"
+SDPA_MATH = "F.scaled_dot_product_attention under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
+LAYER_ALTERNATIVE = f"F.linear followed by {SDPA_MATH}"
+VARLEN_ALTERNATIVE = f"{SDPA_MATH} on each sequence"
 
 
 def _refuse_second_derivative(op: str, public: str, alternative: str, what: str) -> Callable:
@@ -55,9 +56,9 @@ def _refuse_mask_grad(attn_mask: Optional[Tensor], public: str) -> None:
             "of a mask; detach it, or use F.scaled_dot_product_attention for a learned additive mask")
 
 
-def _refuse_dropout_tangent(dropout_p: tuple, public: str) -> None:
+def _refuse_dropout_tangent(values: dict, public: str) -> None:
     """Forward mode through dropout is not implemented (attention_jvp has no keep mask)."""
-    if dropout_p and dropout_p[0] != 0.0:
+    if values["dropout_p"] != 0.0:
         raise NotImplementedError(
             f"{public}: forward-mode AD (jvp) with dropout_p > 0 is not supported; use dropout_p=0 "
             "(e.g. the module in eval mode), or F.scaled_dot_product_attention with the math backend")

@@ -11,18 +11,16 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
-
-from ._op_handles import (_attention_bwd, _attention_fwd, _attention_jvp, _self_attention_bwd, _self_attention_fwd,
-                          _varlen_attention_bwd, _varlen_attention_fwd)
+from ._op_table import OPS, OpDescription
 
 _lib = torch.library.Library("selfattn", "IMPL")
 
 
 # ---------------------------------------------------------------------------------------------
-# Batching rules (torch.vmap), run before autograd at each vmap level. Each rule first checks the
-# arguments as the op sees them, on meta tensors without the vmapped dim, so that a bad argument
-# is reported in the op's own words and sizes rather than those of the folded batch.
+# Batching rules (torch.vmap), run before autograd at each vmap level, generated from the op table.
+# Each rule first has the op check the arguments as one sample has them (the op itself, on meta
+# tensors without the vmapped dim), so that a bad argument is reported in the op's own words and
+# sizes rather than those of the folded batch.
 
 
 def _unbatched_meta(t, bdim: Optional[int]):
@@ -83,118 +81,41 @@ def _fold_mask(attn_mask: Optional[Tensor], bdim: Optional[int], size: int, batc
     return leading.expand(size, batch, *leading.shape[2:]).flatten(0, 1)
 
 
-@torch.library.register_vmap("selfattn::attention_fwd", lib=_lib)
-def _attention_fwd_vmap(info, in_dims, q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
-                        diagonal_offset=0, dropout_p=0.0, rng_state=None):
-    in_dims = _padded(in_dims, 11)
-    m_q, m_k, m_v, m_mask = (_unbatched_meta(t, d) for t, d in zip((q, k, v, attn_mask), in_dims[:3] + in_dims[5:6]))
-    shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
-    _checks.check_mask_inputs(shape, m_q, m_mask, window_left, window_right)
-    if dropout_p != 0.0 or rng_state is not None:
-        # Folding the samples into the batch would change each sample's b, so its keep mask: one
-        # call per sample keeps every sample's mask that of its own (B, Hq, Nq, Nk).
-        return _vmap_by_loop(_attention_fwd, info, in_dims, (q, k, v, causal, scale, attn_mask, window_left,
-                                                             window_right, diagonal_offset, dropout_p, rng_state))
-    (q, k, v), batch = _fold((q, k, v), in_dims[:3], info.batch_size)
-    attn_mask = _fold_mask(attn_mask, in_dims[5], info.batch_size, batch)
-    out, lse = _attention_fwd(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
-    return (out.unflatten(0, (info.batch_size, batch)), lse.unflatten(0, (info.batch_size, batch))), (0, 0)
+def _register_vmap(description: OpDescription) -> None:
+    """The op's batching rule: the samples folded into the batch dim of the arguments the table
+    calls ``folded`` (and ``folded_masks``), one op call; or one call per sample when the op
+    folds nothing, when another tensor argument is vmapped (a weight per sample: the op takes one
+    for its whole batch), while a ``per_sample`` group is active (dropout: a fold would change each
+    sample's batch index, so its keep mask), or when the table says so."""
+    op = description.handle
+    signature = description.signature
+    foldable = set(description.folded) | set(description.folded_masks)
+    per_sample_groups = tuple(g for g in description.groups if g.per_sample)
+
+    def rule(info, in_dims, *args):
+        in_dims = _padded(in_dims, len(signature.names))
+        values = signature.bind(args)
+        dims = dict(zip(signature.names, in_dims))
+        op(*(_unbatched_meta(values[n], dims[n]) for n in signature.names))  # the op's own checks
+        everything = [values[n] for n in signature.names]
+        if (not description.folded or description.per_sample_when(values)
+                or any(g.active(values) for g in per_sample_groups)
+                or any(dims[n] is not None and n not in foldable for n in signature.tensor_names)):
+            return _vmap_by_loop(op, info, in_dims, everything)
+        # The first folded tensor present (q, grad_out, x) gives the batch size B.
+        present = [n for n in description.folded if values[n] is not None]
+        folded, batch = _fold([values[n] for n in present], [dims[n] for n in present], info.batch_size)
+        values.update(zip(present, folded))
+        for name in description.folded_masks:
+            values[name] = _fold_mask(values[name], dims[name], info.batch_size, batch)
+        outputs = op(*signature.positional(values))
+        per_sample = (description.per_sample_outputs(values) if description.per_sample_outputs
+                      else (True,) * len(outputs))
+        return (tuple(t.unflatten(0, (info.batch_size, batch)) if p else t for t, p in zip(outputs, per_sample)),
+                tuple(0 if p else None for p in per_sample))
+
+    torch.library.register_vmap(f"selfattn::{description.name}", rule, lib=_lib)
 
 
-@torch.library.register_vmap("selfattn::attention_bwd", lib=_lib)
-def _attention_bwd_vmap(info, in_dims, grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
-                        window_right=-1, diagonal_offset=0, dropout_p=0.0, rng_state=None):
-    tensors = (grad_out, q, k, v, out, lse)
-    in_dims = _padded(in_dims, 14)
-    m_grad_out, m_q, m_k, m_v, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(tensors, in_dims))
-    mask_dim = in_dims[8]
-    shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
-    _checks.check_mask_inputs(shape, m_q, _unbatched_meta(attn_mask, mask_dim), window_left, window_right)
-    _checks.check_attention_grad_inputs(shape, m_q, m_grad_out, m_out, m_lse)
-    if dropout_p != 0.0 or rng_state is not None:  # as in the forward: one call per sample
-        return _vmap_by_loop(_attention_bwd, info, in_dims, (*tensors, causal, scale, attn_mask, window_left,
-                                                             window_right, diagonal_offset, dropout_p, rng_state))
-    folded, batch = _fold(tensors, in_dims[:6], info.batch_size)
-    # _fold takes the batch size from its first tensor, grad_out: (B, H, Nq, Dv), checked above.
-    attn_mask = _fold_mask(attn_mask, mask_dim, info.batch_size, batch)
-    grads = _attention_bwd(*folded, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
-    return tuple(g.unflatten(0, (info.batch_size, batch)) for g in grads), (0, 0, 0)
-
-
-@torch.library.register_vmap("selfattn::attention_jvp", lib=_lib)
-def _attention_jvp_vmap(info, in_dims, q, k, v, tangent_q, tangent_k, tangent_v, causal, scale, attn_mask=None,
-                        window_left=-1, window_right=-1, diagonal_offset=0):
-    tensors = (q, k, v, tangent_q, tangent_k, tangent_v)
-    in_dims = _padded(in_dims, 12)
-    metas = [_unbatched_meta(t, d) for t, d in zip(tensors, in_dims)]
-    shape = _checks.check_attention_inputs(*metas[:3], scale)
-    _checks.check_mask_inputs(shape, metas[0], _unbatched_meta(attn_mask, in_dims[8]), window_left, window_right)
-    _checks.check_attention_tangents(shape, metas[0], *metas[3:])
-    present = [i for i, t in enumerate(tensors) if t is not None]  # q first: _fold's batch size is q's
-    folded, batch = _fold([tensors[i] for i in present], [in_dims[i] for i in present], info.batch_size)
-    args = list(tensors)
-    for i, t in zip(present, folded):
-        args[i] = t
-    attn_mask = _fold_mask(attn_mask, in_dims[8], info.batch_size, batch)
-    outputs = _attention_jvp(*args, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
-    return tuple(t.unflatten(0, (info.batch_size, batch)) for t in outputs), (0, 0, 0)
-
-
-@torch.library.register_vmap("selfattn::self_attention_fwd", lib=_lib)
-def _self_attention_fwd_vmap(info, in_dims, x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0,
-                             attn_mask=None, window_left=-1, window_right=-1, dropout_p=0.0, rng_state=None):
-    args = (x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left, window_right,
-            dropout_p, rng_state)
-    in_dims = _padded(in_dims, len(args))
-    m_x, m_w, m_b = (_unbatched_meta(t, d) for t, d in zip((x, w_qkv, b_qkv), in_dims))
-    shape = _checks.check_layer_inputs(m_x, m_w, m_b, num_heads, num_kv_heads, scale)
-    _checks.check_layer_mask_inputs(shape, m_x, _unbatched_meta(attn_mask, in_dims[7]), window_left, window_right)
-    if in_dims[1] is not None or in_dims[2] is not None or dropout_p != 0.0 or rng_state is not None:
-        # A weight per sample: the op takes one weight for its whole batch. Dropout: a fold would
-        # change each sample's b, so its keep mask.
-        return _vmap_by_loop(_self_attention_fwd, info, in_dims, args)
-    (x,), batch = _fold((x,), in_dims[:1], info.batch_size)
-    attn_mask = _fold_mask(attn_mask, in_dims[7], info.batch_size, batch)
-    outputs = _self_attention_fwd(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads, attn_mask, window_left,
-                                  window_right)
-    return tuple(t.unflatten(0, (info.batch_size, batch)) for t in outputs), (0, 0, 0)
-
-
-@torch.library.register_vmap("selfattn::self_attention_bwd", lib=_lib)
-def _self_attention_bwd_vmap(info, in_dims, grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale,
-                             output_mask, num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1,
-                             dropout_p=0.0, rng_state=None):
-    args = (grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask, num_kv_heads, attn_mask,
-            window_left, window_right, dropout_p, rng_state)
-    in_dims = _padded(in_dims, len(args))
-    m_grad_out, m_x, m_w, m_qkv, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(args[:6], in_dims))
-    shape = _checks.check_layer_inputs(m_x, m_w, None, num_heads, num_kv_heads, scale)
-    _checks.check_layer_mask_inputs(shape, m_x, _unbatched_meta(attn_mask, in_dims[11]), window_left, window_right)
-    _checks.check_layer_grad_inputs(shape, m_x, m_grad_out, m_qkv, m_out, m_lse, output_mask)
-    if in_dims[2] is not None or output_mask[1] or output_mask[2] or dropout_p != 0.0 or rng_state is not None:
-        # A weight per sample, or a weight gradient per sample (vmap(grad(f)) with respect to the
-        # weights): the op's grad_w and grad_b sum over its batch, which would mix the samples.
-        return _vmap_by_loop(_self_attention_bwd, info, in_dims, args)
-    per_sample = (grad_out, x, qkv, out, lse)
-    (grad_out, x, qkv, out, lse), batch = _fold(per_sample, [in_dims[i] for i in (0, 1, 3, 4, 5)], info.batch_size)
-    attn_mask = _fold_mask(attn_mask, in_dims[11], info.batch_size, batch)
-    grad_x, grad_w, grad_b = _self_attention_bwd(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale,
-                                                 output_mask, num_kv_heads, attn_mask, window_left, window_right)
-    # grad_w and grad_b are not wanted here (empty, the same for every sample); grad_x may not be.
-    if output_mask[0]:
-        return (grad_x.unflatten(0, (info.batch_size, batch)), grad_w, grad_b), (0, None, None)
-    return (grad_x, grad_w, grad_b), (None, None, None)
-
-
-# The varlen ops: the packed layout has no batch dim to fold into (a fold would shift every
-# sample's cu_seqlens, whose values only the host sees), so one op call per sample.
-
-
-@torch.library.register_vmap("selfattn::varlen_attention_fwd", lib=_lib)
-def _varlen_attention_fwd_vmap(info, in_dims, *args):
-    return _vmap_by_loop(_varlen_attention_fwd, info, in_dims, args)
-
-
-@torch.library.register_vmap("selfattn::varlen_attention_bwd", lib=_lib)
-def _varlen_attention_bwd_vmap(info, in_dims, *args):
-    return _vmap_by_loop(_varlen_attention_bwd, info, in_dims, args)
+for _description in OPS.values():
+    _register_vmap(_description)
