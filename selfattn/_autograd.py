@@ -9,8 +9,9 @@ op. Refused at once, with an error naming the op and the alternative: every seco
 that requires grad or carries a tangent is refused. cu_seqlens of the varlen ops are integer
 tensors and never differentiable.
 
-Each op gets a Python kernel on the dispatcher's Autograd key, so the raw torch.ops.selfattn.* ops
-and the public functions behave alike. When something is to be differentiated, the kernel applies
+Each op gets a Python kernel on the dispatcher's Autograd key, generated from its description in
+the op table (_op_table.py), so the raw torch.ops.selfattn.* ops and the public functions behave
+alike; arguments travel by schema name. When something is to be differentiated, the kernel applies
 the op's autograd Function: for a forward op, backward is the matching backward op and jvp calls
 attention_jvp (which recomputes out beside its tangent, so forward mode costs a forward and a
 jvp pass; varlen calls it once per sequence); for a backward op or attention_jvp, backward and jvp
@@ -42,10 +43,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._torch_internals import (AutoDispatchBelowAutograd, OptionalType, SingleLevelFunction, TensorType,
+from ._torch_internals import (AutoDispatchBelowAutograd, SingleLevelFunction,
                                after_autograd_keyset, are_functorch_transforms_active,
                                enable_single_level_autograd_function, forward_ad_level, is_any_autocast_enabled,
-                               op_entry, op_name, op_schema, set_fwd_grad_enabled)
+                               op_entry, set_fwd_grad_enabled)
 
 from ._op_table import OPS, OpDescription
 from ._refusals import (_refuse_derivative_of_jvp, _refuse_double_backward, _refuse_forward_mode, _refuse_mask_grad,
@@ -206,7 +207,6 @@ def _register_forward_op(description: OpDescription, adapt_tangent: Optional[Cal
     and arguments by name) and ``tangents`` (by input name)."""
     signature = description.signature
     backward_op = OPS[description.backward]
-    jvp_op = OPS[description.jvp]
     output_name = signature.returns[0]
     # The tensors the backward op reads: the forward's tensor inputs and outputs it names.
     saved_names = tuple(n for n in backward_op.signature.names if n in signature.tensor_names or n in signature.returns)
@@ -267,16 +267,16 @@ def _register_forward_op(description: OpDescription, adapt_tangent: Optional[Cal
             return (adapt_tangent(ctx, values, tangents),) + nothing[1:]
         for name in description.differentiable:
             values["tangent_" + name] = tangents.get(name)
-        return (_tangent(values, "tangent_" + output_name),) + nothing[1:]
+        return (_tangent(values, description.jvp, "tangent_" + output_name),) + nothing[1:]
 
     return _register(description, setup_context, backward, jvp)
 
 
-def _tangent(values: dict, output: str = "tangent_out") -> Tensor:
-    """attention_jvp's ``output`` for the arguments in ``values``, by name."""
-    jvp_op = OPS["attention_jvp"]
+def _tangent(values: dict, jvp: str = "attention_jvp", output: str = "tangent_out") -> Tensor:
+    """The forward-mode op ``jvp``'s ``output`` for the arguments in ``values``, by name."""
+    jvp_op = OPS[jvp]
     args = tuple(jvp_op.signature.positional(values))
-    outputs = call(jvp_op.handle, FUNCTIONS["attention_jvp"], args, tuple(a for a in args if isinstance(a, Tensor)))
+    outputs = call(jvp_op.handle, FUNCTIONS[jvp], args, tuple(a for a in args if isinstance(a, Tensor)))
     return outputs[jvp_op.signature.returns.index(output)]
 
 

@@ -17,7 +17,6 @@ name; the ops check the rest.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
