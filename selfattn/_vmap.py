@@ -11,10 +11,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
-
 from ._op_handles import (_attention_bwd, _attention_fwd, _attention_jvp, _self_attention_bwd, _self_attention_fwd,
                           _varlen_attention_bwd, _varlen_attention_fwd)
+from ._torch_internals import META_KEYSET
 
 _lib = torch.library.Library("selfattn", "IMPL")
 
@@ -23,6 +22,10 @@ _lib = torch.library.Library("selfattn", "IMPL")
 # Batching rules (torch.vmap), run before autograd at each vmap level. Each rule first checks the
 # arguments as the op sees them, on meta tensors without the vmapped dim, so that a bad argument
 # is reported in the op's own words and sizes rather than those of the folded batch.
+
+def _check_unbatched(op, *args) -> None:
+    """The op's own checks (its Meta kernel: csrc/checks.cpp) on arguments without the vmapped dim."""
+    op.redispatch(META_KEYSET, *args)
 
 
 def _unbatched_meta(t, bdim: Optional[int]):
@@ -88,8 +91,7 @@ def _attention_fwd_vmap(info, in_dims, q, k, v, causal, scale, attn_mask=None, w
                         diagonal_offset=0, dropout_p=0.0, rng_state=None):
     in_dims = _padded(in_dims, 11)
     m_q, m_k, m_v, m_mask = (_unbatched_meta(t, d) for t, d in zip((q, k, v, attn_mask), in_dims[:3] + in_dims[5:6]))
-    shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
-    _checks.check_mask_inputs(shape, m_q, m_mask, window_left, window_right)
+    _check_unbatched(_attention_fwd, m_q, m_k, m_v, causal, scale, m_mask, window_left, window_right, diagonal_offset)
     if dropout_p != 0.0 or rng_state is not None:
         # Folding the samples into the batch would change each sample's b, so its keep mask: one
         # call per sample keeps every sample's mask that of its own (B, Hq, Nq, Nk).
@@ -108,9 +110,8 @@ def _attention_bwd_vmap(info, in_dims, grad_out, q, k, v, out, lse, causal, scal
     in_dims = _padded(in_dims, 14)
     m_grad_out, m_q, m_k, m_v, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(tensors, in_dims))
     mask_dim = in_dims[8]
-    shape = _checks.check_attention_inputs(m_q, m_k, m_v, scale)
-    _checks.check_mask_inputs(shape, m_q, _unbatched_meta(attn_mask, mask_dim), window_left, window_right)
-    _checks.check_attention_grad_inputs(shape, m_q, m_grad_out, m_out, m_lse)
+    _check_unbatched(_attention_bwd, m_grad_out, m_q, m_k, m_v, m_out, m_lse, causal, scale,
+                     _unbatched_meta(attn_mask, mask_dim), window_left, window_right, diagonal_offset)
     if dropout_p != 0.0 or rng_state is not None:  # as in the forward: one call per sample
         return _vmap_by_loop(_attention_bwd, info, in_dims, (*tensors, causal, scale, attn_mask, window_left,
                                                              window_right, diagonal_offset, dropout_p, rng_state))
@@ -127,9 +128,8 @@ def _attention_jvp_vmap(info, in_dims, q, k, v, tangent_q, tangent_k, tangent_v,
     tensors = (q, k, v, tangent_q, tangent_k, tangent_v)
     in_dims = _padded(in_dims, 12)
     metas = [_unbatched_meta(t, d) for t, d in zip(tensors, in_dims)]
-    shape = _checks.check_attention_inputs(*metas[:3], scale)
-    _checks.check_mask_inputs(shape, metas[0], _unbatched_meta(attn_mask, in_dims[8]), window_left, window_right)
-    _checks.check_attention_tangents(shape, metas[0], *metas[3:])
+    _check_unbatched(_attention_jvp, *metas, causal, scale, _unbatched_meta(attn_mask, in_dims[8]), window_left,
+                     window_right, diagonal_offset)
     present = [i for i, t in enumerate(tensors) if t is not None]  # q first: _fold's batch size is q's
     folded, batch = _fold([tensors[i] for i in present], [in_dims[i] for i in present], info.batch_size)
     args = list(tensors)
@@ -147,8 +147,8 @@ def _self_attention_fwd_vmap(info, in_dims, x, w_qkv, b_qkv, num_heads, causal, 
             dropout_p, rng_state)
     in_dims = _padded(in_dims, len(args))
     m_x, m_w, m_b = (_unbatched_meta(t, d) for t, d in zip((x, w_qkv, b_qkv), in_dims))
-    shape = _checks.check_layer_inputs(m_x, m_w, m_b, num_heads, num_kv_heads, scale)
-    _checks.check_layer_mask_inputs(shape, m_x, _unbatched_meta(attn_mask, in_dims[7]), window_left, window_right)
+    _check_unbatched(_self_attention_fwd, m_x, m_w, m_b, num_heads, causal, scale, num_kv_heads,
+                     _unbatched_meta(attn_mask, in_dims[7]), window_left, window_right)
     if in_dims[1] is not None or in_dims[2] is not None or dropout_p != 0.0 or rng_state is not None:
         # A weight per sample: the op takes one weight for its whole batch. Dropout: a fold would
         # change each sample's b, so its keep mask.
@@ -168,9 +168,8 @@ def _self_attention_bwd_vmap(info, in_dims, grad_out, x, w_qkv, qkv, out, lse, n
             window_left, window_right, dropout_p, rng_state)
     in_dims = _padded(in_dims, len(args))
     m_grad_out, m_x, m_w, m_qkv, m_out, m_lse = (_unbatched_meta(t, d) for t, d in zip(args[:6], in_dims))
-    shape = _checks.check_layer_inputs(m_x, m_w, None, num_heads, num_kv_heads, scale)
-    _checks.check_layer_mask_inputs(shape, m_x, _unbatched_meta(attn_mask, in_dims[11]), window_left, window_right)
-    _checks.check_layer_grad_inputs(shape, m_x, m_grad_out, m_qkv, m_out, m_lse, output_mask)
+    _check_unbatched(_self_attention_bwd, m_grad_out, m_x, m_w, m_qkv, m_out, m_lse, num_heads, causal, scale,
+                     output_mask, num_kv_heads, _unbatched_meta(attn_mask, in_dims[11]), window_left, window_right)
     if in_dims[2] is not None or output_mask[1] or output_mask[2] or dropout_p != 0.0 or rng_state is not None:
         # A weight per sample, or a weight gradient per sample (vmap(grad(f)) with respect to the
         # weights): the op's grad_w and grad_b sum over its batch, which would mix the samples.

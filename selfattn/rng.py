@@ -19,11 +19,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
 
 _MASK = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
+
+
+# The range check of dropout_p, the ops' own (csrc/checks.cpp), as the private op _check_dropout_p:
+# raises ValueError for a value outside [0, 1). The public functions call it before drawing an
+# rng_state, so that a bad value consumes nothing from the generator. (The OpOverload, which
+# torch.compile traces: a bad constant is refused at trace time.)
+check_dropout_p = torch.ops.selfattn._check_dropout_p.default
 
 
 def draw_rng_state(device) -> Tensor:
@@ -67,7 +73,7 @@ def dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float) -> T
     ``rng_state``, ``selfattn.attention(q, k, v, dropout_p=p, rng_state=rng_state)`` equals
     ``softmax(scale · q kᵀ + mask) ∘ dropout_mask(...) / (1 - p) @ v``. Reads rng_state on the host.
     """
-    _checks.check_dropout_p(dropout_p)
+    check_dropout_p(dropout_p)
     if not isinstance(rng_state, Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,):
         raise ValueError("selfattn: rng_state must be an int64 tensor of shape (2,) = (seed, offset)")
     batch, heads, nq, nk = (int(n) for n in shape)

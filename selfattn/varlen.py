@@ -1,6 +1,6 @@
 """Variable-length (packed) attention in FlashAttention's layout: the public function over
-torch.ops.selfattn.varlen_attention_fwd / _bwd (csrc/varlen.cpp) and their fake kernels (their
-autograd is in _autograd.py, with the other ops').
+torch.ops.selfattn.varlen_attention_fwd / _bwd (csrc/varlen.cpp; their autograd is in
+_autograd.py, with the other ops').
 
     varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                          scale, window_left=-1, window_right=-1, bottom_right=False, dropout_p=0.0,
@@ -17,7 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _autograd, _checks, masks
+from . import _autograd, masks
 from .ops import _dropout_args, _require_tensor, _resolve_scale
 
 
@@ -79,29 +79,3 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                             alignment is not None, scale, window_left, window_right,
                                             alignment == "bottom_right", dropout_p, rng_state)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake kernels: the checks that need no data (_checks.py), outputs as the C++ op allocates them.
-
-
-@torch.library.register_fake("selfattn::varlen_attention_fwd")
-def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                               window_left=-1, window_right=-1, bottom_right=False, dropout_p=0.0, rng_state=None):
-    s = _checks.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
-    _checks.check_window(window_left, window_right)
-    _checks.check_dropout(dropout_p, rng_state, q, "q")
-    out = q.new_empty((s.total_q, s.heads, s.dim_v))
-    lse = q.new_empty((s.heads, s.total_q), dtype=_checks.accumulate_dtype(q.dtype))
-    return out, lse
-
-
-@torch.library.register_fake("selfattn::varlen_attention_bwd")
-def _varlen_attention_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                               max_seqlen_k, causal, scale, window_left=-1, window_right=-1, bottom_right=False,
-                               dropout_p=0.0, rng_state=None):
-    s = _checks.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
-    _checks.check_window(window_left, window_right)
-    _checks.check_dropout(dropout_p, rng_state, q, "q")
-    _checks.check_varlen_grad_inputs(s, q, grad_out, out, lse)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -31,8 +31,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _checks, masks
+from .. import masks
 from ..ops import _resolve_scale
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse and of all accumulation for inputs of ``dtype`` (csrc/checks.h, accumulate_type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 __all__ = ["ring_attention", "split_sequence", "unsplit_sequence"]
 
@@ -188,7 +194,7 @@ def _head_passes(hq: int, hk: int, per_pass: int):
 
 
 def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout, per_pass):
-    acc_dtype = _checks.accumulate_dtype(q.dtype)
+    acc_dtype = _accumulate_dtype(q.dtype)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc_dtype)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc_dtype)
     for hq, hk in _head_passes(q.shape[1], k.shape[1], per_pass):
@@ -218,7 +224,7 @@ def _ring_forward_pass(ring: _Ring, q, k, v, out, lse, causal, scale, left, righ
 
 
 def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass):
-    acc_dtype = _checks.accumulate_dtype(q.dtype)
+    acc_dtype = _accumulate_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     passes = _head_passes(q.shape[1], k.shape[1], per_pass)
     if len(passes) == 1:  # the accumulators that arrive home are the gradients
