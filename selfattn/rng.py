@@ -25,11 +25,16 @@ _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 
 
-# The range check of dropout_p, the ops' own (csrc/checks.cpp), as the private op _check_dropout_p:
-# raises ValueError for a value outside [0, 1). The public functions call it before drawing an
-# rng_state, so that a bad value consumes nothing from the generator. (The OpOverload, which
-# torch.compile traces: a bad constant is refused at trace time.)
-check_dropout_p = torch.ops.selfattn._check_dropout_p.default
+_check_dropout_p = torch.ops.selfattn._check_dropout_p.default
+
+
+def check_dropout_p(dropout_p: float) -> None:
+    """dropout_p's range, [0, 1): out of it, the ops' own ValueError (csrc/checks.cpp, through the
+    private op _check_dropout_p; under torch.compile, at trace time). The public functions check it
+    before drawing an rng_state, so that a bad value consumes nothing from the generator. The op is
+    called only for a bad value: a good call records no extra op (dispatch modes, compiled graphs)."""
+    if not 0.0 <= dropout_p < 1.0:
+        _check_dropout_p(dropout_p)
 
 
 def draw_rng_state(device) -> Tensor:
