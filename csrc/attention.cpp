@@ -1,126 +1,108 @@
-// The attention ops: argument checks, output allocation, and the hand-off to the kernel
-// of the inputs' device. Written once for every device.
-#include "attention.h"
+// The attention ops attention_fwd and attention_bwd: argument checks, output allocation, and the
+// hand-off to the kernels of the dispatch key's device (op_kernels.h). Written once for every device.
+#include "op_kernels.h"
 
-#include <ATen/autocast_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
 
 namespace selfattn {
 
-void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const AttentionMask& mask, double scale, const at::Tensor& out,
-                       const at::Tensor& lse) {
-  if (q.is_cuda()) {
-#ifdef SELFATTN_WITH_CUDA
-    return attention_forward_cuda(q, k, v, mask, scale, out, lse);
-#else
-    TORCH_CHECK(false, "selfattn was built without CUDA; reinstall it where nvcc is available");
-#endif
+AttentionMask attention_mask_arguments(const OpArguments& args, const AttentionShape& s, const at::Tensor& q,
+                                       bool for_kernels) {
+  const std::optional<at::Tensor> attn_mask = args.optional_tensor("attn_mask");
+  const int64_t window_left = args.integer("window_left");
+  const int64_t window_right = args.integer("window_right");
+  check_mask_inputs(s, q, attn_mask, window_left, window_right);
+  const bool has_dropout = args.has("dropout_p");  // (attention_jvp has none)
+  const double dropout_p = has_dropout ? args.real("dropout_p") : 0.0;
+  const std::optional<at::Tensor> rng_state = has_dropout ? args.optional_tensor("rng_state") : std::nullopt;
+  if (has_dropout) {
+    check_dropout(dropout_p, rng_state, q, "q");
   }
-  attention_forward_cpu(q, k, v, mask, scale, out, lse);
-}
-
-void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                        const AttentionMask& mask, double scale, const at::Tensor& grad_q,
-                        const at::Tensor& grad_k, const at::Tensor& grad_v) {
-  if (q.is_cuda()) {
-#ifdef SELFATTN_WITH_CUDA
-    return attention_backward_cuda(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v);
-#else
-    TORCH_CHECK(false, "selfattn was built without CUDA; reinstall it where nvcc is available");
-#endif
+  AttentionMask mask;
+  if (!for_kernels) {
+    return mask;
   }
-  attention_backward_cpu(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v);
+  mask.band = make_band(args.boolean("causal"), window_left, window_right, args.integer("diagonal_offset"));
+  if (attn_mask.has_value()) {
+    mask.tensor = attn_mask->expand_symint({s.batch, s.heads, s.nq, s.nk});
+  }
+  mask.set_dropout(dropout_p, rng_state);
+  return mask;
 }
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v, bool causal, double scale,
-                                                 const std::optional<at::Tensor>& attn_mask,
-                                                 int64_t window_left, int64_t window_right,
-                                                 int64_t diagonal_offset, double dropout_p,
-                                                 const std::optional<at::Tensor>& rng_state) {
+template <const DeviceKernels& kernels>
+void attention_fwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  static const ArgumentNames names(op.schema());
+  const OpArguments args(*stack, names);
+  const at::Tensor q = args.tensor("q"), k = args.tensor("k"), v = args.tensor("v");
+  const double scale = args.real("scale");
   const AttentionShape s = check_attention_inputs(q, k, v, scale);
-  check_mask_inputs(s, q, attn_mask, window_left, window_right);
-  check_dropout(dropout_p, rng_state, q, "q");
+  const AttentionMask mask = attention_mask_arguments(args, s, q, kernels.runs());
   // (B, Nq, H, Dv) in memory: heads side by side, so out.transpose(1, 2).flatten(2) is free.
-  at::Tensor out = at::empty({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
-  at::Tensor lse = at::empty({s.batch, s.heads, s.nq}, q.options().dtype(accumulate_type(q.scalar_type())));
-  attention_forward(q, k, v,
-                    make_mask(s, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
-                    scale, out, lse);
-  return {out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
-    const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
-    int64_t diagonal_offset, double dropout_p, const std::optional<at::Tensor>& rng_state) {
-  const AttentionShape s = check_attention_inputs(q, k, v, scale);
-  check_mask_inputs(s, q, attn_mask, window_left, window_right);
-  check_dropout(dropout_p, rng_state, q, "q");
-  check_attention_grad_inputs(s, q, grad_out, out, lse);
-  at::Tensor grad_q = at::empty_like(q);
-  at::Tensor grad_k = at::empty_like(k);
-  at::Tensor grad_v = at::empty_like(v);
-  attention_backward(grad_out, q, k, v, out, lse,
-                     make_mask(s, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p,
-                               rng_state),
-                     scale, grad_q, grad_k, grad_v);
-  return {grad_q, grad_k, grad_v};
-}
-
-// Under torch.autocast, float32 q/k/v run in the region's lower-precision dtype, as SDPA does.
-// A float mask follows q into the region's dtype unless it is float32 (which the kernels take
-// with any input dtype); a bool mask stays bool.
-std::tuple<at::Tensor, at::Tensor> attention_fwd_autocast(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, bool causal, double scale,
-                                                          const std::optional<at::Tensor>& attn_mask,
-                                                          int64_t window_left, int64_t window_right,
-                                                          int64_t diagonal_offset, double dropout_p,
-                                                          const std::optional<at::Tensor>& rng_state) {
-  const c10::DeviceType device_type = q.device().type();
-  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("selfattn::attention_fwd", "")
-                       .typed<decltype(attention_fwd)>();
-  std::optional<at::Tensor> mask = attn_mask;
-  if (mask.has_value() && mask->is_floating_point() && mask->scalar_type() != at::kFloat) {
-    mask = mask->to(dtype);  // (cached_cast leaves float64 alone; the kernels would refuse it)
+  const at::Tensor out = at::empty_symint({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
+  const at::Tensor lse =
+      at::empty_symint({s.batch, s.heads, s.nq}, q.options().dtype(accumulate_type(q.scalar_type())));
+  if constexpr (kernels.runs()) {
+    kernels.forward(q, k, v, mask, scale, out, lse);
   }
-  return op.call(at::autocast::cached_cast(dtype, q, device_type),
-                 at::autocast::cached_cast(dtype, k, device_type),
-                 at::autocast::cached_cast(dtype, v, device_type), causal, scale, mask, window_left,
-                 window_right, diagonal_offset, dropout_p, rng_state);
+  set_outputs(stack, names, out, lse);
+}
+
+template <const DeviceKernels& kernels>
+void attention_bwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  static const ArgumentNames names(op.schema());
+  const OpArguments args(*stack, names);
+  const at::Tensor q = args.tensor("q"), k = args.tensor("k"), v = args.tensor("v");
+  const at::Tensor grad_out = args.tensor("grad_out"), out = args.tensor("out"), lse = args.tensor("lse");
+  const double scale = args.real("scale");
+  const AttentionShape s = check_attention_inputs(q, k, v, scale);
+  const AttentionMask mask = attention_mask_arguments(args, s, q, kernels.runs());
+  check_attention_grad_inputs(s, q, grad_out, out, lse);
+  const at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  if constexpr (kernels.runs()) {
+    kernels.backward(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v);
+  }
+  set_outputs(stack, names, grad_q, grad_k, grad_v);
+}
+
+void attention_fwd_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  // A float mask follows q into the region's dtype unless it is float32 (which the kernels take
+  // with any input dtype), float64 included; a bool mask stays bool.
+  static const AutocastCasts casts{{"q", "k", "v"}, /*mask_to_dtype=*/true};
+  autocast_kernel(op, casts, stack);
+}
+
+template <const DeviceKernels& kernels>
+void register_kernels(torch::Library& m) {
+  m.impl("attention_fwd", boxed<&attention_fwd<kernels>>());
+  m.impl("attention_bwd", boxed<&attention_bwd<kernels>>());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(selfattn, CPU, m) {
-  m.impl("attention_fwd", &attention_fwd);
-  m.impl("attention_bwd", &attention_bwd);
+  register_kernels<kCpuKernels>(m);
 }
 
 #ifdef SELFATTN_WITH_CUDA
 TORCH_LIBRARY_IMPL(selfattn, CUDA, m) {
-  m.impl("attention_fwd", &attention_fwd);
-  m.impl("attention_bwd", &attention_bwd);
+  register_kernels<kCudaKernels>(m);
 }
 #endif
 
+TORCH_LIBRARY_IMPL(selfattn, Meta, m) {
+  register_kernels<kMetaKernels>(m);
+}
+
 TORCH_LIBRARY_IMPL(selfattn, AutocastCPU, m) {
-  m.impl("attention_fwd", &attention_fwd_autocast);
+  m.impl("attention_fwd", boxed<&attention_fwd_autocast>());
 }
 
 TORCH_LIBRARY_IMPL(selfattn, AutocastCUDA, m) {
-  m.impl("attention_fwd", &attention_fwd_autocast);
+  m.impl("attention_fwd", boxed<&attention_fwd_autocast>());
 }
 
 }  // namespace selfattn

@@ -1,5 +1,5 @@
-// Entry points of the attention kernels, shared by the device-generic ops
-// (attention.cpp, self_attention.cpp) and the per-device kernel files.
+// Entry points of the attention kernels, shared by the ops (attention.cpp, jvp.cpp, varlen.cpp,
+// self_attention.cpp, which reach them by dispatch key: op_kernels.h) and the per-device kernel files.
 //
 // Shapes, for every function below:
 //   q   (B, Hq, Nq, D)    k (B, Hk, Nk, D)    v (B, Hk, Nk, Dv)    any strides
@@ -46,19 +46,6 @@ struct AttentionMask {
   }
 };
 
-// The ops' mask arguments as the kernels take them; attn_mask broadcast to (B, Hq, Nq, Nk) as a view.
-inline AttentionMask make_mask(const AttentionShape& s, bool causal, const std::optional<at::Tensor>& attn_mask,
-                               int64_t window_left, int64_t window_right, int64_t diagonal_offset,
-                               double dropout_p = 0.0, const std::optional<at::Tensor>& rng_state = std::nullopt) {
-  AttentionMask mask;
-  mask.band = make_band(causal, window_left, window_right, diagonal_offset);
-  if (attn_mask.has_value()) {
-    mask.tensor = attn_mask->expand({s.batch, s.heads, s.nq, s.nk});
-  }
-  mask.set_dropout(dropout_p, rng_state);
-  return mask;
-}
-
 // The CPU kernels, through the copy for the CPU at hand (cpu/dispatch.cpp).
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const AttentionMask& mask, double scale, const at::Tensor& out,
@@ -99,14 +86,5 @@ void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, co
                              const AttentionMask& mask, double scale, const at::Tensor& grad_q,
                              const at::Tensor& grad_k, const at::Tensor& grad_v);
 #endif
-
-// The kernel of the tensors' device (defined in attention.cpp).
-void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const AttentionMask& mask, double scale, const at::Tensor& out,
-                       const at::Tensor& lse);
-void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                        const AttentionMask& mask, double scale, const at::Tensor& grad_q,
-                        const at::Tensor& grad_k, const at::Tensor& grad_v);
 
 }  // namespace selfattn

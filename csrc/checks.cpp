@@ -1,18 +1,17 @@
-// The argument checks of every op (checks.h). selfattn/_checks.py mirrors this file function by
-// function, message by message: change both together.
+// The argument checks of every op (checks.h): the only copy, on every dispatch key.
 #include "checks.h"
 
 #include <c10/core/ScalarType.h>
 
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <string>
-#include <vector>
 
 namespace selfattn {
 namespace {
 
-// Python's spelling of a dtype ("torch.float32"), so C++ and the fake kernels read alike.
+// Python's spelling of a dtype ("torch.float32"), as Python code prints one.
 std::string dtype_name(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
@@ -27,7 +26,7 @@ void check_float_tensor(const at::Tensor& t, const char* name) {
 
 void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* meaning) {
   TORCH_CHECK_VALUE(t.dim() == rank, "selfattn: ", name, " must be ", rank, "-D ", meaning,
-                    ", got shape ", t.sizes());
+                    ", got shape ", t.sym_sizes());
 }
 
 // Same dtype and device as `ref`, which has been checked already.
@@ -38,15 +37,15 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, co
                     ref_name, " (", ref.device(), "), got ", t.device());
 }
 
-void check_shape(const at::Tensor& t, const char* name, const std::vector<int64_t>& expected,
-                 const char* meaning) {
-  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), "selfattn: ", name, " must have shape ",
-                    meaning, " = ", at::IntArrayRef(expected), ", got ", t.sizes());
+// (A SymIntArrayRef prints as an IntArrayRef does: [2, 3, 4].)
+void check_shape(const at::Tensor& t, const char* name, c10::SymIntArrayRef expected, const char* meaning) {
+  TORCH_CHECK_VALUE(t.sym_sizes() == expected, "selfattn: ", name, " must have shape ", meaning, " = ", expected,
+                    ", got ", t.sym_sizes());
 }
 
 // A saved logsumexp: the accumulation dtype of the inputs, their device, the given shape.
-void check_lse(const at::Tensor& lse, const at::Tensor& ref, const char* ref_name,
-               const std::vector<int64_t>& expected, const char* meaning) {
+void check_lse(const at::Tensor& lse, const at::Tensor& ref, const char* ref_name, c10::SymIntArrayRef expected,
+               const char* meaning) {
   TORCH_CHECK_VALUE(lse.defined(), "selfattn: lse must be a tensor, got None");
   const at::ScalarType want = accumulate_type(ref.scalar_type());
   TORCH_CHECK_TYPE(lse.scalar_type() == want, "selfattn: lse must be ", dtype_name(want), " for ",
@@ -74,7 +73,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
 }
 
 // Grouped-query attention: Hk divides Hq (Hk = Hq is plain multi-head attention).
-void check_heads_divide(int64_t heads, int64_t heads_kv) {
+void check_heads_divide(const c10::SymInt& heads, const c10::SymInt& heads_kv) {
   TORCH_CHECK_VALUE(heads_kv >= 1 ? heads % heads_kv == 0 : heads == 0,
                     "selfattn: k must have a number of heads that divides q's (grouped-query "
                     "attention), got ", heads_kv, " for k and ", heads, " for q");
@@ -85,7 +84,8 @@ void check_heads_divide(int64_t heads, int64_t heads_kv) {
 AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       double scale) {
   check_qkv(q, k, v, 4, "(B, Hq, Nq, D)", "(B, Hk, Nk, D)", "(B, Hk, Nk, Dv)");
-  const AttentionShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  const AttentionShape s{q.sym_size(0), q.sym_size(1), k.sym_size(1), q.sym_size(2),
+                         k.sym_size(2), q.sym_size(3), v.sym_size(3)};
   check_heads_divide(s.heads, s.heads_kv);
   check_shape(k, "k", {s.batch, s.heads_kv, s.nk, s.dim}, "(B, Hk, Nk, D) with B, D of q");
   check_shape(v, "v", {s.batch, s.heads_kv, s.nk, s.dim_v}, "(B, Hk, Nk, Dv) with B, Hk, Nk of k");
@@ -100,10 +100,14 @@ void check_window(int64_t window_left, int64_t window_right) {
                     window_right);
 }
 
-void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state, const at::Tensor& ref,
-                   const char* ref_name) {
+void check_dropout_p(double dropout_p) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "selfattn: dropout_p must be in [0, 1), got ",
                     dropout_p);
+}
+
+void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state, const at::Tensor& ref,
+                   const char* ref_name) {
+  check_dropout_p(dropout_p);
   if (!rng_state.has_value()) {
     TORCH_CHECK_VALUE(dropout_p == 0.0, "selfattn: rng_state must be a tensor when dropout_p > 0, got None");
     return;
@@ -130,13 +134,13 @@ void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
                    dtype_name(q.scalar_type()), "), got ", dtype_name(dtype));
   TORCH_CHECK_VALUE(mask.device() == q.device(), "selfattn: attn_mask must be on the device of q (",
                     q.device(), "), got ", mask.device());
-  const std::vector<int64_t> full = {s.batch, s.heads, s.nq, s.nk};
+  const std::array<c10::SymInt, 4> full = {s.batch, s.heads, s.nq, s.nk};
   bool broadcasts = mask.dim() == 4;
   for (int64_t d = 0; broadcasts && d < 4; ++d) {
-    broadcasts = mask.size(d) == full[d] || mask.size(d) == 1;
+    broadcasts = mask.sym_size(d) == full[d] || mask.sym_size(d) == 1;
   }
   TORCH_CHECK_VALUE(broadcasts, "selfattn: attn_mask must be 4-D and broadcast to (B, Hq, Nq, Nk) = ",
-                    at::IntArrayRef(full), ", got shape ", mask.sizes());
+                    c10::SymIntArrayRef(full), ", got shape ", mask.sym_sizes());
 }
 
 void check_attention_tangents(const AttentionShape& s, const at::Tensor& q,
@@ -144,7 +148,7 @@ void check_attention_tangents(const AttentionShape& s, const at::Tensor& q,
                               const std::optional<at::Tensor>& tangent_k,
                               const std::optional<at::Tensor>& tangent_v) {
   const auto check = [&](const std::optional<at::Tensor>& tangent, const char* name,
-                         const std::vector<int64_t>& shape, const char* meaning) {
+                         c10::SymIntArrayRef shape, const char* meaning) {
     if (tangent.has_value()) {
       check_float_tensor(*tangent, name);
       check_like(*tangent, name, q, "q");
@@ -163,7 +167,7 @@ void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
   check_float_tensor(out, "out");
   check_like(grad_out, "grad_out", q, "q");
   check_like(out, "out", q, "q");
-  const std::vector<int64_t> out_shape = {s.batch, s.heads, s.nq, s.dim_v};
+  const std::array<c10::SymInt, 4> out_shape = {s.batch, s.heads, s.nq, s.dim_v};
   check_shape(grad_out, "grad_out", out_shape, "(B, Hq, Nq, Dv)");
   check_shape(out, "out", out_shape, "(B, Hq, Nq, Dv)");
   check_lse(lse, q, "q", {s.batch, s.heads, s.nq}, "(B, Hq, Nq)");
@@ -178,8 +182,8 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& 
                    dtype_name(cu.scalar_type()));
   TORCH_CHECK_VALUE(cu.device() == q.device(), "selfattn: ", name, " must be on the device of q (",
                     q.device(), "), got ", cu.device());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, "selfattn: ", name,
-                    " must be 1-D (S + 1,) with S >= 0 sequences, got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.sym_size(0) >= 1, "selfattn: ", name,
+                    " must be 1-D (S + 1,) with S >= 0 sequences, got shape ", cu.sym_sizes());
 }
 
 }  // namespace
@@ -188,14 +192,14 @@ VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
   check_qkv(q, k, v, 3, "(Tq, Hq, D)", "(Tk, Hk, D)", "(Tk, Hk, Dv)");
-  VarlenShape s{q.size(0), k.size(0), q.size(1), k.size(1), q.size(2), v.size(2), 0};
+  VarlenShape s{q.sym_size(0), k.sym_size(0), q.sym_size(1), k.sym_size(1), q.sym_size(2), v.sym_size(2), 0};
   check_heads_divide(s.heads, s.heads_kv);
   check_shape(k, "k", {s.total_k, s.heads_kv, s.dim}, "(Tk, Hk, D) with D of q");
   check_shape(v, "v", {s.total_k, s.heads_kv, s.dim_v}, "(Tk, Hk, Dv) with Tk, Hk of k");
   check_scale(scale);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
-  s.num_seqs = cu_seqlens_q.size(0) - 1;
+  s.num_seqs = cu_seqlens_q.sym_size(0) - 1;
   check_shape(cu_seqlens_k, "cu_seqlens_k", {s.num_seqs + 1}, "(S + 1,) with S of cu_seqlens_q");
   TORCH_CHECK_VALUE(max_seqlen_q >= 0, "selfattn: max_seqlen_q must be >= 0, got ", max_seqlen_q);
   TORCH_CHECK_VALUE(max_seqlen_k >= 0, "selfattn: max_seqlen_k must be >= 0, got ", max_seqlen_k);
@@ -227,7 +231,7 @@ void check_varlen_grad_inputs(const VarlenShape& s, const at::Tensor& q, const a
   check_float_tensor(out, "out");
   check_like(grad_out, "grad_out", q, "q");
   check_like(out, "out", q, "q");
-  const std::vector<int64_t> out_shape = {s.total_q, s.heads, s.dim_v};
+  const std::array<c10::SymInt, 3> out_shape = {s.total_q, s.heads, s.dim_v};
   check_shape(grad_out, "grad_out", out_shape, "(Tq, Hq, Dv)");
   check_shape(out, "out", out_shape, "(Tq, Hq, Dv)");
   check_lse(lse, q, "q", {s.heads, s.total_q}, "(Hq, Tq)");
@@ -247,19 +251,19 @@ LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
                     " (0 means num_heads), got ", num_kv_heads);
   const int64_t heads_kv = num_kv_heads == 0 ? num_heads : num_kv_heads;
   const int64_t slots = num_heads + 2 * heads_kv;
-  const int64_t rows = w_qkv.size(0), embed = x.size(2);
-  TORCH_CHECK_VALUE(rows >= slots && rows % slots == 0 && w_qkv.size(1) == embed,
+  const c10::SymInt rows = w_qkv.sym_size(0), embed = x.sym_size(2);
+  TORCH_CHECK_VALUE(rows >= slots && rows % slots == 0 && w_qkv.sym_size(1) == embed,
                     "selfattn: w_qkv must have shape ((num_heads + 2 * num_kv_heads) * head_dim, "
                     "embed_dim) with num_heads + 2 * num_kv_heads = ", slots, " and embed_dim = "
-                    "x.size(-1) = ", embed, ", got ", w_qkv.sizes());
+                    "x.size(-1) = ", embed, ", got ", w_qkv.sym_sizes());
   if (b_qkv.has_value()) {
     check_float_tensor(*b_qkv, "b_qkv");
     check_like(*b_qkv, "b_qkv", x, "x");
     check_shape(*b_qkv, "b_qkv", {rows}, "((num_heads + 2 * num_kv_heads) * head_dim,)");
   }
   check_scale(scale);
-  const int64_t head_dim = rows / slots;
-  return {x.size(0), x.size(1), embed, num_heads * head_dim, num_heads, heads_kv, head_dim};
+  const c10::SymInt head_dim = rows / slots;
+  return {x.sym_size(0), x.sym_size(1), embed, num_heads * head_dim, num_heads, heads_kv, head_dim};
 }
 
 void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
@@ -280,7 +284,7 @@ void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at:
   check_like(grad_out, "grad_out", x, "x");
   check_like(qkv, "qkv", x, "x");
   check_like(out, "out", x, "x");
-  const std::vector<int64_t> out_shape = {s.batch, s.seq, s.model};
+  const std::array<c10::SymInt, 3> out_shape = {s.batch, s.seq, s.model};
   check_shape(grad_out, "grad_out", out_shape, "(B, N, M)");
   check_shape(out, "out", out_shape, "(B, N, M)");
   check_shape(qkv, "qkv", {s.batch, s.seq, s.qkv_dim()}, "(B, N, (num_heads + 2 * num_kv_heads) * head_dim)");

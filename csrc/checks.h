@@ -1,10 +1,11 @@
 // The argument checks of every op, forward and backward, made before any data is touched.
 //
 // Each check names the argument and what was expected, and raises a Python ValueError
-// (TORCH_CHECK_VALUE) or TypeError (TORCH_CHECK_TYPE). The fake kernels (selfattn/_checks.py)
-// make the same checks with the same messages, so an error reads the same whether it comes
-// from the kernel, from meta tensors or from torch.compile's tracing; tests/test_bad_inputs.py
-// holds the two definitions to that.
+// (TORCH_CHECK_VALUE) or TypeError (TORCH_CHECK_TYPE). They are the only copy: every op runs them
+// on every device key, Meta included (fake tensors under torch.compile reach the Meta kernels), so
+// an error reads the same from the kernel, from meta tensors or from torch.compile's tracing
+// (tests/test_bad_inputs.py). Sizes are SymInts: with symbolic shapes a comparison is a guard, and
+// a message prints a size as its expression.
 //
 // Shapes (the kernels read every tensor through its strides, so no layout is required):
 //   attention   q (B, Hq, Nq, D)  k (B, Hk, Nk, D)  v (B, Hk, Nk, Dv)   Hk divides Hq
@@ -32,18 +33,20 @@ inline at::ScalarType accumulate_type(at::ScalarType dtype) {
 }
 
 struct AttentionShape {
-  int64_t batch, heads, heads_kv, nq, nk, dim, dim_v;
+  c10::SymInt batch, heads, heads_kv, nq, nk, dim, dim_v;
 };
 
 struct VarlenShape {
-  int64_t total_q, total_k, heads, heads_kv, dim, dim_v, num_seqs;
+  c10::SymInt total_q, total_k, heads, heads_kv, dim, dim_v, num_seqs;
 };
 
 struct LayerShape {
-  int64_t batch, seq, embed, model, heads, heads_kv, head_dim;  // model = heads * head_dim
+  c10::SymInt batch, seq, embed, model;  // model = heads * head_dim
+  int64_t heads, heads_kv;
+  c10::SymInt head_dim;
 
   // Width of the projections: q heads, then k heads, then v heads.
-  int64_t qkv_dim() const { return (heads + 2 * heads_kv) * head_dim; }
+  c10::SymInt qkv_dim() const { return (heads + 2 * heads_kv) * head_dim; }
 };
 
 // q, k, v of attention_fwd; the scale it multiplies the scores by.
@@ -67,18 +70,21 @@ void check_window(int64_t window_left, int64_t window_right);
 
 // dropout_p and rng_state of every op: 0 <= dropout_p < 1; rng_state, required when dropout_p > 0
 // and checked whenever given, int64 (seed, offset) of shape (2,) on the device of `ref`.
+// check_dropout_p alone is also the private op _check_dropout_p, which the public functions call
+// before they draw an rng_state (selfattn/ops.py, rng.py).
+void check_dropout_p(double dropout_p);
 void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state, const at::Tensor& ref,
                    const char* ref_name);
 
 // q, k, v, cu_seqlens_q/k, max_seqlen_q/k and scale of varlen_attention_fwd: everything that
-// needs no data (the fake kernels make these checks too).
+// needs no data (so the Meta kernels make them too).
 VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);
 
 // The values of one cu_seqlens (on the host, contiguous, `count` = S + 1 entries): 0 first,
 // non-decreasing, `total` last, no sequence longer than max_seqlen. Only the kernels can make this
-// check: meta and fake tensors carry no data (selfattn/_checks.py has no counterpart).
+// check: meta and fake tensors carry no data.
 void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name,
                              int64_t total, const char* total_name, int64_t max_seqlen,
                              const char* max_name);

@@ -4,131 +4,233 @@
 // autograd.Function and ~1 µs entering the dispatcher below autograd from Python; here that is one
 // C++ Function and one C++ guard.
 //
-// Python takes this entry only in plain eager mode: no torch.compile tracing, torch.func transform,
-// autocast region or forward-AD level (those need the Python Autograd kernel, which alone
-// implements jvp and the torch.func levels). The graph node it records computes the same
-// gradients through the same attention_bwd op; a second derivative still reaches that op's Python
-// Autograd kernel, which refuses it.
-#include "attention.h"
+// Python takes this entry only in plain eager mode, through the direct call of python_module.cpp:
+// no torch.compile tracing, torch.func transform, autocast region or forward-AD level (those need
+// the Python Autograd kernel, which alone implements jvp and the torch.func levels). The graph node
+// it records computes the same gradients through the same attention_bwd op; a second derivative
+// still reaches that op's Python Autograd kernel, which refuses it.
+//
+// The node names no argument: it carries attention_fwd's arguments as they came (tensors saved as
+// variables, the rest as IValues) and builds attention_bwd's by name from the two schemas
+// (EagerPlan), so an argument added to both schemas reaches the backward as it is.
+#include "eager.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
 
 namespace selfattn {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptionalTensor = std::optional<at::Tensor>;
 
-using ForwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                            bool, double, const OptionalTensor&, int64_t, int64_t,
-                                                            int64_t, double, const OptionalTensor&);
-using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, bool, double, const OptionalTensor&, int64_t, int64_t, int64_t, double, const OptionalTensor&);
-
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("selfattn::attention_fwd", "").typed<ForwardSignature>();
-  return op;
+int position(const std::vector<c10::Argument>& arguments, const std::string& name) {
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (arguments[i].name() == name) {
+      return static_cast<int>(i);
+    }
+  }
+  return -1;
 }
 
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("selfattn::attention_bwd", "").typed<BackwardSignature>();
-  return op;
+bool is_tensor(const c10::TypePtr& type) {
+  if (type->kind() == c10::TypeKind::OptionalType) {
+    return type->castRaw<c10::OptionalType>()->getElementType()->kind() == c10::TypeKind::TensorType;
+  }
+  return type->kind() == c10::TypeKind::TensorType;
 }
 
-OptionalTensor optional(const at::Tensor& t) {
-  return t.defined() ? OptionalTensor(t) : std::nullopt;
+// attention_fwd and attention_bwd, matched by name once: attention_bwd returns grad_<x> for each
+// differentiable argument x of attention_fwd; it takes grad_<y> for each differentiable output y,
+// the outputs themselves by their names, and the forward's other arguments by theirs.
+struct EagerPlan {
+  enum class From { kGradient, kOutput, kArgument };
+  struct Source {
+    From from;
+    size_t index;  // of the forward's outputs (kGradient, kOutput) or arguments (kArgument)
+  };
+
+  c10::OperatorHandle forward;
+  c10::OperatorHandle backward;
+  std::vector<bool> argument_is_tensor;      // per forward argument: Tensor or Tensor?, saved as a variable
+  std::vector<size_t> tensor_slot;           // per forward argument: its place among the saved variables
+  size_t num_tensors = 0;
+  std::vector<size_t> differentiable;        // forward positions, in the order of attention_bwd's outputs
+  std::vector<size_t> non_differentiable;    // the other tensor arguments (attn_mask, rng_state)
+  std::vector<bool> output_differentiable;   // per forward output
+  std::vector<Source> backward_arguments;
+
+  EagerPlan()
+      : forward(c10::Dispatcher::singleton().findSchemaOrThrow("selfattn::attention_fwd", "")),
+        backward(c10::Dispatcher::singleton().findSchemaOrThrow("selfattn::attention_bwd", "")) {
+    const std::vector<c10::Argument>& arguments = forward.schema().arguments();
+    const std::vector<c10::Argument>& outputs = forward.schema().returns();
+    const std::vector<c10::Argument>& backward_inputs = backward.schema().arguments();
+    for (const c10::Argument& argument : arguments) {
+      argument_is_tensor.push_back(is_tensor(argument.type()));
+      tensor_slot.push_back(num_tensors);
+      num_tensors += argument_is_tensor.back() ? 1 : 0;
+    }
+    for (const c10::Argument& gradient : backward.schema().returns()) {
+      const int p = gradient.name().rfind("grad_", 0) == 0 ? position(arguments, gradient.name().substr(5)) : -1;
+      TORCH_INTERNAL_ASSERT(p >= 0, "selfattn: attention_bwd's output ", gradient.name(),
+                            " names no argument of attention_fwd");
+      differentiable.push_back(p);
+    }
+    for (size_t i = 0; i < arguments.size(); ++i) {
+      if (argument_is_tensor[i] && std::find(differentiable.begin(), differentiable.end(), i) == differentiable.end()) {
+        non_differentiable.push_back(i);
+      }
+    }
+    for (const c10::Argument& output : outputs) {
+      output_differentiable.push_back(position(backward_inputs, "grad_" + output.name()) >= 0);
+    }
+    for (const c10::Argument& input : backward_inputs) {
+      const std::string& name = input.name();
+      const int gradient_of = name.rfind("grad_", 0) == 0 ? position(outputs, name.substr(5)) : -1;
+      if (gradient_of >= 0) {
+        backward_arguments.push_back({From::kGradient, size_t(gradient_of)});
+      } else if (const int output = position(outputs, name); output >= 0) {
+        backward_arguments.push_back({From::kOutput, size_t(output)});
+      } else {
+        const int argument = position(arguments, name);
+        TORCH_INTERNAL_ASSERT(argument >= 0, "selfattn: attention_bwd's argument ", name,
+                              " is neither an output nor an argument of attention_fwd");
+        backward_arguments.push_back({From::kArgument, size_t(argument)});
+      }
+    }
+  }
+};
+
+const EagerPlan& eager_plan() {
+  static const EagerPlan plan;
+  return plan;
 }
 
-struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               bool causal, double scale, const OptionalTensor& attn_mask, int64_t window_left,
-                               int64_t window_right, int64_t diagonal_offset, double dropout_p,
-                               const OptionalTensor& rng_state) {
-    // apply() turned grad mode off, but the call would still enter the Autograd kernel (Python).
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, lse] = forward_op().call(q, k, v, causal, scale, attn_mask, window_left, window_right,
-                                        diagonal_offset, dropout_p, rng_state);
-    ctx->mark_non_differentiable({lse});
+struct EagerAttention : public torch::autograd::Function<EagerAttention> {
+  // differentiable: the tensors at plan.differentiable (the node's inputs); arguments: all of
+  // attention_fwd's, consumed by the call.
+  static variable_list forward(AutogradContext* ctx, at::TensorList differentiable, torch::jit::Stack* arguments) {
+    (void)differentiable;  // (on the stack too; passed for apply() to record the graph's edges)
+    const EagerPlan& plan = eager_plan();
+    // Tensors (undefined for None) as variables — rng_state too, so the backward regenerates the
+    // same keep mask — and the other arguments as IValues, None in the tensors' places.
+    variable_list saved;
+    saved.reserve(plan.num_tensors + plan.output_differentiable.size());
+    c10::impl::GenericList others(c10::AnyType::get());
+    others.reserve(arguments->size());
+    for (size_t i = 0; i < arguments->size(); ++i) {
+      const c10::IValue& value = (*arguments)[i];
+      if (plan.argument_is_tensor[i]) {
+        saved.push_back(value.isTensor() ? value.toTensor() : at::Tensor());
+        others.push_back(c10::IValue());
+      } else {
+        others.push_back(value);
+      }
+    }
+    {
+      // apply() turned grad mode off, but the call would still enter the Autograd kernel (Python).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      plan.forward.callBoxed(arguments);
+    }
+    variable_list outputs, non_differentiable;
+    for (size_t i = 0; i < arguments->size(); ++i) {
+      outputs.push_back((*arguments)[i].toTensor());
+      if (!plan.output_differentiable[i]) {
+        non_differentiable.push_back(outputs.back());
+      }
+    }
+    ctx->mark_non_differentiable(non_differentiable);
     ctx->set_materialize_grads(false);  // no zero tensor for lse's (absent) gradient
-    // rng_state is saved: the backward regenerates the same keep mask from it.
-    ctx->save_for_backward({q, k, v, out, lse, attn_mask.value_or(at::Tensor()), rng_state.value_or(at::Tensor())});
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["window_left"] = window_left;
-    ctx->saved_data["window_right"] = window_right;
-    ctx->saved_data["diagonal_offset"] = diagonal_offset;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    return {out, lse};
+    saved.insert(saved.end(), outputs.begin(), outputs.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["arguments"] = std::move(others);
+    return outputs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    constexpr size_t kInputs = 11;  // forward's arguments after ctx
-    const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) {
-      return variable_list(kInputs);
+    const EagerPlan& plan = eager_plan();
+    variable_list input_grads(plan.differentiable.size() + 1);  // (+ the stack's: none)
+    bool any_gradient = false;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      any_gradient = any_gradient || (plan.output_differentiable[i] && grads[i].defined());
+    }
+    if (!any_gradient) {
+      return input_grads;
     }
     const variable_list saved = ctx->get_saved_variables();
-    const auto call = [&] {
-      return backward_op().call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
-                                optional(saved[5]), ctx->saved_data["window_left"].toInt(),
-                                ctx->saved_data["window_right"].toInt(), ctx->saved_data["diagonal_offset"].toInt(),
-                                ctx->saved_data["dropout_p"].toDouble(), optional(saved[6]));
-    };
+    const c10::ArrayRef<c10::IValue> others = ctx->saved_data["arguments"].toListRef();
+    torch::jit::Stack stack;
+    stack.reserve(plan.backward_arguments.size());
+    for (const EagerPlan::Source& source : plan.backward_arguments) {
+      if (source.from == EagerPlan::From::kGradient) {
+        stack.emplace_back(grads[source.index]);
+      } else if (source.from == EagerPlan::From::kOutput) {
+        stack.emplace_back(saved[plan.num_tensors + source.index]);
+      } else if (!plan.argument_is_tensor[source.index]) {
+        stack.push_back(others[source.index]);
+      } else if (const at::Tensor& tensor = saved[plan.tensor_slot[source.index]]; tensor.defined()) {
+        stack.emplace_back(tensor);
+      } else {
+        stack.emplace_back();  // None
+      }
+    }
     // A graph of the gradient (create_graph=True) or a torch.func transform over this backward
     // (vmap of autograd.grad) goes through the op's Autograd kernel, which records the refusal of
     // a second derivative and finds the batching rules; otherwise below it, as the forward.
     const bool plain = !at::GradMode::is_enabled() &&
                        !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
-    std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
     if (plain) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      result = call();
+      plan.backward.callBoxed(&stack);
     } else {
-      result = call();
+      plan.backward.callBoxed(&stack);
     }
-    variable_list input_grads(kInputs);
-    input_grads[0] = std::get<0>(result);
-    input_grads[1] = std::get<1>(result);
-    input_grads[2] = std::get<2>(result);
+    for (size_t j = 0; j < plan.differentiable.size(); ++j) {
+      input_grads[j] = stack[j].toTensor();
+    }
     return input_grads;
   }
 };
 
-// The private op's kernel (schema in selfattn.cpp): out alone (one Python object fewer per call;
-// lse stays in the node for the backward). Without a gradient to record it is attention_fwd
-// below autograd.
-at::Tensor attention_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
-                           const OptionalTensor& attn_mask, int64_t window_left, int64_t window_right,
-                           int64_t diagonal_offset, double dropout_p, const OptionalTensor& rng_state) {
-  const bool mask_requires_grad = attn_mask.has_value() && attn_mask->requires_grad();
-  const bool record = at::GradMode::is_enabled() &&
-                      (q.requires_grad() || k.requires_grad() || v.requires_grad() || mask_requires_grad);
-  if (!record) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return std::get<0>(forward_op().call(q, k, v, causal, scale, attn_mask, window_left, window_right,
-                                         diagonal_offset, dropout_p, rng_state));
-  }
-  // (The same words as the Python autograd's refusal.)
-  TORCH_CHECK_NOT_IMPLEMENTED(!mask_requires_grad,
-                              "selfattn.attention: attn_mask requires grad, but selfattn does not compute the "
-                              "gradient of a mask; detach it, or use F.scaled_dot_product_attention for a learned "
-                              "additive mask");
-  return AttentionFunction::apply(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset,
-                                  dropout_p, rng_state)[0];
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(selfattn, CompositeImplicitAutograd, m) {
-  m.impl("_attention_eager", &attention_eager);
+const c10::FunctionSchema& attention_eager_schema() {
+  return eager_plan().forward.schema();
+}
+
+at::Tensor attention_eager(torch::jit::Stack stack) {
+  const EagerPlan& plan = eager_plan();
+  bool record = false;
+  if (at::GradMode::is_enabled()) {
+    for (size_t i = 0; i < stack.size() && !record; ++i) {
+      record = stack[i].isTensor() && stack[i].toTensor().requires_grad();
+    }
+  }
+  if (!record) {  // without a gradient to record: attention_fwd below autograd
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    plan.forward.callBoxed(&stack);
+    return std::move(stack[0]).toTensor();
+  }
+  // attn_mask is the one floating-point tensor argument without a gradient. (The same words as
+  // the Python autograd's refusal.)
+  for (const size_t i : plan.non_differentiable) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!(stack[i].isTensor() && stack[i].toTensor().requires_grad()),
+                                "selfattn.attention: ", plan.forward.schema().arguments()[i].name(),
+                                " requires grad, but selfattn does not compute the gradient of a mask; detach it, "
+                                "or use F.scaled_dot_product_attention for a learned additive mask");
+  }
+  std::vector<at::Tensor> differentiable;
+  differentiable.reserve(plan.differentiable.size());
+  for (const size_t i : plan.differentiable) {
+    differentiable.push_back(stack[i].toTensor());
+  }
+  return EagerAttention::apply(at::TensorList(differentiable), &stack)[0];
 }
 
 }  // namespace selfattn

@@ -1,58 +1,52 @@
 // The forward-mode derivative op of attention (attention_jvp): argument checks, output allocation,
-// and the hand-off to the kernel of the inputs' device. Written once for every device.
-#include "attention.h"
+// and the hand-off to the kernels of the dispatch key's device (op_kernels.h). Written once for
+// every device.
+#include "op_kernels.h"
 
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
-
-#include <limits>
 
 namespace selfattn {
 namespace {
 
-void attention_jvp_device(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& tangent_q, const at::Tensor& tangent_k, const at::Tensor& tangent_v,
-                          const AttentionMask& mask, double scale, const at::Tensor& out, const at::Tensor& lse,
-                          const at::Tensor& tangent_out) {
-  if (q.is_cuda()) {
-#ifdef SELFATTN_WITH_CUDA
-    return attention_jvp_cuda(q, k, v, tangent_q, tangent_k, tangent_v, mask, scale, out, lse, tangent_out);
-#else
-    TORCH_CHECK(false, "selfattn was built without CUDA; reinstall it where nvcc is available");
-#endif
-  }
-  attention_jvp_cpu(q, k, v, tangent_q, tangent_k, tangent_v, mask, scale, out, lse, tangent_out);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jvp(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tangent_q,
-    const std::optional<at::Tensor>& tangent_k, const std::optional<at::Tensor>& tangent_v, bool causal,
-    double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
-    int64_t diagonal_offset) {
+template <const DeviceKernels& kernels>
+void attention_jvp(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  static const ArgumentNames names(op.schema());
+  const OpArguments args(*stack, names);
+  const at::Tensor q = args.tensor("q"), k = args.tensor("k"), v = args.tensor("v");
+  const std::optional<at::Tensor> tangent_q = args.optional_tensor("tangent_q");
+  const std::optional<at::Tensor> tangent_k = args.optional_tensor("tangent_k");
+  const std::optional<at::Tensor> tangent_v = args.optional_tensor("tangent_v");
+  const double scale = args.real("scale");
   const AttentionShape s = check_attention_inputs(q, k, v, scale);
-  check_mask_inputs(s, q, attn_mask, window_left, window_right);
+  const AttentionMask mask = attention_mask_arguments(args, s, q, kernels.runs());
   check_attention_tangents(s, q, tangent_q, tangent_k, tangent_v);
   // out and tangent_out as attention_fwd lays out out: (B, Nq, H, Dv) in memory.
-  at::Tensor out = at::empty({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
-  at::Tensor tangent_out = at::empty({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
-  at::Tensor lse = at::empty({s.batch, s.heads, s.nq}, q.options().dtype(accumulate_type(q.scalar_type())));
-  const auto or_undefined = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
-  attention_jvp_device(q, k, v, or_undefined(tangent_q), or_undefined(tangent_k), or_undefined(tangent_v),
-                       make_mask(s, causal, attn_mask, window_left, window_right, diagonal_offset), scale, out,
-                       lse, tangent_out);
-  return {out, lse, tangent_out};
+  const at::Tensor out = at::empty_symint({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
+  const at::Tensor tangent_out = at::empty_symint({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
+  const at::Tensor lse =
+      at::empty_symint({s.batch, s.heads, s.nq}, q.options().dtype(accumulate_type(q.scalar_type())));
+  if constexpr (kernels.runs()) {
+    // (An undefined tangent is a zero one.)
+    kernels.jvp(q, k, v, tangent_q.value_or(at::Tensor()), tangent_k.value_or(at::Tensor()),
+                tangent_v.value_or(at::Tensor()), mask, scale, out, lse, tangent_out);
+  }
+  set_outputs(stack, names, out, lse, tangent_out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(selfattn, CPU, m) {
-  m.impl("attention_jvp", &attention_jvp);
+  m.impl("attention_jvp", boxed<&attention_jvp<kCpuKernels>>());
 }
 
 #ifdef SELFATTN_WITH_CUDA
 TORCH_LIBRARY_IMPL(selfattn, CUDA, m) {
-  m.impl("attention_jvp", &attention_jvp);
+  m.impl("attention_jvp", boxed<&attention_jvp<kCudaKernels>>());
 }
 #endif
+
+TORCH_LIBRARY_IMPL(selfattn, Meta, m) {
+  m.impl("attention_jvp", boxed<&attention_jvp<kMetaKernels>>());
+}
 
 }  // namespace selfattn

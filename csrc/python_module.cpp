@@ -1,25 +1,25 @@
 // The Python module selfattn._C. `import selfattn._C` loads this library, and loading it runs the
 // op registrations (selfattn.cpp); every op is reached through torch.ops.selfattn.
 //
-// One function is also exposed to Python directly: attention_eager(q, k, v, causal, scale), the
-// private op _attention_eager (eager.cpp) without mask, window or dropout, the plain small call
-// of selfattn.attention in eager mode. Through torch.ops its arguments are converted generically,
-// by the schema and boxed: at (1, 1, 1, 64) that took ~8 of a 13 µs call (perf: libpython and
-// libtorch_python 65 %), against a direct call of the same op through the dispatcher, unboxed.
-// Returns NotImplemented, and the caller takes torch.ops, for anything but plain torch.Tensor
-// arguments, a Python bool and float, and no __torch_function__ mode, which only torch.ops honours.
+// One function is also exposed to Python directly: attention_eager(q, k, v, causal, scale, ...),
+// attention_fwd's arguments by position (those not given at their defaults), which returns
+// attention_fwd's out with the C++ autograd of eager.cpp: the plain-eager call of
+// selfattn.attention. Through torch.ops its arguments would be converted generically, by the
+// schema, from Python: at (1, 1, 1, 64) that took ~8 of a 13 µs call (perf: libpython and
+// libtorch_python 65 %). Here each argument is converted by its schema type (Tensor, Tensor?,
+// bool, int, float) straight onto a stack. Returns
+// NotImplemented, and the caller takes torch.ops, for anything else: a tensor subclass, a Python
+// value of another type (an int for a float), or an active __torch_function__ mode, which only
+// torch.ops honours.
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <optional>
+#include <vector>
+
+#include "eager.h"
 
 namespace {
-
-using EagerOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, double,
-                           const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, double,
-                           const std::optional<at::Tensor>&);
 
 // The GIL is let go while the op runs (as torch's own bindings do), and taken back on every
 // way out, an exception included.
@@ -34,24 +34,107 @@ class WithoutGil {
   PyThreadState* state_;
 };
 
+// The Python values the direct call converts, by schema type.
+enum class Kind { kTensor, kOptionalTensor, kBool, kInt, kFloat, kOther };
+
+Kind kind_of(const c10::TypePtr& type) {
+  switch (type->kind()) {
+    case c10::TypeKind::TensorType:
+      return Kind::kTensor;
+    case c10::TypeKind::OptionalType:
+      return type->castRaw<c10::OptionalType>()->getElementType()->kind() == c10::TypeKind::TensorType
+                 ? Kind::kOptionalTensor
+                 : Kind::kOther;
+    case c10::TypeKind::BoolType:
+      return Kind::kBool;
+    case c10::TypeKind::IntType:
+      return Kind::kInt;
+    case c10::TypeKind::FloatType:
+      return Kind::kFloat;
+    default:
+      return Kind::kOther;
+  }
+}
+
+// attention_eager's arguments: their kinds, the defaults of the trailing ones, how many are required.
+struct Parameters {
+  std::vector<Kind> kinds;
+  std::vector<c10::IValue> defaults;  // (None where there is none)
+  size_t required = 0;
+
+  Parameters() {
+    for (const c10::Argument& argument : selfattn::attention_eager_schema().arguments()) {
+      kinds.push_back(kind_of(argument.type()));
+      defaults.push_back(argument.default_value().value_or(c10::IValue()));
+      required = argument.default_value().has_value() ? required : kinds.size();
+    }
+  }
+};
+
+// `object` onto `stack` as a value of kind `kind`; false if it is not one (plainly).
+bool push_converted(PyObject* object, Kind kind, torch::jit::Stack& stack) {
+  switch (kind) {
+    case Kind::kOptionalTensor:
+      if (object == Py_None) {
+        stack.emplace_back();
+        return true;
+      }
+      [[fallthrough]];
+    case Kind::kTensor:
+      if (!THPVariable_CheckExact(object)) {
+        return false;
+      }
+      stack.emplace_back(THPVariable_Unpack(object));
+      return true;
+    case Kind::kBool:
+      if (!PyBool_Check(object)) {
+        return false;
+      }
+      stack.emplace_back(object == Py_True);
+      return true;
+    case Kind::kInt: {
+      if (!PyLong_CheckExact(object)) {  // (not a bool)
+        return false;
+      }
+      int overflow = 0;
+      const long long value = PyLong_AsLongLongAndOverflow(object, &overflow);
+      if (overflow != 0) {
+        return false;
+      }
+      stack.emplace_back(static_cast<int64_t>(value));
+      return true;
+    }
+    case Kind::kFloat:
+      if (!PyFloat_CheckExact(object)) {
+        return false;
+      }
+      stack.emplace_back(PyFloat_AS_DOUBLE(object));
+      return true;
+    case Kind::kOther:
+      return false;
+  }
+  return false;
+}
+
 PyObject* attention_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 5 || !THPVariable_CheckExact(args[0]) || !THPVariable_CheckExact(args[1]) ||
-      !THPVariable_CheckExact(args[2]) || !PyBool_Check(args[3]) || !PyFloat_CheckExact(args[4]) ||
-      at::impl::torch_function_mode_enabled()) {
+  static const Parameters parameters;
+  const size_t count = static_cast<size_t>(nargs);
+  if (count < parameters.required || count > parameters.kinds.size() || at::impl::torch_function_mode_enabled()) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("selfattn::_attention_eager", "").typed<EagerOp>();
-  const at::Tensor& q = THPVariable_Unpack(args[0]);
-  const at::Tensor& k = THPVariable_Unpack(args[1]);
-  const at::Tensor& v = THPVariable_Unpack(args[2]);
-  const bool causal = args[3] == Py_True;
-  const double scale = PyFloat_AS_DOUBLE(args[4]);
+  torch::jit::Stack stack;
+  stack.reserve(parameters.kinds.size());
+  for (size_t i = 0; i < count; ++i) {
+    if (!push_converted(args[i], parameters.kinds[i], stack)) {
+      Py_RETURN_NOTIMPLEMENTED;
+    }
+  }
+  stack.insert(stack.end(), parameters.defaults.begin() + count, parameters.defaults.end());
   at::Tensor out;
   {
     WithoutGil without_gil;
-    out = op.call(q, k, v, causal, scale, std::nullopt, -1, -1, 0, 0.0, std::nullopt);
+    out = selfattn::attention_eager(std::move(stack));
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -59,7 +142,9 @@ PyObject* attention_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_
 
 PyMethodDef methods[] = {
     {"attention_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(attention_eager)),
-     METH_FASTCALL, "attention_eager(q, k, v, causal, scale): _attention_eager's plain call (python_module.cpp)"},
+     METH_FASTCALL,
+     "attention_eager(q, k, v, causal, scale, ...): attention_fwd's out for its arguments by position, with the C++ "
+     "autograd (python_module.cpp)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,8 +1,9 @@
 // Every schema of the selfattn op library, in one place. The kernels live in
-// attention.cpp (attention forward/backward), varlen.cpp (packed variable-length sequences) and
-// self_attention.cpp (the fused layer), and
-// every one of them first checks all its arguments (checks.h); fake kernels, which make the
-// same checks, and autograd are registered from Python (selfattn/ops.py, selfattn/_checks.py).
+// attention.cpp (attention forward/backward), jvp.cpp (its forward-mode derivative), varlen.cpp
+// (packed variable-length sequences) and self_attention.cpp (the fused layer), registered per
+// dispatch key (CPU, CUDA, and Meta, which only checks and allocates: op_kernels.h); every one of
+// them first checks all its arguments (checks.h), read by name (op_arguments.h). Autograd and the
+// batching rules are registered from Python (selfattn/_autograd.py, selfattn/_vmap.py).
 #include <torch/library.h>
 
 #include "attention.h"
@@ -90,14 +91,10 @@ TORCH_LIBRARY(selfattn, m) {
       "Tensor lse, int num_heads, bool causal, float scale, bool[] output_mask, int num_kv_heads=0, "
       "Tensor? attn_mask=None, int window_left=-1, int window_right=-1, float dropout_p=0.0, "
       "Tensor? rng_state=None) -> (Tensor grad_x, Tensor grad_w, Tensor grad_b)");
-  // Private: attention_fwd's out with its reverse-mode autograd in C++ (eager.cpp), the entry
-  // selfattn.attention takes in plain eager mode, where a small call's time is mostly the Python
-  // autograd's. attention_fwd's arguments; it calls that op; no kernel of its own
-  // (CompositeImplicitAutograd), so no fake kernel either.
-  m.def(
-      "_attention_eager(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? attn_mask=None, "
-      "int window_left=-1, int window_right=-1, int diagonal_offset=0, float dropout_p=0.0, "
-      "Tensor? rng_state=None) -> Tensor");
+  // Private: check_dropout_p (checks.h), which the public functions call before they draw an
+  // rng_state, so that a bad dropout_p is refused in the ops' words without consuming the
+  // generator. No tensors: the function itself serves every dispatch key.
+  m.def("_check_dropout_p(float dropout_p) -> ()", &selfattn::check_dropout_p);
   // Private, for tests: which copy of the CPU kernels runs (DEFAULT, AVX2 or AVX512; chosen at
   // run time from the CPU, cpu/dispatch.cpp). "" reports it; "auto" decides again as the first
   // call did; "default", "avx2" or "avx512" forces that copy for the whole process (an error if

@@ -1,7 +1,7 @@
 """The public functions' argument helpers, shared by ops.py, varlen.py and distributed/: type checks
 of what a schema cannot check (a Python object that is not a tensor, a bool passed as an int),
 scale=None, and dropout's rng_state drawn when none is given. The ops check everything else
-themselves (csrc/checks.cpp)."""
+themselves (csrc/checks.cpp), on every dispatch key."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _checks, rng
+from . import rng
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +50,7 @@ def dropout_args(dropout_p, rng_state, device) -> tuple:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"selfattn: dropout_p must be a float, got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
-    _checks.check_dropout_p(dropout_p)
+    rng.check_dropout_p(dropout_p)
     if rng_state is not None:
         require_tensor(rng_state, "rng_state")
     elif dropout_p > 0.0:

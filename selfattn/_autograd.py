@@ -52,13 +52,13 @@ from ._op_table import OPS, OpDescription
 from ._refusals import (_refuse_derivative_of_jvp, _refuse_double_backward, _refuse_forward_mode, _refuse_mask_grad,
                         _refuse_mask_tangent)
 
-_attention_fwd = OPS["attention_fwd"].handle
-# (OpOverload._op: the C++ entry point; OpOverload.__call__ costs ~0.5 µs more.)
-_attention_eager = op_entry(torch.ops.selfattn._attention_eager.default)
-# The same op's plain call (no mask, window or dropout) without torch.ops' generic argument
-# conversion (csrc/python_module.cpp); NotImplemented when it cannot take the arguments. Only the
-# compiled build has it as a module (the JIT build is loaded as a plain library).
-_attention_eager_plain = getattr(sys.modules.get("selfattn._C"), "attention_eager", None)
+_ATTENTION_FWD = OPS["attention_fwd"]
+# attention_fwd's out with the C++ autograd (csrc/eager.cpp), through the compiled build's direct
+# entry (csrc/python_module.cpp): attention_fwd's arguments by position, converted without torch.ops'
+# generic conversion; NotImplemented when it cannot take them (a tensor subclass, a
+# __torch_function__ mode, an argument of another type). The JIT build is loaded as a plain
+# library, without that module: it takes call() and the Python autograd.
+_attention_eager = getattr(sys.modules.get("selfattn._C"), "attention_eager", None)
 
 _BelowAutograd = AutoDispatchBelowAutograd
 _lib = torch.library.Library("selfattn", "IMPL")
@@ -102,33 +102,23 @@ def call(op, function, args: tuple, tensors: tuple):
         return op_entry(op)(*args)  # the C++ entry point: OpOverload.__call__ costs ~0.5 µs more
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, attn_mask: Optional[Tensor] = None,
-              window_left: int = -1, window_right: int = -1, diagonal_offset: int = 0, dropout_p: float = 0.0,
-              rng_state: Optional[Tensor] = None) -> Tensor:
-    """attention_fwd's out, differentiable. In plain eager mode through the C++ entry with the C++
-    autograd (csrc/eager.cpp): a small call in grad mode takes ~3/4 of the time (BENCHMARKS.md). What needs the
-    Python Autograd kernel (tracing, torch.func, autocast's cast before autograd records, forward
-    mode) takes call()."""
-    if not (_is_compiling() or _functorch_active() or _any_autocast_enabled() or forward_ad_level() >= 0):
-        if rng_state is None and dropout_p == 0.0:
-            if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
-                if _attention_eager_plain is not None:
-                    out = _attention_eager_plain(q, k, v, causal, scale)
-                    if out is not NotImplemented:
-                        return out
-                return _attention_eager(q, k, v, causal, scale)
-            return _attention_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset)
-        return _attention_eager(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset,
-                                dropout_p, rng_state)
-    if rng_state is None and dropout_p == 0.0:
-        if attn_mask is None and window_left == -1 and window_right == -1 and diagonal_offset == 0:
-            return call(_attention_fwd, attention_fwd_function, (q, k, v, causal, scale), (q, k, v))[0]
-        return call(_attention_fwd, attention_fwd_function,
-                    (q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset),
-                    (q, k, v, attn_mask))[0]
-    return call(_attention_fwd, attention_fwd_function,
-                (q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
-                (q, k, v, attn_mask))[0]
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, **arguments) -> Tensor:
+    """attention_fwd's out, differentiable; its arguments after ``scale`` by schema name (those left
+    out at their defaults). In plain eager mode through the C++ entry with the C++ autograd
+    (csrc/eager.cpp): a small call in grad mode takes ~3/4 of the time (BENCHMARKS.md). What needs
+    the Python Autograd kernel (tracing, torch.func, autocast's cast before autograd records, forward
+    mode), what the C++ entry declines and the JIT build take call()."""
+    if arguments:
+        arguments.update(q=q, k=k, v=v, causal=causal, scale=scale)
+        args = tuple(_ATTENTION_FWD.signature.positional(arguments))
+    else:
+        args = (q, k, v, causal, scale)
+    if not (_is_compiling() or _functorch_active() or _any_autocast_enabled() or forward_ad_level() >= 0) and (
+            _attention_eager is not None):
+        out = _attention_eager(*args)
+        if out is not NotImplemented:
+            return out
+    return call(_ATTENTION_FWD.handle, attention_fwd_function, args, tuple(a for a in args if isinstance(a, Tensor)))[0]
 
 
 def forward(name: str, **arguments):

@@ -43,6 +43,12 @@ NAMES = {
         "infer_schema types, which describe Python signatures rather than registered schemas",
     "torch._C.OptionalType":
         "the same, for its Tensor? arguments",
+    "torch._C.DispatchKeySet":
+        "the Meta key alone, to run an op's Meta kernel (its argument checks) on the unbatched "
+        "arguments of a batching rule (_vmap.py); public would be calling the op on meta tensors, "
+        "which inside a batching rule re-enters vmap",
+    "torch._C.DispatchKey":
+        "the same",
     "torch._fused_sdp_choice":
         "which SDPA backend torch would pick, named in benchmark reports (selfattn/bench); public "
         "would be a query in torch.nn.attention, which has none",
@@ -69,6 +75,7 @@ are_functorch_transforms_active = lookup("torch._C._are_functorch_transforms_act
 is_any_autocast_enabled = lookup("torch._C._is_any_autocast_enabled")
 TensorType = lookup("torch._C.TensorType")
 OptionalType = lookup("torch._C.OptionalType")
+META_KEYSET = lookup("torch._C.DispatchKeySet")(lookup("torch._C.DispatchKey").Meta)
 
 _forward_ad = importlib.import_module("torch.autograd.forward_ad")
 

@@ -12,14 +12,15 @@ import torch
 from torch import Tensor
 
 from ._op_table import OPS, OpDescription
+from ._torch_internals import META_KEYSET
 
 _lib = torch.library.Library("selfattn", "IMPL")
 
 
 # ---------------------------------------------------------------------------------------------
 # Batching rules (torch.vmap), run before autograd at each vmap level, generated from the op table.
-# Each rule first has the op check the arguments as one sample has them (the op itself, on meta
-# tensors without the vmapped dim), so that a bad argument is reported in the op's own words and
+# Each rule first has the op check the arguments as one sample has them (the op's Meta kernel, on
+# meta tensors without the vmapped dim), so that a bad argument is reported in the op's own words and
 # sizes rather than those of the folded batch.
 
 
@@ -96,7 +97,8 @@ def _register_vmap(description: OpDescription) -> None:
         in_dims = _padded(in_dims, len(signature.names))
         values = signature.bind(args)
         dims = dict(zip(signature.names, in_dims))
-        op(*(_unbatched_meta(values[n], dims[n]) for n in signature.names))  # the op's own checks
+        # The op's own checks (its Meta kernel: csrc/checks.cpp) on arguments without the vmapped dim.
+        op.redispatch(META_KEYSET, *(_unbatched_meta(values[n], dims[n]) for n in signature.names))
         everything = [values[n] for n in signature.names]
         if (not description.folded or description.per_sample_when(values)
                 or any(g.active(values) for g in per_sample_groups)

@@ -1,4 +1,4 @@
-"""The public functions over torch.ops.selfattn.* (attention and the fused layer), and their fake kernels.
+"""The public functions over torch.ops.selfattn.* (attention and the fused layer).
 
 The C++ library registers the ops; their schemas, with what each argument means, are in one place:
 csrc/selfattn.cpp (`python -c "import selfattn, torch; print(torch.ops.selfattn.attention_fwd.default._schema)"`
@@ -9,10 +9,10 @@ _autograd.py, _vmap.py).
 Dropout (rng.py): rng_state, int64 (seed, offset) on the inputs' device, decides the keep mask; the
 public functions draw it from the device's default generator when it is not given.
 
-This file gives each op a fake kernel (shapes, dtypes and strides, for torch.compile and meta
-tensors; it checks the arguments as the C++ op does, with _checks.py) and offers the two public
-functions, which resolve ``scale`` and accept SDPA's spellings, and pass the ops' arguments by
-name; the ops check the rest.
+Each op checks its arguments and allocates its outputs in C++ on every dispatch key, Meta
+included, which meta tensors and torch.compile's fake tensors reach (csrc/checks.cpp,
+csrc/op_kernels.h). This file offers the two public functions, which resolve ``scale`` and accept
+SDPA's spellings, and pass the ops' arguments by name; the ops check the rest.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _autograd, _checks, masks
-from ._args import accumulate_dtype, check_bool, check_int, dropout_args, require_tensor, resolve_scale
+from . import _autograd, masks
+from ._args import check_bool, check_int, dropout_args, require_tensor, resolve_scale
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument normalisation. The ops check every argument themselves (csrc/checks.cpp, and
-# _checks.py in the fake kernels); the public functions only turn SDPA's spellings, 3-D inputs
-# and scale=None into the ops' arguments, checking just what that needs (_args.py).
+# Argument normalisation. The ops check every argument themselves (csrc/checks.cpp, on every
+# dispatch key); the public functions only turn SDPA's spellings, 3-D inputs and scale=None into
+# the ops' arguments, checking just what that needs (_args.py).
 
 
 def _broadcasts(shape, full) -> bool:
@@ -208,67 +208,3 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
                                   window_left=window_left, window_right=window_right, dropout_p=dropout_p,
                                   rng_state=rng_state)
     return out.squeeze(0) if single else out
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake kernels: outputs with the shapes, dtypes and strides the C++ kernels give.
-
-
-@torch.library.register_fake("selfattn::attention_fwd")
-def _attention_fwd_fake(q, k, v, causal, scale, attn_mask=None, window_left=-1, window_right=-1,
-                        diagonal_offset=0, dropout_p=0.0, rng_state=None):
-    s = _checks.check_attention_inputs(q, k, v, scale)
-    _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
-    _checks.check_dropout(dropout_p, rng_state, q, "q")
-    out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
-    lse = q.new_empty((s.batch, s.heads, s.nq), dtype=accumulate_dtype(q.dtype))
-    return out, lse
-
-
-@torch.library.register_fake("selfattn::attention_bwd")
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale, attn_mask=None, window_left=-1,
-                        window_right=-1, diagonal_offset=0, dropout_p=0.0, rng_state=None):
-    s = _checks.check_attention_inputs(q, k, v, scale)
-    _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
-    _checks.check_dropout(dropout_p, rng_state, q, "q")
-    _checks.check_attention_grad_inputs(s, q, grad_out, out, lse)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-@torch.library.register_fake("selfattn::attention_jvp")
-def _attention_jvp_fake(q, k, v, tangent_q, tangent_k, tangent_v, causal, scale, attn_mask=None, window_left=-1,
-                        window_right=-1, diagonal_offset=0):
-    s = _checks.check_attention_inputs(q, k, v, scale)
-    _checks.check_mask_inputs(s, q, attn_mask, window_left, window_right)
-    _checks.check_attention_tangents(s, q, tangent_q, tangent_k, tangent_v)
-    out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
-    lse = q.new_empty((s.batch, s.heads, s.nq), dtype=accumulate_dtype(q.dtype))
-    tangent_out = q.new_empty((s.batch, s.nq, s.heads, s.dim_v)).transpose(1, 2)
-    return out, lse, tangent_out
-
-
-@torch.library.register_fake("selfattn::self_attention_fwd")
-def _self_attention_fwd_fake(x, w_qkv, b_qkv, num_heads, causal, scale, num_kv_heads=0, attn_mask=None,
-                             window_left=-1, window_right=-1, dropout_p=0.0, rng_state=None):
-    s = _checks.check_layer_inputs(x, w_qkv, b_qkv, num_heads, num_kv_heads, scale)
-    _checks.check_layer_mask_inputs(s, x, attn_mask, window_left, window_right)
-    _checks.check_dropout(dropout_p, rng_state, x, "x")
-    out = x.new_empty((s.batch, s.seq, s.model))
-    qkv = x.new_empty((s.batch, s.seq, s.qkv_dim))
-    lse = x.new_empty((s.batch, s.heads, s.seq), dtype=accumulate_dtype(x.dtype))
-    return out, qkv, lse
-
-
-@torch.library.register_fake("selfattn::self_attention_bwd")
-def _self_attention_bwd_fake(grad_out, x, w_qkv, qkv, out, lse, num_heads, causal, scale, output_mask,
-                             num_kv_heads=0, attn_mask=None, window_left=-1, window_right=-1, dropout_p=0.0,
-                             rng_state=None):
-    s = _checks.check_layer_inputs(x, w_qkv, None, num_heads, num_kv_heads, scale)
-    _checks.check_layer_mask_inputs(s, x, attn_mask, window_left, window_right)
-    _checks.check_dropout(dropout_p, rng_state, x, "x")
-    _checks.check_layer_grad_inputs(s, x, grad_out, qkv, out, lse, output_mask)
-    # A skipped gradient is an empty tensor of its own (outputs must not alias).
-    grad_x = x.new_empty(x.shape if output_mask[0] else (0,))
-    grad_w = x.new_empty(w_qkv.shape if output_mask[1] else (0,))
-    grad_b = x.new_empty((s.qkv_dim,) if output_mask[2] else (0,))
-    return grad_x, grad_w, grad_b

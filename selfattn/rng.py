@@ -19,11 +19,22 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
 
 _MASK = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
+
+
+_check_dropout_p = torch.ops.selfattn._check_dropout_p.default
+
+
+def check_dropout_p(dropout_p: float) -> None:
+    """dropout_p's range, [0, 1): out of it, the ops' own ValueError (csrc/checks.cpp, through the
+    private op _check_dropout_p; under torch.compile, at trace time). The public functions check it
+    before drawing an rng_state, so that a bad value consumes nothing from the generator. The op is
+    called only for a bad value: a good call records no extra op (dispatch modes, compiled graphs)."""
+    if not 0.0 <= dropout_p < 1.0:
+        _check_dropout_p(dropout_p)
 
 
 def draw_rng_state(device) -> Tensor:
@@ -67,7 +78,7 @@ def dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float) -> T
     ``rng_state``, ``selfattn.attention(q, k, v, dropout_p=p, rng_state=rng_state)`` equals
     ``softmax(scale · q kᵀ + mask) ∘ dropout_mask(...) / (1 - p) @ v``. Reads rng_state on the host.
     """
-    _checks.check_dropout_p(dropout_p)
+    check_dropout_p(dropout_p)
     if not isinstance(rng_state, Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,):
         raise ValueError("selfattn: rng_state must be an int64 tensor of shape (2,) = (seed, offset)")
     batch, heads, nq, nk = (int(n) for n in shape)

@@ -1,24 +1,17 @@
 """Variable-length (packed) attention in FlashAttention's layout: the public function over
-torch.ops.selfattn.varlen_attention_fwd / _bwd (csrc/varlen.cpp) and their fake kernels (their
-autograd is in _autograd.py, with the other ops').
-
-    varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                         scale, window_left=-1, window_right=-1, bottom_right=False, dropout_p=0.0,
-                         rng_state=None) -> (out, lse)
-    varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, causal, scale, window_left=-1, window_right=-1,
-                         bottom_right=False, dropout_p=0.0, rng_state=None) -> (grad_q, grad_k, grad_v)
+torch.ops.selfattn.varlen_attention_fwd / _bwd (csrc/varlen.cpp; their schemas in
+csrc/selfattn.cpp, their autograd generated from the op table with the other ops'). It passes the
+ops' arguments by name.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-import torch
 from torch import Tensor
 
-from . import _autograd, _checks, masks
-from ._args import accumulate_dtype, check_bool, check_int, dropout_args, require_tensor, resolve_scale
+from . import _autograd, masks
+from ._args import check_bool, check_int, dropout_args, require_tensor, resolve_scale
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -74,29 +67,3 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                window_right=window_right, bottom_right=alignment == "bottom_right",
                                dropout_p=dropout_p, rng_state=rng_state)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake kernels: the checks that need no data (_checks.py), outputs as the C++ op allocates them.
-
-
-@torch.library.register_fake("selfattn::varlen_attention_fwd")
-def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                               window_left=-1, window_right=-1, bottom_right=False, dropout_p=0.0, rng_state=None):
-    s = _checks.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
-    _checks.check_window(window_left, window_right)
-    _checks.check_dropout(dropout_p, rng_state, q, "q")
-    out = q.new_empty((s.total_q, s.heads, s.dim_v))
-    lse = q.new_empty((s.heads, s.total_q), dtype=accumulate_dtype(q.dtype))
-    return out, lse
-
-
-@torch.library.register_fake("selfattn::varlen_attention_bwd")
-def _varlen_attention_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                               max_seqlen_k, causal, scale, window_left=-1, window_right=-1, bottom_right=False,
-                               dropout_p=0.0, rng_state=None):
-    s = _checks.check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
-    _checks.check_window(window_left, window_right)
-    _checks.check_dropout(dropout_p, rng_state, q, "q")
-    _checks.check_varlen_grad_inputs(s, q, grad_out, out, lse)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -1,12 +1,13 @@
 """Every bad tensor argument, through every door that can carry it, gets the same clear error.
 
 The doors: the public function (where it can carry the argument); the raw op
-``torch.ops.selfattn.*`` (normal dispatch: the C++ kernel, or the fake kernel when a meta tensor
-is among the arguments); the device's C++ kernel called directly (``redispatch``, so a meta
-tensor mixed with CPU ones still reaches the C++ checks); and meta tensors (the fake kernel,
-which torch.compile traces with). The C++ checks (csrc/checks.cpp) and the fake kernels'
-(selfattn/_checks.py) are two definitions: these tests hold them to the same words. A fault in a
-tensor's values (cu_seqlens) only the kernels can see: no meta door for those.
+``torch.ops.selfattn.*`` (normal dispatch: the device's C++ kernel, or the Meta kernel when a meta
+tensor is among the arguments); the device's C++ kernel called directly (``redispatch``, so a meta
+tensor mixed with CPU ones still reaches the device's kernel); meta tensors (the Meta kernel); and
+torch.compile, whose fake tensors, static or symbolic, run the Meta kernel while tracing. There is
+one definition of the checks (csrc/checks.cpp), which every kernel runs: these tests hold every
+door to it. A fault in a tensor's values (cu_seqlens) only the kernels can see: no meta door for
+those.
 """
 
 from __future__ import annotations
@@ -438,11 +439,32 @@ def test_same_clear_error_from_every_door(case, device):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.public is not None][:3], ids=lambda c: c.name)
 def test_compile_reports_bad_inputs_at_trace_time(case):
-    """torch.compile traces with the fake kernels: the same error, before any kernel runs."""
+    """torch.compile traces with the Meta kernels: the same error, before any kernel runs."""
     torch._dynamo.reset()
     compiled = torch.compile(case.public, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match=case.message):
         compiled(*case.make("cpu"))
+
+
+# (public function, its arguments, the message) with dynamic shapes: a size prints as its symbol.
+DYNAMIC = [
+    ("attention k's batch", attention_public, attn_fwd(k_shape=(3, 2, 6, 8), v_shape=(3, 2, 6, 4)),
+     r"selfattn: k must have shape \(B, Hk, Nk, D\) with B, D of q = \[\w+, \w+, \w+, \w+\], got \[\w+, "),
+    ("attention mask keys", attention_public, masked(lambda d: torch.ones(2, 2, 5, 7, dtype=torch.bool, device=d)),
+     r"selfattn: attn_mask must be 4-D and broadcast to \(B, Hq, Nq, Nk\) = \[\w+, \w+, \w+, \w+\], got shape"),
+    ("layer w width", layer_public, layer_fwd(lambda a: {"w": a["w"][:, :-1]}), ROWS),
+    ("varlen v rows", varlen_public, varlen_fwd(lambda a: {"v": a["v"][:-1]}),
+     r"selfattn: v must have shape \(Tk, Hk, Dv\) with Tk, Hk of k"),
+]
+
+
+@pytest.mark.parametrize("name,public,make,message", DYNAMIC, ids=[c[0] for c in DYNAMIC])
+def test_compile_with_dynamic_shapes_reports_bad_inputs_at_trace_time(name, public, make, message):
+    """Symbolic sizes reach the same checks (a comparison is a guard): refused while tracing."""
+    torch._dynamo.reset()
+    compiled = torch.compile(public, fullgraph=True, backend="eager", dynamic=True)
+    with pytest.raises(Exception, match=message):
+        compiled(*make("cpu"))
 
 
 # --- arguments only the public function takes ---------------------------------------------------

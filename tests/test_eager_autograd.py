@@ -1,18 +1,23 @@
-"""selfattn.attention's plain-eager entry: the private op _attention_eager (attention_fwd's out), whose reverse-mode
-autograd is a C++ Function (csrc/eager.cpp), against the dispatcher's Python Autograd kernel of
-attention_fwd (selfattn/_autograd.py) — same outputs and gradients, bitwise — and the routing:
-plain eager takes the C++ node, everything that needs the Python kernel does not."""
+"""selfattn.attention's plain-eager entry: selfattn._C.attention_eager (csrc/python_module.cpp), attention_fwd's out
+for its arguments by position, whose reverse-mode autograd is a C++ Function (csrc/eager.cpp), against the
+dispatcher's Python Autograd kernel of attention_fwd (selfattn/_autograd.py) — same outputs and gradients, bitwise —
+and the routing: plain eager takes the C++ node, everything that needs the Python kernel does not. Only the compiled
+build has the entry (the JIT build is loaded as a plain library, and takes the Python autograd)."""
 
 import pytest
 import torch
 
 import selfattn
+from selfattn._op_table import OPS
 from tests.common import sample_inputs
 
 # Also run against the oldest supported torch (scripts/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 ops = torch.ops.selfattn
+entry = selfattn._autograd._attention_eager
+needs_entry = pytest.mark.skipif(entry is None, reason="the JIT build has no selfattn._C module: the Python "
+                                 "autograd serves")
 
 
 def cases():
@@ -43,16 +48,19 @@ def forward_and_grads(fwd, q, k, v, args):
     return out, grads
 
 
+@needs_entry
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_same_results_as_the_python_autograd(case):
     _, q, k, v, args = case
-    eager = forward_and_grads(ops._attention_eager, q, k, v, args)
+    eager = forward_and_grads(entry, q, k, v, args)
+    assert type(eager[0].grad_fn).__name__ == "CppFunction"
     python = forward_and_grads(lambda *a: ops.attention_fwd(*a)[0], q, k, v, args)  # its Autograd kernel: Python
     for got, expected in zip((eager[0], *eager[1]), (python[0], *python[1])):
         assert torch.isfinite(got).all()
         assert torch.equal(got, expected)
 
 
+@needs_entry
 def test_public_function_takes_the_cpp_node_in_plain_eager():
     q, k, v = sample_inputs(1, 2, 5, 5, 8, 8, requires_grad=True)
     out = selfattn.attention(q, k, v)
@@ -63,6 +71,9 @@ def test_public_function_takes_the_cpp_node_in_plain_eager():
     with torch.autograd.forward_ad.dual_level():
         out = selfattn.attention(q, k, v)
     assert type(out.grad_fn).__name__ != "CppFunction"
+    # A mask, a window or dropout: the same entry, more arguments.
+    out = selfattn.attention(q, k, v, attn_mask=torch.rand(1, 1, 5, 5) > 0.3, window=(2, 0), dropout_p=0.2)
+    assert type(out.grad_fn).__name__ == "CppFunction", type(out.grad_fn)
 
 
 def test_gradients_against_float64_eager():
@@ -79,10 +90,11 @@ def test_gradients_against_float64_eager():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
+@needs_entry
 def test_gradcheck_through_the_cpp_node():
     q, k, v = sample_inputs(1, 2, 4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(1, 2, 4, 6) > 0.3
-    assert torch.autograd.gradcheck(lambda a, b, c: ops._attention_eager(a, b, c, True, 0.7, mask, -1, -1, 2),
+    assert torch.autograd.gradcheck(lambda a, b, c: entry(a, b, c, True, 0.7, mask, -1, -1, 2),
                                     (q, k, v))
 
 
@@ -106,44 +118,45 @@ def test_double_backward_refused():
         grad_q.sum().backward()
 
 
+@needs_entry
 def test_mask_requiring_grad_refused():
     q, k, v = sample_inputs(1, 2, 5, 5, 4, 4, requires_grad=True)
     mask = torch.zeros(1, 2, 5, 5, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="attn_mask requires grad"):
-        ops._attention_eager(q, k, v, False, 0.5, mask)
+    with pytest.raises(NotImplementedError, match="selfattn.attention: attn_mask requires grad"):
+        entry(q, k, v, False, 0.5, mask)
 
 
-def test_opcheck():
-    q, k, v = sample_inputs(2, 3, 9, 12, 8, 8, requires_grad=True)
-    torch.library.opcheck(ops._attention_eager, (q, k, v, True, 0.25))
-    mask = torch.rand(2, 1, 9, 12) > 0.5
-    torch.library.opcheck(ops._attention_eager, (q, k, v, False, 0.25, mask, 3, 1, 0))
+@needs_entry
+def test_meta_tensors():
+    """Below autograd the entry is attention_fwd itself: its Meta kernel checks and gives out's shape."""
+    q, k, v = sample_inputs(2, 3, 9, 12, 8, 4)
+    out = entry(q.to("meta"), k.to("meta"), v.to("meta"), True, 0.25)
+    assert out.device.type == "meta" and out.shape == (2, 3, 9, 4)
+    assert out.stride() == ops.attention_fwd(q, k, v, True, 0.25)[0].stride()
 
 
+@needs_entry
 def test_bad_input_named():
     q, k, v = sample_inputs(1, 2, 5, 5, 4, 4)
     with pytest.raises(ValueError, match="k must have shape"):
-        ops._attention_eager(q, k[..., :3], v, False, 0.5)
+        entry(q, k[..., :3], v, False, 0.5)
     with pytest.raises(ValueError, match="k must have shape"):
-        ops._attention_eager(q.to("meta"), k[..., :3].to("meta"), v.to("meta"), False, 0.5)
-
-
-# The plain call's direct entry (csrc/python_module.cpp): selfattn._C.attention_eager, in the compiled build.
-entry = getattr(selfattn._autograd, "_attention_eager_plain", None)
-needs_entry = pytest.mark.skipif(entry is None, reason="the JIT build has no selfattn._C module: torch.ops serves")
+        entry(q.to("meta"), k[..., :3].to("meta"), v.to("meta"), False, 0.5)
 
 
 @pytest.fixture
 def torch_ops_calls(monkeypatch):
-    """Counts the plain calls that went through torch.ops (the fallback) instead of the direct entry."""
+    """Counts the forward calls that went through torch.ops and the Python autograd (the fallback,
+    call() of attention_fwd) instead of the direct entry."""
     calls = []
-    op = selfattn._autograd._attention_eager
+    call = selfattn._autograd.call
 
-    def counted(*args):
-        calls.append(args)
-        return op(*args)
+    def counted(op, *args):
+        if op is OPS["attention_fwd"].handle:
+            calls.append(args)
+        return call(op, *args)
 
-    monkeypatch.setattr(selfattn._autograd, "_attention_eager", counted)
+    monkeypatch.setattr(selfattn._autograd, "call", counted)
     return calls
 
 
@@ -159,8 +172,8 @@ def test_direct_entry_same_results_as_torch_ops(grad, torch_ops_calls):
             with torch.no_grad():
                 direct = (selfattn.attention(q, k, v, is_causal=causal, scale=0.3),)
         assert not torch_ops_calls, "a plain call in eager mode went through torch.ops"
-        via_ops = forward_and_grads(ops._attention_eager, q, k, v, (causal, 0.3)) if grad else (
-            ops._attention_eager(q, k, v, causal, 0.3),)
+        via_ops = forward_and_grads(lambda *a: ops.attention_fwd(*a)[0], q, k, v, (causal, 0.3)) if grad else (
+            ops.attention_fwd(q, k, v, causal, 0.3)[0],)
         assert torch.equal(direct[0], via_ops[0])
         if grad:
             assert type(direct[0].grad_fn).__name__ == "CppFunction"
@@ -172,7 +185,11 @@ def test_direct_entry_declines_what_only_torch_ops_handles(torch_ops_calls):
     q, k, v = sample_inputs(1, 2, 5, 5, 8, 8)
     assert entry(q, k, v, False, 1) is NotImplemented  # an int scale
     assert entry(q, k, v, 0, 0.5) is NotImplemented  # an int for causal
-    assert entry(q, k, v, False) is NotImplemented
+    assert entry(q, k, v, False) is NotImplemented  # too few arguments
+    assert entry(q, k, v, False, 0.5, None, -1, -1, 0, 0.0, None, 0) is NotImplemented  # too many
+    assert entry(q, k, v, False, 0.5, None, 1.5) is NotImplemented  # a float for window_left
+    assert entry(q, k, v, False, 0.5, None, 2**70) is NotImplemented  # past int64
+    assert entry(q, k, v, False, 0.5, None, -1, -1, 0, 0.0, None) is not NotImplemented  # all of them
 
     class Subclass(torch.Tensor):  # with __torch_function__, which only torch.ops honours
         pass
@@ -198,5 +215,5 @@ def test_direct_entry_raises_the_ops_error():
     with pytest.raises(ValueError) as direct:
         entry(q, k[..., :3], v, False, 0.5)
     with pytest.raises(ValueError) as via_ops:
-        ops._attention_eager(q, k[..., :3], v, False, 0.5)
+        ops.attention_fwd(q, k[..., :3], v, False, 0.5)
     assert str(direct.value) == str(via_ops.value) and "k must have shape" in str(direct.value)

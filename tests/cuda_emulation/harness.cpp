@@ -33,6 +33,21 @@
 
 namespace {
 
+// The kernels' mask for checked mask arguments, as the ops' builder makes it (csrc/attention.cpp,
+// attention_mask_arguments): attn_mask broadcast to (B, Hq, Nq, Nk) as a view.
+selfattn::AttentionMask make_mask(const selfattn::AttentionShape& s, bool causal,
+                                  const std::optional<at::Tensor>& attn_mask, int64_t window_left,
+                                  int64_t window_right, int64_t diagonal_offset, double dropout_p = 0.0,
+                                  const std::optional<at::Tensor>& rng_state = std::nullopt) {
+  selfattn::AttentionMask mask;
+  mask.band = selfattn::make_band(causal, window_left, window_right, diagonal_offset);
+  if (attn_mask.has_value()) {
+    mask.tensor = attn_mask->expand_symint({s.batch, s.heads, s.nq, s.nk});
+  }
+  mask.set_dropout(dropout_p, rng_state);
+  return mask;
+}
+
 // attention_fwd's arguments (the op's order, dropout included), then the outputs to fill.
 void forward_dropout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
                      const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
@@ -43,7 +58,7 @@ void forward_dropout(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   selfattn::check_dropout(dropout_p, rng_state, q, "q");
   selfattn::cuda::run_forward(
       q, k, v,
-      selfattn::make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
+      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
       scale, out, lse, nullptr);
 }
 
@@ -68,7 +83,7 @@ void backward_dropout(const at::Tensor& grad_out, const at::Tensor& q, const at:
   selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
   selfattn::cuda::run_backward(
       grad_out, q, k, v, out, lse,
-      selfattn::make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
+      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
       scale, grad_q, grad_k, grad_v, nullptr);
 }
 
@@ -91,7 +106,7 @@ void jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const st
   selfattn::check_attention_tangents(shape, q, tangent_q, tangent_k, tangent_v);
   const auto or_undefined = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
   selfattn::cuda::run_jvp(q, k, v, or_undefined(tangent_q), or_undefined(tangent_k), or_undefined(tangent_v),
-                          selfattn::make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset),
+                          make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset),
                           scale, out, lse, tangent_out, nullptr);
 }
 

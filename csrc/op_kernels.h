@@ -1,0 +1,45 @@
+// The ops' kernels by dispatch key, and the argument builder of the attention ops' schema family.
+//
+// Each op is one function template over the kernels of a device: TORCH_LIBRARY_IMPL(selfattn, CPU)
+// registers it with kCpuKernels, (…, CUDA) with kCudaKernels, (…, Meta) with kMetaKernels, which
+// has none: there the op checks its arguments and allocates its outputs, nothing more. Fake
+// tensors (torch.compile, opcheck) run the Meta kernels, so the checks of checks.h serve them too.
+#pragma once
+
+#include "attention.h"
+#include "op_arguments.h"
+
+#include <torch/library.h>
+
+namespace selfattn {
+
+struct DeviceKernels {
+  decltype(&attention_forward_cpu) forward = nullptr;
+  decltype(&attention_backward_cpu) backward = nullptr;
+  decltype(&attention_jvp_cpu) jvp = nullptr;
+
+  // Whether the op runs kernels on this device (not Meta).
+  constexpr bool runs() const { return forward != nullptr; }
+};
+
+inline constexpr DeviceKernels kCpuKernels{&attention_forward_cpu, &attention_backward_cpu, &attention_jvp_cpu};
+#ifdef SELFATTN_WITH_CUDA
+inline constexpr DeviceKernels kCudaKernels{&attention_forward_cuda, &attention_backward_cuda, &attention_jvp_cuda};
+#endif
+inline constexpr DeviceKernels kMetaKernels{};
+
+using BoxedKernel = void(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack*);
+
+template <BoxedKernel* kernel>
+torch::CppFunction boxed() {
+  return torch::CppFunction::makeFromBoxedFunction<kernel>();
+}
+
+// The argument builder of attention_fwd, attention_bwd and attention_jvp (attention.cpp): their
+// band and tensor mask and, where the schema has them, dropout's arguments, checked against the
+// shape of q, k and v, as the kernels take them. With `for_kernels` false (Meta) they are only
+// checked, and the mask comes back empty.
+AttentionMask attention_mask_arguments(const OpArguments& args, const AttentionShape& s, const at::Tensor& q,
+                                       bool for_kernels);
+
+}  // namespace selfattn
