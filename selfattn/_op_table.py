@@ -61,7 +61,8 @@ class Signature:
         end = len(args)
         while end and self.defaults[end - 1] is not _REQUIRED and _same(args[end - 1], self.defaults[end - 1]):
             end -= 1
-        missing = [n for n, a in zip(self.names[:end], args[:end]) if a is _REQUIRED]
+        # (By name: dynamo in torch 2.6 cannot compare a traced value with the sentinel.)
+        missing = [n for n, d in zip(self.names[:end], self.defaults[:end]) if d is _REQUIRED and n not in values]
         if missing:
             raise TypeError(f"selfattn: missing argument(s) {', '.join(missing)}")
         return args[:end]

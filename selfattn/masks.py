@@ -37,6 +37,11 @@ class MaskArgs:
     window_right: int
     diagonal_offset: int
 
+    def by_name(self) -> dict:
+        # Spelt out: dynamo in torch 2.6 cannot trace vars() or dataclasses.asdict() of a frozen dataclass.
+        return {"causal": self.causal, "attn_mask": self.attn_mask, "window_left": self.window_left,
+                "window_right": self.window_right, "diagonal_offset": self.diagonal_offset}
+
 
 NO_MASK = MaskArgs(False, None, -1, -1, 0)
 

@@ -143,7 +143,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
                                    3 if three_d else 4)
         # The mask's arguments travel by name (masks.MaskArgs holds them under the ops' names).
         out = _autograd.attention(q, k, v, scale=resolve_scale(scale, shape[-1] if shape else 0),
-                                  dropout_p=dropout_p, rng_state=rng_state, **vars(mask))
+                                  dropout_p=dropout_p, rng_state=rng_state, **mask.by_name())
     return out.squeeze(1) if three_d else out
 
 
