@@ -17,14 +17,17 @@ struct DeviceKernels {
   decltype(&attention_forward_cpu) forward = nullptr;
   decltype(&attention_backward_cpu) backward = nullptr;
   decltype(&attention_jvp_cpu) jvp = nullptr;
+  // Whether the op runs kernels on this device (not Meta). A flag of its own: under the
+  // sanitizers, GCC does not fold `forward != nullptr` to a constant.
+  bool has_kernels = false;
 
-  // Whether the op runs kernels on this device (not Meta).
-  constexpr bool runs() const { return forward != nullptr; }
+  constexpr bool runs() const { return has_kernels; }
 };
 
-inline constexpr DeviceKernels kCpuKernels{&attention_forward_cpu, &attention_backward_cpu, &attention_jvp_cpu};
+inline constexpr DeviceKernels kCpuKernels{&attention_forward_cpu, &attention_backward_cpu, &attention_jvp_cpu, true};
 #ifdef SELFATTN_WITH_CUDA
-inline constexpr DeviceKernels kCudaKernels{&attention_forward_cuda, &attention_backward_cuda, &attention_jvp_cuda};
+inline constexpr DeviceKernels kCudaKernels{&attention_forward_cuda, &attention_backward_cuda, &attention_jvp_cuda,
+                                            true};
 #endif
 inline constexpr DeviceKernels kMetaKernels{};
 
