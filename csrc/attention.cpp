@@ -3,6 +3,7 @@
 #include "op_kernels.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/empty_like.h>
 
 namespace selfattn {
@@ -31,6 +32,11 @@ AttentionMask attention_mask_arguments(const OpArguments& args, const AttentionS
   return mask;
 }
 
+at::Tensor empty_attention_output(const AttentionShape& s, const at::TensorOptions& options) {
+  const c10::SymInt row = s.heads * s.dim_v;
+  return at::empty_strided_symint({s.batch, s.heads, s.nq, s.dim_v}, {s.nq * row, s.dim_v, row, 1}, options);
+}
+
 namespace {
 
 template <const DeviceKernels& kernels>
@@ -41,8 +47,7 @@ void attention_fwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::ji
   const double scale = args.real("scale");
   const AttentionShape s = check_attention_inputs(q, k, v, scale);
   const AttentionMask mask = attention_mask_arguments(args, s, q, kernels.runs());
-  // (B, Nq, H, Dv) in memory: heads side by side, so out.transpose(1, 2).flatten(2) is free.
-  const at::Tensor out = at::empty_symint({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
+  const at::Tensor out = empty_attention_output(s, q.options());
   const at::Tensor lse =
       at::empty_symint({s.batch, s.heads, s.nq}, q.options().dtype(accumulate_type(q.scalar_type())));
   if constexpr (kernels.runs()) {

@@ -21,8 +21,8 @@ void attention_jvp(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::ji
   const AttentionMask mask = attention_mask_arguments(args, s, q, kernels.runs());
   check_attention_tangents(s, q, tangent_q, tangent_k, tangent_v);
   // out and tangent_out as attention_fwd lays out out: (B, Nq, H, Dv) in memory.
-  const at::Tensor out = at::empty_symint({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
-  const at::Tensor tangent_out = at::empty_symint({s.batch, s.nq, s.heads, s.dim_v}, q.options()).transpose(1, 2);
+  const at::Tensor out = empty_attention_output(s, q.options());
+  const at::Tensor tangent_out = empty_attention_output(s, q.options());
   const at::Tensor lse =
       at::empty_symint({s.batch, s.heads, s.nq}, q.options().dtype(accumulate_type(q.scalar_type())));
   if constexpr (kernels.runs()) {

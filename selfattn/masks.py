@@ -70,6 +70,12 @@ def window_sides(window) -> Tuple[int, int]:
     return left, right  # (the op checks the values)
 
 
+def window_arguments(window) -> dict:
+    """The ops' window arguments, by name, for a window=(left, right) argument."""
+    left, right = window_sides(window)
+    return {"window_left": left, "window_right": right}
+
+
 def _bias_alignment(bias: CausalBias, nq: int, nk: int) -> str:
     if (bias.seq_len_q, bias.seq_len_kv) != (nq, nk):
         raise ValueError(f"selfattn: attn_mask is a causal bias for ({bias.seq_len_q}, {bias.seq_len_kv}) "

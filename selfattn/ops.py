@@ -187,7 +187,7 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
     dropout_p, rng_state = dropout_args(dropout_p, rng_state, x.device if isinstance(x, Tensor) else None)
     num_heads = check_int(num_heads, "num_heads")
     num_kv_heads = 0 if num_kv_heads is None else check_int(num_kv_heads, "num_kv_heads")
-    window_left, window_right = masks.window_sides(window)
+    window = masks.window_arguments(window)
     require_tensor(x, "x")
     require_tensor(w_qkv, "w_qkv")
     single = x.dim() == 2
@@ -205,6 +205,5 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
             mask = _layer_mask(key_padding_mask, attn_mask, x.shape[0], x.shape[1], num_heads, single, x.device)
     out, _, _ = _autograd.forward("self_attention_fwd", x=x, w_qkv=w_qkv, b_qkv=b_qkv, num_heads=num_heads,
                                   causal=causal, scale=scale, num_kv_heads=num_kv_heads, attn_mask=mask,
-                                  window_left=window_left, window_right=window_right, dropout_p=dropout_p,
-                                  rng_state=rng_state)
+                                  dropout_p=dropout_p, rng_state=rng_state, **window)
     return out.squeeze(0) if single else out

@@ -51,7 +51,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """
     alignment = masks.causal_alignment(causal)  # the spellings of selfattn.attention
     dropout_p, rng_state = dropout_args(dropout_p, rng_state, q.device if isinstance(q, Tensor) else None)
-    window_left, window_right = masks.window_sides(window)
+    window = masks.window_arguments(window)
     check_bool(enable_gqa, "enable_gqa")
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         require_tensor(t, name)
@@ -63,7 +63,6 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = resolve_scale(scale, q.shape[-1] if q.dim() >= 1 else 0)
     out, _ = _autograd.forward("varlen_attention_fwd", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                               causal=alignment is not None, scale=scale, window_left=window_left,
-                               window_right=window_right, bottom_right=alignment == "bottom_right",
-                               dropout_p=dropout_p, rng_state=rng_state)
+                               causal=alignment is not None, scale=scale, bottom_right=alignment == "bottom_right",
+                               dropout_p=dropout_p, rng_state=rng_state, **window)
     return out
