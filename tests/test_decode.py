@@ -113,16 +113,17 @@ def test_layouts_and_odd_head_dims(decode_splits, splits):
     check_against_oracle(q, k, v, causal="bottom_right", window=(100, 0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("d", [128, 64, 72, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [128, 64, 72, 40, 36])
 @pytest.mark.parametrize("group,nq", [(3, 1), (5, 1), (2, 3), (4, 1)])
 @pytest.mark.parametrize("nk,causal,window", [(1000, "bottom_right", None), (77, False, None),
                                               (531, "bottom_right", (90, 0))], ids=str)
 def test_transposed_key_blocks(decode_splits, dtype, d, group, nq, nk, causal, window):
     """The scores Sᵀ = Q · Kᵀ on key blocks read transposed (csrc/cpu/transposed_block.h): R = group · Nq
     rows not a multiple of the GEMM's 4-row block, Nk not a multiple of the 16-key transposes or of
-    the 64-key blocks, head dims with a tail of 8 floats after the 16-wide chunks (72, 40), k contiguous
-    along D (the vectorised transposition) in float32 and bfloat16 (converted on load)."""
+    the 64-key blocks, head dims with a tail after the 16- or 8-wide chunks (72, 40: 8 floats; 36: 4),
+    k contiguous along D (the vectorised transpositions: AVX-512 for float32 and bfloat16, AVX2 for
+    bfloat16 and float16, converted on load)."""
     decode_splits("auto")
     q, k, v = inputs(1, 2 * group, 2, nq, nk, d, dtype)
     check_against_oracle(q, k, v, causal=causal, window=window, scale=d**-0.5)
