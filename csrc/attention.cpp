@@ -8,12 +8,17 @@
 
 namespace selfattn {
 
+BandArguments band_arguments(const OpArguments& args) {
+  const BandArguments band{args.boolean("causal"), args.integer("window_left"), args.integer("window_right")};
+  check_window(band.left, band.right);
+  return band;
+}
+
 AttentionMask attention_mask_arguments(const OpArguments& args, const AttentionShape& s, const at::Tensor& q,
                                        bool for_kernels) {
+  const BandArguments band = band_arguments(args);
   const std::optional<at::Tensor> attn_mask = args.optional_tensor("attn_mask");
-  const int64_t window_left = args.integer("window_left");
-  const int64_t window_right = args.integer("window_right");
-  check_mask_inputs(s, q, attn_mask, window_left, window_right);
+  check_mask_inputs(s, q, attn_mask);
   const bool has_dropout = args.has("dropout_p");  // (attention_jvp has none)
   const double dropout_p = has_dropout ? args.real("dropout_p") : 0.0;
   const std::optional<at::Tensor> rng_state = has_dropout ? args.optional_tensor("rng_state") : std::nullopt;
@@ -24,7 +29,7 @@ AttentionMask attention_mask_arguments(const OpArguments& args, const AttentionS
   if (!for_kernels) {
     return mask;
   }
-  mask.band = make_band(args.boolean("causal"), window_left, window_right, args.integer("diagonal_offset"));
+  mask.band = band.with_offset(args.integer("diagonal_offset"));
   if (attn_mask.has_value()) {
     mask.tensor = attn_mask->expand_symint({s.batch, s.heads, s.nq, s.nk});
   }

@@ -93,11 +93,9 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, 
   return s;
 }
 
-void check_window(int64_t window_left, int64_t window_right) {
-  TORCH_CHECK_VALUE(window_left >= -1, "selfattn: window_left must be >= -1 (-1: unbounded), got ",
-                    window_left);
-  TORCH_CHECK_VALUE(window_right >= -1, "selfattn: window_right must be >= -1 (-1: unbounded), got ",
-                    window_right);
+void check_window(int64_t left, int64_t right) {
+  TORCH_CHECK_VALUE(left >= -1, "selfattn: window_left must be >= -1 (-1: unbounded), got ", left);
+  TORCH_CHECK_VALUE(right >= -1, "selfattn: window_right must be >= -1 (-1: unbounded), got ", right);
 }
 
 void check_dropout_p(double dropout_p) {
@@ -121,9 +119,7 @@ void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state,
 }
 
 void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
-                       const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                       int64_t window_right) {
-  check_window(window_left, window_right);
+                       const std::optional<at::Tensor>& attn_mask) {
   if (!attn_mask.has_value()) {
     return;
   }
@@ -267,10 +263,9 @@ LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
 }
 
 void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
-                             const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                             int64_t window_right) {
+                             const std::optional<at::Tensor>& attn_mask) {
   const AttentionShape attention{s.batch, s.heads, s.heads_kv, s.seq, s.seq, s.head_dim, s.head_dim};
-  check_mask_inputs(attention, x, attn_mask, window_left, window_right);
+  check_mask_inputs(attention, x, attn_mask);
 }
 
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,

@@ -60,13 +60,12 @@ void check_attention_tangents(const AttentionShape& s, const at::Tensor& q,
                               const std::optional<at::Tensor>& tangent_k,
                               const std::optional<at::Tensor>& tangent_v);
 
-// attn_mask and the window sides of the attention ops, against the shape of q, k and v.
+// attn_mask of the attention ops, against the shape of q, k and v.
 void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
-                       const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                       int64_t window_right);
+                       const std::optional<at::Tensor>& attn_mask);
 
-// The window sides of every op that takes a window (-1: unbounded).
-void check_window(int64_t window_left, int64_t window_right);
+// The window sides (left, right) of every op that takes a window (-1: unbounded).
+void check_window(int64_t left, int64_t right);
 
 // dropout_p and rng_state of every op: 0 <= dropout_p < 1; rng_state, required when dropout_p > 0
 // and checked whenever given, int64 (seed, offset) of shape (2,) on the device of `ref`.
@@ -103,11 +102,9 @@ LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
                               const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
                               int64_t num_kv_heads, double scale);
 
-// attn_mask and the window sides of the layer ops: check_mask_inputs with Hq = num_heads and
-// Nq = Nk = N.
+// attn_mask of the layer ops: check_mask_inputs with Hq = num_heads and Nq = Nk = N.
 void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
-                             const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                             int64_t window_right);
+                             const std::optional<at::Tensor>& attn_mask);
 
 // The rest of self_attention_bwd's arguments, against the layer's shape.
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,

@@ -58,16 +58,16 @@ struct Band {
   SELFATTN_BAND_FN bool unbounded() const { return left >= kUnbounded && right >= kUnbounded; }
 };
 
-// The band of the ops' arguments: window sides of -1 are unbounded; causal bounds the right
+// The band of the ops' arguments (causal, the window sides, the query-to-key offset): sides of -1 are unbounded; causal bounds the right
 // side at 0 (a window's right > 0 is clamped to 0, as FlashAttention does).
 // Offsets and sides past 2^58 mean the same as 2^58 for any real sequence, and clamping them keeps
 // i + offset ± kUnbounded inside int64.
-inline Band make_band(bool causal, int64_t window_left, int64_t window_right, int64_t diagonal_offset) {
+inline Band make_band(bool causal, int64_t left, int64_t right, int64_t offset) {
   constexpr int64_t kFarOffset = int64_t(1) << 58;
   Band band;
-  band.offset = diagonal_offset < -kFarOffset ? -kFarOffset : diagonal_offset > kFarOffset ? kFarOffset : diagonal_offset;
-  band.left = window_left < 0 || window_left > kUnbounded ? kUnbounded : window_left;
-  band.right = window_right < 0 || window_right > kUnbounded ? kUnbounded : window_right;
+  band.offset = offset < -kFarOffset ? -kFarOffset : offset > kFarOffset ? kFarOffset : offset;
+  band.left = left < 0 || left > kUnbounded ? kUnbounded : left;
+  band.right = right < 0 || right > kUnbounded ? kUnbounded : right;
   if (causal && band.right > 0) {
     band.right = 0;
   }

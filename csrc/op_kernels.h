@@ -38,6 +38,17 @@ torch::CppFunction boxed() {
   return torch::CppFunction::makeFromBoxedFunction<kernel>();
 }
 
+// The band group of every op that takes one (causal and the window sides), read by name and
+// checked in one place (attention.cpp); each op adds its query-to-key offset (attention: the
+// diagonal_offset argument; varlen: per sequence; the layer: 0).
+struct BandArguments {
+  bool causal;
+  int64_t left, right;
+
+  Band with_offset(int64_t offset) const { return make_band(causal, left, right, offset); }
+};
+BandArguments band_arguments(const OpArguments& args);
+
 // The argument builder of attention_fwd, attention_bwd and attention_jvp (attention.cpp): their
 // band and tensor mask and, where the schema has them, dropout's arguments, checked against the
 // shape of q, k and v, as the kernels take them. With `for_kernels` false (Meta) they are only

@@ -54,23 +54,22 @@ at::Tensor projection_mm(const at::Tensor& a, const at::Tensor& b, const std::op
 }
 
 // The argument builder of self_attention_fwd and self_attention_bwd: their mask arguments (causal,
-// attn_mask, window_left, window_right: offset 0, as Nq = Nk) and dropout's, checked against the
+// attn_mask, the band: offset 0, as Nq = Nk) and dropout's, checked against the
 // layer's shape, as the kernels take them (Meta: only checked).
 AttentionMask layer_mask_arguments(const OpArguments& args, const LayerShape& s, const at::Tensor& x,
                                    bool for_kernels) {
+  const BandArguments band = band_arguments(args);
   const std::optional<at::Tensor> attn_mask = args.optional_tensor("attn_mask");
-  const int64_t window_left = args.integer("window_left");
-  const int64_t window_right = args.integer("window_right");
   const double dropout_p = args.real("dropout_p");
   const std::optional<at::Tensor> rng_state = args.optional_tensor("rng_state");
-  check_layer_mask_inputs(s, x, attn_mask, window_left, window_right);
+  check_layer_mask_inputs(s, x, attn_mask);
   check_dropout(dropout_p, rng_state, x, "x");
   AttentionMask mask;
   if (!for_kernels) {
     return mask;
   }
   mask.set_dropout(dropout_p, rng_state);
-  mask.band = make_band(args.boolean("causal"), window_left, window_right, 0);
+  mask.band = band.with_offset(0);
   if (attn_mask.has_value()) {
     mask.tensor = attn_mask->expand_symint({s.batch, s.heads, s.seq, s.seq});
   }

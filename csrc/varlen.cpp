@@ -54,18 +54,15 @@ at::Tensor lse_rows(const at::Tensor& lse, int64_t start, int64_t n) {
 }
 
 // The argument builder of varlen_attention_fwd and varlen_attention_bwd: their mask arguments
-// (causal, window_left, window_right, bottom_right) and dropout's, checked; each sequence's mask
+// (the band and bottom_right) and dropout's, checked; each sequence's mask
 // as the kernels take it.
 class VarlenMaskArguments {
  public:
   VarlenMaskArguments(const OpArguments& args, const at::Tensor& q)
-      : causal_(args.boolean("causal")),
+      : band_(band_arguments(args)),
         bottom_right_(args.boolean("bottom_right")),
-        window_left_(args.integer("window_left")),
-        window_right_(args.integer("window_right")),
         dropout_p_(args.real("dropout_p")),
         rng_state_(args.optional_tensor("rng_state")) {
-    check_window(window_left_, window_right_);
     check_dropout(dropout_p_, rng_state_, q, "q");
   }
 
@@ -73,14 +70,14 @@ class VarlenMaskArguments {
   // their batch index.
   AttentionMask sequence(int64_t nq, int64_t nk, int64_t seq) const {
     AttentionMask mask;
-    mask.band = make_band(causal_, window_left_, window_right_, bottom_right_ ? nk - nq : 0);
+    mask.band = band_.with_offset(bottom_right_ ? nk - nq : 0);
     mask.set_dropout(dropout_p_, rng_state_, seq);
     return mask;
   }
 
  private:
-  bool causal_, bottom_right_;
-  int64_t window_left_, window_right_;
+  BandArguments band_;
+  bool bottom_right_;
   double dropout_p_;
   std::optional<at::Tensor> rng_state_;
 };

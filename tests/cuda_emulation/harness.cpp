@@ -54,7 +54,8 @@ void forward_dropout(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      int64_t diagonal_offset, double dropout_p, const std::optional<at::Tensor>& rng_state,
                      const at::Tensor& out, const at::Tensor& lse) {
   const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
-  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
+  selfattn::check_window(window_left, window_right);
+  selfattn::check_mask_inputs(shape, q, attn_mask);
   selfattn::check_dropout(dropout_p, rng_state, q, "q");
   selfattn::cuda::run_forward(
       q, k, v,
@@ -78,7 +79,8 @@ void backward_dropout(const at::Tensor& grad_out, const at::Tensor& q, const at:
                       int64_t diagonal_offset, double dropout_p, const std::optional<at::Tensor>& rng_state,
                       const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
   const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
-  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
+  selfattn::check_window(window_left, window_right);
+  selfattn::check_mask_inputs(shape, q, attn_mask);
   selfattn::check_dropout(dropout_p, rng_state, q, "q");
   selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
   selfattn::cuda::run_backward(
@@ -102,7 +104,8 @@ void jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const st
          double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
          int64_t diagonal_offset, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out) {
   const selfattn::AttentionShape shape = selfattn::check_attention_inputs(q, k, v, scale);
-  selfattn::check_mask_inputs(shape, q, attn_mask, window_left, window_right);
+  selfattn::check_window(window_left, window_right);
+  selfattn::check_mask_inputs(shape, q, attn_mask);
   selfattn::check_attention_tangents(shape, q, tangent_q, tangent_k, tangent_v);
   const auto or_undefined = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
   selfattn::cuda::run_jvp(q, k, v, or_undefined(tangent_q), or_undefined(tangent_k), or_undefined(tangent_v),
