@@ -76,6 +76,9 @@ std::string cpu_capability(std::string capability);
 // The tile GEMMs bfloat16 inputs would run on in that copy now (cpu/kernels.h; the op
 // _bf16_tile_gemm).
 std::string bf16_tile_gemm();
+// The caches the copy in use blocks for and the forward query blocks they give (cpu/blocking.h;
+// the op _cpu_blocking).
+std::string cpu_blocking();
 
 #ifdef SELFATTN_WITH_CUDA
 void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "attention.h"
+#include "cpu/blocking.h"
 
 #ifndef SELFATTN_BUILD_INFO
 #define SELFATTN_BUILD_INFO unknown
@@ -105,4 +106,11 @@ TORCH_LIBRARY(selfattn, m) {
   // converted), "avx512bf16" (selfattn's micro-kernel) or "onednn-brgemm (AMX)" (where the CPU has
   // it); SELFATTN_BF16_KERNELS and SELFATTN_BF16_GEMM change it (cpu/brgemm_bf16.h).
   m.def("_bf16_tile_gemm() -> str", &selfattn::bf16_tile_gemm);
+  // Private: the CPU caches the forward blocks for (cpu/blocking.h). _cpu_blocking says them and
+  // the query blocks they give; _cpu_caches reports [l1d, l2, sharers] in bytes, or sets them for
+  // the process (0, 0, 0: detect again); _cpu_forward_query_block runs the model on given caches.
+  m.def("_cpu_blocking() -> str", &selfattn::cpu_blocking);
+  m.def("_cpu_caches(int l1d=-1, int l2=-1, int sharers=-1) -> int[]", &selfattn::cpu_caches_op);
+  m.def("_cpu_forward_query_block(int[] caches, int dim, int dim_v, int elem_bytes, int vec_width) -> int",
+        &selfattn::cpu_forward_query_block_op);
 }

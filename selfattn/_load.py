@@ -54,6 +54,8 @@ class BuildInfo:
     sanitize: str | None = None  # the sanitizers compiled in, e.g. "address+undefined"
     cpu_capability: str | None = None  # the copy in use (chosen at run time); None before loading
     bf16_gemm: str | None = None  # what bf16 tile GEMMs run on in that copy (the op _bf16_tile_gemm)
+    # the caches the CPU forward blocks for and the query blocks they give (the op _cpu_blocking)
+    cpu_blocking: str | None = None
     # "13.0/12.4": the CUDA toolkit found and torch's CUDA, when their major versions differed and
     # the build went CPU-only for it
     cuda_toolkit_mismatch: str | None = None
@@ -72,6 +74,8 @@ class BuildInfo:
         in_use = f" (running {self.cpu_capability})" if self.cpu_capability else ""
         if self.bf16_gemm:
             in_use += f", bf16 tile GEMMs {self.bf16_gemm}"
+        if self.cpu_blocking:
+            in_use += f", blocking for {self.cpu_blocking}"
         return (f"selfattn {self.kind} build, torch {self.torch}, CPU kernels "
                 f"{'/'.join(self.cpu_capabilities)}{in_use}{sanitize}, {cuda}: {self.path}")
 
@@ -257,7 +261,9 @@ def load() -> BuildInfo:
 
 
 def build_info() -> BuildInfo:
-    """The loaded build, with the copy of the CPU kernels in use now and what its bf16 GEMMs run on."""
+    """The loaded build, with the copy of the CPU kernels in use now, what its bf16 GEMMs run on and
+    the caches its forward blocks for."""
     info = load()
     ops = torch.ops.selfattn
-    return dataclasses.replace(info, cpu_capability=ops._cpu_capability(), bf16_gemm=ops._bf16_tile_gemm())
+    return dataclasses.replace(info, cpu_capability=ops._cpu_capability(), bf16_gemm=ops._bf16_tile_gemm(),
+                               cpu_blocking=ops._cpu_blocking())

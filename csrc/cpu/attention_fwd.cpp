@@ -20,6 +20,7 @@
 #include "attention_bf16.h"
 #include "mask_tiles.h"
 #include "tile.h"
+#include "blocking.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,8 +32,11 @@
 namespace selfattn::SELFATTN_CPU_NS {
 namespace {
 
-constexpr int64_t kBlockQ = 64;  // queries per work item (columns of the score tile)
-constexpr int64_t kBlockK = 64;  // keys per step of the stream (rows of the score tile)
+// Keys per step of the stream (rows of the score tile): the split of the softmax reduction, so a
+// constant. The queries per work item (columns) come from the caches (blocking.h).
+constexpr int64_t kBlockK = 64;
+constexpr int64_t kMaxBlockQ = 128;
+constexpr int64_t kMaxBlockQBf16 = 64;  // the bf16 GEMMs' packed operands (brgemm: B at most 64 wide)
 
 // q: (B, Hq, Nq, D), k: (B, Hk, Nk, D), v: (B, Hk, Nk, Dv), out: (B, Hq, Nq, Dv): scalar_t, any strides
 // lse: (B, Hq, Nq) T, any strides. T (float, or double for double) is the accumulation type.
@@ -43,11 +47,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dim = q.size(3);
   const int64_t group = heads / k.size(1);  // query heads per kv head
   const int64_t nk = k.size(2), dim_v = v.size(3), dim_v_padded = round_up(dim_v, W);
-  const int64_t block_q = std::min(kBlockQ, round_up(nq, W));  // short sequences: no idle columns
   const int64_t block_k = kBlockK;
-  const int64_t q_blocks = ceil_div(nq, block_q);
   const Band& band = mask.band;
-  const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, block_q, block_k) : MaskTiles();
   // Under a bounded right side later query blocks see more keys: they go first, so the cheap ones
   // fill the threads' last gaps (for_each_item hands items out in order).
   const bool uneven = band.right < kUnbounded;
@@ -60,6 +61,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   constexpr bool kMayUseBf16 = std::is_same_v<scalar_t, c10::BFloat16> && kBf16KernelsCompiled;
   const bool use_bf16 = kMayUseBf16 && bf16_kernels_enabled();
   const bool bf16_brgemm = use_bf16 && bf16_gemm_uses_brgemm();
+  const int64_t cache_block_q = forward_query_block(cpu_caches(), dim, dim_v_padded, sizeof(T), W, block_k,
+                                                    use_bf16 ? kMaxBlockQBf16 : kMaxBlockQ);
+  const int64_t block_q = balanced_query_block(std::max<int64_t>(nq, 1), cache_block_q, W);
+  const int64_t q_blocks = ceil_div(nq, block_q);
+  const MaskTiles mask_tiles = mask.tensor.defined() ? MaskTiles(mask.tensor, block_q, block_k) : MaskTiles();
   // k is read element by element (the score GEMM's A operand), v as whole rows (P·V's B operand).
   const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, dim, /*whole_rows=*/false);
   const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);

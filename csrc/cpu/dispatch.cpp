@@ -6,6 +6,7 @@
 // (ATen does not check ATEN_CPU_CAPABILITY against the CPU). Decided on the first kernel call;
 // torch.ops.selfattn._cpu_capability reports it and, for tests, changes it.
 #include "../attention.h"
+#include "blocking.h"
 
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
@@ -177,6 +178,8 @@ std::string cpu_capability(std::string capability) {
 }
 
 std::string bf16_tile_gemm() { return kernels().bf16_tile_gemm(); }
+
+std::string cpu_blocking() { return describe_cpu_blocking(current_capability() == kAvx512 ? 16 : 8); }
 
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const AttentionMask& mask, double scale, const at::Tensor& out,

@@ -139,10 +139,12 @@ class MaskTiles {
   template <typename M, typename T>
   void apply_typed(int64_t b, int64_t h, int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows, T* tile,
                    int64_t ld) const {
-    constexpr int64_t kMax = 64;  // the kernels' largest tile side
-    TORCH_INTERNAL_ASSERT(q_rows <= kMax && k_rows <= kMax, "selfattn: mask tile larger than 64 x 64");
+    // The kernels' largest tiles: 64 keys (every kernel's key block), 128 queries (the forward's
+    // largest query block, blocking.h).
+    constexpr int64_t kMaxK = 64, kMaxQ = 128;
+    TORCH_INTERNAL_ASSERT(q_rows <= kMaxQ && k_rows <= kMaxK, "selfattn: mask tile larger than 64 keys x 128 queries");
     using Held = std::conditional_t<std::is_same_v<M, bool>, uint8_t, T>;
-    Held held[kMax * kMax];  // (k_rows, q_rows): the mask's entries, transposed
+    Held held[kMaxK * kMaxQ];  // (k_rows, q_rows): the mask's entries, transposed
     const int64_t stride_j = stride_[3];
     for (int64_t c = 0; c < q_rows; ++c) {
       const M* m = element<M>(b, h, q0 + c, k0);
