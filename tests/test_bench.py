@@ -370,3 +370,21 @@ def test_isa_cap_check_names_the_side_that_runs_another_set():
     assert isa.check_cap("avx2", {"aten": "AVX2", "selfattn": "AVX2"}) is None
     assert isa.check_cap("avx512", {"aten": "AVX2", "selfattn": "AVX512"}) == "capped to avx512, but aten runs AVX2"
     assert isa.check_cap("amx", {"aten": "AVX512", "selfattn": "AVX512"}) is None
+
+
+def test_blocking_sweep_times_each_block_and_names_the_models(capsys):
+    """--sweep blocking: a row per query block and SDPA for each shape, causal and not; the
+    model's block on this machine marked; the caches restored afterwards."""
+    caches = torch.ops.selfattn._cpu_caches()
+    assert main(["--sweep", "blocking", "--rounds", "1", "--shapes", "1x2x96x32", "--blocks", "32,64",
+                 "--gemm-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("**1x2x96x32, non-causal**") == 1 and out.count("**1x2x96x32, causal**") == 1
+    own = torch.ops.selfattn._cpu_forward_query_block(caches, 32, 32, 4, 16 if
+                                                      selfattn.build_info().cpu_capability == "AVX512" else 8)
+    assert out.count(f"the model's block here: {own};") == 2
+    for label in ("| 32", "| 64", "| SDPA |"):
+        assert out.count(label) == 2, label
+    assert torch.ops.selfattn._cpu_caches() == caches
+    with pytest.raises(SystemExit, match="cannot give a query block of 20"):
+        main(["--sweep", "blocking", "--rounds", "1", "--shapes", "1x2x96x32", "--blocks", "20"])

@@ -147,9 +147,11 @@ def test_cpu_kernels_are_compiled_once_per_capability(monkeypatch):
     config = _settings.extension_config()
     kernels = [str(_settings.CSRC / name) for name in _settings.CPU_KERNEL_SOURCES]
     dispatch = str(_settings.CSRC / "cpu" / "dispatch.cpp")
-    # Every csrc/cpu source is a kernel file (listed, per copy) or the dispatch (once).
-    assert sorted((_settings.CSRC / "cpu").glob("*.cpp")) == sorted(map(Path, kernels + [dispatch]))
-    assert dispatch in config.sources and not set(kernels) & set(config.sources)
+    blocking = str(_settings.CSRC / "cpu" / "blocking.cpp")
+    # Every csrc/cpu source is a kernel file (listed, per copy), the dispatch or the cache model
+    # (each once).
+    assert sorted((_settings.CSRC / "cpu").glob("*.cpp")) == sorted(map(Path, kernels + [dispatch, blocking]))
+    assert dispatch in config.sources and blocking in config.sources and not set(kernels) & set(config.sources)
     assert config.cpu_variant_sources == {c: kernels for c in config.cpu_capabilities}
     if platform.machine() == "x86_64":
         assert config.cpu_capabilities == ("DEFAULT", "AVX2", "AVX512")

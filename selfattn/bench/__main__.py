@@ -29,7 +29,8 @@ median (min-max) times, FLOP rates, % of the GEMM rate, selfattn's speedup over 
 per-round ratios) and peak memory; prints markdown tables, writes JSON and a PNG plot. --sweep decode
 runs the KV-cache decoding benchmark (selfattn/bench/decode.py, its own options). --sweep isa runs
 the targets sweep once per instruction-set cap this CPU can run, both sides capped alike
-(selfattn/bench/isa.py: --caps, and the options below). --sweep masks
+(selfattn/bench/isa.py: --caps, and the options below). --sweep blocking times the CPU forward at
+each query block the cache model could choose (selfattn/bench/blocking.py). --sweep masks
 times the masked variants (padding, varlen, GQA, sliding window, random mask), each against selfattn
 without the variant and SDPA given the same inputs."""
 
@@ -136,7 +137,7 @@ def _make_device(args: argparse.Namespace):
 
 def _runner_argv(argv: List[str], sweep: str) -> Optional[List[str]]:
     """The remaining arguments when the sweep is one with a runner of its own ('decode':
-    selfattn/bench/decode.py; 'isa': selfattn/bench/isa.py), else None."""
+    selfattn/bench/decode.py; 'isa': selfattn/bench/isa.py; 'blocking': selfattn/bench/blocking.py), else None."""
     for i, arg in enumerate(argv):
         if arg == f"--sweep={sweep}" or (arg == "--sweep" and argv[i + 1:i + 2] == [sweep]):
             return argv[:i] + argv[i + (1 if "=" in arg else 2):]
@@ -149,6 +150,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if decode_argv is not None:
         from selfattn.bench import decode
         return decode.main(decode_argv)
+    blocking_argv = _runner_argv(argv, "blocking")
+    if blocking_argv is not None:
+        from selfattn.bench import blocking
+        return blocking.main(blocking_argv)
     isa_argv = _runner_argv(argv, "isa")
     if isa_argv is not None:
         from selfattn.bench import isa
