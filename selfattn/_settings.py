@@ -307,7 +307,10 @@ def extension_config() -> ExtensionConfig:
     # Which kernel variants dispatch.cpp may pick (DEFAULT always exists).
     variant_defines = [f"-DSELFATTN_CPU_HAS_{c}" for c in capabilities]
     sanitize_flags = SANITIZE_FLAGS if sanitize else []
-    cxx = (["-O3", "-fopenmp", f"-DSELFATTN_BUILD_INFO={info}"] + variant_defines + cuda_define
+    # -g0: no debug info (Python's own CFLAGS carry -g), which took a quarter of each C++ compile
+    # (22.4 -> 17.3 s for a kernel copy, 30.6 -> 21.8 s for python_module.cpp) and made the objects
+    # 20x larger. The sanitizer build keeps -g (its SANITIZE_FLAGS come after) for its reports.
+    cxx = (["-O3", "-g0", "-fopenmp", f"-DSELFATTN_BUILD_INFO={info}"] + variant_defines + cuda_define
            + sanitize_flags)
     # No -std here: torch's cpp_extension adds the standard its headers need (C++20 from torch
     # 2.10 on), and only when no -std is given; a fixed -std=c++17 breaks those headers.
