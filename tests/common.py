@@ -22,6 +22,9 @@ FLOOR = {
     torch.bfloat16: 3 * 2.0**-8,
     torch.float16: 3 * 2.0**-11,
 }
+# Unit roundoffs, and how many of them of the largest summed term the bound allows on top.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+TERM_ROUNDINGS = 8
 ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -78,8 +81,11 @@ def max_error(actual, expected64):
         if expected64.numel() else 0.0
 
 
-def assert_close(actual, expected64, eager, name=""):
-    """actual within FACTOR x eager's error against the float64 expected value, plus a floor."""
+def assert_close(actual, expected64, eager, name="", terms=0.0):
+    """actual within FACTOR x eager's error against the float64 expected value, plus a floor.
+
+    terms: the largest magnitude among the terms the result sums (see gradient_terms); the bound
+    then also allows TERM_ROUNDINGS unit roundings of it."""
     assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     if expected64.numel() == 0:
         return
@@ -89,9 +95,23 @@ def assert_close(actual, expected64, eager, name=""):
     # Inputs are O(1): a gradient that is exactly 0 in float64 (dq at Nk = 1) still carries
     # roundings of O(1) terms, so the floor is relative to at least 1.
     scale = max(expected64.abs().max().item(), 1.0)
-    bound = FACTOR * eager_err + FLOOR[actual.dtype] * scale
+    bound = FACTOR * eager_err + FLOOR[actual.dtype] * scale + TERM_ROUNDINGS * UNIT_ROUNDOFF[actual.dtype] * terms
     assert err <= bound, (f"{name}: max error {err:.3e} > {FACTOR} x eager's {eager_err:.3e} + floor "
                           f"({bound:.3e}), dtype {actual.dtype}")
+
+
+def gradient_terms(q, k, v, grad_out, scale):
+    """The largest terms each attention gradient sums, from (B, H, N, D) inputs (k, v repeated to
+    q's heads): a flash backward forms dS = P ∘ (dP - rowsum(dO ∘ out)), and the roundings of that
+    row sum — a dot of |dO|·|v|-sized products — are not damped by P, so where a row sees one key
+    dq is exactly 0 in float64 and in eager but a few roundings of scale·|dO|·|v|·|k| here.
+    Returns {"grad_q", "grad_k", "grad_v"} -> float."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
+    products = (grad_out.double().abs() @ v.abs().transpose(-2, -1)).max().item() if v.numel() and grad_out.numel() else 0.0
+    return {"grad_q": scale * products * (k.abs().max().item() if k.numel() else 0.0),
+            "grad_k": scale * products * (q.abs().max().item() if q.numel() else 0.0),
+            "grad_v": grad_out.abs().max().item() if grad_out.numel() else 0.0}
 
 
 def reference_layer_float64(module: selfattn.reference.SelfAttention) -> selfattn.reference.SelfAttention:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import selfattn
-from tests.common import ALL_DTYPES, assert_close
+from tests.common import ALL_DTYPES, assert_close, gradient_terms
 
 # Also run against the oldest supported torch (scripts/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
@@ -90,8 +90,9 @@ def check_against_oracle(q, k, v, *, attn_mask=None, causal=False, window=None, 
     expected = run(oracle, torch.float64)
     eager = run(oracle, q.dtype)
     assert_close(actual[0], expected[0], eager[0], "out")
+    terms = gradient_terms(q, k, v, grad_out, scale)
     for name, a, e, g in zip(("grad_q", "grad_k", "grad_v"), actual[1], expected[1], eager[1]):
-        assert_close(a, e, g, name)
+        assert_close(a, e, g, name, terms[name])
     return actual
 
 

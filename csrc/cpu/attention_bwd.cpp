@@ -161,11 +161,13 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
               lse_row[i] = row_lse;
               const scalar_t* do_row = do_view.row(b, h, i);
               const scalar_t* out_row = out_view.row(b, h, i);
-              T dot = 0;
+              // In double: delta's rounding is not damped by P in dS = P ∘ (dP - delta), and it
+              // is the float32 gradient's largest error where a row sees one or two keys.
+              double dot = 0;
               for (int64_t d = 0; d < s.dim_v; ++d) {
-                dot += static_cast<T>(do_row[d * do_view.stride_d]) * static_cast<T>(out_row[d * out_view.stride_d]);
+                dot += static_cast<double>(do_row[d * do_view.stride_d]) * static_cast<double>(out_row[d * out_view.stride_d]);
               }
-              delta[i] = dot;
+              delta[i] = static_cast<T>(dot);
             } else {
               lse_row[i] = std::numeric_limits<T>::infinity();
               delta[i] = 0;
