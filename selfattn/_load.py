@@ -37,9 +37,6 @@ from . import _settings
 # (loading a library built against another torch fails with an undefined-symbol error).
 BUILD_MARKER = b"selfattn-build-info:"
 
-# How far the CUDA kernels have been checked; to change once scripts/gpu_check.sh has run them.
-CUDA_STATUS = "tested in the CPU emulation; not yet run on a GPU"
-
 
 @dataclass(frozen=True)
 class BuildInfo:
@@ -63,7 +60,7 @@ class BuildInfo:
     def __str__(self) -> str:
         if self.cuda:
             archs = ", ".join(_arch_name(a) for a in (self.cuda_archs or "?").split("/"))
-            cuda = f"CUDA {self.cuda} kernels compiled for {archs}, {CUDA_STATUS}"
+            cuda = f"CUDA {self.cuda} kernels compiled for {archs}"
         elif self.cuda_toolkit_mismatch:
             toolkit, _, torch_cuda = self.cuda_toolkit_mismatch.partition("/")
             cuda = (f"no CUDA (the CUDA toolkit found is CUDA {toolkit}, torch's CUDA is {torch_cuda}: rebuild "
