@@ -94,7 +94,7 @@ def _gemma3_config():
                                          attention_dropout=0.0)
 
 
-MODELS = {  # name: (config, Auto class, attention layers per forward); the README's covered families
+MODELS = {  # name: (config, Auto class, attention layers per forward); the families docs/integrations.md lists as covered
     "llama": (_llama_config, "AutoModelForCausalLM", 2),
     "mistral": (_mistral_config, "AutoModelForCausalLM", 2),
     "gpt2": (_gpt2_config, "AutoModelForCausalLM", 2),
