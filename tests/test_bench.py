@@ -8,7 +8,6 @@ reported as skipped, not run. Speed goals live in the benchmark's numbers, not h
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -307,32 +306,6 @@ def run_script(name, *args):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
-
-
-def test_layout_script_views_are_the_layers():
-    """bench_layout's "views" are q/k/v as the fused layer sees them: heads of one packed buffer,
-    rows (3·H·D) apart, and its "contiguous" inputs hold the same values."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        bench_layout = importlib.import_module("bench_layout")
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    b, n, e, h = 2, 16, 24, 3
-    inputs = bench_layout.layouts(cases.Shape(b, n, e, h), torch.float32)
-    for i, (view, dense) in enumerate(zip(inputs["views"], inputs["contiguous"])):
-        assert view.shape == dense.shape == (b, h, n, e // h)
-        assert view.stride(2) == 3 * e and not view.is_contiguous() and dense.is_contiguous()
-        assert torch.equal(view, dense)
-        assert view.data_ptr() == inputs["views"][0].data_ptr() + i * e * view.element_size()
-
-
-def test_layout_script_runs():
-    out = run_script("bench_layout.py", "--shapes", "1x64x32x2", "--repeats", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| 1x64x32x2 |")]
-    # 2 causal x 2 modes: selfattn and sdpa rows, then the layer split.
-    assert len(rows) == 12, out
-    assert sum("| selfattn |" in r for r in rows) == 4 and sum("| sdpa |" in r for r in rows) == 4
-    assert all(r.rstrip().endswith("|") and "nan" not in r for r in rows)
 
 
 def test_bf16_script_runs(tmp_path):
