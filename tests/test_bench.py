@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn.bench import cases, impls, isa, measure, run, variants
+from selfattn.bench import cases, dropout, impls, isa, jvp, measure, overhead, run, variants
 from selfattn.bench.__main__ import main
 
 TINY = "1x32x64x2"
@@ -361,3 +362,89 @@ def test_blocking_sweep_times_each_block_and_names_the_models(capsys):
     assert torch.ops.selfattn._cpu_caches() == caches
     with pytest.raises(SystemExit, match="cannot give a query block of 20"):
         main(["--sweep", "blocking", "--rounds", "1", "--shapes", "1x2x96x32", "--blocks", "20"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The small sweeps (selfattn/bench/contest.py and its users): tiny, fast on every CPU, and each
+# checks that its ratios are the per-round ratios of the calls it names and that those calls
+# compute what the sweep says they do.
+
+
+def run_sweep(tmp_path, capsys, sweep, *args):
+    path = tmp_path / f"{sweep}.json"
+    assert main(["--sweep", sweep, "--quick", "--repeats", "2", "--threads", "1", "--json", str(path), *args]) == 0
+    return json.loads(path.read_text()), capsys.readouterr().out
+
+
+def assert_ratio(outcome, label, over, under):
+    """The reported ratio is the median (min-max) of the per-round t_over / t_under."""
+    ratios = [a / b for a, b in zip(outcome["times"][over]["times_ms"], outcome["times"][under]["times_ms"])]
+    reported = outcome["ratios"][label]
+    assert len(ratios) == 2 and reported["median"] == pytest.approx(statistics.median(ratios))
+    assert (reported["min"], reported["max"]) == pytest.approx((min(ratios), max(ratios)))
+
+
+def test_overhead_sweep_times_both_calls_in_each_grad_mode(tmp_path, capsys, monkeypatch):
+    seen, real_calls = [], overhead.calls
+
+    def recording(shape, mode):  # each call notes whether autograd was on when it ran
+        fns = real_calls(shape, mode)
+        return {name: (lambda fn=fn: seen.append((mode, torch.is_grad_enabled(), fn().shape)))
+                for name, fn in fns.items()}
+    monkeypatch.setattr(overhead, "calls", recording)
+    result, out = run_sweep(tmp_path, capsys, "overhead", "--shapes", "1x1x1x8,1x2x3x8")
+    assert [o["case"] for o in result["outcomes"]] == [f"{s} {m}" for s in ("(1, 1, 1, 8)", "(1, 2, 3, 8)")
+                                                       for m in ("no grad", "grad")]
+    for outcome in result["outcomes"]:
+        assert set(outcome["times"]) == {"selfattn", "sdpa"}
+        assert_ratio(outcome, "selfattn speedup over SDPA", "sdpa", "selfattn")
+    assert {(mode, grad) for mode, grad, _ in seen} == {("no grad", False), ("grad", True)}
+    assert {shape for _, _, shape in seen} == {(1, 1, 1, 8), (1, 2, 3, 8)}
+    assert "| (1, 2, 3, 8) grad | selfattn speedup over SDPA |" in out and "CPU flags:" in out
+
+
+@pytest.mark.parametrize("mode", overhead.MODES)
+def test_overhead_calls_are_the_same_attention(mode):
+    outs = {name: fn() for name, fn in overhead.calls((1, 2, 3, 8), mode).items()}
+    assert torch.allclose(outs["selfattn"], outs["sdpa"], atol=1e-6)
+    assert all(out.requires_grad == (mode == "grad") for out in outs.values())
+
+
+def test_dropout_sweep_reports_each_cost_and_the_speedup(tmp_path, capsys):
+    result, out = run_sweep(tmp_path, capsys, "dropout", "--shapes", "1x2x16x8", "--p", "0.25")
+    assert result["p"] == 0.25 and [o["case"] for o in result["outcomes"]] == ["(1, 2, 16, 8) fwd",
+                                                                                "(1, 2, 16, 8) fwd+bwd"]
+    for outcome in result["outcomes"]:
+        assert set(outcome["times"]) == {"selfattn p=0.0", "selfattn p=0.25", "sdpa p=0.0", "sdpa p=0.25"}
+        assert_ratio(outcome, "selfattn dropout cost, t(p) / t(0)", "selfattn p=0.25", "selfattn p=0.0")
+        assert_ratio(outcome, "SDPA dropout cost, t(p) / t(0)", "sdpa p=0.25", "sdpa p=0.0")
+        assert_ratio(outcome, "selfattn speedup over SDPA at p=0.25", "sdpa p=0.25", "selfattn p=0.25")
+    assert "selfattn speedup over SDPA at p=0.25" in out
+
+
+def test_dropout_calls_drop_at_p_only():
+    """The p calls really drop (their results differ from p = 0), the p = 0 ones agree, and fwd+bwd
+    returns the three input gradients."""
+    fwd = {name: fn() for name, fn in dropout.calls((1, 2, 16, 8), 0.5, "fwd").items()}
+    assert torch.allclose(fwd["selfattn p=0.0"], fwd["sdpa p=0.0"], atol=1e-6)
+    for name in ("selfattn p=0.5", "sdpa p=0.5"):
+        assert not torch.allclose(fwd[name], fwd["sdpa p=0.0"], atol=1e-3), name
+    grads = dropout.calls((1, 2, 16, 8), 0.5, "fwd+bwd")["selfattn p=0.0"]()
+    assert len(grads) == 3 and all(g.shape == (1, 2, 16, 8) for g in grads)
+
+
+def test_jvp_sweep_times_both_and_their_tangents_agree(tmp_path, capsys):
+    result, out = run_sweep(tmp_path, capsys, "jvp", "--shapes", "1x2x16x8")
+    assert [o["case"] for o in result["outcomes"]] == ["(1, 2, 16, 8) not causal", "(1, 2, 16, 8) causal"]
+    for outcome in result["outcomes"]:
+        assert set(outcome["times"]) == {"selfattn", "sdpa math"}
+        assert_ratio(outcome, "selfattn speedup over SDPA math", "sdpa math", "selfattn")
+        assert 0 <= outcome["extra"]["max_tangent_difference"] < 1e-4
+    assert "largest tangent difference" in out
+
+
+def test_jvp_calls_compute_a_tangent_that_depends_on_causal():
+    (out, tangent), (_, math_tangent) = (fn() for fn in jvp.calls((1, 2, 16, 8), True).values())
+    full = jvp.calls((1, 2, 16, 8), False)["selfattn"]()[1]
+    assert tangent.shape == out.shape == (1, 2, 16, 8)
+    assert torch.allclose(tangent, math_tangent, atol=1e-5) and not torch.allclose(tangent, full, atol=1e-3)

@@ -4,6 +4,7 @@ markdown report."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -21,6 +22,10 @@ from .measure import MIN_PAIRS, CpuDevice, CudaDevice
 from .report import fmt_bytes, markdown_report, write_plot
 from .run import Options, log, run_benchmark
 
+# The sweeps with a runner of their own: --sweep NAME runs selfattn/bench/NAME.py's main with the
+# other arguments (its own options: python -m selfattn.bench --sweep NAME --help).
+RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp")
+
 DESCRIPTION = """\
 Times selfattn against PyTorch's attention: the attention core (selfattn.attention vs SDPA) and the
 whole layer (the tutorial's module, eager, F.linear + SDPA, nn.MultiheadAttention, selfattn's
@@ -32,7 +37,10 @@ the targets sweep once per instruction-set cap this CPU can run, both sides capp
 (selfattn/bench/isa.py: --caps, and the options below). --sweep blocking times the CPU forward at
 each query block the cache model could choose (selfattn/bench/blocking.py). --sweep masks
 times the masked variants (padding, varlen, GQA, sliding window, random mask), each against selfattn
-without the variant and SDPA given the same inputs."""
+without the variant and SDPA given the same inputs. Sweeps with options of their own (--sweep NAME
+--help): --sweep overhead times the per-call cost on tiny inputs against SDPA; --sweep dropout
+what dropout costs selfattn and SDPA; --sweep jvp forward mode (torch.func.jvp) against SDPA's
+math backend."""
 
 
 def _sweeps_help() -> str:
@@ -55,7 +63,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m selfattn.bench", description=DESCRIPTION, epilog=_sweeps_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="shape sweep (default: 'default'; "
+    p.add_argument("--sweep", choices=sorted(SWEEPS) + sorted(RUNNERS), default=None, help="shape sweep (default: 'default'; "
                    "'quick' with --quick; 'fa': FlashAttention's shapes, bf16, core, fwd and bwd; 'masks': "
                    "the masked variants, each against selfattn without it and SDPA with it)")
     p.add_argument("--quick", action="store_true", help="small sweep, short samples (tests, GPU checks)")
@@ -136,8 +144,7 @@ def _make_device(args: argparse.Namespace):
 
 
 def _runner_argv(argv: List[str], sweep: str) -> Optional[List[str]]:
-    """The remaining arguments when the sweep is one with a runner of its own ('decode':
-    selfattn/bench/decode.py; 'isa': selfattn/bench/isa.py; 'blocking': selfattn/bench/blocking.py), else None."""
+    """The remaining arguments when the sweep is `sweep`, else None."""
     for i, arg in enumerate(argv):
         if arg == f"--sweep={sweep}" or (arg == "--sweep" and argv[i + 1:i + 2] == [sweep]):
             return argv[:i] + argv[i + (1 if "=" in arg else 2):]
@@ -146,18 +153,10 @@ def _runner_argv(argv: List[str], sweep: str) -> Optional[List[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    decode_argv = _runner_argv(argv, "decode")
-    if decode_argv is not None:
-        from selfattn.bench import decode
-        return decode.main(decode_argv)
-    blocking_argv = _runner_argv(argv, "blocking")
-    if blocking_argv is not None:
-        from selfattn.bench import blocking
-        return blocking.main(blocking_argv)
-    isa_argv = _runner_argv(argv, "isa")
-    if isa_argv is not None:
-        from selfattn.bench import isa
-        return isa.main(isa_argv)
+    for sweep in RUNNERS:
+        rest = _runner_argv(argv, sweep)
+        if rest is not None:
+            return importlib.import_module(f"selfattn.bench.{sweep}").main(rest)
     args = parse_args(argv)
     dev = _make_device(args)
     opts, sweep = make_options(args, dev)
