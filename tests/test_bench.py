@@ -12,15 +12,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import selfattn
-from selfattn.bench import cases, dropout, impls, isa, jvp, measure, overhead, run, variants
+from selfattn.bench import bf16, cases, dropout, impls, isa, jvp, measure, overhead, run, variants
 from selfattn.bench.__main__ import main
 
 TINY = "1x32x64x2"
@@ -294,33 +291,6 @@ def test_masks_visible_pairs():
     assert [v.shape[2] for v in variants.unpack_views(packed, case)] == list(lengths)
 
 
-# ---------------------------------------------------------------------------------------
-# The stand-alone scripts behind BENCHMARKS.md's tables: they run, and they time what they say.
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def run_script(name, *args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SCRIPTS.parent), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def test_bf16_script_runs(tmp_path):
-    path = tmp_path / "bf16.json"
-    out = run_script("bench_bf16.py", "--shapes", "1x64x32x2", "--repeats", "1", "--levels", "core",
-                     "--gemm-size", "128", "--json", str(path))
-    assert "bf16 tile GEMMs" in out.splitlines()[0]
-    results = json.loads(path.read_text())["results"]
-    assert {(r["causal"], r["mode"]) for r in results} == {(c, m) for c in (False, True) for m in ("fwd", "fwd+bwd")}
-    for row in results:
-        assert set(row["speedup"]) >= {"sdpa-bf16", "selfattn-fp32"}
-        assert all(v > 0 and math.isfinite(v) for ratios in row["speedup"].values() for v in ratios)
-
-
 @pytest.mark.skipif(not isa.cpu_flags(), reason="no /proc/cpuinfo flags to tell the caps this CPU can run")
 def test_isa_sweep_caps_both_sides_and_says_what_ran(tmp_path, capsys):
     """--sweep isa with the baseline cap (every x86-64 CPU runs it): the probe finds ATen and
@@ -448,3 +418,53 @@ def test_jvp_calls_compute_a_tangent_that_depends_on_causal():
     full = jvp.calls((1, 2, 16, 8), False)["selfattn"]()[1]
     assert tangent.shape == out.shape == (1, 2, 16, 8)
     assert torch.allclose(tangent, math_tangent, atol=1e-5) and not torch.allclose(tangent, full, atol=1e-3)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["no bf16 arithmetic", "bf16 arithmetic"])
+def test_bf16_sweep_rows_probes_and_skips(tmp_path, capsys, monkeypatch, native):
+    """Every row against selfattn-bf16, the probes at the size asked for; without bf16 arithmetic
+    (as on this CPU or pretended) the same-code rows, the bf16 matmul probe and, in --quick, the
+    layer level are skipped and the output says so. (Pretending bf16 arithmetic only adds rows:
+    they run the float32 path where the CPU has none.)"""
+    monkeypatch.setattr(bf16, "bf16_arithmetic", lambda: native)
+    size = ["--gemm-size", "64"] if native else []  # without: --quick's own size (a bf16 matmul would be slow)
+    result, out = run_sweep(tmp_path, capsys, "bf16", "--shapes", "1x32x32x2", *size)
+    assert result["gemm_size"] == (64 if native else bf16.QUICK_GEMM_SIZE) and result["bf16_arithmetic"] == native
+    assert result["levels"] == (["core", "layer"] if native else ["core"])
+    assert len(result["outcomes"]) == len(result["levels"]) * 4
+    other = f"selfattn-bf16 ({bf16.other_tile_gemm()})"
+    rows = {"selfattn-bf16", "sdpa-bf16", "selfattn-fp32"} | ({other, "selfattn-bf16 (fp32 path)"} if native else set())
+    probes = {f"sgemm {result['gemm_size']}³"} | ({"bf16 matmul 64³"} if native else set())
+    for outcome in result["outcomes"]:
+        assert set(outcome["times"]) == rows | probes, outcome["case"]
+        for name in rows - {"selfattn-bf16"}:
+            assert_ratio(outcome, f"selfattn-bf16 speedup over {name}", name, "selfattn-bf16")
+        assert {f"% of {p}" for p in probes} | {"selfattn-bf16 GFLOP/s"} == set(outcome["extra"])
+    assert ("no bf16 arithmetic" in out and "layer level are not timed" in out) != native
+
+
+def test_bf16_calls_run_their_dtype_and_settings(monkeypatch):
+    """Each row computes attention in its dtype, with its settings in force during the call."""
+    seen = []
+    real = selfattn.attention
+
+    def recording(*args, **kwargs):
+        seen.append((args[0].dtype, os.environ.get("SELFATTN_BF16_KERNELS"), os.environ.get("SELFATTN_BF16_GEMM")))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(selfattn, "attention", recording)
+    monkeypatch.delenv("SELFATTN_BF16_KERNELS", raising=False)
+    monkeypatch.delenv("SELFATTN_BF16_GEMM", raising=False)
+    fns = bf16.calls(cases.Shape(1, 32, 32, 2), True, "core", "fwd", native=True)
+    outs = {}
+    for name, fn in fns.items():
+        seen.clear()
+        outs[name] = fn()
+        assert seen or name == "sdpa-bf16", name
+        dtype, kernels, gemm = seen[0] if seen else (None, None, None)
+        assert (dtype, kernels, gemm) == {
+            "selfattn-bf16": (torch.bfloat16, None, None), "selfattn-fp32": (torch.float32, None, None),
+            "selfattn-bf16 (fp32 path)": (torch.bfloat16, "0", None), "sdpa-bf16": (None, None, None),
+            f"selfattn-bf16 ({bf16.other_tile_gemm()})": (torch.bfloat16, None, bf16.other_tile_gemm())}[name], name
+    assert outs["selfattn-bf16"].dtype == outs["sdpa-bf16"].dtype == torch.bfloat16
+    assert torch.allclose(outs["selfattn-bf16"].float(), outs["sdpa-bf16"].float(), atol=3e-2)
+    assert "SELFATTN_BF16_KERNELS" not in os.environ  # restored

@@ -24,7 +24,7 @@ from .run import Options, log, run_benchmark
 
 # The sweeps with a runner of their own: --sweep NAME runs selfattn/bench/NAME.py's main with the
 # other arguments (its own options: python -m selfattn.bench --sweep NAME --help).
-RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp")
+RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp", "bf16")
 
 DESCRIPTION = """\
 Times selfattn against PyTorch's attention: the attention core (selfattn.attention vs SDPA) and the
@@ -40,7 +40,8 @@ times the masked variants (padding, varlen, GQA, sliding window, random mask), e
 without the variant and SDPA given the same inputs. Sweeps with options of their own (--sweep NAME
 --help): --sweep overhead times the per-call cost on tiny inputs against SDPA; --sweep dropout
 what dropout costs selfattn and SDPA; --sweep jvp forward mode (torch.func.jvp) against SDPA's
-math backend."""
+math backend; --sweep bf16 selfattn's bf16 kernels against SDPA-bf16 and its own other paths
+(without bf16 arithmetic on the CPU: fewer rows, said in the output)."""
 
 
 def _sweeps_help() -> str:

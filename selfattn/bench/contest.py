@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,3 +138,19 @@ def with_backward(forward: Callable[..., torch.Tensor], inputs: Sequence[torch.T
                   grad_out: torch.Tensor) -> Callable[[], Tuple[torch.Tensor, ...]]:
     """forward(*inputs), then the gradients of the inputs (autograd.grad: nothing accumulates)."""
     return lambda: torch.autograd.grad(forward(*inputs), inputs, grad_out)
+
+
+def with_settings(fn: Callable[[], object], **settings: str) -> Callable[[], object]:
+    """fn run with these environment settings (read per call by the kernels), restored after."""
+    def run():
+        before = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            return fn()
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return run
