@@ -18,6 +18,7 @@ import torch
 
 import selfattn
 from selfattn.bench import bf16, cases, dropout, impls, isa, jvp, measure, overhead, run, variants
+from selfattn.bench import __main__ as bench_main
 from selfattn.bench.__main__ import main
 
 TINY = "1x32x64x2"
@@ -75,6 +76,24 @@ def test_quick_run_structure(tmp_path, capsys):
     except ImportError:
         return
     assert (tmp_path / "out.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["no bf16 arithmetic", "bf16 arithmetic"])
+def test_quick_leaves_bf16_out_where_the_cpu_has_no_bf16_arithmetic(tmp_path, capsys, monkeypatch, native):
+    """--quick runs the sweep's bfloat16 cases only on a CPU with bf16 arithmetic (pretended here
+    either way), and says when it skipped them; --dtype bfloat16 runs them anyway."""
+    monkeypatch.setattr(bench_main, "bf16_arithmetic", lambda: native)
+    path = tmp_path / "out.json"
+    tiny = ["--quick", "--shapes", TINY, "--causal", "yes", "--level", "core", "--modes", "fwd", "--repeats", "2",
+            "--threads", "1", "--no-memory", "--no-plot", "--json", str(path)]
+    assert main(tiny) == 0
+    out = capsys.readouterr().out
+    assert {r["case"]["dtype"] for r in json.loads(path.read_text())["records"]} == (
+        {"float32", "bfloat16"} if native else {"float32"})
+    assert ("--quick skips bfloat16: this CPU" in out and "no bf16 arithmetic" in out) != native
+    assert main(tiny + ["--dtype", "bfloat16"]) == 0
+    assert {r["case"]["dtype"] for r in json.loads(path.read_text())["records"]} == {"bfloat16"}
+    assert "--quick skips" not in capsys.readouterr().out
 
 
 def budget_between(case: cases.Case) -> float:
@@ -468,3 +487,4 @@ def test_bf16_calls_run_their_dtype_and_settings(monkeypatch):
     assert outs["selfattn-bf16"].dtype == outs["sdpa-bf16"].dtype == torch.bfloat16
     assert torch.allclose(outs["selfattn-bf16"].float(), outs["sdpa-bf16"].float(), atol=3e-2)
     assert "SELFATTN_BF16_KERNELS" not in os.environ  # restored
+

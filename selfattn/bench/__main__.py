@@ -17,6 +17,7 @@ import torch
 import selfattn
 
 from .cases import DTYPE_ALIASES, DTYPES, GIB, LEVELS, MASKS_LEVEL, MODES, SWEEPS, Case, Sweep, parse_shapes
+from .contest import bf16_arithmetic, no_bf16_note
 from .impls import IMPLEMENTATIONS
 from .measure import MIN_PAIRS, CpuDevice, CudaDevice
 from .report import fmt_bytes, markdown_report, write_plot
@@ -67,7 +68,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--sweep", choices=sorted(SWEEPS) + sorted(RUNNERS), default=None, help="shape sweep (default: 'default'; "
                    "'quick' with --quick; 'fa': FlashAttention's shapes, bf16, core, fwd and bwd; 'masks': "
                    "the masked variants, each against selfattn without it and SDPA with it)")
-    p.add_argument("--quick", action="store_true", help="small sweep, short samples (tests, GPU checks)")
+    p.add_argument("--quick", action="store_true", help="small sweep, short samples (tests, GPU checks); on a CPU "
+                   "without bf16 arithmetic, float32 only unless --dtype says otherwise")
     p.add_argument("--shapes", type=parse_shapes, default=None, help="BxNxExH[,...], e.g. 8x512x512x8 (overrides the sweep)")
     p.add_argument("--dtype", default=None, help="comma-separated: float32,bfloat16,float16 (default: the sweep's)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
@@ -95,9 +97,18 @@ def _dtype_names(text: str) -> Tuple[str, ...]:
     return names
 
 
+def quick_skips_bf16(sweep: Sweep, args: argparse.Namespace) -> bool:
+    """--quick without --dtype leaves bfloat16 out where the CPU has no bf16 arithmetic (a bf16 layer
+    cell there takes minutes in ATen's GEMMs), unless bfloat16 is all the sweep runs."""
+    return (args.quick and not args.dtype and "bfloat16" in sweep.dtypes and len(sweep.dtypes) > 1
+            and args.device == "cpu" and not bf16_arithmetic())
+
+
 def _cases(sweep: Sweep, args: argparse.Namespace) -> List[Case]:
     shapes = args.shapes or sweep.shapes
     dtypes = _dtype_names(args.dtype) if args.dtype else sweep.dtypes
+    if quick_skips_bf16(sweep, args):
+        dtypes = tuple(d for d in dtypes if d != "bfloat16")
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     if sweep.cases:  # its own cases: --shapes and --dtype replace theirs, --causal picks among them
         return [replace(case, shape=shape, dtype=dtype) for case in sweep.cases if case.causal in causals
@@ -164,7 +175,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"{dev.describe()}; torch {torch.__version__}; {selfattn.build_info()}; "
         f"{len(opts.cases)} cases × {len(opts.levels)} levels, modes {', '.join(opts.modes)}, "
         f"memory budget {fmt_bytes(opts.budget)}")
-    result = run_benchmark(opts, dev, sweep.note if not args.shapes else "")
+    note = sweep.note if not args.shapes else ""
+    if quick_skips_bf16(sweep, args):
+        skipped = f"--quick skips bfloat16: {no_bf16_note()} (--dtype bfloat16 runs it anyway)"
+        log(skipped)
+        note = f"{note}; {skipped}" if note else skipped
+    result = run_benchmark(opts, dev, note)
     json_path = args.json or Path("bench_results") / f"bench-{dev.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result.to_json(), indent=1))
