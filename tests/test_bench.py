@@ -12,6 +12,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -488,3 +490,35 @@ def test_bf16_calls_run_their_dtype_and_settings(monkeypatch):
     assert torch.allclose(outs["selfattn-bf16"].float(), outs["sdpa-bf16"].float(), atol=3e-2)
     assert "SELFATTN_BF16_KERNELS" not in os.environ  # restored
 
+
+def test_transformers_sweep_says_it_needs_transformers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # an import of it raises ImportError
+    with pytest.raises(SystemExit, match="needs Hugging Face transformers, which is not installed"):
+        main(["--sweep", "transformers", "--quick"])
+
+
+def test_import_selfattn_and_its_benchmark_never_import_transformers():
+    code = ("import sys, selfattn, selfattn.bench.__main__, selfattn.bench.transformers; "
+            "assert 'transformers' not in sys.modules, 'imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=measure.child_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_transformers_sweep_times_both_models(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    from selfattn.bench import transformers as hf_sweep
+    monkeypatch.setattr(hf_sweep, "QUICK", {"batch": 2, "seq": 16, "layers": 1})
+    sdpa, ours = hf_sweep.models(hf_sweep.QUICK, torch.float32)
+    assert (sdpa.config._attn_implementation, ours.config._attn_implementation) == ("sdpa", "selfattn")
+    for padded in (False, True):
+        batch = hf_sweep.inputs(hf_sweep.QUICK, padded)
+        with torch.no_grad():
+            expected, got = (hf_sweep.step(m.eval(), batch, "forward")() for m in (sdpa, ours))
+        real = batch["attention_mask"].bool()
+        assert torch.allclose(got[real], expected[real], atol=1e-4)
+    result, out = run_sweep(tmp_path, capsys, "transformers")
+    assert [o["case"] for o in result["outcomes"]] == [f"{p} {m}" for p in ("unpadded (is_causal)", "left-padded (mask)")
+                                                       for m in ("forward", "forward+backward")]
+    for outcome in result["outcomes"]:
+        assert set(outcome["times"]) == {"sdpa", "selfattn"}
+        assert_ratio(outcome, "selfattn speedup over sdpa", "sdpa", "selfattn")

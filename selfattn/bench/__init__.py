@@ -71,7 +71,8 @@ Layout:
 * the sweeps with options of their own (``--sweep NAME``, ``__main__.RUNNERS``): ``decode.py``,
   ``blocking.py``, ``isa.py``; and those that time a few named calls against a baseline through
   ``contest.py`` (common options, interleaved rounds by ``measure.py``, ratios, table, JSON):
-  ``overhead.py``, ``dropout.py``, ``jvp.py``, ``bf16.py``;
+  ``overhead.py``, ``dropout.py``, ``jvp.py``, ``bf16.py``, ``transformers.py`` (imports transformers
+  only when run);
 * ``__main__.py``: the command line. The /proc and libc readers are in ``selfattn/_system.py``.
 
 Adding to it:

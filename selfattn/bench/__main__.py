@@ -25,7 +25,7 @@ from .run import Options, log, run_benchmark
 
 # The sweeps with a runner of their own: --sweep NAME runs selfattn/bench/NAME.py's main with the
 # other arguments (its own options: python -m selfattn.bench --sweep NAME --help).
-RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp", "bf16")
+RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp", "bf16", "transformers")
 
 DESCRIPTION = """\
 Times selfattn against PyTorch's attention: the attention core (selfattn.attention vs SDPA) and the
@@ -42,7 +42,8 @@ without the variant and SDPA given the same inputs. Sweeps with options of their
 --help): --sweep overhead times the per-call cost on tiny inputs against SDPA; --sweep dropout
 what dropout costs selfattn and SDPA; --sweep jvp forward mode (torch.func.jvp) against SDPA's
 math backend; --sweep bf16 selfattn's bf16 kernels against SDPA-bf16 and its own other paths
-(without bf16 arithmetic on the CPU: fewer rows, said in the output)."""
+(without bf16 arithmetic on the CPU: fewer rows, said in the output); --sweep transformers a Hugging
+Face Llama under attn_implementation "selfattn" against "sdpa" (needs transformers)."""
 
 
 def _sweeps_help() -> str:
