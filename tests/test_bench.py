@@ -491,6 +491,29 @@ def test_bf16_calls_run_their_dtype_and_settings(monkeypatch):
     assert "SELFATTN_BF16_KERNELS" not in os.environ  # restored
 
 
+def test_ring_sweep_runs_each_world_size_with_its_allocator_settings(tmp_path, capsys):
+    """--sweep ring starts W ranks per world size; each reports a peak per rank that holds at least
+    the three input gradients it made, under the fixed mmap threshold and one thread."""
+    path = tmp_path / "ring.json"
+    assert main(["--sweep", "ring", "--world-sizes", "1,2", "--seq", "512", "--heads", "4", "--repeats", "2",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    runs = json.loads(path.read_text())["runs"]
+    assert [r["world"] for r in runs] == [1, 2] and [r["rows_per_rank"] for r in runs] == [512, 256]
+    for run_ in runs:
+        assert run_["rank_env"] == {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+        assert len(run_["peak_bytes"]) == run_["world"] and len(run_["wall_s"]) == 2
+        gradients = run_["input_bytes_per_rank"]  # dq, dk, dv: as large as q, k, v
+        assert all(median >= gradients and peak >= median for median, peak in run_["peak_bytes"]), run_
+        assert run_["cpu_s_all_ranks"] > 0 and all(t > 0 for t in run_["wall_s"])
+    assert out.count("| 1 | 512 |") == 1 and out.count("| 2 | 256 |") == 1 and "MALLOC_MMAP_THRESHOLD_=65536" in out
+
+
+def test_ring_sweep_refuses_a_length_the_zigzag_cannot_split():
+    with pytest.raises(SystemExit, match="zigzag"):
+        main(["--sweep", "ring", "--world-sizes", "4", "--seq", "100"])
+
+
 def test_transformers_sweep_says_it_needs_transformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # an import of it raises ImportError
     with pytest.raises(SystemExit, match="needs Hugging Face transformers, which is not installed"):

@@ -25,7 +25,7 @@ from .run import Options, log, run_benchmark
 
 # The sweeps with a runner of their own: --sweep NAME runs selfattn/bench/NAME.py's main with the
 # other arguments (its own options: python -m selfattn.bench --sweep NAME --help).
-RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp", "bf16", "transformers")
+RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp", "bf16", "transformers", "ring")
 
 DESCRIPTION = """\
 Times selfattn against PyTorch's attention: the attention core (selfattn.attention vs SDPA) and the
@@ -43,7 +43,8 @@ without the variant and SDPA given the same inputs. Sweeps with options of their
 what dropout costs selfattn and SDPA; --sweep jvp forward mode (torch.func.jvp) against SDPA's
 math backend; --sweep bf16 selfattn's bf16 kernels against SDPA-bf16 and its own other paths
 (without bf16 arithmetic on the CPU: fewer rows, said in the output); --sweep transformers a Hugging
-Face Llama under attn_implementation "selfattn" against "sdpa" (needs transformers)."""
+Face Llama under attn_implementation "selfattn" against "sdpa" (needs transformers); --sweep ring
+the per-rank peak memory and time of ring attention at world sizes 1, 2, 4 (it starts the ranks)."""
 
 
 def _sweeps_help() -> str:
