@@ -177,8 +177,9 @@ for tool in memcheck racecheck; do
   fi
   reserve=$([[ $tool == memcheck ]] && echo 60 || echo 10)
   # No caching allocator: each tensor its own cudaMalloc, so an access past a tensor's end is
-  # caught by memcheck instead of landing in a neighbouring block of the pool.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(allow 120 $reserve)" "$SANITIZER" --tool "$tool" \
+  # caught by memcheck instead of landing in a neighbouring block of the pool. PYTHONPATH: the
+  # tree's selfattn, built in place (a script's own folder, not the root, starts its sys.path).
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(allow 120 $reserve)" "$SANITIZER" --tool "$tool" \
     --error-exitcode 99 $PYTHON scripts/sanitize_case.py >"$LOGS/sanitizer_$tool.log" 2>&1
   rc=$?
   tail -6 "$LOGS/sanitizer_$tool.log"

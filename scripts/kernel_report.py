@@ -24,8 +24,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: csrc/ and selfattn/_settings.py
 
 
 def nvcc_command(source: Path, obj: Path, archs: list[str]) -> list[str]:

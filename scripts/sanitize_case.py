@@ -3,6 +3,8 @@
     compute-sanitizer --tool memcheck  python scripts/sanitize_case.py
     compute-sanitizer --tool racecheck python scripts/sanitize_case.py
 
+(scripts/gpu_check.sh runs both.) It imports the installed selfattn, or with PYTHONPATH=. the tree's.
+
 Covers each tiled configuration's code paths in miniature: every head-dim bucket, float32 /
 float16 / bfloat16 and the float64 kernels, causal and not, partial blocks, Nq != Nk, D != Dv,
 element-wise (odd head dim, sliced) and vector (aligned) accesses, and the fused layer; and the
@@ -13,13 +15,9 @@ Sizes are small because the tools slow kernels down by orders of magnitude.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import selfattn  # noqa: E402
+import selfattn
 
 ops = torch.ops.selfattn
 

@@ -121,7 +121,7 @@ def _check_sanitizer_runtime() -> None:
     if not hasattr(ctypes.CDLL(None), "__asan_init"):
         raise ImportError(
             "selfattn: this is a sanitizer build (SELFATTN_SANITIZE=1); run Python with "
-            "LD_PRELOAD=$(gcc -print-file-name=libasan.so) (scripts/sanitize_tests.sh does).")
+            "LD_PRELOAD=$(gcc -print-file-name=libasan.so) (.ci/sanitize_tests.sh does).")
 
 
 def _load_compiled(spec) -> BuildInfo:

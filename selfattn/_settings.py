@@ -61,7 +61,7 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 # The oldest torch release the C++ sources compile against and the Python side runs on; CI builds
-# and tests both ends (scripts/test_floor_torch.sh: this one; .ci/run: the newest). Kept equal to
+# and tests both ends (.ci/test_floor_torch.sh: this one; .ci/run: the newest). Kept equal to
 # the torch floor in requirements.txt and pyproject.toml.
 TORCH_FLOOR = (2, 6)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import selfattn
 from tests.common import ALL_DTYPES, assert_close, attention_with_grads, eager_attention, sample_inputs
 
-# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+# Also run against the oldest supported torch (.ci/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 # (B, H, Nq, Nk, D, Dv): N not only multiples of the 64-wide blocks, Nq != Nk both ways, D != Dv.

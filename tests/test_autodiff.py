@@ -28,7 +28,7 @@ import selfattn
 from selfattn import _vmap
 from tests.common import assert_close, eager_attention, sample_inputs
 
-# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+# Also run against the oldest supported torch (.ci/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 f64 = torch.float64

@@ -2,25 +2,22 @@
 
 They run its --quick path on tiny shapes with few rounds and a small GEMM, check the JSON and the
 table, and check that an implementation whose estimated peak memory exceeds the budget is
-reported as skipped, not run. Speed goals live in the benchmark's numbers, not here.
+reported as skipped, not run. Speed goals live in the benchmark's numbers, not here. The sweeps
+with options of their own built on contest.py, and the ring sweep: tests/test_bench_sweeps.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import selfattn
 from selfattn.bench import cases, impls, isa, measure, run, variants
+from selfattn.bench import __main__ as bench_main
 from selfattn.bench.__main__ import main
 
 TINY = "1x32x64x2"
@@ -78,6 +75,24 @@ def test_quick_run_structure(tmp_path, capsys):
     except ImportError:
         return
     assert (tmp_path / "out.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["no bf16 arithmetic", "bf16 arithmetic"])
+def test_quick_leaves_bf16_out_where_the_cpu_has_no_bf16_arithmetic(tmp_path, capsys, monkeypatch, native):
+    """--quick runs the sweep's bfloat16 cases only on a CPU with bf16 arithmetic (pretended here
+    either way), and says when it skipped them; --dtype bfloat16 runs them anyway."""
+    monkeypatch.setattr(bench_main, "bf16_arithmetic", lambda: native)
+    path = tmp_path / "out.json"
+    tiny = ["--quick", "--shapes", TINY, "--causal", "yes", "--level", "core", "--modes", "fwd", "--repeats", "2",
+            "--threads", "1", "--no-memory", "--no-plot", "--json", str(path)]
+    assert main(tiny) == 0
+    out = capsys.readouterr().out
+    assert {r["case"]["dtype"] for r in json.loads(path.read_text())["records"]} == (
+        {"float32", "bfloat16"} if native else {"float32"})
+    assert ("--quick skips bfloat16: this CPU" in out and "no bf16 arithmetic" in out) != native
+    assert main(tiny + ["--dtype", "bfloat16"]) == 0
+    assert {r["case"]["dtype"] for r in json.loads(path.read_text())["records"]} == {"bfloat16"}
+    assert "--quick skips" not in capsys.readouterr().out
 
 
 def budget_between(case: cases.Case) -> float:
@@ -294,59 +309,6 @@ def test_masks_visible_pairs():
     assert [v.shape[2] for v in variants.unpack_views(packed, case)] == list(lengths)
 
 
-# ---------------------------------------------------------------------------------------
-# The stand-alone scripts behind BENCHMARKS.md's tables: they run, and they time what they say.
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def run_script(name, *args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SCRIPTS.parent), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def test_layout_script_views_are_the_layers():
-    """bench_layout's "views" are q/k/v as the fused layer sees them: heads of one packed buffer,
-    rows (3·H·D) apart, and its "contiguous" inputs hold the same values."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        bench_layout = importlib.import_module("bench_layout")
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    b, n, e, h = 2, 16, 24, 3
-    inputs = bench_layout.layouts(cases.Shape(b, n, e, h), torch.float32)
-    for i, (view, dense) in enumerate(zip(inputs["views"], inputs["contiguous"])):
-        assert view.shape == dense.shape == (b, h, n, e // h)
-        assert view.stride(2) == 3 * e and not view.is_contiguous() and dense.is_contiguous()
-        assert torch.equal(view, dense)
-        assert view.data_ptr() == inputs["views"][0].data_ptr() + i * e * view.element_size()
-
-
-def test_layout_script_runs():
-    out = run_script("bench_layout.py", "--shapes", "1x64x32x2", "--repeats", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| 1x64x32x2 |")]
-    # 2 causal x 2 modes: selfattn and sdpa rows, then the layer split.
-    assert len(rows) == 12, out
-    assert sum("| selfattn |" in r for r in rows) == 4 and sum("| sdpa |" in r for r in rows) == 4
-    assert all(r.rstrip().endswith("|") and "nan" not in r for r in rows)
-
-
-def test_bf16_script_runs(tmp_path):
-    path = tmp_path / "bf16.json"
-    out = run_script("bench_bf16.py", "--shapes", "1x64x32x2", "--repeats", "1", "--levels", "core",
-                     "--gemm-size", "128", "--json", str(path))
-    assert "bf16 tile GEMMs" in out.splitlines()[0]
-    results = json.loads(path.read_text())["results"]
-    assert {(r["causal"], r["mode"]) for r in results} == {(c, m) for c in (False, True) for m in ("fwd", "fwd+bwd")}
-    for row in results:
-        assert set(row["speedup"]) >= {"sdpa-bf16", "selfattn-fp32"}
-        assert all(v > 0 and math.isfinite(v) for ratios in row["speedup"].values() for v in ratios)
-
-
 @pytest.mark.skipif(not isa.cpu_flags(), reason="no /proc/cpuinfo flags to tell the caps this CPU can run")
 def test_isa_sweep_caps_both_sides_and_says_what_ran(tmp_path, capsys):
     """--sweep isa with the baseline cap (every x86-64 CPU runs it): the probe finds ATen and
@@ -388,3 +350,4 @@ def test_blocking_sweep_times_each_block_and_names_the_models(capsys):
     assert torch.ops.selfattn._cpu_caches() == caches
     with pytest.raises(SystemExit, match="cannot give a query block of 20"):
         main(["--sweep", "blocking", "--rounds", "1", "--shapes", "1x2x96x32", "--blocks", "20"])
+

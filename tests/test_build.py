@@ -1,6 +1,6 @@
 """Which build the tests run against, and how the loader reports the builds it cannot use. All but
 the JIT build's test (minutes of compiling) also run against the oldest supported torch
-(`floor`: scripts/test_floor_torch.sh)."""
+(`floor`: .ci/test_floor_torch.sh)."""
 
 import os
 import subprocess

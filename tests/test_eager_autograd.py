@@ -11,7 +11,7 @@ import selfattn
 from selfattn._op_table import OPS
 from tests.common import sample_inputs
 
-# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+# Also run against the oldest supported torch (.ci/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 ops = torch.ops.selfattn

@@ -18,7 +18,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 import selfattn
 from tests.common import ALL_DTYPES, assert_close, gradient_terms
 
-# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+# Also run against the oldest supported torch (.ci/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 ops = torch.ops.selfattn

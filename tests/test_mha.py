@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import selfattn
 from tests.common import FACTOR, FLOOR, max_error
 
-# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+# Also run against the oldest supported torch (.ci/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 F64 = torch.float64

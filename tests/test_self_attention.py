@@ -9,7 +9,7 @@ from torch import nn
 import selfattn
 from tests.common import ALL_DTYPES, assert_close, eager_attention
 
-# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+# Also run against the oldest supported torch (.ci/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 PARTS = ("query", "key", "value")

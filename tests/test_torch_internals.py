@@ -11,7 +11,7 @@ import torch
 
 from selfattn import _torch_internals
 
-# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+# Also run against the oldest supported torch (.ci/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 PACKAGE = Path(_torch_internals.__file__).resolve().parent

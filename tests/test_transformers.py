@@ -8,8 +8,8 @@ in most families, so a left-padded row that sees no key is NaN there and spreads
 except where 4.57's sdpa lacks the layer's math (ORACLE_EAGER). Models whose attention selfattn does not implement (GPT-OSS's
 sinks, Gemma 2's softcap) must be refused at their first forward, and every keyword the installed
 release's layers pass must be one the backend knows. The attention function itself is checked against an explicit
-float64 softmax with a dense mask built here. Skipped without transformers; scripts/
-test_transformers.sh runs this file against 4.57.x and the newest 5.x.
+float64 softmax with a dense mask built here. Skipped without transformers;
+.ci/test_transformers.sh runs this file against 4.57.x and the newest 5.x.
 """
 
 import copy

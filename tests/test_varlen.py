@@ -16,7 +16,7 @@ import torch
 import selfattn
 from tests.common import ALL_DTYPES, assert_close
 
-# Also run against the oldest supported torch (scripts/test_floor_torch.sh).
+# Also run against the oldest supported torch (.ci/test_floor_torch.sh).
 pytestmark = pytest.mark.floor
 
 ops = torch.ops.selfattn

@@ -68,6 +68,11 @@ Layout:
 * ``run.py``: the run loop, a ``records.Record`` per (case, level, implementation);
 * ``records.py``: the dataclasses a run produces; the JSON file is them as dicts;
 * ``report.py``: the markdown tables (the summaries share one builder) and the plot;
+* the sweeps with options of their own (``--sweep NAME``, ``__main__.RUNNERS``): ``decode.py``,
+  ``blocking.py``, ``isa.py``, ``ring.py`` (starts its own ranks); and those that time a few named calls against a baseline through
+  ``contest.py`` (common options, interleaved rounds by ``measure.py``, ratios, table, JSON):
+  ``overhead.py``, ``dropout.py``, ``jvp.py``, ``bf16.py``, ``transformers.py`` (imports transformers
+  only when run);
 * ``__main__.py``: the command line. The /proc and libc readers are in ``selfattn/_system.py``.
 
 Adding to it:

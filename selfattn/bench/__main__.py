@@ -4,6 +4,7 @@ markdown report."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -16,10 +17,15 @@ import torch
 import selfattn
 
 from .cases import DTYPE_ALIASES, DTYPES, GIB, LEVELS, MASKS_LEVEL, MODES, SWEEPS, Case, Sweep, parse_shapes
+from .contest import bf16_arithmetic, no_bf16_note
 from .impls import IMPLEMENTATIONS
 from .measure import MIN_PAIRS, CpuDevice, CudaDevice
 from .report import fmt_bytes, markdown_report, write_plot
 from .run import Options, log, run_benchmark
+
+# The sweeps with a runner of their own: --sweep NAME runs selfattn/bench/NAME.py's main with the
+# other arguments (its own options: python -m selfattn.bench --sweep NAME --help).
+RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp", "bf16", "transformers", "ring")
 
 DESCRIPTION = """\
 Times selfattn against PyTorch's attention: the attention core (selfattn.attention vs SDPA) and the
@@ -32,7 +38,13 @@ the targets sweep once per instruction-set cap this CPU can run, both sides capp
 (selfattn/bench/isa.py: --caps, and the options below). --sweep blocking times the CPU forward at
 each query block the cache model could choose (selfattn/bench/blocking.py). --sweep masks
 times the masked variants (padding, varlen, GQA, sliding window, random mask), each against selfattn
-without the variant and SDPA given the same inputs."""
+without the variant and SDPA given the same inputs. Sweeps with options of their own (--sweep NAME
+--help): --sweep overhead times the per-call cost on tiny inputs against SDPA; --sweep dropout
+what dropout costs selfattn and SDPA; --sweep jvp forward mode (torch.func.jvp) against SDPA's
+math backend; --sweep bf16 selfattn's bf16 kernels against SDPA-bf16 and its own other paths
+(without bf16 arithmetic on the CPU: fewer rows, said in the output); --sweep transformers a Hugging
+Face Llama under attn_implementation "selfattn" against "sdpa" (needs transformers); --sweep ring
+the per-rank peak memory and time of ring attention at world sizes 1, 2, 4 (it starts the ranks)."""
 
 
 def _sweeps_help() -> str:
@@ -55,10 +67,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m selfattn.bench", description=DESCRIPTION, epilog=_sweeps_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="shape sweep (default: 'default'; "
+    p.add_argument("--sweep", choices=sorted(SWEEPS) + sorted(RUNNERS), default=None, help="shape sweep (default: 'default'; "
                    "'quick' with --quick; 'fa': FlashAttention's shapes, bf16, core, fwd and bwd; 'masks': "
                    "the masked variants, each against selfattn without it and SDPA with it)")
-    p.add_argument("--quick", action="store_true", help="small sweep, short samples (tests, GPU checks)")
+    p.add_argument("--quick", action="store_true", help="small sweep, short samples (tests, GPU checks); on a CPU "
+                   "without bf16 arithmetic, float32 only unless --dtype says otherwise")
     p.add_argument("--shapes", type=parse_shapes, default=None, help="BxNxExH[,...], e.g. 8x512x512x8 (overrides the sweep)")
     p.add_argument("--dtype", default=None, help="comma-separated: float32,bfloat16,float16 (default: the sweep's)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
@@ -86,9 +99,18 @@ def _dtype_names(text: str) -> Tuple[str, ...]:
     return names
 
 
+def quick_skips_bf16(sweep: Sweep, args: argparse.Namespace) -> bool:
+    """--quick without --dtype leaves bfloat16 out where the CPU has no bf16 arithmetic (a bf16 layer
+    cell there takes minutes in ATen's GEMMs), unless bfloat16 is all the sweep runs."""
+    return (args.quick and not args.dtype and "bfloat16" in sweep.dtypes and len(sweep.dtypes) > 1
+            and args.device == "cpu" and not bf16_arithmetic())
+
+
 def _cases(sweep: Sweep, args: argparse.Namespace) -> List[Case]:
     shapes = args.shapes or sweep.shapes
     dtypes = _dtype_names(args.dtype) if args.dtype else sweep.dtypes
+    if quick_skips_bf16(sweep, args):
+        dtypes = tuple(d for d in dtypes if d != "bfloat16")
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     if sweep.cases:  # its own cases: --shapes and --dtype replace theirs, --causal picks among them
         return [replace(case, shape=shape, dtype=dtype) for case in sweep.cases if case.causal in causals
@@ -136,8 +158,7 @@ def _make_device(args: argparse.Namespace):
 
 
 def _runner_argv(argv: List[str], sweep: str) -> Optional[List[str]]:
-    """The remaining arguments when the sweep is one with a runner of its own ('decode':
-    selfattn/bench/decode.py; 'isa': selfattn/bench/isa.py; 'blocking': selfattn/bench/blocking.py), else None."""
+    """The remaining arguments when the sweep is `sweep`, else None."""
     for i, arg in enumerate(argv):
         if arg == f"--sweep={sweep}" or (arg == "--sweep" and argv[i + 1:i + 2] == [sweep]):
             return argv[:i] + argv[i + (1 if "=" in arg else 2):]
@@ -146,25 +167,22 @@ def _runner_argv(argv: List[str], sweep: str) -> Optional[List[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    decode_argv = _runner_argv(argv, "decode")
-    if decode_argv is not None:
-        from selfattn.bench import decode
-        return decode.main(decode_argv)
-    blocking_argv = _runner_argv(argv, "blocking")
-    if blocking_argv is not None:
-        from selfattn.bench import blocking
-        return blocking.main(blocking_argv)
-    isa_argv = _runner_argv(argv, "isa")
-    if isa_argv is not None:
-        from selfattn.bench import isa
-        return isa.main(isa_argv)
+    for sweep in RUNNERS:
+        rest = _runner_argv(argv, sweep)
+        if rest is not None:
+            return importlib.import_module(f"selfattn.bench.{sweep}").main(rest)
     args = parse_args(argv)
     dev = _make_device(args)
     opts, sweep = make_options(args, dev)
     log(f"{dev.describe()}; torch {torch.__version__}; {selfattn.build_info()}; "
         f"{len(opts.cases)} cases × {len(opts.levels)} levels, modes {', '.join(opts.modes)}, "
         f"memory budget {fmt_bytes(opts.budget)}")
-    result = run_benchmark(opts, dev, sweep.note if not args.shapes else "")
+    note = sweep.note if not args.shapes else ""
+    if quick_skips_bf16(sweep, args):
+        skipped = f"--quick skips bfloat16: {no_bf16_note()} (--dtype bfloat16 runs it anyway)"
+        log(skipped)
+        note = f"{note}; {skipped}" if note else skipped
+    result = run_benchmark(opts, dev, note)
     json_path = args.json or Path("bench_results") / f"bench-{dev.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result.to_json(), indent=1))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn._system import cpu_model
+
+from .contest import with_settings
 
 CASES = [(1, 1024), (1, 8192), (1, 32768), (8, 4096)]  # (B, Nk)
 HQ, HK, D = 32, 8, 128
@@ -83,15 +84,7 @@ def time_rounds(contestants: Dict[str, Callable[[int], object]], sets: int, roun
 
 def without_decode_path(fn: Callable[[], object]) -> object:
     """fn() with SELFATTN_DECODE_SPLITS=0 (read per call): selfattn's ordinary kernels."""
-    old = os.environ.get("SELFATTN_DECODE_SPLITS")
-    os.environ["SELFATTN_DECODE_SPLITS"] = "0"
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ["SELFATTN_DECODE_SPLITS"]
-        else:
-            os.environ["SELFATTN_DECODE_SPLITS"] = old
+    return with_settings(fn, SELFATTN_DECODE_SPLITS="0")()
 
 
 def run_case(batch: int, nk: int, dtype: torch.dtype, rounds: int, l3: int, device: str = "cpu") -> List[dict]:

@@ -63,7 +63,7 @@ def runnable(cap: str, flags: set) -> bool:
 
 def matmul_size(size: int, dtype) -> int:
     """size, or 512 where a square matmul of dtype runs below 10 GFLOP/s (bf16 without bf16
-    arithmetic: ~1 GFLOP/s, where a 2048³ call takes a minute). scripts/bench_bf16.py uses it too."""
+    arithmetic: ~1 GFLOP/s, where a 2048³ call takes a minute)."""
     import torch
     small = torch.randn(min(size, 512), min(size, 512), dtype=dtype)
     start = time.perf_counter()

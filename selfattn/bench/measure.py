@@ -239,10 +239,15 @@ def memory_child_main() -> None:
         print(json.dumps({"item": [level, name, mode], **asdict(reading)}), flush=True)
 
 
+def child_env(**settings: str) -> Dict[str, str]:
+    """This process's environment for a child Python that imports the same selfattn as ours, plus settings."""
+    package_root = str(Path(selfattn.__file__).resolve().parent.parent)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+                **settings)
+
+
 def _run_memory_child(request: dict) -> Tuple[List[dict], str]:
-    package_root = str(Path(selfattn.__file__).resolve().parent.parent)  # the same selfattn as ours
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS=str(request["threads"]))
+    env = child_env(OMP_NUM_THREADS=str(request["threads"]))
     code = "from selfattn.bench.measure import memory_child_main; memory_child_main()"
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(request), capture_output=True,
                           text=True, env=env)

@@ -31,11 +31,11 @@ def fmt_memory(entry) -> str:
     return entry.status if entry else "—"  # unavailable: the reason is under the table
 
 
-def _fmt_ms(entry: Timed) -> str:
+def fmt_ms(entry: Timed) -> str:
     return f"{num(entry.median_ms)} ({num(entry.min_ms)}–{num(entry.max_ms)})"
 
 
-def _fmt_ratio(speedup: Optional[Speedup]) -> str:
+def fmt_ratio(speedup: Optional[Speedup]) -> str:
     if not speedup:
         return "—"
     return f"{speedup.median:.2f}× ({speedup.min:.2f}–{speedup.max:.2f})"
@@ -48,7 +48,7 @@ def _mode_cells(entry, flop_scale: float) -> List[str]:
         return [f"skipped ({entry.reason})", "—", "—", "—"]
     if not isinstance(entry, Timed):  # unavailable: the reason, often long, goes under the table
         return [entry.status, "—", "—", "—"]
-    return [_fmt_ms(entry), num(entry.flop_rate / flop_scale), f"{entry.pct_gemm:.0f}%", _fmt_ratio(entry.speedup)]
+    return [fmt_ms(entry), num(entry.flop_rate / flop_scale), f"{entry.pct_gemm:.0f}%", fmt_ratio(entry.speedup)]
 
 
 def _impl_label(record: Record) -> str:
@@ -182,7 +182,7 @@ def masks_summary(records: List[Record], modes: Sequence[str]) -> List[str]:
         s = case.shape
         row = [case.variant, f"({s.batch}, {s.heads}, {s.seq}, {s.head_dim})", str(case.kv_heads),
                "yes" if case.causal else "no"]
-        row += [_fmt_ms(ours[m]) if isinstance(ours.get(m), Timed) else _mode_cells(ours.get(m), 1)[0] for m in modes]
+        row += [fmt_ms(ours[m]) if isinstance(ours.get(m), Timed) else _mode_cells(ours.get(m), 1)[0] for m in modes]
         for name, at_most, _ in comparisons:
             target = case.variant_spec.target(name)
             for mode in modes:
@@ -192,7 +192,7 @@ def masks_summary(records: List[Record], modes: Sequence[str]) -> List[str]:
                     continue
                 ratio = round_ratios(ours[mode], theirs, at_most)
                 mark = "" if target is None else (" ✓" if target.met(ratio.median) else " ✗")
-                row.append(_fmt_ratio(ratio) + mark)
+                row.append(fmt_ratio(ratio) + mark)
             row.append(target.text() if target else "—")
         rows.append(row)
     return _table(head, rows) + ([""] + list(notes) if notes else [])

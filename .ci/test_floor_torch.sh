@@ -3,7 +3,7 @@
 # command builds against it, and the tests marked `floor` pass (attention, masks, GQA, varlen, the
 # layer, autograd, torch.compile: CPU only).
 #
-#   bash scripts/test_floor_torch.sh     # 2 idle cores: torch 3.5-5.5 min (once), build 3.5, tests 1
+#   bash .ci/test_floor_torch.sh     # 2 idle cores: torch 3.5-5.5 min (once), build 3.5, tests 1
 #
 # torch 2.6.0 from PyPI, as most users have it (the CUDA 12.4 build with its nvidia-* wheels,
 # ~3.5 GB), and setuptools at requirements.txt's floor, in a venv of their own

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU ops' tests under AddressSanitizer and UndefinedBehaviorSanitizer:
 #
-#   bash scripts/sanitize_tests.sh          # a few minutes on 2 cores, most of it the build
+#   bash .ci/sanitize_tests.sh          # a few minutes on 2 cores, most of it the build
 #
 # JIT-builds csrc/ (CPU only) with SELFATTN_SANITIZE=1 in a cache folder of its own, then runs
 # the tests with the sanitizer runtime preloaded (Python itself is not instrumented). The first

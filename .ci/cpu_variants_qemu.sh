@@ -4,7 +4,9 @@
 # of an x86-64 CPU without AVX (Nehalem), where the DEFAULT and AVX2 copies of the CPU kernels
 # must be chosen, and no instruction outside them may run (a SIGILL would end the process).
 #
-#   bash scripts/cpu_variants_qemu.sh       # needs qemu-x86_64 (Debian: qemu-user); minutes
+#   bash .ci/cpu_variants_qemu.sh       # needs qemu-x86_64 (Debian: qemu-user); minutes
+#
+# Not in .ci/run (CI's machine has no qemu-user): run it by hand after changing the dispatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v qemu-x86_64 >/dev/null || { echo "cpu_variants_qemu: needs qemu-x86_64 (apt-get install qemu-user)" >&2; exit 2; }
