@@ -118,6 +118,18 @@ def test_plan_skips_skips_what_does_not_fit():
     assert skips[("reference", "fwd")].estimate_bytes >= 16 * cases.MIB
 
 
+def test_quick_times_the_tutorials_module_on_small_shapes_only():
+    """--quick's reference_max_seq skips the reference (seconds a call at N = 1024) past it, saying
+    why, and nothing else; at or under it the reference runs."""
+    layer_impls = [i for i in impls.implementations("cpu") if i.level == "layer"]
+    long, short = (cases.Case(cases.Shape(1, n, 64, 2), False, "float32") for n in (257, 256))
+    skips = run.plan_skips(layer_impls, long, "layer", ("fwd", "fwd+bwd"), 2, 1e15, reference_max_seq=256)
+    assert set(skips) == {("reference", "fwd"), ("reference", "fwd+bwd")}
+    assert "--quick" in skips[("reference", "fwd")].reason and "256" in skips[("reference", "fwd")].reason
+    assert run.plan_skips(layer_impls, short, "layer", ("fwd",), 2, 1e15, reference_max_seq=256) == {}
+    assert run.plan_skips(layer_impls, long, "layer", ("fwd",), 2, 1e15) == {}
+
+
 def test_memory_measured_and_skip_reported(tmp_path, capsys):
     case = cases.Case(cases.Shape(1, 256, 64, 2), True, "float32")
     budget_gb = budget_between(case) / cases.GIB

@@ -70,8 +70,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--sweep", choices=sorted(SWEEPS) + sorted(RUNNERS), default=None, help="shape sweep (default: 'default'; "
                    "'quick' with --quick; 'fa': FlashAttention's shapes, bf16, core, fwd and bwd; 'masks': "
                    "the masked variants, each against selfattn without it and SDPA with it)")
-    p.add_argument("--quick", action="store_true", help="small sweep, short samples (tests, GPU checks); on a CPU "
-                   "without bf16 arithmetic, float32 only unless --dtype says otherwise")
+    p.add_argument("--quick", action="store_true", help="small sweep, short samples (tests, GPU checks); the tutorial's "
+                   "module at N <= 256 only; on a CPU without bf16 arithmetic, float32 only unless --dtype says otherwise")
     p.add_argument("--shapes", type=parse_shapes, default=None, help="BxNxExH[,...], e.g. 8x512x512x8 (overrides the sweep)")
     p.add_argument("--dtype", default=None, help="comma-separated: float32,bfloat16,float16 (default: the sweep's)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
@@ -97,6 +97,9 @@ def _dtype_names(text: str) -> Tuple[str, ...]:
         if name not in DTYPES:
             raise SystemExit(f"selfattn.bench: unknown dtype {name!r} ({', '.join(DTYPES)})")
     return names
+
+
+QUICK_REFERENCE_MAX_SEQ = 256
 
 
 def quick_skips_bf16(sweep: Sweep, args: argparse.Namespace) -> bool:
@@ -139,7 +142,9 @@ def make_options(args: argparse.Namespace, dev) -> Tuple[Options, Sweep]:
     if repeats < MIN_PAIRS:
         log(f"warning: {repeats} rounds < {MIN_PAIRS}: the ratios are indicative only")
     budget = args.memory_budget_gb * GIB if args.memory_budget_gb is not None else dev.memory_budget()
-    quick = {"target_s": dev.target_s / 5, "warmup_s": dev.warmup_s / 5} if args.quick else {}
+    # --quick: short samples, and the tutorial's module (seconds a call at N = 1024) on the small shape only.
+    quick = {"target_s": dev.target_s / 5, "warmup_s": dev.warmup_s / 5, "reference_max_seq": QUICK_REFERENCE_MAX_SEQ} \
+        if args.quick else {}
     impl_names = tuple(n.strip() for n in args.impls.split(",")) if args.impls else None
     memory = not args.no_memory and (sweep.memory or args.memory)
     return Options(_cases(sweep, args), levels, modes, repeats, memory, budget,

@@ -42,6 +42,7 @@ class Options:
     impl_names: Optional[Tuple[str, ...]] = None
     target_s: Optional[float] = None
     warmup_s: Optional[float] = None
+    reference_max_seq: Optional[int] = None  # --quick: the tutorial's module (seconds a call) only up to this N
 
 
 ROTATE_BYTES = 256 * MIB  # input sets cycled per contestant: enough to spill the caches, at most 8
@@ -52,14 +53,18 @@ def n_input_sets(case: Case, level: str, n_max: int) -> int:
 
 
 def plan_skips(impls: List[Impl], case: Case, level: str, modes: Sequence[str], n_sets: int,
-               budget: float) -> Dict[Tuple[str, str], Skipped]:
-    """(impl, mode) -> the skip verdict for those whose estimated peak would not fit the budget."""
+               budget: float, reference_max_seq: Optional[int] = None) -> Dict[Tuple[str, str], Skipped]:
+    """(impl, mode) -> the skip verdict for those whose estimated peak would not fit the budget, and
+    for the tutorial's module past reference_max_seq."""
     inputs = n_sets * set_bytes(case, level)
     skips = {}
     for impl in impls:
         for mode in modes:
             estimate = impl.estimate(case, mode) * (n_sets if mode == "bwd" else 1) + inputs
-            if estimate > budget:
+            if impl.name == "reference" and reference_max_seq is not None and case.shape.seq > reference_max_seq:
+                skips[(impl.name, mode)] = Skipped(
+                    estimate, f"--quick times the tutorial's module only at N <= {reference_max_seq}")
+            elif estimate > budget:
                 skips[(impl.name, mode)] = Skipped(
                     estimate, f"est. {estimate / GIB:.1f} GiB > budget {budget / GIB:.1f} GiB")
     return skips
@@ -181,7 +186,8 @@ def run_case(dev, case: Case, opts: Options, progress: str) -> Tuple[List[Record
         impls_by_key.update({(level, impl.name): impl for impl in impls})
         n_sets = n_input_sets(case, level, opts.n_sets_max)
         modes = opts.modes if case.shape.timed else ()
-        skips = plan_skips(impls, case, level, tuple(modes) + MEMORY_MODES, n_sets, opts.budget)
+        skips = plan_skips(impls, case, level, tuple(modes) + MEMORY_MODES, n_sets, opts.budget,
+                           opts.reference_max_seq)
         records[level] = {impl.name: Record(case, level, impl.name, impl.note) for impl in impls}
         for mode in modes:
             started = time.perf_counter()
