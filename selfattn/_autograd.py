@@ -43,14 +43,25 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._torch_internals import (AutoDispatchBelowAutograd, SingleLevelFunction,
-                               after_autograd_keyset, are_functorch_transforms_active,
-                               enable_single_level_autograd_function, forward_ad_level, is_any_autocast_enabled,
-                               op_entry, set_fwd_grad_enabled)
-
 from ._op_table import OPS, OpDescription
-from ._refusals import (_refuse_derivative_of_jvp, _refuse_double_backward, _refuse_forward_mode, _refuse_mask_grad,
-                        _refuse_mask_tangent)
+from ._refusals import (
+    _refuse_derivative_of_jvp,
+    _refuse_double_backward,
+    _refuse_forward_mode,
+    _refuse_mask_grad,
+    _refuse_mask_tangent,
+)
+from ._torch_internals import (
+    AutoDispatchBelowAutograd,
+    SingleLevelFunction,
+    after_autograd_keyset,
+    are_functorch_transforms_active,
+    enable_single_level_autograd_function,
+    forward_ad_level,
+    is_any_autocast_enabled,
+    op_entry,
+    set_fwd_grad_enabled,
+)
 
 _ATTENTION_FWD = OPS["attention_fwd"]
 # attention_fwd's out with the C++ autograd (csrc/eager.cpp), through the compiled build's direct

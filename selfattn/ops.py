@@ -25,7 +25,6 @@ from torch import Tensor
 from . import _autograd, masks
 from ._args import check_bool, check_int, dropout_args, require_tensor, resolve_scale
 
-
 # ---------------------------------------------------------------------------------------------
 # Argument normalisation. The ops check every argument themselves (csrc/checks.cpp, on every
 # dispatch key); the public functions only turn SDPA's spellings, 3-D inputs and scale=None into

@@ -19,7 +19,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-
 _MASK = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85

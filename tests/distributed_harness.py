@@ -87,7 +87,7 @@ def run_ranks(body, world_size: int, *args, timeout: float = 120.0):
                         outcome[rank] = (status, value)
                     if any(r not in outcome for r in dead):
                         raise RuntimeError(f"ranks {dead} died (exit codes "
-                                           f"{[procs[r].exitcode for r in dead]}) without a result")
+                                           f"{[procs[r].exitcode for r in dead]}) without a result") from None
     finally:
         for p in procs:
             p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import selfattn
-from selfattn.bench import cases, impls, isa, measure, run, variants
 from selfattn.bench import __main__ as bench_main
+from selfattn.bench import cases, impls, isa, measure, run, variants
 from selfattn.bench.__main__ import main
 
 TINY = "1x32x64x2"

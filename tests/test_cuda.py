@@ -17,8 +17,15 @@ import pytest
 import torch
 
 import selfattn
-from tests.common import (ALL_DTYPES, assert_close, attention_with_grads, eager_attention, make_tensor,
-                          reference_layer_float64, sample_inputs)
+from tests.common import (
+    ALL_DTYPES,
+    assert_close,
+    attention_with_grads,
+    eager_attention,
+    make_tensor,
+    reference_layer_float64,
+    sample_inputs,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -17,8 +17,16 @@ import pytest
 import torch
 
 from tests.common import assert_close, attention_with_grads, make_tensor
-from tests.test_cuda_emulation import (NEG_INF, check_lse, dense_mask, emu, emu_forward,  # noqa: F401
-                                       key_padding, masked_attention, masked_lse)
+from tests.test_cuda_emulation import (  # noqa: F401
+    NEG_INF,
+    check_lse,
+    dense_mask,
+    emu,
+    emu_forward,
+    key_padding,
+    masked_attention,
+    masked_lse,
+)
 
 pytestmark = pytest.mark.skipif(os.environ.get("SELFATTN_TEST_EMULATION") != "1",
                                 reason="set SELFATTN_TEST_EMULATION=1 to run the CUDA kernels in CPU emulation")

@@ -16,8 +16,14 @@ import torch
 
 import selfattn
 from tests.common import assert_close, make_tensor
-from tests.test_cuda_emulation import (NEG_INF, assert_empty_rows, assert_same_under_two_seeds,  # noqa: F401
-                                       emu, key_padding, run_mask_case)  # (emu: the fixture)
+from tests.test_cuda_emulation import (  # noqa: F401
+    NEG_INF,
+    assert_empty_rows,
+    assert_same_under_two_seeds,
+    emu,  # (emu: the fixture)
+    key_padding,
+    run_mask_case,
+)
 from tests.test_dropout import eager_dropout_attention
 
 pytestmark = pytest.mark.skipif(os.environ.get("SELFATTN_TEST_EMULATION") != "1",

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import selfattn
+
 # The scale is 1/sqrt(D), as in real use: the oracle's default 0.37 gives scores large enough that
 # the (unchanged) backward's gradients pass the tolerance narrowly, and fail it in a few draws out of
 # a hundred, on the tiled kernel too — which this path matches bit for bit at S = 1.

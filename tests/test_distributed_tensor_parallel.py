@@ -56,10 +56,11 @@ def _comm_in_modules(comm, name):
 
 
 def _check_llama_block(rank, world_size, bias):
-    import selfattn
-    from selfattn.distributed.tensor_parallel import SelfAttentionParallel, deinterleave_qkv
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import selfattn
+    from selfattn.distributed.tensor_parallel import SelfAttentionParallel, deinterleave_qkv
 
     torch.manual_seed(0)  # the same weights and inputs on every rank
     attention = selfattn.SelfAttention(EMBED, HEADS * HEAD_DIM, HEADS, num_kv_heads=KV_HEADS, bias=bias,
@@ -99,10 +100,11 @@ def _check_attention_heads_sharded(rank, world_size):
     """q, k, v as DTensors sharded on heads (as column-parallel projections give them): the ops run
     on each rank's heads with no communication, forward and backward; a per-head mask is sharded
     with them, a mask broadcast over heads replicated."""
-    import selfattn
-    import selfattn.distributed.tensor_parallel  # noqa: F401 - registers the sharding rules
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.debug import CommDebugMode
+
+    import selfattn
+    import selfattn.distributed.tensor_parallel  # noqa: F401 - registers the sharding rules
 
     mesh = _mesh(world_size)
     torch.manual_seed(1)
@@ -137,10 +139,11 @@ def _check_attention_heads_sharded(rank, world_size):
 def _check_layer_batch_sharded(rank, world_size):
     """The fused op on x sharded on the batch, weights replicated: local forward, the weight
     gradient Partial (summed when redistributed)."""
-    import selfattn
-    import selfattn.distributed.tensor_parallel  # noqa: F401
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.debug import CommDebugMode
+
+    import selfattn
+    import selfattn.distributed.tensor_parallel  # noqa: F401
 
     mesh = _mesh(world_size)
     torch.manual_seed(2)
@@ -169,9 +172,10 @@ def _check_layer_batch_sharded(rank, world_size):
 
 
 def _check_style_refuses_heads(rank, world_size):
+    from torch.distributed.tensor.parallel import parallelize_module
+
     import selfattn
     from selfattn.distributed.tensor_parallel import SelfAttentionParallel
-    from torch.distributed.tensor.parallel import parallelize_module
 
     layer = selfattn.SelfAttention(EMBED, 6 * world_size, 3 * world_size, num_kv_heads=3 if world_size > 3 else 1)
     with pytest.raises(ValueError, match="must both be divisible by the tensor-parallel degree"):

@@ -4,14 +4,23 @@ give one identical message."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import pytest
 import torch
 
 import selfattn
-from tests.test_bad_inputs import (DEVICES, Case, assert_same_clear_error, attn_bwd, doors, layer_bwd, layer_fwd,
-                                   layer_kwargs, randn, varlen_bwd, varlen_fwd)
+from tests.test_bad_inputs import (
+    DEVICES,
+    Case,
+    assert_same_clear_error,
+    attn_bwd,
+    doors,
+    layer_bwd,
+    layer_fwd,
+    layer_kwargs,
+    randn,
+    varlen_bwd,
+    varlen_fwd,
+)
 
 
 def rng(*shape, dtype=torch.int64, device=None):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import selfattn  # noqa: F401  (registers the ops)
-from selfattn._op_table import OPS, Signature, _REQUIRED
+from selfattn._op_table import _REQUIRED, OPS, Signature
 
 
 def _unsourced(needed: Signature, forward: Signature, extra: set) -> list:

@@ -16,8 +16,6 @@ import selfattn
 from tests.test_mha import F64, CountOps, pair, randomize
 
 
-
-
 @pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"add_bias_kv": True, "add_zero_attn": True},
                                     {"kdim": 3, "vdim": 5}, {"kdim": 6, "vdim": 6, "batch_first": True}])
 def test_same_parameters_initialisation_and_state_dict_both_ways(kwargs):

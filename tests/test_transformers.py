@@ -422,6 +422,7 @@ def test_every_keyword_the_installed_models_pass_is_known():
     name, and every key of its **kwargs TypedDicts, is honoured (a parameter of attention_forward),
     harmless, or refused: a release that adds one fails here before it is silently dropped."""
     from pathlib import Path
+
     from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
     from transformers.utils.generic import TransformersKwargs
     honoured = set(inspect.signature(selfattn_hf.attention_forward).parameters) - {"module", "kwargs"}

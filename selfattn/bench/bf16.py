@@ -26,12 +26,24 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import selfattn
 
 from .cases import Shape, attention_flops, parse_shapes, projection_flops
-from .contest import (Outcome, bf16_arithmetic, contest, machine, markdown, no_bf16_note, parser, start,
-                      with_backward, with_settings, write_json)
+from .contest import (
+    Outcome,
+    bf16_arithmetic,
+    contest,
+    machine,
+    markdown,
+    no_bf16_note,
+    parser,
+    start,
+    with_backward,
+    with_settings,
+    write_json,
+)
 
 SHAPES, QUICK_SHAPES = "8x512x512x8,2x2048x512x8", "2x256x256x4"
 GEMM_SIZE, QUICK_GEMM_SIZE = 2048, 512
@@ -59,6 +71,10 @@ def _forwards(shape: Shape, causal: bool, level: str, dtype: torch.dtype):
     return partial(selfattn.self_attention, num_heads=h, causal=causal), linear_sdpa, inputs
 
 
+def _timed_call(forward: Callable, leaves: List[Tensor], grad_out: Tensor, mode: str) -> Callable[[], object]:
+    return with_backward(forward, leaves, grad_out) if mode != "fwd" else partial(forward, *leaves)
+
+
 def calls(shape: Shape, causal: bool, level: str, mode: str, native: bool) -> Dict[str, Callable[[], object]]:
     """Each row's call; fwd+bwd ones return the input gradients. native: the CPU has bf16 arithmetic
     (else the rows that would run the same float32 path as selfattn-bf16 are left out)."""
@@ -68,9 +84,7 @@ def calls(shape: Shape, causal: bool, level: str, mode: str, native: bool) -> Di
         ours, sdpa, inputs = _forwards(shape, causal, level, dtype)
         leaves = [t.requires_grad_(mode != "fwd") for t in inputs]
         grad_out = torch.randn_like(ours(*leaves)).detach()
-
-        def call(forward):
-            return with_backward(forward, leaves, grad_out) if mode != "fwd" else partial(forward, *leaves)
+        call = partial(_timed_call, leaves=leaves, grad_out=grad_out, mode=mode)
         out[f"selfattn-{tag}"] = call(ours)
         if dtype == torch.bfloat16:
             out["sdpa-bf16"] = call(sdpa)

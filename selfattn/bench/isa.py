@@ -164,8 +164,8 @@ def _benchmark_argv(rest: List[str], json_path: Path) -> List[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    from .run import log
     from .. import _system
+    from .run import log
     args, rest = parse_args(argv)
     flags = cpu_flags()
     wanted = [c.strip() for c in args.caps.split(",")] if args.caps else [c for c in DEFAULT_CAPS if runnable(c, flags)]

@@ -20,8 +20,16 @@ import selfattn
 
 from .cases import GIB, MEMORY_MODES, MIB, Case, case_flops, output_shape, set_bytes
 from .impls import Impl, implementations, make_inputs, make_step
-from .measure import (Contestant, MemoryItem, MemoryReading, first_line, pair_ratios, summarize, time_interleaved,
-                      warm_up)
+from .measure import (
+    Contestant,
+    MemoryItem,
+    MemoryReading,
+    first_line,
+    pair_ratios,
+    summarize,
+    time_interleaved,
+    warm_up,
+)
 from .records import Failed, Group, Measured, MemoryOutcome, Meta, Record, Result, Skipped, Timed, Unavailable
 from .report import fmt_memory, num
 

@@ -19,8 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .contest import (Outcome, bf16_arithmetic, contest, machine, markdown, no_bf16_note, parser, start,
-                      write_json)
+from .contest import Outcome, bf16_arithmetic, contest, machine, markdown, no_bf16_note, parser, start, write_json
 
 FULL = {"batch": 4, "seq": 512, "layers": 4}
 QUICK = {"batch": 2, "seq": 128, "layers": 2}
@@ -32,7 +31,7 @@ def require_transformers():
         return importlib.import_module("transformers")
     except ImportError as exc:
         raise SystemExit("selfattn.bench --sweep transformers needs Hugging Face transformers, which is not "
-                         f"installed here ({exc}); pip install transformers (4.57 or newer), then run it again")
+                         f"installed here ({exc}); pip install transformers (4.57 or newer), then run it again") from None
 
 
 def models(size: Dict[str, int], dtype: torch.dtype):

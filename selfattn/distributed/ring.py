@@ -312,7 +312,7 @@ def _agree_across_ranks(ring: _Ring, q: Tensor, k: Tensor, v: Tensor, per_pass: 
         return
     names = ["q"] * 4 + ["k"] * 4 + ["v"] * 4 + ["dtype", "kv_heads_per_pass"]
     dims = ["B", "H", "N", "D"] * 3 + ["", ""]
-    differ = [f"{n} {d}".strip() for n, d, h, l in zip(names, dims, high.tolist(), low.tolist()) if h != l]
+    differ = [f"{n} {d}".strip() for n, d, hi, lo in zip(names, dims, high.tolist(), low.tolist()) if hi != lo]
     raise ValueError(f"selfattn.distributed.ring_attention: every rank must pass chunks of the same shape and "
                      f"dtype (equal sequence chunks) and the same kv_heads_per_pass, but the ranks differ in "
                      f"{', '.join(differ)}; this rank has q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "

@@ -30,7 +30,6 @@ from torch import Tensor
 
 import selfattn
 
-
 # Every keyword a model's layer passes to its attention function falls in one of three groups
 # (read from the modeling files of transformers 4.57.6 and 5.25; tests/test_transformers.py checks
 # the installed release's call sites against them). A keyword in none of them is refused, so a
