@@ -93,26 +93,16 @@ void register_kernels(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(selfattn, CPU, m) {
-  register_kernels<kCpuKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, CPU, m) { register_kernels<kCpuKernels>(m); }
 
 #ifdef SELFATTN_WITH_CUDA
-TORCH_LIBRARY_IMPL(selfattn, CUDA, m) {
-  register_kernels<kCudaKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, CUDA, m) { register_kernels<kCudaKernels>(m); }
 #endif
 
-TORCH_LIBRARY_IMPL(selfattn, Meta, m) {
-  register_kernels<kMetaKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, Meta, m) { register_kernels<kMetaKernels>(m); }
 
-TORCH_LIBRARY_IMPL(selfattn, AutocastCPU, m) {
-  m.impl("attention_fwd", boxed<&attention_fwd_autocast>());
-}
+TORCH_LIBRARY_IMPL(selfattn, AutocastCPU, m) { m.impl("attention_fwd", boxed<&attention_fwd_autocast>()); }
 
-TORCH_LIBRARY_IMPL(selfattn, AutocastCUDA, m) {
-  m.impl("attention_fwd", boxed<&attention_fwd_autocast>());
-}
+TORCH_LIBRARY_IMPL(selfattn, AutocastCUDA, m) { m.impl("attention_fwd", boxed<&attention_fwd_autocast>()); }
 
 }  // namespace selfattn

@@ -47,16 +47,14 @@ struct AttentionMask {
 };
 
 // The CPU kernels, through the copy for the CPU at hand (cpu/dispatch.cpp).
-void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const AttentionMask& mask, double scale, const at::Tensor& out,
-                           const at::Tensor& lse);
+void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                           double scale, const at::Tensor& out, const at::Tensor& lse);
 
 // grad_out (B, Hq, Nq, Dv), any strides; grad_q/k/v have the shapes of q/k/v, any strides
 // (the fused op passes views of one packed (B, N, H + 2·Hkv, D) buffer).
-void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                            const AttentionMask& mask, double scale, const at::Tensor& grad_q,
-                            const at::Tensor& grad_k, const at::Tensor& grad_v);
+void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask, double scale,
+                            const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v);
 
 // Forward-mode derivative: out and lse as attention_forward_cpu's, and tangent_out (B, Hq, Nq, Dv), any
 // strides, the derivative of out along tangent_q/k/v (the shapes of q/k/v, any strides; an undefined
@@ -81,13 +79,11 @@ std::string bf16_tile_gemm();
 std::string cpu_blocking();
 
 #ifdef SELFATTN_WITH_CUDA
-void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const AttentionMask& mask, double scale, const at::Tensor& out,
-                            const at::Tensor& lse);
-void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                             const AttentionMask& mask, double scale, const at::Tensor& grad_q,
-                             const at::Tensor& grad_k, const at::Tensor& grad_v);
+void attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                            double scale, const at::Tensor& out, const at::Tensor& lse);
+void attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask, double scale,
+                             const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v);
 #endif
 
 }  // namespace selfattn

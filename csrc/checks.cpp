@@ -12,29 +12,26 @@ namespace selfattn {
 namespace {
 
 // Python's spelling of a dtype ("torch.float32"), as Python code prints one.
-std::string dtype_name(at::ScalarType dtype) {
-  return "torch." + std::string(c10::getDtypeNames(dtype).first);
-}
+std::string dtype_name(at::ScalarType dtype) { return "torch." + std::string(c10::getDtypeNames(dtype).first); }
 
 void check_float_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.defined(), "selfattn: ", name, " must be a tensor, got None");
   const at::ScalarType dtype = t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   "selfattn: ", name, " must be float32, float64, bfloat16 or float16, got ",
-                   dtype_name(dtype));
+                   "selfattn: ", name, " must be float32, float64, bfloat16 or float16, got ", dtype_name(dtype));
 }
 
 void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* meaning) {
-  TORCH_CHECK_VALUE(t.dim() == rank, "selfattn: ", name, " must be ", rank, "-D ", meaning,
-                    ", got shape ", t.sym_sizes());
+  TORCH_CHECK_VALUE(t.dim() == rank, "selfattn: ", name, " must be ", rank, "-D ", meaning, ", got shape ",
+                    t.sym_sizes());
 }
 
 // Same dtype and device as `ref`, which has been checked already.
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "selfattn: ", name, " must have the dtype of ",
-                   ref_name, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "selfattn: ", name, " must be on the device of ",
-                    ref_name, " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "selfattn: ", name, " must have the dtype of ", ref_name, " (",
+                   dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "selfattn: ", name, " must be on the device of ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
 }
 
 // (A SymIntArrayRef prints as an IntArrayRef does: [2, 3, 4].)
@@ -50,8 +47,8 @@ void check_lse(const at::Tensor& lse, const at::Tensor& ref, const char* ref_nam
   const at::ScalarType want = accumulate_type(ref.scalar_type());
   TORCH_CHECK_TYPE(lse.scalar_type() == want, "selfattn: lse must be ", dtype_name(want), " for ",
                    dtype_name(ref.scalar_type()), " inputs, got ", dtype_name(lse.scalar_type()));
-  TORCH_CHECK_VALUE(lse.device() == ref.device(), "selfattn: lse must be on the device of ", ref_name,
-                    " (", ref.device(), "), got ", lse.device());
+  TORCH_CHECK_VALUE(lse.device() == ref.device(), "selfattn: lse must be on the device of ", ref_name, " (",
+                    ref.device(), "), got ", lse.device());
   check_shape(lse, "lse", expected, meaning);
 }
 
@@ -60,8 +57,8 @@ void check_scale(double scale) {
 }
 
 // q, k, v of the given rank: float dtypes, one dtype and device; meanings name their dims.
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank,
-               const char* q_meaning, const char* k_meaning, const char* v_meaning) {
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank, const char* q_meaning,
+               const char* k_meaning, const char* v_meaning) {
   check_float_tensor(q, "q");
   check_float_tensor(k, "k");
   check_float_tensor(v, "v");
@@ -76,13 +73,13 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
 void check_heads_divide(const c10::SymInt& heads, const c10::SymInt& heads_kv) {
   TORCH_CHECK_VALUE(heads_kv >= 1 ? heads % heads_kv == 0 : heads == 0,
                     "selfattn: k must have a number of heads that divides q's (grouped-query "
-                    "attention), got ", heads_kv, " for k and ", heads, " for q");
+                    "attention), got ",
+                    heads_kv, " for k and ", heads, " for q");
 }
 
 }  // namespace
 
-AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      double scale) {
+AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   check_qkv(q, k, v, 4, "(B, Hq, Nq, D)", "(B, Hk, Nk, D)", "(B, Hk, Nk, Dv)");
   const AttentionShape s{q.sym_size(0), q.sym_size(1), k.sym_size(1), q.sym_size(2),
                          k.sym_size(2), q.sym_size(3), v.sym_size(3)};
@@ -99,8 +96,7 @@ void check_window(int64_t left, int64_t right) {
 }
 
 void check_dropout_p(double dropout_p) {
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "selfattn: dropout_p must be in [0, 1), got ",
-                    dropout_p);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "selfattn: dropout_p must be in [0, 1), got ", dropout_p);
 }
 
 void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state, const at::Tensor& ref,
@@ -114,37 +110,35 @@ void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state,
   TORCH_CHECK_TYPE(state.scalar_type() == at::kLong, "selfattn: rng_state must be torch.int64 (seed, offset), got ",
                    dtype_name(state.scalar_type()));
   check_shape(state, "rng_state", {2}, "(seed, offset)");
-  TORCH_CHECK_VALUE(state.device() == ref.device(), "selfattn: rng_state must be on the device of ", ref_name,
-                    " (", ref.device(), "), got ", state.device());
+  TORCH_CHECK_VALUE(state.device() == ref.device(), "selfattn: rng_state must be on the device of ", ref_name, " (",
+                    ref.device(), "), got ", state.device());
 }
 
-void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
-                       const std::optional<at::Tensor>& attn_mask) {
+void check_mask_inputs(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& attn_mask) {
   if (!attn_mask.has_value()) {
     return;
   }
   const at::Tensor& mask = *attn_mask;
   const at::ScalarType dtype = mask.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kBool || dtype == at::kFloat || dtype == q.scalar_type(),
-                   "selfattn: attn_mask must be bool, float32 or the dtype of q (",
-                   dtype_name(q.scalar_type()), "), got ", dtype_name(dtype));
-  TORCH_CHECK_VALUE(mask.device() == q.device(), "selfattn: attn_mask must be on the device of q (",
-                    q.device(), "), got ", mask.device());
+                   "selfattn: attn_mask must be bool, float32 or the dtype of q (", dtype_name(q.scalar_type()),
+                   "), got ", dtype_name(dtype));
+  TORCH_CHECK_VALUE(mask.device() == q.device(), "selfattn: attn_mask must be on the device of q (", q.device(),
+                    "), got ", mask.device());
   const std::array<c10::SymInt, 4> full = {s.batch, s.heads, s.nq, s.nk};
   bool broadcasts = mask.dim() == 4;
   for (int64_t d = 0; broadcasts && d < 4; ++d) {
     broadcasts = mask.sym_size(d) == full[d] || mask.sym_size(d) == 1;
   }
-  TORCH_CHECK_VALUE(broadcasts, "selfattn: attn_mask must be 4-D and broadcast to (B, Hq, Nq, Nk) = ",
-                    c10::SymIntArrayRef(full), ", got shape ", mask.sym_sizes());
+  TORCH_CHECK_VALUE(broadcasts,
+                    "selfattn: attn_mask must be 4-D and broadcast to (B, Hq, Nq, Nk) = ", c10::SymIntArrayRef(full),
+                    ", got shape ", mask.sym_sizes());
 }
 
-void check_attention_tangents(const AttentionShape& s, const at::Tensor& q,
-                              const std::optional<at::Tensor>& tangent_q,
-                              const std::optional<at::Tensor>& tangent_k,
-                              const std::optional<at::Tensor>& tangent_v) {
-  const auto check = [&](const std::optional<at::Tensor>& tangent, const char* name,
-                         c10::SymIntArrayRef shape, const char* meaning) {
+void check_attention_tangents(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& tangent_q,
+                              const std::optional<at::Tensor>& tangent_k, const std::optional<at::Tensor>& tangent_v) {
+  const auto check = [&](const std::optional<at::Tensor>& tangent, const char* name, c10::SymIntArrayRef shape,
+                         const char* meaning) {
     if (tangent.has_value()) {
       check_float_tensor(*tangent, name);
       check_like(*tangent, name, q, "q");
@@ -156,9 +150,8 @@ void check_attention_tangents(const AttentionShape& s, const at::Tensor& q,
   check(tangent_v, "tangent_v", {s.batch, s.heads_kv, s.nk, s.dim_v}, "(B, Hk, Nk, Dv), v's");
 }
 
-void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
-                                 const at::Tensor& grad_out, const at::Tensor& out,
-                                 const at::Tensor& lse) {
+void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                                 const at::Tensor& out, const at::Tensor& lse) {
   check_float_tensor(grad_out, "grad_out");
   check_float_tensor(out, "out");
   check_like(grad_out, "grad_out", q, "q");
@@ -176,8 +169,8 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& 
   TORCH_CHECK_VALUE(cu.defined(), "selfattn: ", name, " must be a tensor, got None");
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "selfattn: ", name, " must be torch.int32, got ",
                    dtype_name(cu.scalar_type()));
-  TORCH_CHECK_VALUE(cu.device() == q.device(), "selfattn: ", name, " must be on the device of q (",
-                    q.device(), "), got ", cu.device());
+  TORCH_CHECK_VALUE(cu.device() == q.device(), "selfattn: ", name, " must be on the device of q (", q.device(),
+                    "), got ", cu.device());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.sym_size(0) >= 1, "selfattn: ", name,
                     " must be 1-D (S + 1,) with S >= 0 sequences, got shape ", cu.sym_sizes());
 }
@@ -185,8 +178,8 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& 
 }  // namespace
 
 VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale) {
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                int64_t max_seqlen_k, double scale) {
   check_qkv(q, k, v, 3, "(Tq, Hq, D)", "(Tk, Hk, D)", "(Tk, Hk, Dv)");
   VarlenShape s{q.sym_size(0), k.sym_size(0), q.sym_size(1), k.sym_size(1), q.sym_size(2), v.sym_size(2), 0};
   check_heads_divide(s.heads, s.heads_kv);
@@ -202,22 +195,21 @@ VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const 
   return s;
 }
 
-void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name,
-                             int64_t total, const char* total_name, int64_t max_seqlen,
-                             const char* max_name) {
+void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name, int64_t total, const char* total_name,
+                             int64_t max_seqlen, const char* max_name) {
   TORCH_CHECK_VALUE(cu[0] == 0, "selfattn: ", name, " must start at 0, got ", cu[0]);
   for (int64_t s = 1; s < count; ++s) {
     const int64_t start = cu[s - 1], end = cu[s];
-    TORCH_CHECK_VALUE(start <= end, "selfattn: ", name, " must be non-decreasing, got ", name, "[", s,
-                      "] = ", end, " < ", name, "[", s - 1, "] = ", start);
+    TORCH_CHECK_VALUE(start <= end, "selfattn: ", name, " must be non-decreasing, got ", name, "[", s, "] = ", end,
+                      " < ", name, "[", s - 1, "] = ", start);
   }
-  TORCH_CHECK_VALUE(cu[count - 1] == total, "selfattn: ", name, " must end at ", total_name,
-                    " = ", total, ", got ", cu[count - 1]);
+  TORCH_CHECK_VALUE(cu[count - 1] == total, "selfattn: ", name, " must end at ", total_name, " = ", total, ", got ",
+                    cu[count - 1]);
   for (int64_t s = 1; s < count; ++s) {
     const int64_t length = int64_t(cu[s]) - cu[s - 1];
     TORCH_CHECK_VALUE(length <= max_seqlen, "selfattn: ", max_name, " = ", max_seqlen,
-                      " is less than the length of sequence ", s - 1, " (", name, "[", s, "] - ", name,
-                      "[", s - 1, "] = ", length, ")");
+                      " is less than the length of sequence ", s - 1, " (", name, "[", s, "] - ", name, "[", s - 1,
+                      "] = ", length, ")");
   }
 }
 
@@ -233,9 +225,8 @@ void check_varlen_grad_inputs(const VarlenShape& s, const at::Tensor& q, const a
   check_lse(lse, q, "q", {s.heads, s.total_q}, "(Hq, Tq)");
 }
 
-LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
-                              const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
-                              int64_t num_kv_heads, double scale) {
+LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
+                              int64_t num_heads, int64_t num_kv_heads, double scale) {
   check_float_tensor(x, "x");
   check_float_tensor(w_qkv, "w_qkv");
   check_rank(x, "x", 3, "(B, N, E)");
@@ -250,8 +241,11 @@ LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
   const c10::SymInt rows = w_qkv.sym_size(0), embed = x.sym_size(2);
   TORCH_CHECK_VALUE(rows >= slots && rows % slots == 0 && w_qkv.sym_size(1) == embed,
                     "selfattn: w_qkv must have shape ((num_heads + 2 * num_kv_heads) * head_dim, "
-                    "embed_dim) with num_heads + 2 * num_kv_heads = ", slots, " and embed_dim = "
-                    "x.size(-1) = ", embed, ", got ", w_qkv.sym_sizes());
+                    "embed_dim) with num_heads + 2 * num_kv_heads = ",
+                    slots,
+                    " and embed_dim = "
+                    "x.size(-1) = ",
+                    embed, ", got ", w_qkv.sym_sizes());
   if (b_qkv.has_value()) {
     check_float_tensor(*b_qkv, "b_qkv");
     check_like(*b_qkv, "b_qkv", x, "x");
@@ -262,8 +256,7 @@ LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
   return {x.sym_size(0), x.sym_size(1), embed, num_heads * head_dim, num_heads, heads_kv, head_dim};
 }
 
-void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
-                             const std::optional<at::Tensor>& attn_mask) {
+void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x, const std::optional<at::Tensor>& attn_mask) {
   const AttentionShape attention{s.batch, s.heads, s.heads_kv, s.seq, s.seq, s.head_dim, s.head_dim};
   check_mask_inputs(attention, x, attn_mask);
 }
@@ -271,8 +264,10 @@ void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,
                              const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
                              const c10::List<bool>& output_mask) {
-  TORCH_CHECK_VALUE(output_mask.size() == 3, "selfattn: output_mask must have 3 entries "
-                    "(grad_x, grad_w, grad_b), got ", output_mask.size());
+  TORCH_CHECK_VALUE(output_mask.size() == 3,
+                    "selfattn: output_mask must have 3 entries "
+                    "(grad_x, grad_w, grad_b), got ",
+                    output_mask.size());
   check_float_tensor(grad_out, "grad_out");
   check_float_tensor(qkv, "qkv");
   check_float_tensor(out, "out");
@@ -293,8 +288,10 @@ int64_t decode_splits_setting() {
   }
   const std::string text(value);
   const bool digits = text.size() <= 6 && text.find_first_not_of("0123456789") == std::string::npos;
-  TORCH_CHECK(digits, "SELFATTN_DECODE_SPLITS must be a non-negative integer below 10^6 (0: no decode path, "
-              "unset: automatic), got '", text, "'");
+  TORCH_CHECK(digits,
+              "SELFATTN_DECODE_SPLITS must be a non-negative integer below 10^6 (0: no decode path, "
+              "unset: automatic), got '",
+              text, "'");
   return std::stoll(text);
 }
 

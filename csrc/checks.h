@@ -28,9 +28,7 @@
 namespace selfattn {
 
 // Scalar type of lse and of all accumulation for inputs of `dtype`.
-inline at::ScalarType accumulate_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType accumulate_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 struct AttentionShape {
   c10::SymInt batch, heads, heads_kv, nq, nk, dim, dim_v;
@@ -50,19 +48,15 @@ struct LayerShape {
 };
 
 // q, k, v of attention_fwd; the scale it multiplies the scores by.
-AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      double scale);
+AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 
 // The tangents of attention_jvp, each undefined (a zero tangent) or with the dtype, device and shape
 // of its primal (q, k or v).
-void check_attention_tangents(const AttentionShape& s, const at::Tensor& q,
-                              const std::optional<at::Tensor>& tangent_q,
-                              const std::optional<at::Tensor>& tangent_k,
-                              const std::optional<at::Tensor>& tangent_v);
+void check_attention_tangents(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& tangent_q,
+                              const std::optional<at::Tensor>& tangent_k, const std::optional<at::Tensor>& tangent_v);
 
 // attn_mask of the attention ops, against the shape of q, k and v.
-void check_mask_inputs(const AttentionShape& s, const at::Tensor& q,
-                       const std::optional<at::Tensor>& attn_mask);
+void check_mask_inputs(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& attn_mask);
 
 // The window sides (left, right) of every op that takes a window (-1: unbounded).
 void check_window(int64_t left, int64_t right);
@@ -78,33 +72,29 @@ void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state,
 // q, k, v, cu_seqlens_q/k, max_seqlen_q/k and scale of varlen_attention_fwd: everything that
 // needs no data (so the Meta kernels make them too).
 VarlenShape check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                int64_t max_seqlen_k, double scale);
 
 // The values of one cu_seqlens (on the host, contiguous, `count` = S + 1 entries): 0 first,
 // non-decreasing, `total` last, no sequence longer than max_seqlen. Only the kernels can make this
 // check: meta and fake tensors carry no data.
-void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name,
-                             int64_t total, const char* total_name, int64_t max_seqlen,
-                             const char* max_name);
+void check_cu_seqlens_values(const int32_t* cu, int64_t count, const char* name, int64_t total, const char* total_name,
+                             int64_t max_seqlen, const char* max_name);
 
 // The rest of varlen_attention_bwd's arguments, against the shape of q, k and v.
 void check_varlen_grad_inputs(const VarlenShape& s, const at::Tensor& q, const at::Tensor& grad_out,
                               const at::Tensor& out, const at::Tensor& lse);
 
 // The rest of attention_bwd's arguments, against the shape of q, k and v.
-void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q,
-                                 const at::Tensor& grad_out, const at::Tensor& out,
-                                 const at::Tensor& lse);
+void check_attention_grad_inputs(const AttentionShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                                 const at::Tensor& out, const at::Tensor& lse);
 
 // x, w_qkv, b_qkv, num_heads, num_kv_heads (0: num_heads) and scale of self_attention_fwd.
-LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv,
-                              const std::optional<at::Tensor>& b_qkv, int64_t num_heads,
-                              int64_t num_kv_heads, double scale);
+LayerShape check_layer_inputs(const at::Tensor& x, const at::Tensor& w_qkv, const std::optional<at::Tensor>& b_qkv,
+                              int64_t num_heads, int64_t num_kv_heads, double scale);
 
 // attn_mask of the layer ops: check_mask_inputs with Hq = num_heads and Nq = Nk = N.
-void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x,
-                             const std::optional<at::Tensor>& attn_mask);
+void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x, const std::optional<at::Tensor>& attn_mask);
 
 // The rest of self_attention_bwd's arguments, against the layer's shape.
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,

@@ -200,9 +200,7 @@ struct EagerAttention : public torch::autograd::Function<EagerAttention> {
 
 }  // namespace
 
-const c10::FunctionSchema& attention_eager_schema() {
-  return eager_plan().forward.schema();
-}
+const c10::FunctionSchema& attention_eager_schema() { return eager_plan().forward.schema(); }
 
 at::Tensor attention_eager(torch::jit::Stack stack) {
   const EagerPlan& plan = eager_plan();

@@ -35,18 +35,12 @@ void attention_jvp(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::ji
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(selfattn, CPU, m) {
-  m.impl("attention_jvp", boxed<&attention_jvp<kCpuKernels>>());
-}
+TORCH_LIBRARY_IMPL(selfattn, CPU, m) { m.impl("attention_jvp", boxed<&attention_jvp<kCpuKernels>>()); }
 
 #ifdef SELFATTN_WITH_CUDA
-TORCH_LIBRARY_IMPL(selfattn, CUDA, m) {
-  m.impl("attention_jvp", boxed<&attention_jvp<kCudaKernels>>());
-}
+TORCH_LIBRARY_IMPL(selfattn, CUDA, m) { m.impl("attention_jvp", boxed<&attention_jvp<kCudaKernels>>()); }
 #endif
 
-TORCH_LIBRARY_IMPL(selfattn, Meta, m) {
-  m.impl("attention_jvp", boxed<&attention_jvp<kMetaKernels>>());
-}
+TORCH_LIBRARY_IMPL(selfattn, Meta, m) { m.impl("attention_jvp", boxed<&attention_jvp<kMetaKernels>>()); }
 
 }  // namespace selfattn

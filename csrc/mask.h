@@ -37,9 +37,7 @@ struct Band {
   // The first and last key query i may see (not clipped to [0, Nk)).
   SELFATTN_BAND_FN int64_t first_key(int64_t i) const { return i + offset - left; }
   SELFATTN_BAND_FN int64_t last_key(int64_t i) const { return i + offset + right; }
-  SELFATTN_BAND_FN bool visible(int64_t i, int64_t j) const {
-    return first_key(i) <= j && j <= last_key(i);
-  }
+  SELFATTN_BAND_FN bool visible(int64_t i, int64_t j) const { return first_key(i) <= j && j <= last_key(i); }
   // Every key of [k0, k1) is visible to every query of [q0, q1) (both ranges non-empty).
   SELFATTN_BAND_FN bool covers(int64_t q0, int64_t q1, int64_t k0, int64_t k1) const {
     return first_key(q1 - 1) <= k0 && k1 - 1 <= last_key(q0);
@@ -49,9 +47,7 @@ struct Band {
     return first_key(q0) <= k1 - 1 && k0 <= last_key(q1 - 1);
   }
   // The queries of [0, nq) that see some key of [k0, k1): [first, last], possibly empty.
-  SELFATTN_BAND_FN int64_t first_query(int64_t k0) const {
-    return right >= kUnbounded ? 0 : k0 - offset - right;
-  }
+  SELFATTN_BAND_FN int64_t first_query(int64_t k0) const { return right >= kUnbounded ? 0 : k0 - offset - right; }
   SELFATTN_BAND_FN int64_t last_query(int64_t k1) const {
     return left >= kUnbounded ? kUnbounded : k1 - 1 - offset + left;
   }

@@ -81,8 +81,7 @@ SELFATTN_PHILOX_FN PhiloxWords philox_words(PhiloxKey key, int64_t b, int64_t h,
 
 // Whether element (b, h, i, j) is kept (one Philox call; the kernels that visit 4 consecutive keys
 // of a row share one call among them instead).
-SELFATTN_PHILOX_FN bool dropout_keep(PhiloxKey key, uint32_t threshold, int64_t b, int64_t h, int64_t i,
-                                     int64_t j) {
+SELFATTN_PHILOX_FN bool dropout_keep(PhiloxKey key, uint32_t threshold, int64_t b, int64_t h, int64_t i, int64_t j) {
   return philox_words(key, b, h, i, j).w[j & 3] >= threshold;
 }
 

@@ -141,8 +141,7 @@ PyObject* attention_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_
 }
 
 PyMethodDef methods[] = {
-    {"attention_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(attention_eager)),
-     METH_FASTCALL,
+    {"attention_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(attention_eager)), METH_FASTCALL,
      "attention_eager(q, k, v, causal, scale, ...): attention_fwd's out for its arguments by position, with the C++ "
      "autograd (python_module.cpp)"},
     {nullptr, nullptr, 0, nullptr}};

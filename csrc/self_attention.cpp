@@ -25,8 +25,7 @@ namespace {
 // (B, H, N, D) views of q and (B, Hkv, N, D) views of k and v inside a (B, N, H + 2·Hkv, D) buffer.
 std::array<at::Tensor, 3> split_heads(const at::Tensor& packed, const LayerShape& s) {
   const at::Tensor heads = packed.view_symint({s.batch, s.seq, s.heads + 2 * s.heads_kv, s.head_dim});
-  return {heads.narrow(2, 0, s.heads).transpose(1, 2),
-          heads.narrow(2, s.heads, s.heads_kv).transpose(1, 2),
+  return {heads.narrow(2, 0, s.heads).transpose(1, 2), heads.narrow(2, s.heads, s.heads_kv).transpose(1, 2),
           heads.narrow(2, s.heads + s.heads_kv, s.heads_kv).transpose(1, 2)};
 }
 
@@ -104,8 +103,8 @@ void self_attention_fwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torc
     const auto [q, k, v] = split_heads(qkv, s);
     kernels.forward(q, k, v, mask, args.real("scale"), out.transpose(1, 2), lse);
   }
-  set_outputs(stack, names, out.view_symint({s.batch, s.seq, s.model}),
-              qkv.view_symint({s.batch, s.seq, s.qkv_dim()}), lse);
+  set_outputs(stack, names, out.view_symint({s.batch, s.seq, s.model}), qkv.view_symint({s.batch, s.seq, s.qkv_dim()}),
+              lse);
 }
 
 template <const DeviceKernels& kernels>
@@ -127,8 +126,7 @@ void self_attention_bwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torc
       return t.reshape_symint({s.batch, s.seq, s.heads, s.head_dim}).transpose(1, 2);
     };
     const auto [grad_q, grad_k, grad_v] = split_heads(grad_qkv, s);
-    kernels.backward(per_head(grad_out), q, k, v, per_head(out), lse, mask, args.real("scale"), grad_q, grad_k,
-                     grad_v);
+    kernels.backward(per_head(grad_out), q, k, v, per_head(out), lse, mask, args.real("scale"), grad_q, grad_k, grad_v);
   }
   // Outputs must not alias each other, so each skipped gradient gets its own empty tensor.
   const auto nothing = [&] { return at::empty({0}, x.options()); };
@@ -158,26 +156,16 @@ void register_kernels(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(selfattn, CPU, m) {
-  register_kernels<kCpuKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, CPU, m) { register_kernels<kCpuKernels>(m); }
 
 #ifdef SELFATTN_WITH_CUDA
-TORCH_LIBRARY_IMPL(selfattn, CUDA, m) {
-  register_kernels<kCudaKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, CUDA, m) { register_kernels<kCudaKernels>(m); }
 #endif
 
-TORCH_LIBRARY_IMPL(selfattn, Meta, m) {
-  register_kernels<kMetaKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, Meta, m) { register_kernels<kMetaKernels>(m); }
 
-TORCH_LIBRARY_IMPL(selfattn, AutocastCPU, m) {
-  m.impl("self_attention_fwd", boxed<&self_attention_fwd_autocast>());
-}
+TORCH_LIBRARY_IMPL(selfattn, AutocastCPU, m) { m.impl("self_attention_fwd", boxed<&self_attention_fwd_autocast>()); }
 
-TORCH_LIBRARY_IMPL(selfattn, AutocastCUDA, m) {
-  m.impl("self_attention_fwd", boxed<&self_attention_fwd_autocast>());
-}
+TORCH_LIBRARY_IMPL(selfattn, AutocastCUDA, m) { m.impl("self_attention_fwd", boxed<&self_attention_fwd_autocast>()); }
 
 }  // namespace selfattn

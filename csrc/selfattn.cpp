@@ -20,9 +20,7 @@ extern "C" {
 // sanitizers), set by selfattn/_settings.py. The loader finds it in the file's bytes before
 // loading the library, so a build for another torch is reported in words rather than as an
 // undefined symbol.
-__attribute__((used)) const char selfattn_build_info[] =
-    "selfattn-build-info:" SELFATTN_STRINGIZE(SELFATTN_BUILD_INFO);
-
+__attribute__((used)) const char selfattn_build_info[] = "selfattn-build-info:" SELFATTN_STRINGIZE(SELFATTN_BUILD_INFO);
 }
 
 TORCH_LIBRARY(selfattn, m) {

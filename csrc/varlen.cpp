@@ -30,8 +30,8 @@ struct Boundaries {
   const int32_t* k() const { return host.data_ptr<int32_t>() + host.size(1); }
 };
 
-Boundaries read_boundaries(const VarlenShape& s, const at::Tensor& cu_seqlens_q,
-                           const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+Boundaries read_boundaries(const VarlenShape& s, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                           int64_t max_seqlen_q, int64_t max_seqlen_k) {
   // On CUDA, this is the op's one device-to-host copy (a synchronisation); on CPU a view or a
   // small copy.
   Boundaries b{at::stack({cu_seqlens_q, cu_seqlens_k}).to(at::kCPU).contiguous()};
@@ -49,9 +49,7 @@ at::Tensor rows(const at::Tensor& t, int64_t start, int64_t n) {
 }
 
 // Columns [start, start + n) of a packed (H, T) lse as a (1, H, n) view.
-at::Tensor lse_rows(const at::Tensor& lse, int64_t start, int64_t n) {
-  return lse.narrow(1, start, n).unsqueeze(0);
-}
+at::Tensor lse_rows(const at::Tensor& lse, int64_t start, int64_t n) { return lse.narrow(1, start, n).unsqueeze(0); }
 
 // The argument builder of varlen_attention_fwd and varlen_attention_bwd: their mask arguments
 // (the band and bottom_right) and dropout's, checked; each sequence's mask
@@ -129,8 +127,8 @@ void varlen_attention_fwd(const c10::OperatorHandle& op, c10::DispatchKeySet, to
         lse.narrow(1, q0, nq).fill_(-std::numeric_limits<double>::infinity());
         continue;
       }
-      kernels.forward(rows(in.q, q0, nq), rows(in.k, k0, nk), rows(in.v, k0, nk), mask.sequence(nq, nk, i),
-                      in.scale, rows(out, q0, nq), lse_rows(lse, q0, nq));
+      kernels.forward(rows(in.q, q0, nq), rows(in.k, k0, nk), rows(in.v, k0, nk), mask.sequence(nq, nk, i), in.scale,
+                      rows(out, q0, nq), lse_rows(lse, q0, nq));
     }
   }
   set_outputs(stack, names, out, lse);
@@ -179,19 +177,13 @@ void register_kernels(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(selfattn, CPU, m) {
-  register_kernels<kCpuKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, CPU, m) { register_kernels<kCpuKernels>(m); }
 
 #ifdef SELFATTN_WITH_CUDA
-TORCH_LIBRARY_IMPL(selfattn, CUDA, m) {
-  register_kernels<kCudaKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, CUDA, m) { register_kernels<kCudaKernels>(m); }
 #endif
 
-TORCH_LIBRARY_IMPL(selfattn, Meta, m) {
-  register_kernels<kMetaKernels>(m);
-}
+TORCH_LIBRARY_IMPL(selfattn, Meta, m) { register_kernels<kMetaKernels>(m); }
 
 TORCH_LIBRARY_IMPL(selfattn, AutocastCPU, m) {
   m.impl("varlen_attention_fwd", boxed<&varlen_attention_fwd_autocast>());

@@ -26,7 +26,8 @@ class ForwardBf16 {
         block_k_(block_k),
         dim_pairs_(ceil_div(dim, 2)),
         buffer_(Carver::padded(dim_pairs_ * block_q) + Carver::padded(ceil_div(block_k, 2) * dim_v_padded) +
-                Carver::padded(ceil_div(block_k, 2) * block_q) + Carver::padded(ceil_div(block_k * round_up(dim, 2), 2))) {
+                Carver::padded(ceil_div(block_k, 2) * block_q) +
+                Carver::padded(ceil_div(block_k * round_up(dim, 2), 2))) {
     Carver carve(buffer_.get());
     q_vnni_ = carve.take(dim_pairs_ * block_q);
     v_vnni_ = carve.take(ceil_div(block_k, 2) * dim_v_padded);
@@ -61,15 +62,15 @@ class ForwardBf16 {
       gemm_bf16(k_rows, block_q_, dim_pairs_, k_rows_bf16.data, k_rows_bf16.row_stride, 2, q_vnni_, block_q_, p_t,
                 block_q_, scale, /*accumulate=*/false);
     } else {
-      gemm_bf16_keys_x_queries(*cut, k_rows, block_q_, dim_pairs_, k_rows_bf16.data, k_rows_bf16.row_stride, 2,
-                               q_vnni_, block_q_, p_t, block_q_, scale);
+      gemm_bf16_keys_x_queries(*cut, k_rows, block_q_, dim_pairs_, k_rows_bf16.data, k_rows_bf16.row_stride, 2, q_vnni_,
+                               block_q_, p_t, block_q_, scale);
     }
   }
 
   // acc (q_rows x dim_v_padded) += P · v rows k0 .. k0 + k_rows - 1, P = p_t's transpose rounded
   // to bf16; with a cut, each slab of queries over the keys it sees (gemm_queries_x_keys).
-  void add_probs_times_values(const float* p_t, int64_t k_rows, int64_t q_rows, const Bf16View& v, int64_t b,
-                              int64_t h, int64_t k0, const MaskCut* cut, float* acc) {
+  void add_probs_times_values(const float* p_t, int64_t k_rows, int64_t q_rows, const Bf16View& v, int64_t b, int64_t h,
+                              int64_t k0, const MaskCut* cut, float* acc) {
     if (brgemm_) {  // P row-major over keys (hidden pairs are 0), v in 64-wide VNNI blocks
       const int64_t k_pairs = ceil_div(k_rows, 2), p_ld = block_k_;
       uint16_t* p_rows = reinterpret_cast<uint16_t*>(p_vnni_);
@@ -109,8 +110,8 @@ class BackwardBf16 {
   using Carver = ScratchCarver<uint32_t>;
 
  public:
-  BackwardBf16(int64_t dim, int64_t dim_v, int64_t dim_padded, int64_t dim_v_padded, int64_t nq_padded,
-               int64_t block_q, int64_t block_k, bool brgemm)
+  BackwardBf16(int64_t dim, int64_t dim_v, int64_t dim_padded, int64_t dim_v_padded, int64_t nq_padded, int64_t block_q,
+               int64_t block_k, bool brgemm)
       : brgemm_(brgemm),
         dim_(dim),
         dim_v_(dim_v),
@@ -185,19 +186,19 @@ class BackwardBf16 {
       gemm_bf16(kv_rows, block_q_, dim_pairs_, k_pairs_.data, k_pairs_.row_stride, 2, q_cols_ + q0, nq_padded_, p_t,
                 block_q_, scale, /*accumulate=*/false);
     } else {
-      gemm_bf16_keys_x_queries(*cut, kv_rows, block_q_, dim_pairs_, k_pairs_.data, k_pairs_.row_stride, 2,
-                               q_cols_ + q0, nq_padded_, p_t, block_q_, scale);
+      gemm_bf16_keys_x_queries(*cut, kv_rows, block_q_, dim_pairs_, k_pairs_.data, k_pairs_.row_stride, 2, q_cols_ + q0,
+                               nq_padded_, p_t, block_q_, scale);
     }
   }
 
   // dp_t (kv_rows x block_q) = v rows · dO rows q0 .. (dP, transposed).
   void dprobs(const MaskCut* cut, int64_t kv_rows, int64_t q0, float* dp_t) {
     if (brgemm_) {
-      brgemm_bf16(kv_rows, block_q_, 2 * dim_v_pairs_, v_pairs_.data, v_pairs_.row_stride,
-                  do_cols_ + q0 * dim_v_pairs_, block_q_, dp_t, block_q_, /*accumulate=*/false);
+      brgemm_bf16(kv_rows, block_q_, 2 * dim_v_pairs_, v_pairs_.data, v_pairs_.row_stride, do_cols_ + q0 * dim_v_pairs_,
+                  block_q_, dp_t, block_q_, /*accumulate=*/false);
     } else if (cut == nullptr) {
-      gemm_bf16(kv_rows, block_q_, dim_v_pairs_, v_pairs_.data, v_pairs_.row_stride, 2, do_cols_ + q0, nq_padded_,
-                dp_t, block_q_, 1.0f, /*accumulate=*/false);
+      gemm_bf16(kv_rows, block_q_, dim_v_pairs_, v_pairs_.data, v_pairs_.row_stride, 2, do_cols_ + q0, nq_padded_, dp_t,
+                block_q_, 1.0f, /*accumulate=*/false);
     } else {
       gemm_bf16_keys_x_queries(*cut, kv_rows, block_q_, dim_v_pairs_, v_pairs_.data, v_pairs_.row_stride, 2,
                                do_cols_ + q0, nq_padded_, dp_t, block_q_, 1.0f);
@@ -219,8 +220,8 @@ class BackwardBf16 {
                           dim_v_padded_, /*accumulate=*/true, q0 / 2);
       brgemm_bf16_blocked(kv_rows, dim_padded_, q_depth, ds_rows_, block_q_, q_vnni_, nq_padded_ / 2, dk_acc,
                           dim_padded_, /*accumulate=*/true, q0 / 2);
-      brgemm_bf16_blocked(q_rows, dim_padded_, kv_depth, ds_transposed, ds_ld, k_vnni_, block_k_ / 2, dq_acc,
-                          dq_stride, /*accumulate=*/true);
+      brgemm_bf16_blocked(q_rows, dim_padded_, kv_depth, ds_transposed, ds_ld, k_vnni_, block_k_ / 2, dq_acc, dq_stride,
+                          /*accumulate=*/true);
       return;
     }
     round_vnni_over_rows(ds_t, block_q_, kv_rows, block_q_, ds_vnni_);
@@ -236,8 +237,8 @@ class BackwardBf16 {
       gemm_bf16(q_rows, dim_padded_, ceil_div(kv_rows, 2), ds_pairs, 2, 2 * block_q_, k_vnni_, dim_padded_, dq_acc,
                 dq_stride, 1.0f, /*accumulate=*/true);
     } else {
-      gemm_bf16_keys_x_queries_depth(*cut, kv_rows, dim_v_padded_, q_rows, p_rows_, block_q_, 2, do_vnni,
-                                     dim_v_padded_, dv_acc, dim_v_padded_);
+      gemm_bf16_keys_x_queries_depth(*cut, kv_rows, dim_v_padded_, q_rows, p_rows_, block_q_, 2, do_vnni, dim_v_padded_,
+                                     dv_acc, dim_v_padded_);
       gemm_bf16_keys_x_queries_depth(*cut, kv_rows, dim_padded_, q_rows, ds_rows_, block_q_, 2, q_vnni, dim_padded_,
                                      dk_acc, dim_padded_);
       gemm_bf16_queries_x_keys(*cut, q_rows, dim_padded_, kv_rows, ds_pairs, 2, 2 * block_q_, k_vnni_, dim_padded_,

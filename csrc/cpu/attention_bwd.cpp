@@ -57,10 +57,10 @@ struct BackwardShape {
 //          covers a (batch, kv head) but grad_q cannot: it then sums in scratch and writes grad_q.
 // grad_q, grad_k, grad_v: the shapes of q, k, v, scalar_t, any strides
 template <typename scalar_t, typename T>
-void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const at::Tensor& q,
-                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                     const at::Tensor& lse, const AttentionMask& mask, T scale, const at::Tensor& dq_sums,
-                     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
+void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask,
+                     T scale, const at::Tensor& dq_sums, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                     const at::Tensor& grad_v) {
   constexpr int64_t W = kVecWidth<T>;
   const Strided4<const scalar_t> do_view(grad_out), q_view(q), k_view(k), v_view(v), out_view(out);
   // Rows in T for the tile GEMMs (tile.h): q, k and dO are read as whole rows (B operands), v
@@ -88,12 +88,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
 
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size =
-      Carver::padded(s.dim * nq_padded) + Carver::padded(s.dim_v * nq_padded) +
-      2 * Carver::padded(nq_padded) + (dropout.active() ? 3 : 2) * Carver::padded(block_k * block_q) +
-      Carver::padded(split_keys * s.dim_padded) + Carver::padded(split_keys * s.dim_v_padded) +
-      Carver::padded(q_reader.scratch_size(block_q)) + Carver::padded(do_reader.scratch_size(block_q)) +
-      Carver::padded(k_reader.scratch_size(block_k)) + Carver::padded(v_reader.scratch_size(block_k)) +
-      (dq_in_scratch ? Carver::padded(s.nq * s.dim_padded) : 0);
+      Carver::padded(s.dim * nq_padded) + Carver::padded(s.dim_v * nq_padded) + 2 * Carver::padded(nq_padded) +
+      (dropout.active() ? 3 : 2) * Carver::padded(block_k * block_q) + Carver::padded(split_keys * s.dim_padded) +
+      Carver::padded(split_keys * s.dim_v_padded) + Carver::padded(q_reader.scratch_size(block_q)) +
+      Carver::padded(do_reader.scratch_size(block_q)) + Carver::padded(k_reader.scratch_size(block_k)) +
+      Carver::padded(v_reader.scratch_size(block_k)) + (dq_in_scratch ? Carver::padded(s.nq * s.dim_padded) : 0);
 
   for_each_item(s.batch * s.heads_kv * s.splits, [&](ItemQueue& items) {
     Scratch<T> scratch(scratch_size);
@@ -165,7 +164,8 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
               // is the float32 gradient's largest error where a row sees one or two keys.
               double dot = 0;
               for (int64_t d = 0; d < s.dim_v; ++d) {
-                dot += static_cast<double>(do_row[d * do_view.stride_d]) * static_cast<double>(out_row[d * out_view.stride_d]);
+                dot += static_cast<double>(do_row[d * do_view.stride_d]) *
+                       static_cast<double>(out_row[d * out_view.stride_d]);
               }
               delta[i] = static_cast<T>(dot);
             } else {
@@ -222,11 +222,11 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
                 bf16->scores(cut ? &band_cols : nullptr, kv_rows, q0, scale, p_t);
               }
             } else if (!cut) {
-              gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_cols, block_q, p_t,
-                      block_q, /*accumulate=*/false);
+              gemm<T>(kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_cols, block_q, p_t, block_q,
+                      /*accumulate=*/false);
             } else {
-              gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1,
-                                     q_cols, block_q, p_t, block_q, /*accumulate=*/false);
+              gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_cols,
+                                     block_q, p_t, block_q, /*accumulate=*/false);
             }
             if (cut) {
               mask_band(band_cols, kv_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
@@ -247,8 +247,8 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
                 bf16->dprobs(cut ? &band_cols : nullptr, kv_rows, q0, ds_t);
               }
             } else if (!cut) {
-              gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_cols,
-                      block_q, ds_t, block_q, /*accumulate=*/false);
+              gemm<T>(kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride, v_block.col_stride, do_cols, block_q,
+                      ds_t, block_q, /*accumulate=*/false);
             } else {
               gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim_v, v_block.data, v_block.row_stride,
                                      v_block.col_stride, do_cols, block_q, ds_t, block_q, /*accumulate=*/false);
@@ -264,8 +264,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
               }
             } else {
               // dS = P ∘ (M ∘ dP - delta); then P becomes P ∘ M for dv.
-              dropout_tile</*kMultiply=*/false>(dropout, dropout_key, b, h, q0, block_q, k0, kv_rows, keep_t,
-                                                block_q);
+              dropout_tile</*kMultiply=*/false>(dropout, dropout_key, b, h, q0, block_q, k0, kv_rows, keep_t, block_q);
               for (int64_t j = 0; j < kv_rows; ++j) {
                 for (int64_t c = 0; c < block_q; c += W) {
                   const Vec<T> p = Vec<T>::loadu(p_t + j * block_q + c);
@@ -344,10 +343,9 @@ void reduce_grad_q(const BackwardShape& s, const at::Tensor& dq_sums, const at::
 
 }  // namespace
 
-void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                        const AttentionMask& mask, double scale, const at::Tensor& grad_q,
-                        const at::Tensor& grad_k, const at::Tensor& grad_v) {
+void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask, double scale,
+                        const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
   BackwardShape s;
   s.batch = q.size(0), s.heads = q.size(1), s.heads_kv = k.size(1), s.nq = q.size(2), s.nk = k.size(2);
   s.dim = q.size(3), s.dim_v = v.size(3);
@@ -390,8 +388,8 @@ void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const a
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t>(s, grad_out, q, k, v, out, lse, mask, static_cast<acc_t>(scale), dq_sums,
-                                     grad_q, grad_k, grad_v);
+    backward_kernel<scalar_t, acc_t>(s, grad_out, q, k, v, out, lse, mask, static_cast<acc_t>(scale), dq_sums, grad_q,
+                                     grad_k, grad_v);
     if (s.splits > 1) {
       reduce_grad_q<scalar_t, acc_t>(s, dq_sums, grad_q);
     }

@@ -45,8 +45,8 @@ constexpr int64_t kTargetItems = 64;
 // q: (B, Hq, Nq, D), k: (B, Hk, Nk, D), v: (B, Hk, Nk, Dv), out: (B, Hq, Nq, Dv), any strides;
 // lse (B, Hq, Nq) T. T (float, or double for double) is the accumulation type.
 template <typename scalar_t, typename T>
-void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
-                   T scale, int64_t forced_splits, const at::Tensor& out, const at::Tensor& lse) {
+void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask, T scale,
+                   int64_t forced_splits, const at::Tensor& out, const at::Tensor& lse) {
   constexpr int64_t W = kVecWidth<T>;
   constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dim = q.size(3);
@@ -214,8 +214,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
         // acc (R x Dv) += P (R x k_rows) · v rows.
         const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
-        gemm<T>(rows, dim_v_padded, k_rows, s, /*a_row=*/kBlockK, /*a_col=*/1, v_block.data, v_block.row_stride,
-                acc, dim_v_padded, /*accumulate=*/true);
+        gemm<T>(rows, dim_v_padded, k_rows, s, /*a_row=*/kBlockK, /*a_col=*/1, v_block.data, v_block.row_stride, acc,
+                dim_v_padded, /*accumulate=*/true);
       }
 
       // The split's rows, normalised, with their lse: to the output when it is the only split.

@@ -41,8 +41,8 @@ constexpr int64_t kMaxBlockQBf16 = 64;  // the bf16 GEMMs' packed operands (brge
 // q: (B, Hq, Nq, D), k: (B, Hk, Nk, D), v: (B, Hk, Nk, Dv), out: (B, Hq, Nq, Dv): scalar_t, any strides
 // lse: (B, Hq, Nq) T, any strides. T (float, or double for double) is the accumulation type.
 template <typename scalar_t, typename T>
-void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
-                    T scale, const at::Tensor& out, const at::Tensor& lse) {
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask, T scale,
+                    const at::Tensor& out, const at::Tensor& lse) {
   constexpr int64_t W = kVecWidth<T>;
   const int64_t batch = q.size(0), heads = q.size(1), nq = q.size(2), dim = q.size(3);
   const int64_t group = heads / k.size(1);  // query heads per kv head
@@ -71,13 +71,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);
   const Strided4<scalar_t> out_view(out);
   T* const lse_data = lse.data_ptr<T>();
-  const int64_t lse_stride_b = lse.stride(0), lse_stride_h = lse.stride(1),
-                lse_stride_n = lse.stride(2);
+  const int64_t lse_stride_b = lse.stride(0), lse_stride_h = lse.stride(1), lse_stride_n = lse.stride(2);
 
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size = Carver::padded(dim * block_q) + Carver::padded(block_k * block_q) +
-                               Carver::padded(block_q * dim_v_padded) +
-                               3 * Carver::padded(block_q) + Carver::padded(k_reader.scratch_size(block_k)) +
+                               Carver::padded(block_q * dim_v_padded) + 3 * Carver::padded(block_q) +
+                               Carver::padded(k_reader.scratch_size(block_k)) +
                                Carver::padded(v_reader.scratch_size(block_k));
 
   for_each_item(batch * heads * q_blocks, [&](ItemQueue& items) {
@@ -135,12 +134,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           }
         } else if (!cut) {
           const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
-          gemm<T>(k_rows, block_q, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, block_q,
-                  p_t, block_q, /*accumulate=*/false);
+          gemm<T>(k_rows, block_q, dim, k_block.data, k_block.row_stride, k_block.col_stride, q_t, block_q, p_t,
+                  block_q, /*accumulate=*/false);
         } else {
           const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
-          gemm_keys_x_queries<T>(band_cols, k_rows, block_q, dim, k_block.data, k_block.row_stride,
-                                 k_block.col_stride, q_t, block_q, p_t, block_q, /*accumulate=*/false);
+          gemm_keys_x_queries<T>(band_cols, k_rows, block_q, dim, k_block.data, k_block.row_stride, k_block.col_stride,
+                                 q_t, block_q, p_t, block_q, /*accumulate=*/false);
         }
         if (cut) {
           mask_band(band_cols, k_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
@@ -196,8 +195,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
         const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
         if (!cut) {
-          gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q, v_block.data,
-                  v_block.row_stride, acc, dim_v_padded, /*accumulate=*/true);
+          gemm<T>(q_rows, dim_v_padded, k_rows, p_t, /*a_row=*/1, /*a_col=*/block_q, v_block.data, v_block.row_stride,
+                  acc, dim_v_padded, /*accumulate=*/true);
         } else {
           gemm_queries_x_keys<T>(band_cols, q_rows, dim_v_padded, k_rows, p_t, 1, block_q, v_block.data,
                                  v_block.row_stride, acc, dim_v_padded);
@@ -233,9 +232,8 @@ std::string bf16_tile_gemm() {
   return cpu_has_amx_bf16() ? "onednn-brgemm (AMX)" : "onednn-brgemm (AVX512-BF16)";
 }
 
-void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const AttentionMask& mask, double scale, const at::Tensor& out,
-                       const at::Tensor& lse) {
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                       double scale, const at::Tensor& out, const at::Tensor& lse) {
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) {
     return;
   }

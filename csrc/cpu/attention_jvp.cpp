@@ -55,8 +55,7 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const BlockReader<scalar_t, T> k_reader(Strided4<const scalar_t>(k), dim, dim, /*whole_rows=*/false);
   const BlockReader<scalar_t, T> tk_reader(Strided4<const scalar_t>(has_tk ? tangent_k : k), dim, dim, false);
   const BlockReader<scalar_t, T> v_reader(Strided4<const scalar_t>(v), dim_v, dim_v_padded, /*whole_rows=*/true);
-  const BlockReader<scalar_t, T> tv_reader(Strided4<const scalar_t>(has_tv ? tangent_v : v), dim_v, dim_v_padded,
-                                           true);
+  const BlockReader<scalar_t, T> tv_reader(Strided4<const scalar_t>(has_tv ? tangent_v : v), dim_v, dim_v_padded, true);
   const Strided4<scalar_t> out_view(out);
   const Strided4<scalar_t> tangent_out_view(tangent_out);
   T* const lse_data = lse.data_ptr<T>();
@@ -116,8 +115,7 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
         // C (k_rows x block_q) (+)= a's key rows · b's query columns, skipping what the band hides.
         const auto keys_x_queries = [&](const RowBlock<T>& a, const T* columns, T* c, bool accumulate) {
           if (!cut) {
-            gemm<T>(k_rows, block_q, dim, a.data, a.row_stride, a.col_stride, columns, block_q, c, block_q,
-                    accumulate);
+            gemm<T>(k_rows, block_q, dim, a.data, a.row_stride, a.col_stride, columns, block_q, c, block_q, accumulate);
           } else {
             gemm_keys_x_queries<T>(band_cols, k_rows, block_q, dim, a.data, a.row_stride, a.col_stride, columns,
                                    block_q, c, block_q, accumulate);
@@ -186,8 +184,8 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
             gemm<T>(q_rows, dim_v_padded, k_rows, a_t, 1, block_q, rows.data, rows.row_stride, c, dim_v_padded,
                     /*accumulate=*/true);
           } else {
-            gemm_queries_x_keys<T>(band_cols, q_rows, dim_v_padded, k_rows, a_t, 1, block_q, rows.data,
-                                   rows.row_stride, c, dim_v_padded);
+            gemm_queries_x_keys<T>(band_cols, q_rows, dim_v_padded, k_rows, a_t, 1, block_q, rows.data, rows.row_stride,
+                                   c, dim_v_padded);
           }
         };
         const RowBlock<T> v_block = v_reader.read(b, h_kv, k0, k_rows, v_scratch);
@@ -225,8 +223,8 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 }  // namespace
 
 void attention_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
-                       const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask,
-                       double scale, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out) {
+                   const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask, double scale,
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out) {
   if (q.size(2) == 0 || q.size(0) * q.size(1) == 0) {
     return;
   }
@@ -238,8 +236,8 @@ void attention_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_jvp_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    jvp_kernel<scalar_t, acc_t>(q, k, v, tangent_q, tangent_k, tangent_v, mask, static_cast<acc_t>(scale), out,
-                                     lse, tangent_out);
+    jvp_kernel<scalar_t, acc_t>(q, k, v, tangent_q, tangent_k, tangent_v, mask, static_cast<acc_t>(scale), out, lse,
+                                tangent_out);
   });
 }
 

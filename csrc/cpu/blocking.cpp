@@ -36,10 +36,14 @@ int64_t parse_size(const std::string& text) {
     return 0;
   }
   switch (*end) {
-    case 'K': return value * kKiB;
-    case 'M': return value * kKiB * kKiB;
-    case 'G': return value * kKiB * kKiB * kKiB;
-    default: return value;
+    case 'K':
+      return value * kKiB;
+    case 'M':
+      return value * kKiB * kKiB;
+    case 'G':
+      return value * kKiB * kKiB * kKiB;
+    default:
+      return value;
   }
 }
 
@@ -100,7 +104,8 @@ CpuCaches detect_caches() {
     const int read = std::sscanf(setting, "%lld,%lld,%lld%c", &l1d_kib, &l2_kib, &sharers, &extra);
     TORCH_CHECK((read == 2 || read == 3) && l1d_kib > 0 && l2_kib > 0 && sharers > 0 && sharers <= 8,
                 "SELFATTN_CPU_CACHES must be 'L1D_KIB,L2_KIB' or 'L1D_KIB,L2_KIB,SHARERS' (per-core L1d and L2 "
-                "in KiB, CPUs sharing them 1 to 8), e.g. '32,512', got '", setting, "'");
+                "in KiB, CPUs sharing them 1 to 8), e.g. '32,512', got '",
+                setting, "'");
     CpuCaches caches{l1d_kib * kKiB, l2_kib * kKiB, sharers, "SELFATTN_CPU_CACHES"};
     return clamp_caches(caches);
   }
@@ -138,8 +143,10 @@ CpuCaches set_cpu_caches(int64_t l1d, int64_t l2, int64_t sharers) {
   if (l1d == 0 && l2 == 0 && sharers == 0) {
     current_caches = detect_caches();
   } else {
-    TORCH_CHECK(l1d > 0 && l2 > 0 && sharers > 0, "_cpu_caches: l1d, l2 and sharers must be positive (or all 0 "
-                "to detect again), got ", l1d, ", ", l2, ", ", sharers);
+    TORCH_CHECK(l1d > 0 && l2 > 0 && sharers > 0,
+                "_cpu_caches: l1d, l2 and sharers must be positive (or all 0 "
+                "to detect again), got ",
+                l1d, ", ", l2, ", ", sharers);
     current_caches = clamp_caches(CpuCaches{l1d, l2, sharers, "set"});
   }
   caches_known = true;

@@ -47,8 +47,8 @@ inline bool cpu_has_amx_bf16() {
 
 // C (m x n, row stride ldc) (+)= A (m x k, row-major, row stride lda) · B (VNNI: k/2 rows of
 // ldb pairs, n ≤ ldb ∈ {16, 32, 48, 64}); k even.
-inline void brgemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint32_t* b,
-                        int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+inline void brgemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                        float* c, int64_t ldc, bool accumulate) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, reinterpret_cast<const at::BFloat16*>(a),
                               reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
@@ -106,8 +106,7 @@ inline bool bf16_gemm_uses_brgemm() {
 // holds columns 64j .. at b + j · 64 · pairs_stride, its rows 64 (or the last block's width) apart;
 // the depth starts at its pair first_pair.
 inline void brgemm_bf16_blocked(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint32_t* b,
-                                int64_t pairs_stride, float* c, int64_t ldc, bool accumulate,
-                                int64_t first_pair = 0) {
+                                int64_t pairs_stride, float* c, int64_t ldc, bool accumulate, int64_t first_pair = 0) {
   for (int64_t n0 = 0; n0 < n; n0 += kPackedWidth) {
     const int64_t width = std::min(kPackedWidth, n - n0);
     brgemm_bf16(m, width, k, a, lda, b + n0 * pairs_stride + first_pair * width, width, c + n0, ldc, accumulate);
@@ -118,14 +117,13 @@ inline void brgemm_bf16_blocked(int64_t m, int64_t n, int64_t k, const uint16_t*
 // columns 0 .. width - 1 (width a multiple of 16; past dim, zero) cut into 64-wide blocks, block j
 // at dst + j · 64 · pairs_stride with its own row stride (its width). pairs_stride ≥ the pairs.
 SELFATTN_TARGET_BF16 inline void vnni_over_rows_blocked(const Bf16View& src, int64_t b, int64_t h, int64_t n0,
-                                                        int64_t rows, int64_t dim, int64_t width,
-                                                        int64_t pairs_stride, uint32_t* dst) {
+                                                        int64_t rows, int64_t dim, int64_t width, int64_t pairs_stride,
+                                                        uint32_t* dst) {
   for (int64_t c0 = 0; c0 < width; c0 += kPackedWidth) {
     Bf16View columns = src;
     columns.data += c0 * src.stride_d;
     const int64_t block_width = std::min(kPackedWidth, width - c0);
-    vnni_over_rows(columns, b, h, n0, rows, std::min(block_width, dim - c0), block_width,
-                   dst + c0 * pairs_stride);
+    vnni_over_rows(columns, b, h, n0, rows, std::min(block_width, dim - c0), block_width, dst + c0 * pairs_stride);
   }
 }
 

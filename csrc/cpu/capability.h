@@ -10,5 +10,6 @@
 #pragma once
 
 #ifndef SELFATTN_CPU_NS
-#error "csrc/cpu kernel files are compiled once per CPU capability, with SELFATTN_CPU_NS naming each copy's namespace: list this file in CPU_KERNEL_SOURCES (selfattn/_settings.py) and its entry points in csrc/cpu/kernels.h"
+#error \
+    "csrc/cpu kernel files are compiled once per CPU capability, with SELFATTN_CPU_NS naming each copy's namespace: list this file in CPU_KERNEL_SOURCES (selfattn/_settings.py) and its entry points in csrc/cpu/kernels.h"
 #endif

@@ -42,7 +42,7 @@ struct CpuKernels {
   decltype(&cpu_default::bf16_tile_gemm) bf16_tile_gemm;
 };
 #define SELFATTN_CPU_KERNELS(ns) \
-  CpuKernels{&ns::attention_forward, &ns::attention_backward, &ns::attention_jvp, &ns::bf16_tile_gemm}
+  CpuKernels { &ns::attention_forward, &ns::attention_backward, &ns::attention_jvp, &ns::bf16_tile_gemm }
 
 enum Capability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kCount = 3 };
 constexpr const char* kNames[kCount] = {"DEFAULT", "AVX2", "AVX512"};
@@ -77,8 +77,7 @@ const CpuKernels* compiled_kernels(int capability) {
 bool cpu_can_run(int capability) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   switch (capability) {
     case kAvx512:
       return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -140,8 +139,8 @@ int automatic_choice() {
   }
   if (chosen != wanted) {
     TORCH_WARN("selfattn: ", overridden ? "SELFATTN_CPU_CAPABILITY" : "ATen", " asks for the ", kNames[wanted],
-               " kernels, which ", compiled_kernels(wanted) ? "this CPU cannot run" : "this build lacks",
-               "; using ", kNames[chosen]);
+               " kernels, which ", compiled_kernels(wanted) ? "this CPU cannot run" : "this build lacks", "; using ",
+               kNames[chosen]);
   }
   return chosen;
 }
@@ -166,8 +165,8 @@ std::string cpu_capability(std::string capability) {
     chosen_capability.store(automatic_choice(), std::memory_order_release);
   } else if (!capability.empty()) {
     const int asked = parse(capability);
-    TORCH_CHECK(asked >= 0, "_cpu_capability: capability must be auto, default, avx2 or avx512, got '",
-                capability, "'");
+    TORCH_CHECK(asked >= 0, "_cpu_capability: capability must be auto, default, avx2 or avx512, got '", capability,
+                "'");
     TORCH_CHECK(compiled_kernels(asked) != nullptr, "_cpu_capability: this build has no ", kNames[asked],
                 " kernels (usable here: ", usable_names(), ")");
     TORCH_CHECK(cpu_can_run(asked), "_cpu_capability: this CPU lacks the instructions of the ", kNames[asked],
@@ -181,16 +180,14 @@ std::string bf16_tile_gemm() { return kernels().bf16_tile_gemm(); }
 
 std::string cpu_blocking() { return describe_cpu_blocking(current_capability() == kAvx512 ? 16 : 8); }
 
-void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const AttentionMask& mask, double scale, const at::Tensor& out,
-                           const at::Tensor& lse) {
+void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                           double scale, const at::Tensor& out, const at::Tensor& lse) {
   kernels().attention_forward(q, k, v, mask, scale, out, lse);
 }
 
-void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                            const AttentionMask& mask, double scale, const at::Tensor& grad_q,
-                            const at::Tensor& grad_k, const at::Tensor& grad_v) {
+void attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask, double scale,
+                            const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
   kernels().attention_backward(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v);
 }
 

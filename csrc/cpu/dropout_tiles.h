@@ -20,8 +20,8 @@ typedef uint64_t PhiloxLanes __attribute__((vector_size(64)));
 // query q0: tile[j * ld + c] = keep ? keep_scale : 0 (kMultiply false), or tile[j * ld + c] *=
 // that factor (kMultiply true). Rows up to k_rows rounded up to 4 are written; ld >= width.
 template <bool kMultiply, typename T>
-void dropout_tile(const Dropout& dropout, PhiloxKey key, int64_t b, int64_t h, int64_t q0, int64_t width,
-                  int64_t k0, int64_t k_rows, T* tile, int64_t ld) {
+void dropout_tile(const Dropout& dropout, PhiloxKey key, int64_t b, int64_t h, int64_t q0, int64_t width, int64_t k0,
+                  int64_t k_rows, T* tile, int64_t ld) {
   TORCH_INTERNAL_ASSERT(k0 % 4 == 0, "selfattn: dropout tiles start at a multiple of 4 keys");
   const T kept = static_cast<T>(dropout.keep_scale);
   const uint64_t threshold = dropout.threshold;

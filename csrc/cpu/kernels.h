@@ -9,14 +9,12 @@
 
 namespace selfattn::SELFATTN_CPU_NS {
 
-void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const AttentionMask& mask, double scale, const at::Tensor& out,
-                       const at::Tensor& lse);
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                       double scale, const at::Tensor& out, const at::Tensor& lse);
 
-void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                        const AttentionMask& mask, double scale, const at::Tensor& grad_q,
-                        const at::Tensor& grad_k, const at::Tensor& grad_v);
+void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask, double scale,
+                        const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v);
 
 // Forward-mode derivative (attention_jvp.cpp), the contract of attention_jvp_cpu.
 void attention_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,

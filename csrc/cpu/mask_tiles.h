@@ -62,7 +62,8 @@ class MaskTiles {
       return TileState::kOpen;
     }
     const int64_t index = (((extent_[0] == 1 ? 0 : b) * counts_[1] + (extent_[1] == 1 ? 0 : h)) * counts_[2] +
-                           (extent_[2] == 1 ? 0 : q0 / block_[2])) * counts_[3] +
+                           (extent_[2] == 1 ? 0 : q0 / block_[2])) *
+                              counts_[3] +
                           (extent_[3] == 1 ? 0 : k0 / block_[3]);
     return TileState(states_[index]);
   }
@@ -70,15 +71,20 @@ class MaskTiles {
   // Applies the mask to a transposed score tile: tile[j * ld + c] is the scaled score of query
   // q0 + c and key k0 + j (c < q_rows, j < k_rows). bool: false -> -inf; float: += mask.
   template <typename T>
-  void apply(int64_t b, int64_t h, int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows, T* tile,
-             int64_t ld) const {
+  void apply(int64_t b, int64_t h, int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows, T* tile, int64_t ld) const {
     switch (dtype_) {
-      case at::kBool: return apply_typed<bool>(b, h, q0, q_rows, k0, k_rows, tile, ld);
-      case at::kFloat: return apply_typed<float>(b, h, q0, q_rows, k0, k_rows, tile, ld);
-      case at::kDouble: return apply_typed<double>(b, h, q0, q_rows, k0, k_rows, tile, ld);
-      case at::kBFloat16: return apply_typed<c10::BFloat16>(b, h, q0, q_rows, k0, k_rows, tile, ld);
-      case at::kHalf: return apply_typed<c10::Half>(b, h, q0, q_rows, k0, k_rows, tile, ld);
-      default: TORCH_CHECK(false, "selfattn: no CPU mask kernel for ", dtype_);
+      case at::kBool:
+        return apply_typed<bool>(b, h, q0, q_rows, k0, k_rows, tile, ld);
+      case at::kFloat:
+        return apply_typed<float>(b, h, q0, q_rows, k0, k_rows, tile, ld);
+      case at::kDouble:
+        return apply_typed<double>(b, h, q0, q_rows, k0, k_rows, tile, ld);
+      case at::kBFloat16:
+        return apply_typed<c10::BFloat16>(b, h, q0, q_rows, k0, k_rows, tile, ld);
+      case at::kHalf:
+        return apply_typed<c10::Half>(b, h, q0, q_rows, k0, k_rows, tile, ld);
+      default:
+        TORCH_CHECK(false, "selfattn: no CPU mask kernel for ", dtype_);
     }
   }
 
@@ -125,12 +131,18 @@ class MaskTiles {
 
   TileState classify(int64_t b, int64_t h, int64_t q0, int64_t k0) const {
     switch (dtype_) {
-      case at::kBool: return classify_typed<bool>(b, h, q0, k0);
-      case at::kFloat: return classify_typed<float>(b, h, q0, k0);
-      case at::kDouble: return classify_typed<double>(b, h, q0, k0);
-      case at::kBFloat16: return classify_typed<c10::BFloat16>(b, h, q0, k0);
-      case at::kHalf: return classify_typed<c10::Half>(b, h, q0, k0);
-      default: TORCH_CHECK(false, "selfattn: no CPU mask kernel for ", dtype_);
+      case at::kBool:
+        return classify_typed<bool>(b, h, q0, k0);
+      case at::kFloat:
+        return classify_typed<float>(b, h, q0, k0);
+      case at::kDouble:
+        return classify_typed<double>(b, h, q0, k0);
+      case at::kBFloat16:
+        return classify_typed<c10::BFloat16>(b, h, q0, k0);
+      case at::kHalf:
+        return classify_typed<c10::Half>(b, h, q0, k0);
+      default:
+        TORCH_CHECK(false, "selfattn: no CPU mask kernel for ", dtype_);
     }
   }
 

@@ -85,8 +85,8 @@ constexpr int kTileRows = 4, kTileVecs = 1;
 // (The same loops through c10::ForcedUnroll lambdas left the accumulators on the stack,
 // with a load and a store around every FMA.)
 template <typename T, int ROWS, int VECS>
-void micro_kernel(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
-                  T* c, int64_t ldc, bool accumulate) {
+void micro_kernel(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
+                  bool accumulate) {
   constexpr int64_t W = kVecWidth<T>;
   Vec<T> acc[ROWS][VECS];
 #pragma GCC unroll 8
@@ -121,8 +121,7 @@ void micro_kernel(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const
 }
 
 template <typename T>
-using MicroKernel = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t,
-                             bool);
+using MicroKernel = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, bool);
 
 // kMicroKernels<T>[rows - 1][vecs - 1]: the micro-kernel for a rows x vecs block, so edge
 // blocks run register-blocked too.
@@ -141,16 +140,16 @@ inline constexpr auto kMicroKernels = kernel_table<T>(std::make_integer_sequence
 // C (m x n) (+)= A (m x depth) * B (depth x n), strides as in micro_kernel.
 // n must be a multiple of the vector width (callers pad their buffers to it).
 template <typename T>
-void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
-          const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
+          int64_t ldc, bool accumulate) {
   constexpr int64_t W = kVecWidth<T>;
   TORCH_INTERNAL_ASSERT(n % W == 0, "selfattn: gemm width ", n, " is not a multiple of ", W);
   for (int64_t n0 = 0; n0 < n; n0 += kTileVecs * W) {
     const int vecs = static_cast<int>(std::min<int64_t>(kTileVecs, (n - n0) / W));
     for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - m0));
-      kMicroKernels<T>[rows - 1][vecs - 1](depth, a + m0 * a_row, a_row, a_col, b + n0, ldb,
-                                           c + m0 * ldc + n0, ldc, accumulate);
+      const MicroKernel<T> kernel = kMicroKernels<T>[rows - 1][vecs - 1];
+      kernel(depth, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
     }
   }
 }
@@ -168,16 +167,15 @@ struct MaskCut {
 // Rows are keys, columns queries (score tiles): a slab of keys covers the vectors of columns that
 // hold a query seeing one of its keys. Columns outside are left unwritten (the caller masks them).
 template <typename T>
-void gemm_keys_x_queries(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
-                         int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+void gemm_keys_x_queries(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+                         const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t W = kVecWidth<T>;
   for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
     const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
     const int64_t lo = std::clamp<int64_t>(cut.first + m0, 0, n) / W * W;
     const int64_t hi = round_up(std::clamp<int64_t>(cut.last + m0 + rows, 0, n), W);
     if (lo < hi) {
-      gemm(rows, hi - lo, depth, a + m0 * a_row, a_row, a_col, b + lo, ldb, c + m0 * ldc + lo, ldc,
-           accumulate);
+      gemm(rows, hi - lo, depth, a + m0 * a_row, a_row, a_col, b + lo, ldb, c + m0 * ldc + lo, ldc, accumulate);
     }
   }
 }
@@ -185,15 +183,15 @@ void gemm_keys_x_queries(MaskCut cut, int64_t m, int64_t n, int64_t depth, const
 // Rows are queries, the depth runs over keys (P·V, dS·K): a slab of queries runs over the keys its
 // queries see, from the first its first query sees to the last its last query sees.
 template <typename T>
-void gemm_queries_x_keys(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
-                         int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {
+void gemm_queries_x_keys(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+                         const T* b, int64_t ldb, T* c, int64_t ldc) {
   for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
     const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
     const int64_t first = std::clamp<int64_t>(m0 - cut.last, 0, depth);
     const int64_t end = std::clamp<int64_t>(m0 + rows - cut.first, 0, depth);
     if (first < end) {
-      gemm(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb,
-           c + m0 * ldc, ldc, /*accumulate=*/true);
+      gemm(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb, c + m0 * ldc, ldc,
+           /*accumulate=*/true);
     }
   }
 }
@@ -201,15 +199,15 @@ void gemm_queries_x_keys(MaskCut cut, int64_t m, int64_t n, int64_t depth, const
 // Rows are keys, the depth runs over queries (Pᵀ·dO, dSᵀ·Q): a slab of keys runs over the queries
 // that see one of its keys.
 template <typename T>
-void gemm_keys_x_queries_depth(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a,
-                               int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {
+void gemm_keys_x_queries_depth(MaskCut cut, int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
+                               int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {
   for (int64_t m0 = 0; m0 < m; m0 += kTileRows) {
     const int64_t rows = std::min<int64_t>(kTileRows, m - m0);
     const int64_t first = std::clamp<int64_t>(cut.first + m0, 0, depth);
     const int64_t end = std::clamp<int64_t>(cut.last + m0 + rows, 0, depth);
     if (first < end) {
-      gemm(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb,
-           c + m0 * ldc, ldc, /*accumulate=*/true);
+      gemm(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb, c + m0 * ldc, ldc,
+           /*accumulate=*/true);
     }
   }
 }
@@ -228,9 +226,7 @@ struct Strided4 {
         stride_n(t.stride(2)),
         stride_d(t.stride(3)) {}
 
-  scalar_t* row(int64_t b, int64_t h, int64_t n) const {
-    return data + b * stride_b + h * stride_h + n * stride_n;
-  }
+  scalar_t* row(int64_t b, int64_t h, int64_t n) const { return data + b * stride_b + h * stride_h + n * stride_n; }
 };
 
 // Uninitialized, 64-byte aligned scratch owned by one thread for one call
@@ -238,8 +234,7 @@ struct Strided4 {
 template <typename T>
 class Scratch {
  public:
-  explicit Scratch(int64_t count)
-      : ptr_(static_cast<T*>(c10::alloc_cpu(std::max<int64_t>(count, 1) * sizeof(T)))) {}
+  explicit Scratch(int64_t count) : ptr_(static_cast<T*>(c10::alloc_cpu(std::max<int64_t>(count, 1) * sizeof(T)))) {}
   ~Scratch() { c10::free_cpu(ptr_); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -355,8 +350,8 @@ class BlockReader {
 // dst (dim x ld), column i = rows n0 + i of src (b, h) times scale, for i < rows; the
 // columns rows..ld-1 are zero (padding that the score GEMM computes on and nobody reads).
 template <typename scalar_t, typename T>
-void pack_columns(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0,
-                  int64_t rows, int64_t dim, T scale, T* dst, int64_t ld) {
+void pack_columns(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t dim,
+                  T scale, T* dst, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* row = src.row(b, h, n0 + i);
     for (int64_t d = 0; d < dim; ++d) {

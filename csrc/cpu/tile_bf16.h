@@ -58,8 +58,8 @@ constexpr int64_t kBf16VecWidth = 16;  // float32 columns per vector
 //   C: float32, row i at c + i * ldc. alpha scales the product (not what C held).
 template <int ROWS, int VECS>
 SELFATTN_TARGET_BF16 void micro_kernel_bf16(int64_t pairs, const uint16_t* a, int64_t a_row, int64_t a_col,
-                                            const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
-                                            float alpha, bool accumulate) {
+                                            const uint32_t* b, int64_t ldb, float* c, int64_t ldc, float alpha,
+                                            bool accumulate) {
   __m512 acc[ROWS][VECS];
 #pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i) {
@@ -97,8 +97,8 @@ SELFATTN_TARGET_BF16 void micro_kernel_bf16(int64_t pairs, const uint16_t* a, in
   }
 }
 
-using MicroKernelBf16 = void (*)(int64_t, const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
-                                 int64_t, float, bool);
+using MicroKernelBf16 = void (*)(int64_t, const uint16_t*, int64_t, int64_t, const uint32_t*, int64_t, float*, int64_t,
+                                 float, bool);
 
 template <int ROWS, int... V>
 constexpr std::array<MicroKernelBf16, sizeof...(V)> bf16_kernels_of_row(std::integer_sequence<int, V...>) {
@@ -128,9 +128,9 @@ inline void gemm_bf16(int64_t m, int64_t n, int64_t pairs, const uint16_t* a, in
 // The band-cut variants of tile.h (gemm_keys_x_queries and friends), same skips; where the
 // depth is cut, its ends widen to whole pairs (the pair's other half is a hidden pair, whose P or
 // dS is 0, or the zero padding).
-inline void gemm_bf16_keys_x_queries(MaskCut cut, int64_t m, int64_t n, int64_t pairs, const uint16_t* a,
-                                     int64_t a_row, int64_t a_col, const uint32_t* b, int64_t ldb, float* c,
-                                     int64_t ldc, float alpha) {
+inline void gemm_bf16_keys_x_queries(MaskCut cut, int64_t m, int64_t n, int64_t pairs, const uint16_t* a, int64_t a_row,
+                                     int64_t a_col, const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
+                                     float alpha) {
   constexpr int64_t W = kBf16VecWidth;
   for (int64_t m0 = 0; m0 < m; m0 += kBf16TileRows) {
     const int64_t rows = std::min<int64_t>(kBf16TileRows, m - m0);
@@ -144,16 +144,15 @@ inline void gemm_bf16_keys_x_queries(MaskCut cut, int64_t m, int64_t n, int64_t 
 }
 
 // Rows are queries, the depth (in pairs) runs over keys: each slab over the keys its queries see.
-inline void gemm_bf16_queries_x_keys(MaskCut cut, int64_t m, int64_t n, int64_t depth, const uint16_t* a,
-                                     int64_t a_row, int64_t a_col, const uint32_t* b, int64_t ldb, float* c,
-                                     int64_t ldc) {
+inline void gemm_bf16_queries_x_keys(MaskCut cut, int64_t m, int64_t n, int64_t depth, const uint16_t* a, int64_t a_row,
+                                     int64_t a_col, const uint32_t* b, int64_t ldb, float* c, int64_t ldc) {
   for (int64_t m0 = 0; m0 < m; m0 += kBf16TileRows) {
     const int64_t rows = std::min<int64_t>(kBf16TileRows, m - m0);
     const int64_t first = std::clamp<int64_t>(m0 - cut.last, 0, depth) / 2;
     const int64_t end = ceil_div(std::clamp<int64_t>(m0 + rows - cut.first, 0, depth), 2);
     if (first < end) {
-      gemm_bf16(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb,
-                c + m0 * ldc, ldc, 1.0f, /*accumulate=*/true);
+      gemm_bf16(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb, c + m0 * ldc,
+                ldc, 1.0f, /*accumulate=*/true);
     }
   }
 }
@@ -167,8 +166,8 @@ inline void gemm_bf16_keys_x_queries_depth(MaskCut cut, int64_t m, int64_t n, in
     const int64_t first = std::clamp<int64_t>(cut.first + m0, 0, depth) / 2;
     const int64_t end = ceil_div(std::clamp<int64_t>(cut.last + m0 + rows, 0, depth), 2);
     if (first < end) {
-      gemm_bf16(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb,
-                c + m0 * ldc, ldc, 1.0f, /*accumulate=*/true);
+      gemm_bf16(rows, n, end - first, a + m0 * a_row + first * a_col, a_row, a_col, b + first * ldb, ldb, c + m0 * ldc,
+                ldc, 1.0f, /*accumulate=*/true);
     }
   }
 }
@@ -238,8 +237,9 @@ SELFATTN_TARGET_BF16 inline void vnni_over_rows(const Bf16View& src, int64_t b, 
     if (src.stride_d == 1) {
       for (; d + 16 <= dim; d += 16) {
         const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + d)));
-        const __m512i hi = r1 == nullptr ? _mm512_setzero_si512()
-                                         : _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + d)));
+        const __m512i hi = r1 == nullptr
+                               ? _mm512_setzero_si512()
+                               : _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + d)));
         _mm512_storeu_si512(out + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
       }
     }

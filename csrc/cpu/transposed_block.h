@@ -96,7 +96,8 @@ __attribute__((target("avx512f"))) inline void transpose16x16(__m512 r[16]) {
     r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
   }
   for (int c = 0; c < 4; ++c) {  // gather the 128-bit lanes: column 4L + c of all 16 rows
-    const __m512 even_ab = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), odd_ab = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    const __m512 even_ab = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88),
+                 odd_ab = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
     const __m512 even_cd = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
     const __m512 odd_cd = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
     t[c] = _mm512_shuffle_f32x4(even_ab, even_cd, 0x88);
@@ -131,8 +132,8 @@ inline void prefetch_rows(const Strided4<const scalar_t>& src, int64_t b, int64_
 // caller ignores). on_keys(j0, count) is called before keys [j0, j0 + count) are read (the caller's
 // prefetches, spread over the block rather than issued at once).
 template <typename scalar_t, typename T, typename OnKeys>
-void read_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows,
-                     int64_t dim, T* dst, int64_t ld, const OnKeys& on_keys) {
+void read_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t dim,
+                     T* dst, int64_t ld, const OnKeys& on_keys) {
   constexpr int64_t W = kVecWidth<T>;
   const int64_t width = round_up(rows, W);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -181,8 +182,8 @@ void read_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, 
   // float32 keys stay on the scalar loop below, which row by row measured faster there (14.5 ms
   // against 16.3 ms through the squares: the stream is memory-bound, and 8 rows read at once
   // prefetch worse than one).
-  constexpr bool kVectorized = std::is_same_v<T, float> && (std::is_same_v<scalar_t, c10::BFloat16> ||
-                                                            std::is_same_v<scalar_t, c10::Half>);
+  constexpr bool kVectorized =
+      std::is_same_v<T, float> && (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>);
   if constexpr (kVectorized) {
     if (src.stride_d == 1) {
       __m256 r[8];

@@ -97,8 +97,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
       const int queries = q1 - q0;
       // Every (key, query) of the warp and the tile visible by the band (the warp's padding
       // keys past Nk included: they are never stored).
-      const bool full = q0 + kQueries <= p.nq && band.covers(q0, q0 + kQueries, warp_first_key,
-                                                             warp_first_key + 4 * R);
+      const bool full = q0 + kQueries <= p.nq && band.covers(q0, q0 + kQueries, warp_first_key, warp_first_key + 4 * R);
 
       // Pᵀ (keys x queries) from the scores and the forward's lse; with dropout, keep holds
       // M = keep / (1 - p) and Pᵀ ∘ Mᵀ goes into dv.
@@ -183,8 +182,7 @@ void launch_dkdv(BackwardParams<T> p, cudaStream_t stream) {
 // kernels for fp16/bf16 at D = Dv = 64 or 128 are chosen ahead of these (attention_cuda.cpp).
 template <typename T>
 void backward_dkdv_tiled(const BackwardParams<T>& p, cudaStream_t stream) {
-  with_backward_tile_config(std::max(p.dim, p.dim_v),
-                            [&](auto cfg) { launch_dkdv<T, decltype(cfg)>(p, stream); });
+  with_backward_tile_config(std::max(p.dim, p.dim_v), [&](auto cfg) { launch_dkdv<T, decltype(cfg)>(p, stream); });
 }
 
 template void backward_dkdv_tiled<float>(const BackwardParams<float>&, cudaStream_t);

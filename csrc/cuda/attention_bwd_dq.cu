@@ -112,24 +112,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(co
 
 template <typename Cfg>
 constexpr int dq_smem_bytes() {
-  return ((2 * Cfg::kBlockRows + 2 * Cfg::kBlockCols) * Cfg::kStride +
-          Cfg::kWarps * Cfg::kWarpBufSize) *
+  return ((2 * Cfg::kBlockRows + 2 * Cfg::kBlockCols) * Cfg::kStride + Cfg::kWarps * Cfg::kWarpBufSize) *
          static_cast<int>(sizeof(float));
 }
 
 template <typename T, typename Cfg>
 void launch_dq(BackwardParams<T> p, cudaStream_t stream) {
   p.row_blocks = static_cast<int>(ceil_div(p.nq, Cfg::kBlockRows));
-  launch(attention_backward_dq_kernel<T, Cfg>, p.row_blocks * p.batch_heads, Cfg::kThreads,
-         dq_smem_bytes<Cfg>(), stream, p);
+  launch(attention_backward_dq_kernel<T, Cfg>, p.row_blocks * p.batch_heads, Cfg::kThreads, dq_smem_bytes<Cfg>(),
+         stream, p);
 }
 
 // The tile configuration by head dim: with_backward_tile_config (tiles.cuh). The tensor-core
 // kernels for fp16/bf16 at D = Dv = 64 or 128 are chosen ahead of these (attention_cuda.cpp).
 template <typename T>
 void backward_dq_tiled(const BackwardParams<T>& p, cudaStream_t stream) {
-  with_backward_tile_config(std::max(p.dim, p.dim_v),
-                            [&](auto cfg) { launch_dq<T, decltype(cfg)>(p, stream); });
+  with_backward_tile_config(std::max(p.dim, p.dim_v), [&](auto cfg) { launch_dq<T, decltype(cfg)>(p, stream); });
 }
 
 template void backward_dq_tiled<float>(const BackwardParams<float>&, cudaStream_t);

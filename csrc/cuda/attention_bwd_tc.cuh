@@ -42,11 +42,11 @@ struct DqTcConfig {
   static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;  // queries per block, 16 per warp
-  static constexpr int kBlockN = kBlockN_;     // keys per tile
+  static constexpr int kBlockN = kBlockN_;  // keys per tile
   static constexpr int kRowBytes = kBlockM * kDim * 2;
   static constexpr int kTileBytes = kBlockN * kDim * 2;
-  static constexpr int kStageBytes = 2 * kTileBytes;                    // k and v tiles
-  static constexpr int kSmemBytes = 2 * kRowBytes + 2 * kStageBytes;   // q, dO, two stages
+  static constexpr int kStageBytes = 2 * kTileBytes;  // k and v tiles
+  static constexpr int kSmemBytes = 2 * kRowBytes + 2 * kStageBytes;  // q, dO, two stages
 
   static_assert(kBlockN % 16 == 0, "key tiles of whole 16-key k-steps");
   static_assert(kSmemBytes <= 99 * 1024, "fits sm_86/89 (99 KB per block)");
@@ -65,8 +65,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
   using S = Swizzle<D>;
 
   char* const q_s = reinterpret_cast<char*>(dynamic_smem());  // (kBM, D): the block's queries
-  char* const do_s = q_s + Cfg::kRowBytes;                      // (kBM, D): their rows of dO
-  char* const stages = do_s + Cfg::kRowBytes;                   // 2 x {k (kBN, D), v (kBN, D)}
+  char* const do_s = q_s + Cfg::kRowBytes;  // (kBM, D): their rows of dO
+  char* const stages = do_s + Cfg::kRowBytes;  // 2 x {k (kBN, D), v (kBN, D)}
 
   const int64_t bh = blockIdx.x % p.batch_heads;
   const int q_block = p.row_blocks - 1 - static_cast<int>(blockIdx.x / p.batch_heads);
@@ -193,8 +193,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
     }
 
     // dS = P ∘ (dP - delta), P = exp(masked score - lse); masked entries have P = 0.
-    const bool masked =
-        mask.per_score() || k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN);
+    const bool masked = mask.per_score() || k0 + kBN > p.nk || !band.covers(warp_first, warp_last + 1, k0, k0 + kBN);
 #pragma unroll
     for (int j = 0; j < kSTiles; ++j) {
       // Dropout's M for the lane's keys 2t, 2t + 1 of rows g and g + 8 (one Philox call per row).
@@ -239,8 +238,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
   const float factor[2] = {p.scale, p.scale};
   store_accumulators<T, D, kDTiles>(q_s, warp_row0, dq, factor, lane);
   __syncwarp();
-  store_rows<16, D>(p.grad_q.data + b * p.grad_q.stride_b + h * p.grad_q.stride_h,
-                    p.grad_q.stride_n, q0, p.nq, q_s, warp_row0, lane);
+  store_rows<16, D>(p.grad_q.data + b * p.grad_q.stride_b + h * p.grad_q.stride_h, p.grad_q.stride_n, q0, p.nq, q_s,
+                    warp_row0, lane);
 #endif
 }
 
@@ -253,12 +252,12 @@ struct DkdvTcConfig {
   static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockN = 16 * kWarps;  // keys per block, 16 per warp
-  static constexpr int kBlockM = kBlockM_;     // queries per tile (one stage of the ring)
-  static constexpr int kSubM = kSubM_;         // queries per step of the math
+  static constexpr int kBlockM = kBlockM_;  // queries per tile (one stage of the ring)
+  static constexpr int kSubM = kSubM_;  // queries per step of the math
   static constexpr int kKeyBytes = kBlockN * kDim * 2;
   static constexpr int kTileBytes = kBlockM * kDim * 2;
   static constexpr int kStageBytes = 2 * kTileBytes + 2 * kBlockM * 4;  // q, dO, lse, delta
-  static constexpr int kSmemBytes = 2 * kKeyBytes + 2 * kStageBytes;    // k, v, two stages
+  static constexpr int kSmemBytes = 2 * kKeyBytes + 2 * kStageBytes;  // k, v, two stages
 
   static_assert(kBlockM % 32 == 0, "query tiles of whole 16-query k-steps, lse/delta 128-byte aligned");
   static_assert(kSubM % 16 == 0 && kBlockM % kSubM == 0, "sub-tiles of whole k-steps");
@@ -277,7 +276,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
   constexpr int kQTiles = kSubM / 8, kDTiles = D / 8;
 
   char* const k_s = reinterpret_cast<char*>(dynamic_smem());  // (kBN, D): the block's keys
-  char* const v_s = k_s + Cfg::kKeyBytes;                       // (kBN, D): their values
+  char* const v_s = k_s + Cfg::kKeyBytes;  // (kBN, D): their values
   char* const stages = v_s + Cfg::kKeyBytes;  // 2 x {q (kBM, D), dO (kBM, D), lse, delta (kBM)}
 
   // Key block 0 first: under causal masking the first key blocks are seen by the most queries.
@@ -420,7 +419,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
             const float x = masked ? mask.apply<T>(st[j][e], b, hq, q0 + col, warp_first + g + 8 * r) : st[j][e];
             const float prob = tc_probability(mask, x, scale_log2, lse_sub);
             // Dropout: keys run down the rows here, so each decision is a Philox call of its own.
-            const float keep = kDropout && drop.active ? dropout_factor(drop, b, hq, q0 + col, warp_first + g + 8 * r) : 1.f;
+            const float keep =
+                kDropout && drop.active ? dropout_factor(drop, b, hq, q0 + col, warp_first + g + 8 * r) : 1.f;
             st[j][e] = prob * keep;
             dpt[j][e] = prob * (keep * dpt[j][e] - dlt);
           }
@@ -456,10 +456,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
   store_accumulators<T, D, kDTiles>(k_s, warp_row0, dk, k_factor, lane);
   store_accumulators<T, D, kDTiles>(v_s, warp_row0, dv, v_factor, lane);
   __syncwarp();
-  store_rows<16, D>(p.grad_k.data + b * p.grad_k.stride_b + hk * p.grad_k.stride_h,
-                    p.grad_k.stride_n, k0, p.nk, k_s, warp_row0, lane);
-  store_rows<16, D>(p.grad_v.data + b * p.grad_v.stride_b + hk * p.grad_v.stride_h,
-                    p.grad_v.stride_n, k0, p.nk, v_s, warp_row0, lane);
+  store_rows<16, D>(p.grad_k.data + b * p.grad_k.stride_b + hk * p.grad_k.stride_h, p.grad_k.stride_n, k0, p.nk, k_s,
+                    warp_row0, lane);
+  store_rows<16, D>(p.grad_v.data + b * p.grad_v.stride_b + hk * p.grad_v.stride_h, p.grad_v.stride_n, k0, p.nk, v_s,
+                    warp_row0, lane);
 #endif
 }
 

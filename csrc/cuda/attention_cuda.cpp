@@ -115,9 +115,8 @@ bool tensor_cores_enabled(const at::Tensor& q) {
 int tc_head_dim(const at::Tensor& q, const at::Tensor& v, double scale,
                 std::initializer_list<const at::Tensor*> tensors) {
   const int64_t dim = q.size(3);
-  if ((q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) ||
-      (dim != 64 && dim != 128) || v.size(3) != dim ||
-      !(static_cast<float>(scale) > 0.f && std::isfinite(static_cast<float>(scale)))) {
+  if ((q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) || (dim != 64 && dim != 128) ||
+      v.size(3) != dim || !(static_cast<float>(scale) > 0.f && std::isfinite(static_cast<float>(scale)))) {
     return 0;
   }
   for (const at::Tensor* t : tensors) {
@@ -166,8 +165,8 @@ int sm_count(const at::Tensor& q) {
 
 // The fields ForwardParams and BackwardParams share: inputs, lse strides, sizes, scale, mask.
 template <typename T, typename Params>
-void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& lse, const AttentionMask& mask, double scale) {
+void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                       const AttentionMask& mask, double scale) {
   p.q = strided4<const T>(q);
   p.k = strided4<const T>(k);
   p.v = strided4<const T>(v);
@@ -191,8 +190,7 @@ void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, cons
 
 template <typename T>
 ForwardParams<T> forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const AttentionMask& mask, double scale, const at::Tensor& out,
-                                const at::Tensor& lse) {
+                                const AttentionMask& mask, double scale, const at::Tensor& out, const at::Tensor& lse) {
   ForwardParams<T> p;
   set_shared_params<T>(p, q, k, v, lse, mask, scale);
   p.out = strided4<T>(out);
@@ -201,11 +199,10 @@ ForwardParams<T> forward_params(const at::Tensor& q, const at::Tensor& k, const 
 }
 
 template <typename T>
-BackwardParams<T> backward_params(const at::Tensor& grad_out, const at::Tensor& q,
-                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                  const at::Tensor& lse, const AttentionMask& mask, double scale,
-                                  const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                  const at::Tensor& grad_v, const at::Tensor& delta) {
+BackwardParams<T> backward_params(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                  const AttentionMask& mask, double scale, const at::Tensor& grad_q,
+                                  const at::Tensor& grad_k, const at::Tensor& grad_v, const at::Tensor& delta) {
   BackwardParams<T> p;
   set_shared_params<T>(p, q, k, v, lse, mask, scale);
   p.grad_out = strided4<const T>(grad_out);
@@ -270,8 +267,8 @@ JvpParams<T> jvp_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // The split-K decoding forward: its plan, then scratch for the splits' rows when S > 1 (on the
 // current stream, so the caching allocator reuses it safely).
 template <typename T>
-void run_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
-                double scale, const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
+void run_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask, double scale,
+                const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
   DecodeParams<T> p;
   static_cast<ForwardParams<T>&>(p) = forward_params<T>(q, k, v, mask, scale, out, lse);
   plan_decode(p, static_cast<int>(q.size(0)), sm_count(q), std::max<int64_t>(decode_splits_setting(), 0));
@@ -323,9 +320,8 @@ void run_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 }
 
 // Shapes as in attention.h; the caller has checked them and allocated out and lse.
-void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const AttentionMask& mask, double scale, const at::Tensor& out, const at::Tensor& lse,
-                 cudaStream_t stream) {
+void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask, double scale,
+                 const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
   if (q.size(0) * q.size(1) == 0 || q.size(2) == 0) {
     return;
   }
@@ -354,11 +350,9 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     case at::kFloat:
       return forward_tiled(forward_params<float>(q, k, v, mask, scale, out, lse), stream);
     case at::kHalf:
-      return forward_reduced(forward_params<c10::Half>(q, k, v, mask, scale, out, lse), tc_dim,
-                             stream);
+      return forward_reduced(forward_params<c10::Half>(q, k, v, mask, scale, out, lse), tc_dim, stream);
     case at::kBFloat16:
-      return forward_reduced(forward_params<c10::BFloat16>(q, k, v, mask, scale, out, lse),
-                             tc_dim, stream);
+      return forward_reduced(forward_params<c10::BFloat16>(q, k, v, mask, scale, out, lse), tc_dim, stream);
     case at::kDouble:
       return forward_generic(forward_params<double>(q, k, v, mask, scale, out, lse), stream);
     default:
@@ -367,10 +361,9 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // Shapes as in attention.h; the caller has checked them and allocated the gradients.
-void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                  const AttentionMask& mask, double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
-                  const at::Tensor& grad_v, cudaStream_t stream) {
+void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask, double scale,
+                  const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v, cudaStream_t stream) {
   if (q.size(0) * q.size(1) == 0) {  // no query head (Hq = 0 allows any Hk): k and v unused
     grad_k.zero_();
     grad_v.zero_();
@@ -386,15 +379,12 @@ void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
   const at::ScalarType acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Scratch for rowsum(dO ∘ out), read by both gradient kernels; on the current stream, so the
   // caching allocator reuses it safely.
-  const at::Tensor delta =
-      at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_type));
+  const at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_type));
   const auto params = [&](auto type_tag) {
     using T = decltype(type_tag);
-    return backward_params<T>(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v,
-                              delta);
+    return backward_params<T>(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v, delta);
   };
-  const int tc_dim =
-      tc_head_dim(q, v, scale, {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v});
+  const int tc_dim = tc_head_dim(q, v, scale, {&q, &k, &v, &out, &grad_out, &grad_q, &grad_k, &grad_v});
   switch (q.scalar_type()) {
     case at::kFloat:
       return backward_tiled(params(float()), stream);
@@ -423,20 +413,18 @@ void selfattn::attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, 
 }
 
 void selfattn::attention_jvp_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& tangent_q, const at::Tensor& tangent_k,
-                                  const at::Tensor& tangent_v, const AttentionMask& mask, double scale,
-                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out) {
+                                  const at::Tensor& tangent_q, const at::Tensor& tangent_k, const at::Tensor& tangent_v,
+                                  const AttentionMask& mask, double scale, const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& tangent_out) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
   cuda::run_jvp(q, k, v, tangent_q, tangent_k, tangent_v, mask, scale, out, lse, tangent_out,
                 c10::cuda::getCurrentCUDAStream());
 }
 
-void selfattn::attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
-                                       const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& out, const at::Tensor& lse,
-                                       const AttentionMask& mask, double scale,
-                                       const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                       const at::Tensor& grad_v) {
+void selfattn::attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                       const AttentionMask& mask, double scale, const at::Tensor& grad_q,
+                                       const at::Tensor& grad_k, const at::Tensor& grad_v) {
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
   cuda::run_backward(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v,
                      c10::cuda::getCurrentCUDAStream());

@@ -59,8 +59,7 @@ __device__ __forceinline__ void load_chunk(const Strided4<const T>& src, const T
 
 // x[0..3] times factor as elements c..c+3 of a row (those below dim).
 template <typename T, typename A>
-__device__ __forceinline__ void store_chunk(const Strided4<T>& dst, T* row, int c, int dim, const A (&x)[4],
-                                            A factor) {
+__device__ __forceinline__ void store_chunk(const Strided4<T>& dst, T* row, int c, int dim, const A (&x)[4], A factor) {
   if constexpr (std::is_same_v<A, float>) {
     store4(row, dst.stride_d, c, dim, dst.vec4,
            make_float4(x[0] * factor, x[1] * factor, x[2] * factor, x[3] * factor));
@@ -340,8 +339,9 @@ __global__ void __launch_bounds__(128) attention_decode_merge_kernel(const Decod
 
 template <typename T>
 int decode_smem_bytes(const DecodeParams<T>& p) {
-  return static_cast<int>(((kDecodeRows + 2 * kDecodeKeys) * p.smem_stride + kDecodeKeys * kDecodeRows +
-                           3 * kDecodeRows) * sizeof(acc_t<T>));
+  return static_cast<int>(
+      ((kDecodeRows + 2 * kDecodeKeys) * p.smem_stride + kDecodeKeys * kDecodeRows + 3 * kDecodeRows) *
+      sizeof(acc_t<T>));
 }
 
 }  // namespace
@@ -379,8 +379,8 @@ void forward_decode(const DecodeParams<T>& p, cudaStream_t stream) {
   }
 }
 
-#define SELFATTN_DECODE_INSTANTIATE(T)                                             \
-  template void plan_decode<T>(DecodeParams<T>&, int, int, int64_t);               \
+#define SELFATTN_DECODE_INSTANTIATE(T)                               \
+  template void plan_decode<T>(DecodeParams<T>&, int, int, int64_t); \
   template void forward_decode<T>(const DecodeParams<T>&, cudaStream_t);
 SELFATTN_DECODE_INSTANTIATE(float)
 SELFATTN_DECODE_INSTANTIATE(double)

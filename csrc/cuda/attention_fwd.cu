@@ -163,8 +163,8 @@ constexpr int forward_smem_bytes() {
 template <typename T, typename Cfg>
 void launch_forward(ForwardParams<T> p, cudaStream_t stream) {
   p.row_blocks = static_cast<int>(ceil_div(p.nq, Cfg::kBlockRows));
-  launch(attention_forward_kernel<T, Cfg>, p.row_blocks * p.batch_heads, Cfg::kThreads,
-         forward_smem_bytes<Cfg>(), stream, p);
+  launch(attention_forward_kernel<T, Cfg>, p.row_blocks * p.batch_heads, Cfg::kThreads, forward_smem_bytes<Cfg>(),
+         stream, p);
 }
 
 // Picks the tile configuration by head dim: TileConfig<bucket, rows per lane, score columns per

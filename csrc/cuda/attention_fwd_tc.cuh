@@ -291,17 +291,17 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
       inv[r] = total > 0.f ? 1.f / total : 0.f;
       const int row = warp_first + 16 * mi + g + 8 * r;
       if (t == 0 && row < p.nq) {
-        p.lse[lse_base + row * p.lse_stride_n] =
-            total <= 0.f       ? -INFINITY
-            : mask.additive() ? row_max[mi][r] + log2f(total) * kLn2
-                              : (row_max[mi][r] * scale_log2 + log2f(total)) * kLn2;
+        p.lse[lse_base + row * p.lse_stride_n] = total <= 0.f ? -INFINITY
+                                                 : mask.additive()
+                                                     ? row_max[mi][r] + log2f(total) * kLn2
+                                                     : (row_max[mi][r] * scale_log2 + log2f(total)) * kLn2;
       }
     }
     store_accumulators<T, D, kOTiles>(q_s, warp_row0 + 16 * mi, o[mi], inv, lane);
   }
   __syncwarp();
-  store_rows<Cfg::kRowsPerWarp, D>(p.out.data + b * p.out.stride_b + h * p.out.stride_h,
-                                   p.out.stride_n, q0, p.nq, q_s, warp_row0, lane);
+  store_rows<Cfg::kRowsPerWarp, D>(p.out.data + b * p.out.stride_b + h * p.out.stride_h, p.out.stride_n, q0, p.nq, q_s,
+                                   warp_row0, lane);
 #endif
 }
 

@@ -202,8 +202,7 @@ void forward_generic(const ForwardParams<T>& p, cudaStream_t stream) {
 template <typename T>
 void backward_generic(const BackwardParams<T>& p, cudaStream_t stream) {
   launch(attention_backward_dq_generic_kernel<T>, ceil_div(p.batch_heads * p.nq, 4), 128, 0, stream, p);
-  launch(attention_backward_dkdv_generic_kernel<T>, ceil_div(p.batch_heads / p.group * p.nk, 4), 128, 0,
-         stream, p);
+  launch(attention_backward_dkdv_generic_kernel<T>, ceil_div(p.batch_heads / p.group * p.nk, 4), 128, 0, stream, p);
 }
 
 template void forward_generic<double>(const ForwardParams<double>&, cudaStream_t);

@@ -72,8 +72,7 @@ __device__ __forceinline__ float dropout_factor(const DropoutKey& d, int64_t b, 
 }
 
 // The factors of keys j and j + 1 of row i (j even, so one Philox call decides both).
-__device__ __forceinline__ float2 dropout_factor_pair(const DropoutKey& d, int64_t b, int64_t h, int64_t i,
-                                                      int64_t j) {
+__device__ __forceinline__ float2 dropout_factor_pair(const DropoutKey& d, int64_t b, int64_t h, int64_t i, int64_t j) {
   const PhiloxWords w = philox_words(d.key, b + d.batch_offset, h, i, j);
   return make_float2(w.w[j & 3] >= d.threshold ? d.keep_scale : 0.f,
                      w.w[(j & 3) + 1] >= d.threshold ? d.keep_scale : 0.f);
@@ -127,8 +126,7 @@ __device__ __forceinline__ float4 load4(const T* row, int64_t stride_d, int d0, 
 
 // Writes elements d0..d0+3 of a row (those below `dim`).
 template <typename T>
-__device__ __forceinline__ void store4(T* row, int64_t stride_d, int d0, int dim, bool vec4,
-                                       float4 x) {
+__device__ __forceinline__ void store4(T* row, int64_t stride_d, int d0, int dim, bool vec4, float4 x) {
   if (vec4 && d0 + 4 <= dim) {
     Pack4<T> p;
     p.v[0] = from_float<T>(x.x);

@@ -52,7 +52,7 @@ void backward_generic(const BackwardParams<T>& p, cudaStream_t stream);
 // forward's choice between this and the kernels above is attention_cuda.cpp's (use_decode).
 constexpr int kDecodeKeys = 32;  // keys per tile; splits are whole tiles
 constexpr int kDecodeRows = 16;  // query rows (of R = group * Nq) per block
-constexpr int kDecodeMaxRows = 64;     // the decode path takes R <= this ...
+constexpr int kDecodeMaxRows = 64;  // the decode path takes R <= this ...
 constexpr int kDecodeMaxQueries = 16;  // ... and Nq <= this
 
 // Fills p's rows, row_chunks, k_begin, k_end, k_tiles, smem_stride and splits: forced_splits if

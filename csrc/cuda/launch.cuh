@@ -21,8 +21,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // allow, so the same configurations fit every GPU from sm_80 on). No host synchronisation:
 // the launch can be captured in a CUDA graph.
 template <typename Params>
-void launch(void (*kernel)(Params), int64_t blocks, int threads, int smem_bytes,
-            cudaStream_t stream, const Params& params) {
+void launch(void (*kernel)(Params), int64_t blocks, int threads, int smem_bytes, cudaStream_t stream,
+            const Params& params) {
   TORCH_CHECK(blocks <= INT_MAX, "selfattn: too many blocks for one CUDA launch (", blocks, ")");
   if (blocks == 0) {
     return;
@@ -32,10 +32,12 @@ void launch(void (*kernel)(Params), int64_t blocks, int threads, int smem_bytes,
   ::emu::launch(kernel, static_cast<int>(blocks), threads, smem_bytes, params);
 #else
   if (smem_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        smem_bytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }
+  // clang-format reads a .cuh as C++, where <<< ... >>> is no launch: it would split the >>>.
+  // clang-format off
   kernel<<<static_cast<unsigned>(blocks), threads, smem_bytes, stream>>>(params);
+  // clang-format on
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }

@@ -135,8 +135,7 @@ __device__ __forceinline__ void cp_async_16(SmemAddr dst, const void* src, bool 
 #ifdef SELFATTN_CUDA_EMULATION
   ::emu::cp_async(const_cast<char*>(dst), src, 16, valid ? 16 : 0);
 #elif SELFATTN_TC_ARCH
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 #endif
 }
 
@@ -145,8 +144,7 @@ __device__ __forceinline__ void cp_async_4(SmemAddr dst, const void* src, bool v
 #ifdef SELFATTN_CUDA_EMULATION
   ::emu::cp_async(const_cast<char*>(dst), src, 4, valid ? 4 : 0);
 #elif SELFATTN_TC_ARCH
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
-               "r"(valid ? 4 : 0));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
 #endif
 }
 
@@ -207,8 +205,7 @@ struct Swizzle {
 // multiple of 8, its chunk's swizzled position is the same in every row it copies, and its
 // shared addresses are one base plus constants.
 template <int kRows, int kDim, int kThreads, typename T>
-__device__ __forceinline__ void load_tile_async(char* tile, const T* src, int64_t stride, int row0,
-                                                int nrows) {
+__device__ __forceinline__ void load_tile_async(char* tile, const T* src, int64_t stride, int row0, int nrows) {
   using S = Swizzle<kDim>;
   constexpr int kRowStep = kThreads / S::kChunks;
   static_assert(kThreads % S::kChunks == 0 && kRowStep % 8 == 0 && kRows % kRowStep == 0,
@@ -290,8 +287,7 @@ __device__ __forceinline__ FragOffsets<kDim> bt_offsets(int lane) {
 // the accumulator of rows (g, g+8) and columns (2t, 2t+1) of n-tile j is exactly the A element
 // pair of k-step j / 2 (PTX layouts above), so no data moves between lanes.
 template <typename T>
-__device__ __forceinline__ void accumulators_to_a(uint32_t (&a)[4], const float (&lo)[4],
-                                                  const float (&hi)[4]) {
+__device__ __forceinline__ void accumulators_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
   a[0] = pack2<T>(lo[0], lo[1]);
   a[1] = pack2<T>(lo[2], lo[3]);
   a[2] = pack2<T>(hi[0], hi[1]);
@@ -313,8 +309,7 @@ __device__ __forceinline__ void store_accumulators(char* tile, int r0, const flo
     for (int half = 0; half < 2; ++half) {
       char* at = tile + S::offset(r0 + g + 8 * half, j) + 4 * t;
       SELFATTN_CHECK_ALIGNED(at, 4);
-      *reinterpret_cast<uint32_t*>(at) =
-          pack2<T>(acc[j][2 * half] * factor[half], acc[j][2 * half + 1] * factor[half]);
+      *reinterpret_cast<uint32_t*>(at) = pack2<T>(acc[j][2 * half] * factor[half], acc[j][2 * half + 1] * factor[half]);
     }
   }
 }
@@ -323,8 +318,8 @@ __device__ __forceinline__ void store_accumulators(char* tile, int r0, const flo
 // matrix (16-byte aligned rows), those below `nrows`, with 16-byte stores by the 32 lanes of a
 // warp (consecutive lanes, consecutive chunks of a row: coalesced).
 template <int kRows, int kDim, typename T>
-__device__ __forceinline__ void store_rows(T* dst, int64_t stride, int row0, int nrows,
-                                           const char* tile, int r0, int lane) {
+__device__ __forceinline__ void store_rows(T* dst, int64_t stride, int row0, int nrows, const char* tile, int r0,
+                                           int lane) {
   using S = Swizzle<kDim>;
   constexpr int kCount = kRows * S::kChunks;
   static_assert(kCount % 32 == 0, "whole warps");

@@ -50,7 +50,11 @@ struct TcScoreMask {
 
 template <bool kTensor, typename T>
 __device__ __forceinline__ TcScoreMask<kTensor> tc_score_mask(const SharedParams<T>& p) {
-  return {kTensor ? p.mask : TensorMask{}, p.band, p.nq, p.nk, static_cast<float>(p.scale),
+  return {kTensor ? p.mask : TensorMask{},
+          p.band,
+          p.nq,
+          p.nk,
+          static_cast<float>(p.scale),
           kTensor && p.mask.kind == MaskKind::kAdditive};
 }
 
@@ -65,8 +69,7 @@ __device__ __forceinline__ float tc_subtrahend(const TcScoreMask<kTensor>& m, fl
 // scores take the scale in one FFMA, natural ones subtract first. x = -inf gives 0, and so does
 // sub = +inf (backward_lse of a row that saw no key).
 template <bool kTensor>
-__device__ __forceinline__ float tc_probability(const TcScoreMask<kTensor>& m, float x, float scale_log2,
-                                                float sub) {
+__device__ __forceinline__ float tc_probability(const TcScoreMask<kTensor>& m, float x, float scale_log2, float sub) {
   return m.additive() ? fast_exp2((x - sub) * kLog2e) : fast_exp2(fmaf(x, scale_log2, -sub));
 }
 

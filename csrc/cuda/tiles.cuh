@@ -71,9 +71,8 @@ __device__ __forceinline__ Lane lane_position() {
 // dst[r][c] for c < cols (a multiple of 4), zero for rows at or past `nrows` and columns at or
 // past `dim`. Consecutive threads take consecutive 4-element chunks of a row (coalesced).
 template <int kRows, int kThreads, typename T>
-__device__ __forceinline__ void load_tile(const Strided4<const T>& src, int64_t b, int64_t h,
-                                          int row0, int nrows, int dim, int cols, float* dst,
-                                          int dst_stride) {
+__device__ __forceinline__ void load_tile(const Strided4<const T>& src, int64_t b, int64_t h, int row0, int nrows,
+                                          int dim, int cols, float* dst, int dst_stride) {
   const int chunks = cols / 4;
   for (int idx = threadIdx.x; idx < kRows * chunks; idx += kThreads) {
     const int r = idx / chunks;
@@ -90,8 +89,8 @@ __device__ __forceinline__ void load_tile(const Strided4<const T>& src, int64_t 
 //   a: the warp's first owned row in shared memory; b: the tile's first row; both kStride apart.
 //   depth: a multiple of 4, columns up to it loaded (zeros past the head dim).
 template <int R, int KPL, int kStride>
-__device__ __forceinline__ void tile_scores(const float* a, const float* b, int depth,
-                                            const Lane& lane, float (&s)[R][KPL]) {
+__device__ __forceinline__ void tile_scores(const float* a, const float* b, int depth, const Lane& lane,
+                                            float (&s)[R][KPL]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) {
 #pragma unroll
@@ -171,8 +170,7 @@ __device__ __forceinline__ void store_scores(float* buf, const Lane& lane, const
 // P being the tile stored by store_scores. Column chunks at or past `cols` are skipped (they
 // belong to no output column).
 template <int R, int kAccCols, int kBufStride, int kStride>
-__device__ __forceinline__ void tile_accumulate(const float* buf, const float* m, int count,
-                                                int cols, const Lane& lane,
+__device__ __forceinline__ void tile_accumulate(const float* buf, const float* m, int count, int cols, const Lane& lane,
                                                 float (&acc)[R][kAccCols]) {
   const float* p_lane = buf + lane.row_group * R;
   const float* m_lane = m + lane.col_group * 4;
@@ -198,17 +196,16 @@ __device__ __forceinline__ void tile_accumulate(const float* buf, const float* m
 
 // Writes the lane's accumulator row i (times `factor`) as row `row` of dst: columns below dim.
 template <int kAccCols, typename T>
-__device__ __forceinline__ void store_acc_row(const Strided4<T>& dst, int64_t b, int64_t h,
-                                              int row, int dim, const float (&acc)[kAccCols],
-                                              float factor, const Lane& lane) {
+__device__ __forceinline__ void store_acc_row(const Strided4<T>& dst, int64_t b, int64_t h, int row, int dim,
+                                              const float (&acc)[kAccCols], float factor, const Lane& lane) {
   T* out_row = dst.row(b, h, row);
 #pragma unroll
   for (int t = 0; t < kAccCols / 4; ++t) {
     const int c = lane.col_group * 4 + 32 * t;
     if (c < dim) {
-      store4(out_row, dst.stride_d, c, dim, dst.vec4,
-             make_float4(acc[4 * t] * factor, acc[4 * t + 1] * factor, acc[4 * t + 2] * factor,
-                         acc[4 * t + 3] * factor));
+      store4(
+          out_row, dst.stride_d, c, dim, dst.vec4,
+          make_float4(acc[4 * t] * factor, acc[4 * t + 1] * factor, acc[4 * t + 2] * factor, acc[4 * t + 3] * factor));
     }
   }
 }

@@ -21,8 +21,8 @@ __device__ __forceinline__ void load_lane_elements(const T* row, int64_t stride_
 
 // sum over d < dim of x[d] * row[d], the whole warp's lanes together (all lanes get it).
 template <typename T, typename A>
-__device__ __forceinline__ A warp_dot(const A (&x)[kGenericPerLane], const T* row, int64_t stride_d,
-                                      int dim, int lane) {
+__device__ __forceinline__ A warp_dot(const A (&x)[kGenericPerLane], const T* row, int64_t stride_d, int dim,
+                                      int lane) {
   A dot = 0;
 #pragma unroll
   for (int t = 0; t < kGenericPerLane; ++t) {

@@ -131,8 +131,7 @@ inline Fiber* current() { return state().current; }
 
 inline void check_aligned(const void* p, size_t bytes, const char* file, int line) {
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
-    std::fprintf(stderr, "cuda emulation: misaligned %zu-byte access at %p (%s:%d)\n", bytes, p,
-                 file, line);
+    std::fprintf(stderr, "cuda emulation: misaligned %zu-byte access at %p (%s:%d)\n", bytes, p, file, line);
     fail("misaligned vector access");
   }
 }
@@ -272,8 +271,8 @@ inline void ldmatrix_x4(bool trans, uint32_t (&r)[4], const void* row) {
   check_shared(row, 16, "ldmatrix row address");
   uint32_t data[4];
   std::memcpy(data, row, 16);  // this lane's row: 8 elements of 16 bits
-  const CollectiveSlot* lanes = warp_collective(trans ? kLdmatrixX4Trans : kLdmatrixX4,
-                                                reinterpret_cast<uintptr_t>(row), data, 4);
+  const CollectiveSlot* lanes =
+      warp_collective(trans ? kLdmatrixX4Trans : kLdmatrixX4, reinterpret_cast<uintptr_t>(row), data, 4);
   const unsigned lane = current()->thread_idx.x % 32;
   const auto element = [&](unsigned provider, unsigned i) {  // element i of lane provider's row
     return half_of(lanes[provider].data[i / 2], static_cast<int>(i % 2));

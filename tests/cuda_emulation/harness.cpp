@@ -36,8 +36,8 @@ namespace {
 // The kernels' mask for checked mask arguments, as the ops' builder makes it (csrc/attention.cpp,
 // attention_mask_arguments): attn_mask broadcast to (B, Hq, Nq, Nk) as a view.
 selfattn::AttentionMask make_mask(const selfattn::AttentionShape& s, bool causal,
-                                  const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-                                  int64_t window_right, int64_t diagonal_offset, double dropout_p = 0.0,
+                                  const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
+                                  int64_t diagonal_offset, double dropout_p = 0.0,
                                   const std::optional<at::Tensor>& rng_state = std::nullopt) {
   selfattn::AttentionMask mask;
   mask.band = selfattn::make_band(causal, window_left, window_right, diagonal_offset);
@@ -58,18 +58,16 @@ void forward_dropout(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   selfattn::check_mask_inputs(shape, q, attn_mask);
   selfattn::check_dropout(dropout_p, rng_state, q, "q");
   selfattn::cuda::run_forward(
-      q, k, v,
-      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
+      q, k, v, make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
       scale, out, lse, nullptr);
 }
 
 // attention_fwd's arguments (the op's order), then the outputs to fill.
-void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-             double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-             int64_t window_right, int64_t diagonal_offset, const at::Tensor& out,
-             const at::Tensor& lse) {
-  forward_dropout(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, 0.0,
-                  std::nullopt, out, lse);
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+             const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
+             int64_t diagonal_offset, const at::Tensor& out, const at::Tensor& lse) {
+  forward_dropout(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, 0.0, std::nullopt, out,
+                  lse);
 }
 
 // attention_bwd's arguments (the op's order, dropout included), then the gradients to fill.
@@ -85,17 +83,16 @@ void backward_dropout(const at::Tensor& grad_out, const at::Tensor& q, const at:
   selfattn::check_attention_grad_inputs(shape, q, grad_out, out, lse);
   selfattn::cuda::run_backward(
       grad_out, q, k, v, out, lse,
-      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state),
-      scale, grad_q, grad_k, grad_v, nullptr);
+      make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state), scale,
+      grad_q, grad_k, grad_v, nullptr);
 }
 
-void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
-              double scale, const std::optional<at::Tensor>& attn_mask, int64_t window_left,
-              int64_t window_right, int64_t diagonal_offset, const at::Tensor& grad_q,
-              const at::Tensor& grad_k, const at::Tensor& grad_v) {
-  backward_dropout(grad_out, q, k, v, out, lse, causal, scale, attn_mask, window_left, window_right,
-                   diagonal_offset, 0.0, std::nullopt, grad_q, grad_k, grad_v);
+void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+              const std::optional<at::Tensor>& attn_mask, int64_t window_left, int64_t window_right,
+              int64_t diagonal_offset, const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  backward_dropout(grad_out, q, k, v, out, lse, causal, scale, attn_mask, window_left, window_right, diagonal_offset,
+                   0.0, std::nullopt, grad_q, grad_k, grad_v);
 }
 
 // attention_jvp's arguments (the op's order), then the outputs to fill.
@@ -109,8 +106,8 @@ void jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const st
   selfattn::check_attention_tangents(shape, q, tangent_q, tangent_k, tangent_v);
   const auto or_undefined = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
   selfattn::cuda::run_jvp(q, k, v, or_undefined(tangent_q), or_undefined(tangent_k), or_undefined(tangent_v),
-                          make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset),
-                          scale, out, lse, tangent_out, nullptr);
+                          make_mask(shape, causal, attn_mask, window_left, window_right, diagonal_offset), scale, out,
+                          lse, tangent_out, nullptr);
 }
 
 }  // namespace
@@ -132,21 +129,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("jvp", &jvp,
         "jvp(q, k, v, tangent_q, tangent_k, tangent_v, causal, scale, attn_mask, window_left, window_right, "
         "diagonal_offset, out, lse, tangent_out): fills out, lse and tangent_out like attention_jvp_cuda");
-  m.def("seed", [](int64_t seed) { emu::state().rng.seed(static_cast<uint32_t>(seed)); },
-        "seed of the thread-order shuffling");
+  m.def(
+      "seed", [](int64_t seed) { emu::state().rng.seed(static_cast<uint32_t>(seed)); },
+      "seed of the thread-order shuffling");
   m.def("blocks_run", [] { return emu::state().blocks_run; }, "blocks emulated so far");
   m.def(
       "counters",
       [] {
         const emu::Counters& c = emu::state().counters;
-        return std::map<std::string, uint64_t>{
-            {"mma", c.mma},
-            {"ldmatrix", c.ldmatrix},
-            {"cp_async", c.cp_async},
-            {"ldmatrix_phases", c.ldmatrix_phases},
-            {"ldmatrix_extra_wavefronts", c.ldmatrix_extra_wavefronts},
-            {"decode_launches", c.decode_launches},
-            {"decode_splits", c.decode_splits}};
+        return std::map<std::string, uint64_t>{{"mma", c.mma},
+                                               {"ldmatrix", c.ldmatrix},
+                                               {"cp_async", c.cp_async},
+                                               {"ldmatrix_phases", c.ldmatrix_phases},
+                                               {"ldmatrix_extra_wavefronts", c.ldmatrix_extra_wavefronts},
+                                               {"decode_launches", c.decode_launches},
+                                               {"decode_splits", c.decode_splits}};
       },
       "tensor-core instructions emulated so far (warp-level mma and ldmatrix, thread-level cp.async) "
       "and ldmatrix bank-conflict replays; decode_launches / decode_splits: split-K decode forwards run and the "
