@@ -5,6 +5,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/mul.h>
 
 namespace selfattn {
 
@@ -12,6 +14,44 @@ BandArguments band_arguments(const OpArguments& args) {
   const BandArguments band{args.boolean("causal"), args.integer("window_left"), args.integer("window_right")};
   check_window(band.left, band.right);
   return band;
+}
+
+void score_mod_arguments(const OpArguments& args, const at::Tensor& q, const char* q_name, const c10::SymInt& batch,
+                         const c10::SymInt& heads, const char* batch_name, AttentionMask* mask) {
+  const double softcap = args.real("softcap");
+  const std::optional<at::Tensor> alibi_slopes = args.optional_tensor("alibi_slopes");
+  const std::optional<at::Tensor> sinks = args.optional_tensor("sinks");
+  check_score_mods(softcap, alibi_slopes, sinks, q, q_name, batch, heads, batch_name);
+  if (mask != nullptr) {
+    mask->set_scores(softcap, alibi_slopes, sinks, accumulate_type(q.scalar_type()));
+  }
+}
+
+namespace {
+
+// Reduced-precision tensors widened to float32 before a product (float32 and float64 as they are).
+at::Tensor widened(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf ? t.to(at::kFloat) : t;
+}
+
+// exp(sink[h] - lse[b, h, i]) in float64: each row's probability of its sink.
+at::Tensor sink_probabilities(const at::Tensor& sinks, const at::Tensor& lse) {
+  return (sinks.to(at::kDouble).view({1, -1, 1}) - lse.to(at::kDouble)).exp();
+}
+
+}  // namespace
+
+at::Tensor sinks_gradient(const at::Tensor& sinks, const at::Tensor& grad_out, const at::Tensor& out,
+                          const at::Tensor& lse) {
+  const at::Tensor delta = at::mul(widened(grad_out), widened(out)).sum(-1, false, at::kDouble);
+  return (sink_probabilities(sinks, lse) * delta).sum({0, 2}).neg().to(sinks.scalar_type());
+}
+
+void add_sinks_tangent(const at::Tensor& sinks, const at::Tensor& tangent_sinks, const at::Tensor& out,
+                       const at::Tensor& lse, const at::Tensor& tangent_out) {
+  const at::Tensor share = sink_probabilities(sinks, lse) * tangent_sinks.to(at::kDouble).view({1, -1, 1});
+  const at::Tensor acc = widened(tangent_out).to(at::kDouble) - share.unsqueeze(-1) * out.to(at::kDouble);
+  tangent_out.copy_(acc);
 }
 
 AttentionMask attention_mask_arguments(const OpArguments& args, const AttentionShape& s, const at::Tensor& q,
@@ -26,6 +66,7 @@ AttentionMask attention_mask_arguments(const OpArguments& args, const AttentionS
     check_dropout(dropout_p, rng_state, q, "q");
   }
   AttentionMask mask;
+  score_mod_arguments(args, q, "q", s.batch, s.heads, "B", for_kernels ? &mask : nullptr);
   if (!for_kernels) {
     return mask;
   }
@@ -72,10 +113,15 @@ void attention_bwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::ji
   const AttentionMask mask = attention_mask_arguments(args, s, q, kernels.runs());
   check_attention_grad_inputs(s, q, grad_out, out, lse);
   const at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  const std::optional<at::Tensor> sinks = args.optional_tensor("sinks");
+  at::Tensor grad_sinks = sinks.has_value() ? at::empty_like(*sinks) : at::empty({0}, q.options());
   if constexpr (kernels.runs()) {
     kernels.backward(grad_out, q, k, v, out, lse, mask, scale, grad_q, grad_k, grad_v);
+    if (sinks.has_value()) {
+      grad_sinks = sinks_gradient(*sinks, grad_out, out, lse);
+    }
   }
-  set_outputs(stack, names, grad_q, grad_k, grad_v);
+  set_outputs(stack, names, grad_q, grad_k, grad_v, grad_sinks);
 }
 
 void attention_fwd_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {

@@ -16,21 +16,45 @@
 #include "mask.h"
 #include "philox.h"
 
+#include <limits>
+#include <optional>
 #include <string>
 
 namespace selfattn {
 
 // Which keys each query sees (mask.h), and at most one tensor mask: undefined, or a
 // (B, Hq, Nq, Nk) view, any strides (0 on broadcast dims), bool (true = take part) or float
-// (added to the scaled scores; q's dtype or float32). And dropout (philox.h), applied to the
+// (added to the scaled scores; q's dtype or float32). The score modifications (mask.h's ScoreMods:
+// softcap, ALiBi, sinks), applied before any of those. And dropout (philox.h), applied to the
 // probabilities after the softmax: lse stays the logsumexp without dropout.
 struct AttentionMask {
   Band band;
   at::Tensor tensor;
+  ScoreMods scores;
+  at::Tensor alibi_state, sinks_state;  // hold what scores.alibi_slopes and scores.sinks point into
   Dropout dropout;
   at::Tensor dropout_state;  // holds what dropout.rng_state points into
 
   bool none() const { return band.unbounded() && !tensor.defined(); }
+
+  // The ops' score-modification arguments (checked: check_score_mods). alibi_slopes (Hq,) or
+  // (B, Hq); b of the kernels' tensors plus batch_offset is its row (varlen: the sequence index).
+  // sinks are converted to the accumulation type `acc` (float32, or float64 for float64 inputs).
+  void set_scores(double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+                  at::ScalarType acc, int64_t batch_offset = 0) {
+    scores.softcap = softcap;
+    if (alibi_slopes.has_value()) {
+      alibi_state = alibi_slopes->dim() == 1 ? alibi_slopes->unsqueeze(0) : *alibi_slopes;
+      const bool per_batch = alibi_state.size(0) > 1;
+      scores.alibi_stride_b = per_batch ? alibi_state.stride(0) : 0;
+      scores.alibi_stride_h = alibi_state.stride(1);
+      scores.alibi_slopes = alibi_state.data_ptr<float>() + batch_offset * scores.alibi_stride_b;
+    }
+    if (sinks.has_value()) {
+      sinks_state = sinks->to(acc).contiguous();
+      scores.sinks = sinks_state.data_ptr();
+    }
+  }
 
   // The ops' dropout arguments (checked: check_dropout); b of the kernels' tensors plus
   // batch_offset is the b of the keep decisions (varlen: the sequence index).
@@ -45,6 +69,17 @@ struct AttentionMask {
     dropout.batch_offset = batch_offset;
   }
 };
+
+// out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) of rows that see no key (Nk = 0): output 0, lse -inf, or
+// sinks[h] with sinks (a softmax over the sink alone).
+inline void write_empty_rows(const AttentionMask& mask, const at::Tensor& out, const at::Tensor& lse) {
+  out.zero_();
+  if (mask.scores.has_sinks()) {
+    lse.copy_(mask.sinks_state.view({1, -1, 1}).expand_as(lse));
+  } else {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+}
 
 // The CPU kernels, through the copy for the CPU at hand (cpu/dispatch.cpp).
 void attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,

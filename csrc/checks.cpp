@@ -114,6 +114,43 @@ void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state,
                     ref.device(), "), got ", state.device());
 }
 
+void check_score_mods(double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                      const std::optional<at::Tensor>& sinks, const at::Tensor& q, const char* q_name,
+                      const c10::SymInt& batch, const c10::SymInt& heads, const char* batch_name) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "selfattn: softcap must be a finite number >= 0 (0 = "
+                    "no softcapping), got ", softcap);
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& slopes = *alibi_slopes;
+    TORCH_CHECK_TYPE(slopes.scalar_type() == at::kFloat, "selfattn: alibi_slopes must be float32, got ",
+                     dtype_name(slopes.scalar_type()));
+    TORCH_CHECK_VALUE(slopes.device() == q.device(), "selfattn: alibi_slopes must be on the device of ", q_name, " (",
+                      q.device(), "), got ", slopes.device());
+    const bool per_head = slopes.dim() == 1 && slopes.sym_size(0) == heads;
+    const bool per_batch = slopes.dim() == 2 && slopes.sym_size(0) == batch && slopes.sym_size(1) == heads;
+    TORCH_CHECK_VALUE(per_head || per_batch, "selfattn: alibi_slopes must have shape (Hq,) = [", heads, "] or (",
+                      batch_name, ", Hq) = [", batch, ", ", heads, "], got ", slopes.sym_sizes());
+  }
+  if (sinks.has_value()) {
+    const at::Tensor& sink = *sinks;
+    TORCH_CHECK_TYPE(sink.scalar_type() == at::kFloat || sink.scalar_type() == q.scalar_type(),
+                     "selfattn: sinks must be float32 or the dtype of ", q_name, " (", dtype_name(q.scalar_type()),
+                     "), got ", dtype_name(sink.scalar_type()));
+    TORCH_CHECK_VALUE(sink.device() == q.device(), "selfattn: sinks must be on the device of ", q_name, " (",
+                      q.device(), "), got ", sink.device());
+    TORCH_CHECK_VALUE(sink.dim() == 1 && sink.sym_size(0) == heads, "selfattn: sinks must have shape (Hq,) = [",
+                      heads, "], got ", sink.sym_sizes());
+  }
+}
+
+void check_sinks_tangent(const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& tangent_sinks) {
+  if (!tangent_sinks.has_value()) {
+    return;
+  }
+  TORCH_CHECK_VALUE(sinks.has_value(), "selfattn: tangent_sinks was given without sinks");
+  check_like(*tangent_sinks, "tangent_sinks", *sinks, "sinks");
+  check_shape(*tangent_sinks, "tangent_sinks", sinks->sym_sizes(), "(Hq,), that of sinks");
+}
+
 void check_mask_inputs(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& attn_mask) {
   if (!attn_mask.has_value()) {
     return;
@@ -264,9 +301,9 @@ void check_layer_mask_inputs(const LayerShape& s, const at::Tensor& x, const std
 void check_layer_grad_inputs(const LayerShape& s, const at::Tensor& x, const at::Tensor& grad_out,
                              const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
                              const c10::List<bool>& output_mask) {
-  TORCH_CHECK_VALUE(output_mask.size() == 3,
-                    "selfattn: output_mask must have 3 entries "
-                    "(grad_x, grad_w, grad_b), got ",
+  TORCH_CHECK_VALUE(output_mask.size() == 4,
+                    "selfattn: output_mask must have 4 entries "
+                    "(grad_x, grad_w, grad_b, grad_sinks), got ",
                     output_mask.size());
   check_float_tensor(grad_out, "grad_out");
   check_float_tensor(qkv, "qkv");

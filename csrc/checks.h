@@ -58,6 +58,17 @@ void check_attention_tangents(const AttentionShape& s, const at::Tensor& q, cons
 // attn_mask of the attention ops, against the shape of q, k and v.
 void check_mask_inputs(const AttentionShape& s, const at::Tensor& q, const std::optional<at::Tensor>& attn_mask);
 
+// The score modifications of every op that takes them (mask.h's ScoreMods), against q (dtype,
+// device; `q_name` as the op calls it), `batch` (B; varlen: the number of sequences S) and `heads`
+// (Hq): softcap finite and >= 0 (0: off); alibi_slopes float32 of shape (Hq,) or (batch, Hq) on
+// q's device; sinks of shape (Hq,), float32 or q's dtype, on q's device.
+void check_score_mods(double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                      const std::optional<at::Tensor>& sinks, const at::Tensor& q, const char* q_name,
+                      const c10::SymInt& batch, const c10::SymInt& heads, const char* batch_name);
+
+// tangent_sinks of attention_jvp: None, or with the dtype, device and shape of sinks (which must be given).
+void check_sinks_tangent(const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& tangent_sinks);
+
 // The window sides (left, right) of every op that takes a window (-1: unbounded).
 void check_window(int64_t left, int64_t right);
 

@@ -155,7 +155,13 @@ struct EagerAttention : public torch::autograd::Function<EagerAttention> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const EagerPlan& plan = eager_plan();
-    variable_list input_grads(plan.differentiable.size() + 1);  // (+ the stack's: none)
+    const variable_list saved = ctx->get_saved_variables();
+    // One gradient per differentiable argument that was given (the node's inputs; + the stack's: none).
+    size_t num_given = 0;
+    for (const size_t i : plan.differentiable) {
+      num_given += saved[plan.tensor_slot[i]].defined() ? 1 : 0;
+    }
+    variable_list input_grads(num_given + 1);
     bool any_gradient = false;
     for (size_t i = 0; i < grads.size(); ++i) {
       any_gradient = any_gradient || (plan.output_differentiable[i] && grads[i].defined());
@@ -163,7 +169,6 @@ struct EagerAttention : public torch::autograd::Function<EagerAttention> {
     if (!any_gradient) {
       return input_grads;
     }
-    const variable_list saved = ctx->get_saved_variables();
     const c10::ArrayRef<c10::IValue> others = ctx->saved_data["arguments"].toListRef();
     torch::jit::Stack stack;
     stack.reserve(plan.backward_arguments.size());
@@ -191,8 +196,11 @@ struct EagerAttention : public torch::autograd::Function<EagerAttention> {
     } else {
       plan.backward.callBoxed(&stack);
     }
-    for (size_t j = 0; j < plan.differentiable.size(); ++j) {
-      input_grads[j] = stack[j].toTensor();
+    for (size_t j = 0, given = 0; j < plan.differentiable.size(); ++j) {
+      // (An argument that was None has no input: attention_bwd returns an empty grad_sinks then.)
+      if (saved[plan.tensor_slot[plan.differentiable[j]]].defined()) {
+        input_grads[given++] = stack[j].toTensor();
+      }
     }
     return input_grads;
   }
@@ -215,18 +223,26 @@ at::Tensor attention_eager(torch::jit::Stack stack) {
     plan.forward.callBoxed(&stack);
     return std::move(stack[0]).toTensor();
   }
-  // attn_mask is the one floating-point tensor argument without a gradient. (The same words as
-  // the Python autograd's refusal.)
+  // attn_mask and alibi_slopes are the floating-point tensor arguments without a gradient. (The
+  // same words as the Python autograd's refusals, selfattn/_refusals.py.)
   for (const size_t i : plan.non_differentiable) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!(stack[i].isTensor() && stack[i].toTensor().requires_grad()),
-                                "selfattn.attention: ", plan.forward.schema().arguments()[i].name(),
+    const bool requires_grad = stack[i].isTensor() && stack[i].toTensor().requires_grad();
+    const std::string& name = plan.forward.schema().arguments()[i].name();
+    TORCH_CHECK_NOT_IMPLEMENTED(!requires_grad || name != "alibi_slopes",
+                                "selfattn.attention: alibi_slopes requires grad, but ALiBi's slopes are fixed: selfattn "
+                                "does not compute their derivative; detach it, or build the bias as a float attn_mask "
+                                "for F.scaled_dot_product_attention");
+    TORCH_CHECK_NOT_IMPLEMENTED(!requires_grad, "selfattn.attention: ", name,
                                 " requires grad, but selfattn does not compute the gradient of a mask; detach it, "
                                 "or use F.scaled_dot_product_attention for a learned additive mask");
   }
+  // The differentiable arguments that were given (sinks may be None): the node's inputs.
   std::vector<at::Tensor> differentiable;
   differentiable.reserve(plan.differentiable.size());
   for (const size_t i : plan.differentiable) {
-    differentiable.push_back(stack[i].toTensor());
+    if (stack[i].isTensor()) {
+      differentiable.push_back(stack[i].toTensor());
+    }
   }
   return EagerAttention::apply(at::TensorList(differentiable), &stack)[0];
 }

@@ -20,6 +20,9 @@ void attention_jvp(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::ji
   const AttentionShape s = check_attention_inputs(q, k, v, scale);
   const AttentionMask mask = attention_mask_arguments(args, s, q, kernels.runs());
   check_attention_tangents(s, q, tangent_q, tangent_k, tangent_v);
+  const std::optional<at::Tensor> sinks = args.optional_tensor("sinks");
+  const std::optional<at::Tensor> tangent_sinks = args.optional_tensor("tangent_sinks");
+  check_sinks_tangent(sinks, tangent_sinks);
   // out and tangent_out as attention_fwd lays out out: (B, Nq, H, Dv) in memory.
   const at::Tensor out = empty_attention_output(s, q.options());
   const at::Tensor tangent_out = empty_attention_output(s, q.options());
@@ -29,6 +32,9 @@ void attention_jvp(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::ji
     // (An undefined tangent is a zero one.)
     kernels.jvp(q, k, v, tangent_q.value_or(at::Tensor()), tangent_k.value_or(at::Tensor()),
                 tangent_v.value_or(at::Tensor()), mask, scale, out, lse, tangent_out);
+    if (tangent_sinks.has_value()) {
+      add_sinks_tangent(*sinks, *tangent_sinks, out, lse, tangent_out);
+    }
   }
   set_outputs(stack, names, out, lse, tangent_out);
 }

@@ -70,4 +70,36 @@ inline Band make_band(bool causal, int64_t left, int64_t right, int64_t offset) 
   return band;
 }
 
+// The score modifications (FlashAttention's softcap and alibi_slopes, GPT-OSS's sinks), as plain
+// numbers and device pointers: a kernel argument as they are. Applied, in this order, to the scaled
+// score s = scale·q·kᵀ of query row i and key j of batch b, query head h, before the band, a
+// tensor mask or dropout decide anything:
+//   softcap > 0     s <- softcap · tanh(s / softcap)                     (Gemma 2)
+//   alibi           s <- s - slope(b, h) · |i + band.offset - j|         (BLOOM, MPT)
+//   sinks           each row's softmax has one more logit, sink(h), that carries no value (GPT-OSS):
+//                   the kernels start a row's running max at sink(h) and its sum at 1, so lse
+//                   includes it and a row that sees no key gets output 0, lse sink(h).
+// The band's offset is the query-to-key diagonal (0 top-left, Nk - Nq bottom-right, a ring block's
+// position), so the ALiBi distance is the one between true positions.
+struct ScoreMods {
+  double softcap = 0.0;
+  const float* alibi_slopes = nullptr;  // slope(b, h) = alibi_slopes[b * alibi_stride_b + h * alibi_stride_h]
+  int64_t alibi_stride_b = 0, alibi_stride_h = 0;
+  const void* sinks = nullptr;  // (Hq,) in the kernels' accumulation type (float, or double)
+
+  SELFATTN_BAND_FN bool has_softcap() const { return softcap > 0.0; }
+  SELFATTN_BAND_FN bool has_alibi() const { return alibi_slopes != nullptr; }
+  SELFATTN_BAND_FN bool has_sinks() const { return sinks != nullptr; }
+  // Whether a score differs from scale·q·kᵀ (the sinks change only the softmax's sum).
+  SELFATTN_BAND_FN bool modify_scores() const { return has_softcap() || has_alibi(); }
+  SELFATTN_BAND_FN bool any() const { return modify_scores() || has_sinks(); }
+  SELFATTN_BAND_FN float slope(int64_t b, int64_t h) const {
+    return alibi_slopes[b * alibi_stride_b + h * alibi_stride_h];
+  }
+  template <typename T>
+  SELFATTN_BAND_FN T sink(int64_t h) const {
+    return static_cast<const T*>(sinks)[h];
+  }
+};
+
 }  // namespace selfattn

@@ -49,6 +49,25 @@ struct BandArguments {
 };
 BandArguments band_arguments(const OpArguments& args);
 
+// The score-modification group (softcap, alibi_slopes, sinks) of the ops whose schema has it, read
+// by name and checked (check_score_mods) in one place (attention.cpp); set into `mask` as the
+// kernels take it when `mask` is not null (the ops' builders; Meta passes null). batch: B, or the
+// number of sequences S for varlen (batch_name says which); heads: Hq.
+void score_mod_arguments(const OpArguments& args, const at::Tensor& q, const char* q_name, const c10::SymInt& batch,
+                         const c10::SymInt& heads, const char* batch_name, AttentionMask* mask);
+
+// sinks.grad (Hq,), in the dtype of sinks, from the forward's out and lse and the gradient of out
+// (each (B, Hq, Nq, ·) / (B, Hq, Nq) views): the sink is a logit whose value is 0, so
+// d loss / d sink[h] = -Σ_{b,i} exp(sink[h] - lse[b,h,i]) · rowsum(grad_out ∘ out)[b,h,i], summed in
+// float64 by ATen (deterministic, on every device).
+at::Tensor sinks_gradient(const at::Tensor& sinks, const at::Tensor& grad_out, const at::Tensor& out,
+                          const at::Tensor& lse);
+
+// The forward-mode term of the sinks: tangent_out -= exp(sink - lse) · tangent_sinks · out, per
+// row (the sink's share of d lse), written into tangent_out (views as sinks_gradient's).
+void add_sinks_tangent(const at::Tensor& sinks, const at::Tensor& tangent_sinks, const at::Tensor& out,
+                       const at::Tensor& lse, const at::Tensor& tangent_out);
+
 // The argument builder of attention_fwd, attention_bwd and attention_jvp (attention.cpp): their
 // band and tensor mask and, where the schema has them, dropout's arguments, checked against the
 // shape of q, k and v, as the kernels take them. With `for_kernels` false (Meta) they are only

@@ -16,6 +16,7 @@
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 
@@ -64,6 +65,7 @@ AttentionMask layer_mask_arguments(const OpArguments& args, const LayerShape& s,
   check_layer_mask_inputs(s, x, attn_mask);
   check_dropout(dropout_p, rng_state, x, "x");
   AttentionMask mask;
+  score_mod_arguments(args, x, "x", s.batch, s.heads, "B", for_kernels ? &mask : nullptr);
   if (!for_kernels) {
     return mask;
   }
@@ -120,6 +122,10 @@ void self_attention_bwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torc
   // dq, dk, dv straight into one packed buffer: the projection GEMMs then read it as
   // (B*N, (H + 2·Hkv)·D).
   const at::Tensor grad_qkv = at::empty_symint({s.batch * s.seq, s.qkv_dim()}, x.options());
+  // Outputs must not alias each other, so each skipped gradient gets its own empty tensor.
+  const auto nothing = [&] { return at::empty({0}, x.options()); };
+  const std::optional<at::Tensor> sinks = args.optional_tensor("sinks");
+  at::Tensor grad_sinks = sinks.has_value() && output_mask.get(3) ? at::empty_like(*sinks) : nothing();
   if constexpr (kernels.runs()) {
     const auto [q, k, v] = split_heads(qkv.contiguous(), s);
     const auto per_head = [&](const at::Tensor& t) {  // (B, N, M) -> (B, H, N, D), a view when it can be
@@ -127,9 +133,10 @@ void self_attention_bwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torc
     };
     const auto [grad_q, grad_k, grad_v] = split_heads(grad_qkv, s);
     kernels.backward(per_head(grad_out), q, k, v, per_head(out), lse, mask, args.real("scale"), grad_q, grad_k, grad_v);
+    if (sinks.has_value() && output_mask.get(3)) {
+      grad_sinks = sinks_gradient(*sinks, per_head(grad_out), per_head(out), lse);
+    }
   }
-  // Outputs must not alias each other, so each skipped gradient gets its own empty tensor.
-  const auto nothing = [&] { return at::empty({0}, x.options()); };
   const at::Tensor grad_x = output_mask.get(0)
                                 ? projection_mm(grad_qkv, w_qkv, std::nullopt).view_symint({s.batch, s.seq, s.embed})
                                 : nothing();
@@ -137,7 +144,7 @@ void self_attention_bwd(const c10::OperatorHandle& op, c10::DispatchKeySet, torc
       output_mask.get(1) ? projection_mm(grad_qkv.t(), x.reshape_symint({s.batch * s.seq, s.embed}), std::nullopt)
                          : nothing();
   const at::Tensor grad_b = output_mask.get(2) ? grad_qkv.sum(0) : nothing();
-  set_outputs(stack, names, grad_x, grad_w, grad_b);
+  set_outputs(stack, names, grad_x, grad_w, grad_b, grad_sinks);
 }
 
 // Under torch.autocast: x, w_qkv and b_qkv run in the region's lower-precision dtype. A float mask

@@ -56,19 +56,23 @@ at::Tensor lse_rows(const at::Tensor& lse, int64_t start, int64_t n) { return ls
 // as the kernels take it.
 class VarlenMaskArguments {
  public:
-  VarlenMaskArguments(const OpArguments& args, const at::Tensor& q)
+  VarlenMaskArguments(const OpArguments& args, const VarlenShape& s, const at::Tensor& q, bool for_kernels)
       : band_(band_arguments(args)),
         bottom_right_(args.boolean("bottom_right")),
         dropout_p_(args.real("dropout_p")),
         rng_state_(args.optional_tensor("rng_state")) {
     check_dropout(dropout_p_, rng_state_, q, "q");
+    score_mod_arguments(args, q, "q", s.num_seqs, s.heads, "S", for_kernels ? &scores_ : nullptr);
   }
 
-  // Sequence `seq`'s mask (nq queries, nk keys); its dropout decisions take the sequence index as
-  // their batch index.
+  // Sequence `seq`'s mask (nq queries, nk keys); its dropout decisions and ALiBi slopes take the
+  // sequence index as their batch index.
   AttentionMask sequence(int64_t nq, int64_t nk, int64_t seq) const {
-    AttentionMask mask;
+    AttentionMask mask = scores_;
     mask.band = band_.with_offset(bottom_right_ ? nk - nq : 0);
+    mask.scores.alibi_slopes = scores_.scores.has_alibi()
+                                   ? scores_.scores.alibi_slopes + seq * scores_.scores.alibi_stride_b
+                                   : nullptr;
     mask.set_dropout(dropout_p_, rng_state_, seq);
     return mask;
   }
@@ -78,6 +82,7 @@ class VarlenMaskArguments {
   bool bottom_right_;
   double dropout_p_;
   std::optional<at::Tensor> rng_state_;
+  AttentionMask scores_;  // the score modifications, read once
 };
 
 // q, k, v, cu_seqlens_q/k, max_seqlen_q/k and scale, checked.
@@ -109,7 +114,7 @@ void varlen_attention_fwd(const c10::OperatorHandle& op, c10::DispatchKeySet, to
   static const ArgumentNames names(op.schema());
   const OpArguments args(*stack, names);
   const VarlenInputs in(args);
-  const VarlenMaskArguments mask(args, in.q);
+  const VarlenMaskArguments mask(args, in.shape, in.q, kernels.runs());
   const VarlenShape& s = in.shape;
   const at::Tensor out = at::empty_symint({s.total_q, s.heads, s.dim_v}, in.q.options());
   const at::Tensor lse =
@@ -123,8 +128,7 @@ void varlen_attention_fwd(const c10::OperatorHandle& op, c10::DispatchKeySet, to
         continue;
       }
       if (nk == 0) {  // no key to attend to: an empty sum
-        out.narrow(0, q0, nq).zero_();
-        lse.narrow(1, q0, nq).fill_(-std::numeric_limits<double>::infinity());
+        write_empty_rows(mask.sequence(nq, nk, i), rows(out, q0, nq), lse_rows(lse, q0, nq));
         continue;
       }
       kernels.forward(rows(in.q, q0, nq), rows(in.k, k0, nk), rows(in.v, k0, nk), mask.sequence(nq, nk, i), in.scale,
@@ -139,10 +143,12 @@ void varlen_attention_bwd(const c10::OperatorHandle& op, c10::DispatchKeySet, to
   static const ArgumentNames names(op.schema());
   const OpArguments args(*stack, names);
   const VarlenInputs in(args);
-  const VarlenMaskArguments mask(args, in.q);
+  const VarlenMaskArguments mask(args, in.shape, in.q, kernels.runs());
   const at::Tensor grad_out = args.tensor("grad_out"), out = args.tensor("out"), lse = args.tensor("lse");
   check_varlen_grad_inputs(in.shape, in.q, grad_out, out, lse);
   const at::Tensor grad_q = at::empty_like(in.q), grad_k = at::empty_like(in.k), grad_v = at::empty_like(in.v);
+  const std::optional<at::Tensor> sinks = args.optional_tensor("sinks");
+  at::Tensor grad_sinks = sinks.has_value() ? at::empty_like(*sinks) : at::empty({0}, in.q.options());
   if constexpr (kernels.runs()) {
     const Boundaries b = in.boundaries();
     for (int64_t i = 0; i < b.num_seqs(); ++i) {
@@ -158,8 +164,12 @@ void varlen_attention_bwd(const c10::OperatorHandle& op, c10::DispatchKeySet, to
                        rows(out, q0, nq), lse_rows(lse, q0, nq), mask.sequence(nq, nk, i), in.scale,
                        rows(grad_q, q0, nq), rows(grad_k, k0, nk), rows(grad_v, k0, nk));
     }
+    if (sinks.has_value()) {  // (Tq, Hq, Dv) and (Hq, Tq) as one (1, Hq, Tq, ·) batch
+      grad_sinks = sinks_gradient(*sinks, rows(grad_out, 0, in.shape.total_q.expect_int()),
+                                  rows(out, 0, in.shape.total_q.expect_int()), lse.unsqueeze(0));
+    }
   }
-  set_outputs(stack, names, grad_q, grad_k, grad_v);
+  set_outputs(stack, names, grad_q, grad_k, grad_v, grad_sinks);
 }
 
 // Under torch.autocast, float32 q/k/v run in the region's lower-precision dtype, as for

@@ -227,7 +227,7 @@ def _register_forward_op(description: OpDescription, adapt_tangent: Optional[Cal
     def setup_context(ctx, inputs, output):
         values = signature.bind(inputs)
         for name in no_grad:
-            _refuse_mask_grad(values[name], public)
+            _refuse_mask_grad(values[name], public, name)
         outputs = dict(zip(signature.returns, output))
         ctx.mark_non_differentiable(*(outputs[n] for n in description.kept_outputs))
         # Otherwise autograd hands the backward zero tensors for the gradients of the kept outputs
@@ -261,7 +261,7 @@ def _register_forward_op(description: OpDescription, adapt_tangent: Optional[Cal
         """The tangent of the first output (the kept ones are not differentiable)."""
         tangents = dict(zip(signature.names, tangents))
         for name in no_grad:
-            _refuse_mask_tangent(tangents.get(name), public)
+            _refuse_mask_tangent(tangents.get(name), public, name)
         values = dict(zip(forward_names, ctx.saved_tensors))
         values.update(ctx.arguments)
         for group in refusing_forward_mode:

@@ -133,6 +133,11 @@ def _dropout_active(values: dict) -> bool:
 
 
 MASK = Group("mask", ("attn_mask",), active=lambda values: values["attn_mask"] is not None, no_grad=True)
+# Slopes per (batch, head) do not fold into a bigger batch: vmap takes one call per sample then.
+ALIBI = Group("alibi", ("alibi_slopes",), no_grad=True, per_sample=True,
+              active=lambda values: values["alibi_slopes"] is not None and values["alibi_slopes"].dim() == 2)
+# The backward ops' grad_sinks sums over the batch: folded samples would share one sum.
+SINKS_GRAD = Group("sinks", ("sinks",), per_sample=True, active=lambda values: values["sinks"] is not None)
 DROPOUT = Group("dropout", ("dropout_p", "rng_state"), active=_dropout_active, per_sample=True,
                 forward_mode=_refuse_dropout_tangent)
 
@@ -140,41 +145,44 @@ DROPOUT = Group("dropout", ("dropout_p", "rng_state"), active=_dropout_active, p
 
 def _layer_per_sample_bwd(values: dict) -> bool:
     # grad_w and grad_b sum over the op's batch: a fold would mix the samples' weight gradients.
-    return bool(values["output_mask"][1] or values["output_mask"][2])
+    return bool(values["output_mask"][1] or values["output_mask"][2] or values["output_mask"][3])
 
 
 # ---------------------------------------------------------------------------------------------
 # The ops. (How the layer and varlen call attention_jvp is in _autograd.py.)
 
 ATTENTION_FWD = OpDescription(
-    "attention_fwd", "selfattn.attention", SDPA_MATH, groups=(MASK, DROPOUT),
-    backward="attention_bwd", differentiable=("q", "k", "v"), jvp="attention_jvp", kept_outputs=("lse",),
+    "attention_fwd", "selfattn.attention", SDPA_MATH, groups=(MASK, ALIBI, DROPOUT),
+    backward="attention_bwd", differentiable=("q", "k", "v", "sinks"), jvp="attention_jvp", kept_outputs=("lse",),
     folded=("q", "k", "v"), folded_masks=("attn_mask",))
 ATTENTION_BWD = OpDescription(
-    "attention_bwd", "selfattn.attention's backward", SDPA_MATH, groups=(MASK, DROPOUT),
-    folded=("grad_out", "q", "k", "v", "out", "lse"), folded_masks=("attn_mask",))
+    "attention_bwd", "selfattn.attention's backward", SDPA_MATH, groups=(MASK, ALIBI, SINKS_GRAD, DROPOUT),
+    folded=("grad_out", "q", "k", "v", "out", "lse"), folded_masks=("attn_mask",),
+    per_sample_outputs=lambda values: (True, True, True, False))  # grad_sinks: empty when folded
 ATTENTION_JVP = OpDescription(
-    "attention_jvp", "selfattn.attention's forward-mode derivative", SDPA_MATH, groups=(MASK,),
+    "attention_jvp", "selfattn.attention's forward-mode derivative", SDPA_MATH, groups=(MASK, ALIBI),
     folded=("q", "k", "v", "tangent_q", "tangent_k", "tangent_v"), folded_masks=("attn_mask",))
 
 SELF_ATTENTION_FWD = OpDescription(
-    "self_attention_fwd", "selfattn.self_attention", LAYER_ALTERNATIVE, groups=(MASK, DROPOUT),
-    backward="self_attention_bwd", differentiable=("x", "w_qkv", "b_qkv"), jvp="attention_jvp",
+    "self_attention_fwd", "selfattn.self_attention", LAYER_ALTERNATIVE, groups=(MASK, ALIBI, DROPOUT),
+    backward="self_attention_bwd", differentiable=("x", "w_qkv", "b_qkv", "sinks"), jvp="attention_jvp",
     kept_outputs=("qkv", "lse"), folded=("x",), folded_masks=("attn_mask",))
 SELF_ATTENTION_BWD = OpDescription(
-    "self_attention_bwd", "selfattn.self_attention's backward", LAYER_ALTERNATIVE, groups=(MASK, DROPOUT),
+    "self_attention_bwd", "selfattn.self_attention's backward", LAYER_ALTERNATIVE,
+    groups=(MASK, ALIBI, SINKS_GRAD, DROPOUT),
     folded=("grad_out", "x", "qkv", "out", "lse"), folded_masks=("attn_mask",),
     per_sample_when=_layer_per_sample_bwd,
     # grad_w and grad_b are not wanted when folded (empty); grad_x may not be either.
-    per_sample_outputs=lambda values: (bool(values["output_mask"][0]), False, False))
+    per_sample_outputs=lambda values: (bool(values["output_mask"][0]), False, False, False))
 
 # The packed layout has no batch dim to fold into (a fold would shift every sample's cu_seqlens,
 # whose values only the host sees): vmap takes one call per sample (no `folded`).
 VARLEN_ATTENTION_FWD = OpDescription(
-    "varlen_attention_fwd", "selfattn.attention_varlen", VARLEN_ALTERNATIVE, groups=(DROPOUT,),
-    backward="varlen_attention_bwd", differentiable=("q", "k", "v"), jvp="attention_jvp", kept_outputs=("lse",))
+    "varlen_attention_fwd", "selfattn.attention_varlen", VARLEN_ALTERNATIVE, groups=(ALIBI, DROPOUT),
+    backward="varlen_attention_bwd", differentiable=("q", "k", "v", "sinks"), jvp="attention_jvp", kept_outputs=("lse",))
 VARLEN_ATTENTION_BWD = OpDescription(
-    "varlen_attention_bwd", "selfattn.attention_varlen's backward", VARLEN_ALTERNATIVE, groups=(DROPOUT,))
+    "varlen_attention_bwd", "selfattn.attention_varlen's backward", VARLEN_ALTERNATIVE,
+    groups=(ALIBI, SINKS_GRAD, DROPOUT))
 
 OPS = {d.name: d for d in (ATTENTION_FWD, ATTENTION_BWD, ATTENTION_JVP, SELF_ATTENTION_FWD, SELF_ATTENTION_BWD,
                            VARLEN_ATTENTION_FWD, VARLEN_ATTENTION_BWD)}

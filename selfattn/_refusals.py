@@ -40,20 +40,31 @@ def _refuse_derivative_of_jvp(op: str, public: str, alternative: str) -> Callabl
                                      "second derivative: jacrev or jacfwd of jacfwd, grad through a jvp)")
 
 
-def _refuse_mask_tangent(tangent: Optional[Tensor], public: str) -> None:
+# Why each argument without a derivative has none, and what computes one (by argument name).
+_NO_DERIVATIVE = {
+    "attn_mask": ("selfattn does not compute the derivative along a mask",
+                  "or use F.scaled_dot_product_attention for a learned additive mask"),
+    "alibi_slopes": ("ALiBi's slopes are fixed: selfattn does not compute their derivative",
+                     "or build the bias as a float attn_mask for F.scaled_dot_product_attention"),
+}
+
+
+def _refuse_mask_tangent(tangent: Optional[Tensor], public: str, name: str = "attn_mask") -> None:
     if tangent is not None:
+        why, alternative = _NO_DERIVATIVE[name]
         raise NotImplementedError(
-            f"{public}: attn_mask carries a forward-mode tangent, but selfattn does not compute the derivative "
-            "along a mask; pass it without a tangent, or use F.scaled_dot_product_attention for a learned "
-            "additive mask")
+            f"{public}: {name} carries a forward-mode tangent, but {why}; pass it without a tangent, {alternative}")
 
 
-def _refuse_mask_grad(attn_mask: Optional[Tensor], public: str) -> None:
-    if attn_mask is not None and attn_mask.requires_grad:
-        # The kernels do not compute a mask's gradient; refuse rather than hand back None.
-        raise NotImplementedError(
-            f"{public}: attn_mask requires grad, but selfattn does not compute the gradient "
-            "of a mask; detach it, or use F.scaled_dot_product_attention for a learned additive mask")
+def _refuse_mask_grad(value: Optional[Tensor], public: str, name: str = "attn_mask") -> None:
+    if value is not None and value.requires_grad:
+        # The kernels do not compute this gradient; refuse rather than hand back None.
+        if name == "attn_mask":
+            raise NotImplementedError(
+                f"{public}: attn_mask requires grad, but selfattn does not compute the gradient "
+                "of a mask; detach it, or use F.scaled_dot_product_attention for a learned additive mask")
+        why, alternative = _NO_DERIVATIVE[name]
+        raise NotImplementedError(f"{public}: {name} requires grad, but {why}; detach it, {alternative}")
 
 
 def _refuse_dropout_tangent(values: dict, public: str) -> None:

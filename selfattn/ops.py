@@ -75,13 +75,31 @@ def _layer_mask(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
     return attn_mask  # the op names the mask's dtype
 
 
+def _score_mods(softcap, alibi_slopes, sinks) -> dict:
+    """The score-modification arguments that differ from their defaults, by the ops' names (the
+    op checks their values)."""
+    scores = {}
+    if softcap != 0.0:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"selfattn: softcap must be a float, got {type(softcap).__name__}")
+        scores["softcap"] = float(softcap)
+    if alibi_slopes is not None:
+        require_tensor(alibi_slopes, "alibi_slopes")
+        scores["alibi_slopes"] = alibi_slopes
+    if sinks is not None:
+        require_tensor(sinks, "sinks")
+        scores["sinks"] = sinks
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------
 # Public functions
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
-              causal=False, window=None, rng_state: Optional[Tensor] = None) -> Tensor:
+              causal=False, window=None, rng_state: Optional[Tensor] = None, softcap: float = 0.0,
+              alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """softmax(scale · q kᵀ + mask) v, with the meaning of ``F.scaled_dot_product_attention``.
 
     Arguments in SDPA's order, so a call written for SDPA works unchanged.
@@ -109,6 +127,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
       reproduces it and ``torch.utils.checkpoint`` recomputes the same); pass one to reuse a
       mask. ``selfattn.dropout_mask(rng_state, (B, Hq, Nq, Nk), p)`` returns that mask.
 
+    Score modifications (FlashAttention's and Gemma 2's ``softcap``, FlashAttention's
+    ``alibi_slopes``, GPT-OSS's ``sinks``), applied in this order to the scaled score
+    s = scale · q kᵀ before the causal band, window, attn_mask or dropout:
+
+    * ``softcap`` > 0: s becomes softcap · tanh(s / softcap) (0, the default: off).
+    * ``alibi_slopes``: float32 (Hq,) or (B, Hq); adds -slope · |i + off - j| with off the
+      diagonal offset above (0, or Nk - Nq under ``causal="bottom_right"``: FlashAttention's
+      |i + Nk - Nq - j|). lse includes the bias as written. Not differentiable: slopes that
+      require grad are refused.
+    * ``sinks``: (Hq,), float32 or q's dtype, differentiable: each row's softmax gets one more
+      logit sinks[h] that carries no value, so out_i = Σ_j e^{s_ij} v_j / (e^{sinks[h]} + Σ_j e^{s_ij}).
+      A row that sees no key gets output 0 and contributes nothing to sinks.grad.
+
     A query that sees no key gets output 0 (SDPA ≥ 2.5 too) and zero gradients, never NaN.
     """
     if dropout_p != 0.0 or rng_state is not None:
@@ -131,8 +162,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
     if not enable_gqa and q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1]:
         raise ValueError(f"selfattn: q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for "
                          "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
-    if attn_mask is None and window is None and causal is False and not is_causal and rng_state is None:
-        # no mask, no dropout: skip masks.py
+    scores = _score_mods(softcap, alibi_slopes, sinks)
+    if (attn_mask is None and window is None and causal is False and not is_causal and rng_state is None
+            and not scores):
+        # no mask, no dropout, no score modification: skip masks.py
         out = _autograd.attention(q, k, v, False, resolve_scale(scale, shape[-1] if shape else 0))
     else:
         if q.dim() < 3 or k.dim() < 3:  # the op says what is wrong; a mask needs Nq and Nk first
@@ -142,7 +175,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
                                    3 if three_d else 4)
         # The mask's arguments travel by name (masks.MaskArgs holds them under the ops' names).
         out = _autograd.attention(q, k, v, scale=resolve_scale(scale, shape[-1] if shape else 0),
-                                  dropout_p=dropout_p, rng_state=rng_state, **mask.by_name())
+                                  dropout_p=dropout_p, rng_state=rng_state, **mask.by_name(), **scores)
     return out.squeeze(1) if three_d else out
 
 
@@ -150,7 +183,8 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
                    num_kv_heads: Optional[int] = None, causal: bool = False, scale: Optional[float] = None,
                    key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
                    window: Optional[tuple] = None, dropout_p: float = 0.0,
-                   rng_state: Optional[Tensor] = None) -> Tensor:
+                   rng_state: Optional[Tensor] = None, softcap: float = 0.0,
+                   alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """Projections and multi-head (or grouped-query) attention in one op, with no output projection.
 
     x (N, E) or (B, N, E). With H = ``num_heads``, Hkv = ``num_kv_heads`` (default H; it must
@@ -180,6 +214,9 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
     ``dropout_p`` and ``rng_state`` as in ``selfattn.attention`` (applied whenever p > 0;
     ``SelfAttention`` passes its dropout in training mode only).
 
+    ``softcap``, ``alibi_slopes`` ((H,) or (B, H)) and ``sinks`` ((H,), differentiable) as in
+    ``selfattn.attention``.
+
     A row that sees no key (all its keys masked) gives 0.
     """
     causal = check_bool(causal, "causal")
@@ -204,5 +241,6 @@ def self_attention(x: Tensor, w_qkv: Tensor, b_qkv: Optional[Tensor] = None, *, 
             mask = _layer_mask(key_padding_mask, attn_mask, x.shape[0], x.shape[1], num_heads, single, x.device)
     out, _, _ = _autograd.forward("self_attention_fwd", x=x, w_qkv=w_qkv, b_qkv=b_qkv, num_heads=num_heads,
                                   causal=causal, scale=scale, num_kv_heads=num_kv_heads, attn_mask=mask,
-                                  dropout_p=dropout_p, rng_state=rng_state, **window)
+                                  dropout_p=dropout_p, rng_state=rng_state, **window,
+                                  **_score_mods(softcap, alibi_slopes, sinks))
     return out.squeeze(0) if single else out

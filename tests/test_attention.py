@@ -107,7 +107,7 @@ def test_every_output_element_written(dtype):
             out, qkv, lse = torch.ops.selfattn.self_attention_fwd(x, w, None, 3, causal, 0.5)
             assert not out.isnan().any() and not qkv.isnan().any() and not lse.isnan().any()
             for g in torch.ops.selfattn.self_attention_bwd(torch.randn_like(out), x, w, qkv, out, lse, 3,
-                                                          causal, 0.5, [True, True, True]):
+                                                          causal, 0.5, [True, True, True, False]):
                 assert not g.isnan().any()
     finally:
         torch.use_deterministic_algorithms(previous)

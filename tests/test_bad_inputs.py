@@ -194,7 +194,7 @@ def layer_bwd(change: Callable, heads=2):
         out, qkv, lse = ops.self_attention_fwd(x, w, None, 2, False, 0.3)
         args = dict(grad_out=torch.randn_like(out), x=x, w=w, qkv=qkv, out=out, lse=lse)
         args.update(change(args))
-        mask = args.pop("mask", [True, True, False])
+        mask = args.pop("mask", [True, True, False, False])
         extra = args.pop("extra", ())  # num_kv_heads, attn_mask, window_left, window_right
         return (*args.values(), heads, False, 0.3, mask, *extra)
     return make
@@ -288,10 +288,10 @@ LAYER = [
          r"out must have shape \(B, N, M\) = \[2, 5, 8\], got \[2, 4, 8\]"),
     Case("grad_out shape (layer)", "self_attention_bwd", layer_bwd(lambda a: {"grad_out": a["grad_out"][None]}),
          ValueError, r"grad_out must have shape \(B, N, M\) = \[2, 5, 8\], got \[1, 2, 5, 8\]"),
-    Case("output_mask short", "self_attention_bwd", layer_bwd(lambda a: {"mask": [True, True]}), ValueError,
-         r"output_mask must have 3 entries \(grad_x, grad_w, grad_b\), got 2"),
-    Case("output_mask long", "self_attention_bwd", layer_bwd(lambda a: {"mask": [True] * 4}), ValueError,
-         r"output_mask must have 3 entries \(grad_x, grad_w, grad_b\), got 4"),
+    Case("output_mask short", "self_attention_bwd", layer_bwd(lambda a: {"mask": [True] * 3}), ValueError,
+         r"output_mask must have 4 entries \(grad_x, grad_w, grad_b, grad_sinks\), got 3"),
+    Case("output_mask long", "self_attention_bwd", layer_bwd(lambda a: {"mask": [True] * 5}), ValueError,
+         r"output_mask must have 4 entries \(grad_x, grad_w, grad_b, grad_sinks\), got 5"),
 ]
 
 # --- varlen_attention_fwd / varlen_attention_bwd -------------------------------------------------

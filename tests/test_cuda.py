@@ -401,7 +401,7 @@ def test_opcheck():
     out, qkv, lse = ops.self_attention_fwd(x, w, b, 2, True, 0.5)
     torch.library.opcheck(ops.self_attention_bwd.default,
                           (torch.randn_like(out), x.detach(), w.detach(), qkv, out.detach(), lse, 2, True, 0.5,
-                           [True, True, True]))
+                           [True, True, True, False]))
 
 
 def test_compile_fullgraph():

@@ -158,7 +158,7 @@ def _check_layer_batch_sharded(rank, world_size):
         fwd, bwd = torch.ops.selfattn.self_attention_fwd.default, torch.ops.selfattn.self_attention_bwd.default
         _, qkv, lse = fwd(x_dt.detach(), w_dt.detach(), b_dt.detach(), HEADS, True, HEAD_DIM ** -0.5, KV_HEADS)
         _, gw, _ = bwd(torch.ones_like(out), x_dt.detach(), w_dt.detach(), qkv, out.detach(), lse, HEADS, True,
-                       HEAD_DIM ** -0.5, [True, True, True], KV_HEADS)
+                       HEAD_DIM ** -0.5, [True, True, True, False], KV_HEADS)
     assert gw.placements == (Partial(),)
     counts = {str(op): n for op, n in comm.get_comm_counts().items()}
     assert not [op for op in counts if "gather" in op], counts  # the replicated weight's grad: all-reduce only

@@ -355,7 +355,7 @@ def test_opcheck_with_dropout():
     torch.library.opcheck(ops.self_attention_fwd, layer_args)
     out, qkv, lse = ops.self_attention_fwd(*layer_args)
     torch.library.opcheck(ops.self_attention_bwd, (torch.randn_like(out), x.detach(), w.detach(), qkv, out.detach(),
-                                                   lse, 2, False, 0.5, [True, True, False], 0, None, -1, -1, 0.2,
+                                                   lse, 2, False, 0.5, [True, True, False, False], 0, None, -1, -1, 0.2,
                                                    rng_state))
     cu = torch.tensor([0, 7, 19], dtype=torch.int32)
     qv, kv, vv = (torch.randn(19, 2, 8, requires_grad=True) for _ in range(3))

@@ -346,7 +346,7 @@ def test_opcheck_new_arguments():
     out, qkv, lse = fused(ops.self_attention_fwd, *args)
     assert qkv.shape == (2, 13, 18) and lse.shape == (2, 4, 13)
     torch.library.opcheck(ops.self_attention_fwd, args)
-    for output_mask in ([True, True, True], [False, True, False]):
+    for output_mask in ([True, True, True, False], [False, True, False, False]):
         torch.library.opcheck(ops.self_attention_bwd, (torch.randn_like(out), x.detach(), w.detach(), qkv,
                                                        out.detach(), lse, 4, True, 0.4, output_mask, 1, mask, 5, -1))
 
@@ -358,7 +358,7 @@ def test_fake_kernel_shapes_with_grouped_heads():
     mask = torch.empty(2, 1, 1, 13, dtype=torch.bool, device="meta")
     out, qkv, lse = ops.self_attention_fwd(x, w, None, 4, False, 0.4, 1, mask, 3, 0)
     assert out.shape == (2, 13, 12) and qkv.shape == (2, 13, 18) and lse.shape == (2, 4, 13)
-    grads = ops.self_attention_bwd(out, x, w, qkv, out, lse, 4, False, 0.4, [True, True, True], 1, mask, 3, 0)
+    grads = ops.self_attention_bwd(out, x, w, qkv, out, lse, 4, False, 0.4, [True, True, True, False], 1, mask, 3, 0)
     assert [g.shape for g in grads] == [x.shape, w.shape, (18,)]
 
 

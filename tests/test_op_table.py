@@ -39,9 +39,9 @@ def test_a_missing_source_is_reported():
     """The check above fails when the backward needs an argument the forward does not have."""
     forward = OPS["attention_fwd"].signature
     backward = OPS["attention_bwd"].signature
-    planted = Signature(backward.names + ("softcap",), backward.defaults + (_REQUIRED,), backward.tensor_names,
+    planted = Signature(backward.names + ("temperature",), backward.defaults + (_REQUIRED,), backward.tensor_names,
                         backward.returns)
-    assert _unsourced(planted, forward, {"grad_out"}) == ["softcap"]
+    assert _unsourced(planted, forward, {"grad_out"}) == ["temperature"]
 
 
 def test_signature_binds_and_rebuilds_by_name():

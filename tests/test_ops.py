@@ -49,7 +49,7 @@ def test_opcheck_self_attention(args):
     torch.library.opcheck(ops.self_attention_fwd, args)
     x, w, b, heads, causal, scale = args
     out, qkv, lse = ops.self_attention_fwd(*args)
-    for mask in ([True, True, True], [False, True, False]):
+    for mask in ([True, True, True, False], [False, True, False, False]):
         torch.library.opcheck(ops.self_attention_bwd, (torch.randn_like(out), x.detach(), w.detach(), qkv,
                                                        out.detach(), lse, heads, causal, scale, mask))
 

@@ -19,6 +19,7 @@
 #include "dropout_tiles.h"
 #include "attention_bf16.h"
 #include "mask_tiles.h"
+#include "score_mods.h"
 #include "tile.h"
 #include "blocking.h"
 
@@ -109,8 +110,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       } else {
         pack_columns(q_view, b, h, q0, q_rows, dim, scale, q_t, block_q);
       }
-      fill(row_max, block_q, -std::numeric_limits<T>::infinity());
-      fill(row_sum, block_q, T(0));
+      sink_row_start(mask.scores, h, block_q, row_max, row_sum);
       fill(acc, block_q * dim_v_padded, T(0));
 
       // Only the key blocks (aligned to block_k, as the mask's tiles are) that the band reaches.
@@ -140,6 +140,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const RowBlock<T> k_block = k_reader.read(b, h_kv, k0, k_rows, k_scratch);
           gemm_keys_x_queries<T>(band_cols, k_rows, block_q, dim, k_block.data, k_block.row_stride, k_block.col_stride,
                                  q_t, block_q, p_t, block_q, /*accumulate=*/false);
+        }
+        if (mask.scores.modify_scores()) {
+          modify_scores(mask.scores, b, h, band.offset, q0, block_q, k0, k_rows, p_t, block_q);
         }
         if (cut) {
           mask_band(band_cols, k_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
@@ -204,7 +207,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       }
 
       // 6. Normalize and write the rows out, with their logsumexp.
-      //    A row that saw no key (sum 0) is written as 0 with lse -inf.
+      //    A row that saw no key (sum 0) is written as 0 with lse -inf (with a sink: sum 1, acc 0, so
+//    output 0 and lse the sink's logit).
       for (int64_t i = 0; i < q_rows; ++i) {
         T* acc_row = acc + i * dim_v_padded;
         const bool seen = row_sum[i] > T(0);
@@ -238,13 +242,12 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     return;
   }
   if (k.size(2) == 0) {  // no key to attend to: an empty sum
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    write_empty_rows(mask, out, lse);
     return;
   }
   // Few query rows, a long cache: split the keys instead. Dropout stays on the tiled path, whose
   // keep mask the backward regenerates tile by tile.
-  if (!mask.dropout.active() && decode_path_applies(q, k)) {
+  if (!mask.dropout.active() && !mask.scores.any() && decode_path_applies(q, k)) {
     return attention_decode(q, k, v, mask, scale, out, lse);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {

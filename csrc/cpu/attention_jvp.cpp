@@ -229,9 +229,8 @@ void attention_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     return;
   }
   if (k.size(2) == 0) {  // no key to attend to: an empty sum, and its tangent
-    out.zero_();
+    write_empty_rows(mask, out, lse);
     tangent_out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_jvp_cpu", [&] {

@@ -287,17 +287,24 @@ void run_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 
 }  // namespace
 
+// The score modifications are not in the CUDA kernels yet: refused rather than ignored.
+void refuse_score_mods(const AttentionMask& mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!mask.scores.any(),
+                              "selfattn: softcap, alibi_slopes and sinks are not implemented in the CUDA kernels yet; "
+                              "run on the CPU, or use eager attention on the GPU");
+}
+
 // Shapes as in attention.h; the caller has checked them and allocated the outputs.
 void run_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
              const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask, double scale,
              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out, cudaStream_t stream) {
+  refuse_score_mods(mask);
   if (q.size(0) * q.size(1) == 0 || q.size(2) == 0) {
     return;
   }
   if (k.size(2) == 0) {  // no key to attend to: an empty sum, and its tangent
-    out.zero_();
+    write_empty_rows(mask, out, lse);
     tangent_out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
     return;
   }
   check_sizes(q, k, v);
@@ -322,12 +329,12 @@ void run_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 // Shapes as in attention.h; the caller has checked them and allocated out and lse.
 void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask, double scale,
                  const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
+  refuse_score_mods(mask);
   if (q.size(0) * q.size(1) == 0 || q.size(2) == 0) {
     return;
   }
   if (k.size(2) == 0) {  // no key to attend to: an empty sum
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    write_empty_rows(mask, out, lse);
     return;
   }
   check_sizes(q, k, v);
@@ -364,6 +371,7 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask, double scale,
                   const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v, cudaStream_t stream) {
+  refuse_score_mods(mask);
   if (q.size(0) * q.size(1) == 0) {  // no query head (Hq = 0 allows any Hk): k and v unused
     grad_k.zero_();
     grad_v.zero_();

@@ -1,0 +1,81 @@
+// The score modifications (mask.h's ScoreMods) on the CPU kernels' transposed score tiles: key rows x
+// query columns, p_t[j * ld + c] the scaled score s = scale·q·kᵀ of key k0 + j and query q0 + c.
+// Applied right after the score GEMM, before the band, a tensor mask or dropout (which overwrite or
+// add to what this leaves; a pair the band skipped holds an unwritten value until they do).
+//
+//   softcap > 0   s <- softcap · tanh(s / softcap); with `tanh_t` the tanh is kept there (same
+//                 layout) for the backward's factor 1 - tanh² (softcap_backward)
+//   alibi         s <- s - slope · |i + offset - j|, the distance from positions (no memory traffic)
+//
+// The sinks change only the softmax's running max and sum (sink_row_start).
+#pragma once
+
+#include "tile.h"
+
+#include <cmath>
+
+namespace selfattn::SELFATTN_CPU_NS {
+
+// Every column c in [0, cols) of rows [0, k_rows); cols a multiple of the vector width W.
+template <typename T>
+void modify_scores(const ScoreMods& mods, int64_t b, int64_t h, int64_t offset, int64_t q0, int64_t cols, int64_t k0,
+                   int64_t k_rows, T* p_t, int64_t ld, T* tanh_t = nullptr) {
+  constexpr int64_t W = kVecWidth<T>;
+  if (mods.has_softcap()) {
+    const T cap = static_cast<T>(mods.softcap);
+    const Vec<T> cap_vec(cap), inv_cap(T(1) / cap);
+    for (int64_t j = 0; j < k_rows; ++j) {
+      T* row = p_t + j * ld;
+      T* t_row = tanh_t != nullptr ? tanh_t + j * ld : nullptr;
+      for (int64_t c = 0; c < cols; c += W) {
+        const Vec<T> t = (Vec<T>::loadu(row + c) * inv_cap).tanh();
+        if (t_row != nullptr) {
+          t.store(t_row + c);
+        }
+        (t * cap_vec).store(row + c);
+      }
+    }
+  }
+  if (mods.has_alibi()) {
+    const Vec<T> minus_slope(-static_cast<T>(mods.slope(b, h)));
+    alignas(64) T iota[W];
+    for (int64_t c = 0; c < W; ++c) {
+      iota[c] = static_cast<T>(c);
+    }
+    const Vec<T> lanes = Vec<T>::loadu(iota);
+    for (int64_t j = 0; j < k_rows; ++j) {
+      T* row = p_t + j * ld;
+      // Column c's distance: (q0 + c + offset) - (k0 + j), exact in T for any real sequence.
+      const int64_t first = q0 + offset - (k0 + j);
+      for (int64_t c = 0; c < cols; c += W) {
+        const Vec<T> distance = (Vec<T>(static_cast<T>(first + c)) + lanes).abs();
+        at::vec::fmadd(minus_slope, distance, Vec<T>::loadu(row + c)).store(row + c);
+      }
+    }
+  }
+}
+
+// The softcap's chain rule on a tile of dS (same layout as the scores): ds *= 1 - tanh², with the
+// tanh kept by modify_scores.
+template <typename T>
+void softcap_backward(int64_t cols, int64_t k_rows, const T* tanh_t, T* ds_t, int64_t ld) {
+  constexpr int64_t W = kVecWidth<T>;
+  const Vec<T> one(T(1));
+  for (int64_t j = 0; j < k_rows; ++j) {
+    for (int64_t c = 0; c < cols; c += W) {
+      const Vec<T> t = Vec<T>::loadu(tanh_t + j * ld + c);
+      (Vec<T>::loadu(ds_t + j * ld + c) * (one - t * t)).store(ds_t + j * ld + c);
+    }
+  }
+}
+
+// A row's running max and sum before its first key: the sink's logit with weight exp(0) = 1
+// (a key whose value is 0), or -inf and 0 without sinks.
+template <typename T>
+void sink_row_start(const ScoreMods& mods, int64_t h, int64_t count, T* row_max, T* row_sum) {
+  const bool sink = mods.has_sinks();
+  fill(row_max, count, sink ? mods.sink<T>(h) : -std::numeric_limits<T>::infinity());
+  fill(row_sum, count, sink ? T(1) : T(0));
+}
+
+}  // namespace selfattn::SELFATTN_CPU_NS
