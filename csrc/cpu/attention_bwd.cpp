@@ -23,6 +23,7 @@
 #include "dropout_tiles.h"
 #include "attention_bf16.h"
 #include "mask_tiles.h"
+#include "score_mods.h"
 #include "tile.h"
 
 #include <ATen/Dispatch.h>
@@ -85,11 +86,13 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
   constexpr bool kMayUseBf16 = std::is_same_v<scalar_t, c10::BFloat16> && kBf16KernelsCompiled;
   const bool use_bf16 = kMayUseBf16 && bf16_kernels_enabled();
   const bool bf16_brgemm = use_bf16 && bf16_gemm_uses_brgemm();
+  const bool softcap = mask.scores.has_softcap();
 
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size =
       Carver::padded(s.dim * nq_padded) + Carver::padded(s.dim_v * nq_padded) + 2 * Carver::padded(nq_padded) +
-      (dropout.active() ? 3 : 2) * Carver::padded(block_k * block_q) + Carver::padded(split_keys * s.dim_padded) +
+      (2 + (dropout.active() ? 1 : 0) + (softcap ? 1 : 0)) * Carver::padded(block_k * block_q) +
+      Carver::padded(split_keys * s.dim_padded) +
       Carver::padded(split_keys * s.dim_v_padded) + Carver::padded(q_reader.scratch_size(block_q)) +
       Carver::padded(do_reader.scratch_size(block_q)) + Carver::padded(k_reader.scratch_size(block_k)) +
       Carver::padded(v_reader.scratch_size(block_k)) + (dq_in_scratch ? Carver::padded(s.nq * s.dim_padded) : 0);
@@ -107,6 +110,7 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
     T* p_t = carve.take(block_k * block_q);      // (block_k, block_q): P, transposed
     T* ds_t = carve.take(block_k * block_q);     // (block_k, block_q): dP, then dS, transposed
     T* keep_t = dropout.active() ? carve.take(block_k * block_q) : nullptr;  // M = keep / (1 - p)
+    T* tanh_t = softcap ? carve.take(block_k * block_q) : nullptr;  // tanh(s / softcap), for dS's 1 - tanh²
     T* dk_sums = carve.take(split_keys * s.dim_padded);    // the work item's keys' dk, summed
     T* dv_sums = carve.take(split_keys * s.dim_v_padded);  // over the group's query heads
     T* q_scratch = carve.take(q_reader.scratch_size(block_q));  // blocks converted to T, when needed
@@ -228,6 +232,9 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
               gemm_keys_x_queries<T>(band_cols, kv_rows, block_q, s.dim, k_block.data, k_block.row_stride, 1, q_cols,
                                      block_q, p_t, block_q, /*accumulate=*/false);
             }
+            if (mask.scores.modify_scores()) {
+              modify_scores(mask.scores, b, h, band.offset, q0, block_q, k0, kv_rows, p_t, block_q, tanh_t);
+            }
             if (cut) {
               mask_band(band_cols, kv_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
             }
@@ -274,6 +281,9 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
                   (p * m).store(p_t + j * block_q + c);
                 }
               }
+            }
+            if (softcap) {  // d softcap·tanh(s / softcap) / ds = 1 - tanh²
+              softcap_backward(block_q, kv_rows, tanh_t, ds_t, block_q);
             }
             if (cut) {  // the skipped dP entries were never written: 0 * garbage may be NaN
               mask_band(band_cols, kv_rows, block_q, ds_t, block_q, T(0));

@@ -22,6 +22,7 @@
 // bfloat16/float16 caches are read in their dtype and converted a tile at a time.
 #include "kernels.h"
 #include "mask_tiles.h"
+#include "score_mods.h"
 #include "tile.h"
 #include "transposed_block.h"
 
@@ -119,8 +120,15 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           q_s[r * dim + d] = static_cast<T>(src[d * q_view.stride_d]) * scale;
         }
       }
+      // A sink enters once: in the first split's rows (the merge then weighs it with that split).
       fill(row_max, rows, kMinusInf);
       fill(row_sum, rows, T(0));
+      if (split == 0 && mask.scores.has_sinks()) {
+        for (int64_t r = 0; r < rows; ++r) {
+          row_max[r] = mask.scores.sink<T>(h_kv * group + r / nq);
+          row_sum[r] = T(1);
+        }
+      }
       fill(acc, rows * dim_v_padded, T(0));
 
       for (int64_t k0 = k_first; k0 < k_last; k0 += kBlockK) {
@@ -147,6 +155,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         });
         gemm<T>(rows, width, dim, q_s, dim, 1, k_t, kBlockK, s, kBlockK, /*accumulate=*/false);
         for (int64_t r = 0; r < rows; ++r) {
+          if (mask.scores.modify_scores()) {  // row r: query r % Nq of head h_kv·group + r / Nq
+            const ScoreMods& mods = mask.scores;
+            const T slope = mods.has_alibi() ? static_cast<T>(mods.slope(b, h_kv * group + r / nq)) : T(0);
+            modify_score_row(mods, slope, r % nq + band.offset - k0, width, s + r * kBlockK);
+          }
           fill(s + r * kBlockK + k_rows, width - k_rows, kMinusInf);
         }
         // The band's hidden pairs, then the tensor mask (which works on transposed tiles), to -inf.

@@ -247,7 +247,7 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   // Few query rows, a long cache: split the keys instead. Dropout stays on the tiled path, whose
   // keep mask the backward regenerates tile by tile.
-  if (!mask.dropout.active() && !mask.scores.any() && decode_path_applies(q, k)) {
+  if (!mask.dropout.active() && decode_path_applies(q, k)) {
     return attention_decode(q, k, v, mask, scale, out, lse);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {

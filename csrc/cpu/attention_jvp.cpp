@@ -16,6 +16,7 @@
 // and tangent 0.
 #include "kernels.h"
 #include "mask_tiles.h"
+#include "score_mods.h"
 #include "tile.h"
 
 #include <ATen/Dispatch.h>
@@ -61,9 +62,10 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   T* const lse_data = lse.data_ptr<T>();
   const int64_t lse_stride_b = lse.stride(0), lse_stride_h = lse.stride(1), lse_stride_n = lse.stride(2);
 
+  const bool softcap = mask.scores.has_softcap();
   using Carver = ScratchCarver<T>;
   const int64_t scratch_size =
-      2 * Carver::padded(dim * block_q) + 2 * Carver::padded(block_k * block_q) +
+      2 * Carver::padded(dim * block_q) + (softcap ? 3 : 2) * Carver::padded(block_k * block_q) +
       2 * Carver::padded(block_q * dim_v_padded) + 4 * Carver::padded(block_q) +
       Carver::padded(k_reader.scratch_size(block_k)) + Carver::padded(tk_reader.scratch_size(block_k)) +
       Carver::padded(v_reader.scratch_size(block_k)) + Carver::padded(tv_reader.scratch_size(block_k));
@@ -75,6 +77,7 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     T* tq_t = carve.take(dim * block_q);            // (D, block_q): their tangents, times scale
     T* p_t = carve.take(block_k * block_q);         // (block_k, block_q): scores, then probabilities
     T* ds_t = carve.take(block_k * block_q);        // (block_k, block_q): tangent scores, then P ∘ dS
+    T* tanh_t = softcap ? carve.take(block_k * block_q) : nullptr;  // tanh(s / softcap): dS's 1 - tanh²
     T* acc = carve.take(block_q * dim_v_padded);    // Σ p·v per query row
     T* acc_t = carve.take(block_q * dim_v_padded);  // Σ p·(dv + ds·v) per query row
     T* row_max = carve.take(block_q);
@@ -96,8 +99,9 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       if (has_tq) {
         pack_columns(tq_view, b, h, q0, q_rows, dim, scale, tq_t, block_q);
       }
-      fill(row_max, block_q, -std::numeric_limits<T>::infinity());
-      fill(row_sum, block_q, T(0));
+      // (A sink enters l here; its share of the tangent, -p_sink·tangent_sink·out, is added by
+      // the op: add_sinks_tangent.)
+      sink_row_start(mask.scores, h, block_q, row_max, row_sum);
       fill(row_ds, block_q, T(0));
       fill(acc, block_q * dim_v_padded, T(0));
       fill(acc_t, block_q * dim_v_padded, T(0));
@@ -131,6 +135,13 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
         }
         if (has_tk) {
           keys_x_queries(tk_reader.read(b, h_kv, k0, k_rows, tk_scratch), q_t, ds_t, has_tq);
+        }
+        // The score modifications; the softcap's derivative scales the tangent scores.
+        if (mask.scores.modify_scores()) {
+          modify_scores(mask.scores, b, h, band.offset, q0, block_q, k0, k_rows, p_t, block_q, tanh_t);
+          if (softcap && has_ds) {
+            softcap_backward(block_q, k_rows, tanh_t, ds_t, block_q);
+          }
         }
         if (cut) {
           mask_band(band_cols, k_rows, block_q, p_t, block_q, -std::numeric_limits<T>::infinity());
@@ -199,7 +210,7 @@ void jvp_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       }
 
       // 4. out = acc / l and tangent_out = (acc_t − s_t·out) / l with s_t = Σ p·ds, from out before
-      //    rounding; a row that saw no key gets 0, 0 and lse -inf.
+      //    rounding; a row that saw no key gets 0, 0 and lse -inf (with a sink: lse the sink's logit).
       for (int64_t i = 0; i < q_rows; ++i) {
         T* acc_row = acc + i * dim_v_padded;
         T* acc_t_row = acc_t + i * dim_v_padded;

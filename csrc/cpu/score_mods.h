@@ -55,6 +55,31 @@ void modify_scores(const ScoreMods& mods, int64_t b, int64_t h, int64_t offset, 
   }
 }
 
+// The same along one query row of `count` keys (the decode path's layout: keys along the
+// vector): key j at distance distance0 - j from the query, `slope` the row's ALiBi slope.
+template <typename T>
+void modify_score_row(const ScoreMods& mods, T slope, int64_t distance0, int64_t count, T* row) {
+  constexpr int64_t W = kVecWidth<T>;
+  if (mods.has_softcap()) {
+    const T cap = static_cast<T>(mods.softcap);
+    const Vec<T> cap_vec(cap), inv_cap(T(1) / cap);
+    for (int64_t j = 0; j < count; j += W) {
+      ((Vec<T>::loadu(row + j) * inv_cap).tanh() * cap_vec).store(row + j);
+    }
+  }
+  if (mods.has_alibi()) {
+    alignas(64) T iota[W];
+    for (int64_t l = 0; l < W; ++l) {
+      iota[l] = static_cast<T>(l);
+    }
+    const Vec<T> lanes = Vec<T>::loadu(iota), minus_slope(-slope);
+    for (int64_t j = 0; j < count; j += W) {
+      const Vec<T> distance = (Vec<T>(static_cast<T>(distance0 - j)) - lanes).abs();
+      at::vec::fmadd(minus_slope, distance, Vec<T>::loadu(row + j)).store(row + j);
+    }
+  }
+}
+
 // The softcap's chain rule on a tile of dS (same layout as the scores): ds *= 1 - tanh², with the
 // tanh kept by modify_scores.
 template <typename T>
