@@ -26,11 +26,17 @@ class SelfAttention(nn.Module):
     attn_mask=None)`` takes the masks of ``selfattn.self_attention`` — key_padding_mask True = a
     real token (the inverse of nn.MultiheadAttention's). ``dropout`` is the attention dropout
     probability, applied in training mode only (as nn.MultiheadAttention's).
+
+    Score modifications (``selfattn.attention``'s meaning): ``softcap`` (0 = off); ``alibi_slopes``,
+    a float32 (H,) tensor kept as a buffer (not trained); ``sinks=True`` creates a learnable
+    zero-initialised (H,) ``nn.Parameter`` ``sinks`` (GPT-OSS's), a tensor is taken as given
+    (registered as a parameter when it is one, as a buffer otherwise).
     """
 
     def __init__(self, embed_dim: int, model_dim: int, num_heads: int = 1, bias: bool = False,
                  causal: bool = False, scale: Optional[float] = None, num_kv_heads: Optional[int] = None,
-                 window: Optional[tuple] = None, dropout: float = 0.0, device=None, dtype=None):
+                 window: Optional[tuple] = None, dropout: float = 0.0, softcap: float = 0.0,
+                 alibi_slopes: Optional[Tensor] = None, sinks=None, device=None, dtype=None):
         super().__init__()
         kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for value, name in ((embed_dim, "embed_dim"), (model_dim, "model_dim"), (num_heads, "num_heads"),
@@ -59,7 +65,21 @@ class SelfAttention(nn.Module):
         self.scale = scale
         self.window = window
         self.dropout = float(dropout)
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0.0:
+            raise ValueError(f"SelfAttention: softcap must be a float >= 0 (0 = off), got {softcap!r}")
+        self.softcap = float(softcap)
         factory = {"device": device, "dtype": dtype}
+        self.register_buffer("alibi_slopes", alibi_slopes)
+        if sinks is True:
+            self.sinks = nn.Parameter(torch.zeros(num_heads, **factory))
+        elif isinstance(sinks, nn.Parameter):
+            self.sinks = sinks
+        elif isinstance(sinks, Tensor):
+            self.register_buffer("sinks", sinks)
+        elif sinks is None or sinks is False:
+            self.sinks = None
+        else:
+            raise ValueError(f"SelfAttention: sinks must be True, a tensor or None, got {type(sinks).__name__}")
         rows = (num_heads + 2 * kv_heads) * self.head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(rows, embed_dim, **factory))
         if bias:
@@ -83,7 +103,8 @@ class SelfAttention(nn.Module):
         return self_attention(x, self.in_proj_weight, self.in_proj_bias, num_heads=self.num_heads,
                               num_kv_heads=self.num_kv_heads, causal=self.causal, scale=self.scale,
                               key_padding_mask=key_padding_mask, attn_mask=attn_mask, window=self.window,
-                              dropout_p=self.dropout if self.training else 0.0)
+                              dropout_p=self.dropout if self.training else 0.0, softcap=self.softcap,
+                              alibi_slopes=self.alibi_slopes, sinks=self.sinks)
 
     @classmethod
     def from_reference(cls, ref: reference.SelfAttention) -> "SelfAttention":
@@ -107,5 +128,11 @@ class SelfAttention(nn.Module):
             extra += f", window={self.window}"
         if self.dropout:
             extra += f", dropout={self.dropout}"
+        if self.softcap:
+            extra += f", softcap={self.softcap}"
+        if self.alibi_slopes is not None:
+            extra += ", alibi_slopes"
+        if self.sinks is not None:
+            extra += ", sinks"
         return (f"embed_dim={self.embed_dim}, model_dim={self.model_dim}, num_heads={self.num_heads}, "
                 f"bias={self.in_proj_bias is not None}, causal={self.causal}, scale={self.scale}{extra}")

@@ -11,6 +11,7 @@ from typing import Optional, Tuple, Union
 from torch import Tensor
 
 from . import _autograd, masks
+from .ops import _score_mods
 from ._args import check_bool, check_int, dropout_args, require_tensor, resolve_scale
 
 
@@ -18,7 +19,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: Union[bool, str] = False,
                      scale: Optional[float] = None, enable_gqa: bool = False,
                      window: Optional[Tuple[int, int]] = None, dropout_p: float = 0.0,
-                     rng_state: Optional[Tensor] = None) -> Tensor:
+                     rng_state: Optional[Tensor] = None, softcap: float = 0.0,
+                     alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """Attention over S sequences packed back to back, FlashAttention's varlen layout.
 
     q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides. ``cu_seqlens_q`` and
@@ -48,6 +50,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     The op needs the sequence boundaries on the host: on CUDA it copies both cu_seqlens to the
     host once per call (forward, and again in backward), which waits for the stream, so it cannot
     be captured in a CUDA graph.
+    ``softcap``, ``alibi_slopes`` ((Hq,) or (S, Hq): a row per sequence; the distance within each
+    sequence, |i + off_s - j| with off_s = 0, or nk_s - nq_s under ``causal="bottom_right"``) and
+    ``sinks`` ((Hq,), differentiable) as in ``selfattn.attention``.
     """
     alignment = masks.causal_alignment(causal)  # the spellings of selfattn.attention
     dropout_p, rng_state = dropout_args(dropout_p, rng_state, q.device if isinstance(q, Tensor) else None)
@@ -64,5 +69,6 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     out, _ = _autograd.forward("varlen_attention_fwd", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                causal=alignment is not None, scale=scale, bottom_right=alignment == "bottom_right",
-                               dropout_p=dropout_p, rng_state=rng_state, **window)
+                               dropout_p=dropout_p, rng_state=rng_state, **window,
+                               **_score_mods(softcap, alibi_slopes, sinks))
     return out

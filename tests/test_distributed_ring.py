@@ -97,6 +97,57 @@ def _check_case(shape, causal, window, layout, per_pass, seed, rank, world_size)
     torch.testing.assert_close(lse, mine(single_lse.unsqueeze(-1)).squeeze(-1), **tol)
 
 
+def _scored_reference(q, k, v, causal, scale, softcap, slopes, sinks):
+    """The float64 oracle with the score modifications written out: tanh cap, the ALiBi bias from
+    global positions, the sink as an extra column that is dropped after the softmax."""
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    n = q.shape[-2]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores - slopes.double().view(1, -1, 1, 1) * (i - j).abs()
+    if causal:
+        scores = scores.masked_fill(j > i, float("-inf"))
+    sink = sinks.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    weights = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    return weights @ v
+
+
+def _check_score_mods(layout, causal, rank, world_size):
+    """softcap, ALiBi over global positions and sinks through the ring; sinks.grad summed over the
+    ranks is the whole sequence's."""
+    import torch.distributed as dist
+
+    from selfattn.distributed import ring_attention, split_sequence
+
+    shape = (1, 4, 2, 6, 8, 8)
+    q, k, v, grad_out = _full_inputs(shape, world_size, 11)
+    gen = torch.Generator().manual_seed(12)
+    slopes = torch.rand(4, generator=gen)  # float32, as the op takes them
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64) * 2
+    scale = 1.0 / math.sqrt(shape[4])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    expected = _scored_reference(*leaves[:3], causal, scale, 1.5, slopes, leaves[3])
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+
+    def mine(t):
+        return split_sequence(t, world_size, rank, layout=layout)
+
+    local = [mine(t).clone().requires_grad_() for t in (q, k, v)] + [sinks.clone().requires_grad_()]
+    out = ring_attention(*local[:3], causal=causal, layout=layout, enable_gqa=True, softcap=1.5,
+                         alibi_slopes=slopes, sinks=local[3])
+    grads = torch.autograd.grad(out, local, mine(grad_out))
+    tol = dict(rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, mine(expected), **tol)
+    for got, want, name in zip(grads[:3], expected_grads[:3], "qkv"):
+        torch.testing.assert_close(got, mine(want), **tol, msg=lambda m: f"grad {name}: {m}")
+    sinks_grad = grads[3].clone()
+    dist.all_reduce(sinks_grad)
+    torch.testing.assert_close(sinks_grad, expected_grads[3], **tol)
+
+
 class _CountPointToPoint:
     """Counts torch.distributed.isend / irecv calls (both the package's and distributed_c10d's
     names, which batch_isend_irecv compares against)."""
@@ -214,6 +265,9 @@ def _check_bad_inputs(rank, world_size):
 def _suite(rank, world_size):
     cases = [(name, functools.partial(_check_case, shape, causal, window, layout, per_pass, seed))
              for seed, (name, shape, causal, window, layout, per_pass) in enumerate(CASES)]
+    cases += [(f"score-mods-{layout}-{'causal' if causal else 'full'}",
+               functools.partial(_check_score_mods, layout, causal))
+              for layout, causal in (("zigzag", True), ("contiguous", False))]
     cases.append(("only-point-to-point", _check_only_point_to_point))
     cases.append(("bad-inputs", _check_bad_inputs))
     cases.append(("peak-live-tensors", _check_peak_live_tensors))
@@ -226,7 +280,8 @@ def _suite_results(world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["only-point-to-point", "bad-inputs",
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["score-mods-zigzag-causal", "score-mods-contiguous-full",
+                                                                  "only-point-to-point", "bad-inputs",
                                                                   "peak-live-tensors"])
 def test_ring_attention(world_size, case):
     case_results(_suite_results(world_size), case)

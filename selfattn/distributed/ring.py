@@ -32,8 +32,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import masks
-from .._args import accumulate_dtype, resolve_scale
+from .._args import accumulate_dtype, require_tensor, resolve_scale
 from .._op_table import OPS
+from ..ops import _score_mods
 
 __all__ = ["ring_attention", "split_sequence", "unsplit_sequence"]
 
@@ -93,7 +94,8 @@ def unsplit_sequence(parts: List[Tensor], *, layout: str = "contiguous", dim: in
 def _pair_band(q_start: int, nq: int, k_start: int, nk: int, causal: bool, left: int, right: int):
     """The ops' (causal, window_left, window_right, diagonal_offset) for queries at global rows
     [q_start, q_start + nq) against keys at [k_start, k_start + nk); None when the band hides
-    every pair, and no band at all (False, -1, -1, 0) when it hides none."""
+    every pair, and no band at all (False, -1, -1, offset) when it hides none (the offset still
+    places ALiBi's distances)."""
     offset = q_start - k_start  # local query i sits at local key position i + offset
     lo = _UNBOUNDED if left == -1 else left
     hi = 0 if causal else (_UNBOUNDED if right == -1 else right)
@@ -102,7 +104,7 @@ def _pair_band(q_start: int, nq: int, k_start: int, nk: int, causal: bool, left:
     if nq == 0 or nk == 0 or nq - 1 + offset + hi < 0 or offset - lo > nk - 1:
         return None
     if offset + nq - 1 - lo <= 0 and offset + hi >= nk - 1:
-        return (False, -1, -1, 0)
+        return (False, -1, -1, offset)
     return (causal, left, right, offset)
 
 
@@ -188,17 +190,29 @@ def _head_passes(hq: int, hk: int, per_pass: int):
             for s in range(0, hk, per_pass)]
 
 
-def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout, per_pass):
+def _pass_scores(scores: dict, hq: slice) -> dict:
+    """The score modifications of the query heads ``hq`` (slopes are per query head)."""
+    slopes = scores.get("alibi_slopes")
+    if slopes is None:
+        return scores
+    return {**scores, "alibi_slopes": slopes[hq] if slopes.dim() == 1 else slopes[:, hq]}
+
+
+def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout, per_pass, scores, sinks):
     acc_dtype = accumulate_dtype(q.dtype)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc_dtype)
     lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc_dtype)
     for hq, hk in _head_passes(q.shape[1], k.shape[1], per_pass):
         _ring_forward_pass(ring, q[:, hq], k[:, hk], v[:, hk], out[:, hq], lse[:, hq], causal, scale, left, right,
-                           layout)
+                           layout, _pass_scores(scores, hq))
+    if sinks is not None:
+        # The sink enters once, here: a part whose keys are none, with lse sinks[h] and output 0.
+        sink_lse = sinks.to(acc_dtype).view(1, -1, 1).expand_as(lse)
+        _merge(out, lse, torch.zeros_like(out), sink_lse.clone())
     return out.to(q.dtype), lse
 
 
-def _ring_forward_pass(ring: _Ring, q, k, v, out, lse, causal, scale, left, right, layout):
+def _ring_forward_pass(ring: _Ring, q, k, v, out, lse, causal, scale, left, right, layout, scores):
     """One pass of the ring for some heads: their out and lse (views of the whole ones) merged in place."""
     rows = q.shape[-2]
     kv = [k.contiguous(), v.contiguous()]
@@ -210,7 +224,7 @@ def _ring_forward_pass(ring: _Ring, q, k, v, out, lse, causal, scale, left, righ
                                                              causal, left, right):
             part_out, part_lse = OPS["attention_fwd"].handle(
                 q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], causal=band_causal, scale=scale,
-                window_left=wl, window_right=wr, diagonal_offset=offset)
+                window_left=wl, window_right=wr, diagonal_offset=offset, **scores)
             _merge(out[..., qs, :], lse[..., qs], part_out, part_lse)
             del part_out, part_lse  # before the next pair's outputs exist
         if step + 1 < ring.world_size:
@@ -218,24 +232,26 @@ def _ring_forward_pass(ring: _Ring, q, k, v, out, lse, causal, scale, left, righ
             kv, next_kv = next_kv, None  # the chunk just used is freed (its send has completed)
 
 
-def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass):
+def _ring_backward(ring: _Ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass, scores):
     acc_dtype = accumulate_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     passes = _head_passes(q.shape[1], k.shape[1], per_pass)
     if len(passes) == 1:  # the accumulators that arrive home are the gradients
         grad_k, grad_v = _ring_backward_pass(ring, grad_out, q, k, v, out, lse, grad_q, causal, scale, left, right,
-                                             layout)
+                                             layout, scores)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
     grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
     for hq, hk in passes:
         pass_k, pass_v = _ring_backward_pass(ring, grad_out[:, hq], q[:, hq], k[:, hk], v[:, hk], out[:, hq],
-                                             lse[:, hq], grad_q[:, hq], causal, scale, left, right, layout)
+                                             lse[:, hq], grad_q[:, hq], causal, scale, left, right, layout,
+                                             _pass_scores(scores, hq))
         grad_k[:, hk], grad_v[:, hk] = pass_k, pass_v
         del pass_k, pass_v
     return grad_q.to(q.dtype), grad_k, grad_v
 
 
-def _ring_backward_pass(ring: _Ring, grad_out, q, k, v, out, lse, grad_q, causal, scale, left, right, layout):
+def _ring_backward_pass(ring: _Ring, grad_out, q, k, v, out, lse, grad_q, causal, scale, left, right, layout,
+                        scores):
     """One pass of the ring for some heads: adds into grad_q (a view of the whole one) in place and
     returns the heads' dk, dv (float32 for low precision)."""
     rows = q.shape[-2]
@@ -256,7 +272,7 @@ def _ring_backward_pass(ring: _Ring, grad_out, q, k, v, out, lse, grad_q, causal
             g_q, g_k, g_v = OPS["attention_bwd"].handle(
                 grad_out[..., qs, :], q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], out[..., qs, :],
                 lse[..., qs], causal=band_causal, scale=scale, window_left=wl, window_right=wr,
-                diagonal_offset=offset)
+                diagonal_offset=offset, **scores)[:3]
             grad_q[..., qs, :] += g_q
             grad_kv[0][..., ks, :] += g_k
             grad_kv[1][..., ks, :] += g_v
@@ -274,23 +290,32 @@ def _ring_backward_pass(ring: _Ring, grad_out, q, k, v, out, lse, grad_q, causal
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring, causal, scale, left, right, layout, per_pass):
-        out, lse = _ring_forward(ring, q, k, v, causal, scale, left, right, layout, per_pass)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (ring, causal, scale, left, right, layout, per_pass)
+    def forward(ctx, q, k, v, sinks, ring, causal, scale, left, right, layout, per_pass, scores):
+        out, lse = _ring_forward(ring, q, k, v, causal, scale, left, right, layout, per_pass, scores, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.args = (ring, causal, scale, left, right, layout, per_pass, scores)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        ring, causal, scale, left, right, layout, per_pass = ctx.args
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        ring, causal, scale, left, right, layout, per_pass, scores = ctx.args
+        # lse includes the sink, so the blocks' P = exp(s - lse) are the final probabilities and
+        # the kernels need no sink; its gradient is the rank's rows' share (as for every weight
+        # under sequence parallelism: sum it over the group).
         if ring.world_size == 1:
             grads = OPS["attention_bwd"].handle(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
-                                                    window_left=left, window_right=right)
+                                                window_left=left, window_right=right, **scores)[:3]
         else:
-            grads = _ring_backward(ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass)
-        return (*grads,) + (None,) * 7
+            grads = _ring_backward(ring, grad_out, q, k, v, out, lse, causal, scale, left, right, layout, per_pass,
+                                   scores)
+        grad_sinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            delta = (grad_out.double() * out.double()).sum(-1)
+            grad_sinks = -(torch.exp(sinks.double().view(1, -1, 1) - lse.double()) * delta).sum((0, 2))
+            grad_sinks = grad_sinks.to(sinks.dtype)
+        return (*grads, grad_sinks) + (None,) * 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +347,8 @@ def _agree_across_ranks(ring: _Ring, q: Tensor, k: Tensor, v: Tensor, per_pass: 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[dist.ProcessGroup] = None,
                    causal: bool = False, scale: Optional[float] = None, layout: str = "contiguous",
                    window: Optional[tuple] = None, enable_gqa: bool = False, return_lse: bool = False,
-                   check_ranks: bool = True, kv_heads_per_pass: Optional[int] = None):
+                   check_ranks: bool = True, kv_heads_per_pass: Optional[int] = None, softcap: float = 0.0,
+                   alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None):
     """Attention over a sequence split across the ranks of ``group``, as ``selfattn.attention``
     would compute it on the whole sequence.
 
@@ -344,6 +370,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[dist.Proc
     ``check_ranks`` (default) first all-reduces a few integers so that ranks whose chunks differ
     in shape or dtype all raise instead of hanging. ``group=None`` is the default group; one rank
     alone computes plain attention.
+
+    ``softcap``, ``alibi_slopes`` (distances between global positions) and ``sinks`` as in
+    ``selfattn.attention``; the sink enters once, in the final merge. ``sinks.grad`` is this rank's
+    rows' share: sum it over the group, as every weight's gradient under sequence parallelism.
     """
     if not dist.is_initialized():
         raise RuntimeError("selfattn.distributed.ring_attention: torch.distributed is not initialized "
@@ -382,5 +412,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[dist.Proc
         # The whole sequence is here: the layouts coincide (zigzag's two pieces are in order), and
         # with no ring buffers one pass over all heads holds no more than several.
         layout, kv_heads_per_pass = "contiguous", k.shape[1]
-    out, lse = _RingAttention.apply(q, k, v, ring, causal, scale, left, right, layout, kv_heads_per_pass)
+    scores = _score_mods(softcap, alibi_slopes, None)  # (the sinks: in the merge, not per block)
+    if sinks is not None:
+        require_tensor(sinks, "sinks")
+        if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+            raise ValueError(f"selfattn.distributed.ring_attention: sinks must have shape (Hq,) = [{q.shape[1]}], "
+                             f"got {list(sinks.shape)}")
+    out, lse = _RingAttention.apply(q, k, v, sinks, ring, causal, scale, left, right, layout, kv_heads_per_pass,
+                                    scores)
     return (out, lse) if return_lse else out
