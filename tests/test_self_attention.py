@@ -159,3 +159,39 @@ def test_frozen_weights_skip_their_gradients():
     x = torch.randn(2, 10, 8)  # no grad for the input: only the parameters get one
     layer(x).sum().backward()
     assert layer.in_proj_weight.grad is not None and layer.in_proj_bias.grad is not None
+
+
+def test_module_score_modifications_against_float64():
+    """SelfAttention(softcap=, alibi_slopes=, sinks=True): the sinks a zero-initialised parameter
+    that trains; output and the gradients of x, the weights and the sinks against scores written
+    out here (tanh cap, the ALiBi bias from positions, the sink as a dropped extra column)."""
+    heads, kv_heads, dim, n = 4, 2, 8, 23
+    slopes = torch.rand(heads)
+    layer = selfattn.SelfAttention(16, heads * dim, num_heads=heads, num_kv_heads=kv_heads, bias=True, causal=True,
+                                   softcap=1.5, alibi_slopes=slopes, sinks=True, dtype=torch.float64)
+    assert isinstance(layer.sinks, nn.Parameter) and torch.equal(layer.sinks, torch.zeros(heads, dtype=torch.float64))
+    assert "sinks" in dict(layer.named_parameters()) and "alibi_slopes" in dict(layer.named_buffers())
+    with torch.no_grad():
+        layer.in_proj_weight.mul_(3)  # scores large enough that the cap matters
+        layer.sinks.normal_(0, 2)
+    x = torch.randn(2, n, 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+
+    w, b = layer.in_proj_weight.detach().clone().requires_grad_(), layer.in_proj_bias.detach().clone()
+    sinks = layer.sinks.detach().clone().requires_grad_()
+    x64 = x.detach().clone().requires_grad_()
+    qkv = F.linear(x64, w, b).unflatten(-1, (heads + 2 * kv_heads, dim)).transpose(1, 2)
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+    scores = 1.5 * torch.tanh(q @ k.transpose(-1, -2) / dim**0.5 / 1.5)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    scores = (scores - slopes.double().view(1, -1, 1, 1) * (i - j).abs()).masked_fill(j > i, float("-inf"))
+    sink = sinks.view(1, -1, 1, 1).expand(2, heads, n, 1)
+    expected = (torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1] @ v).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want, name in ((x.grad, x64.grad, "x"), (layer.in_proj_weight.grad, w.grad, "w_qkv"),
+                            (layer.sinks.grad, sinks.grad, "sinks")):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11, msg=lambda m: f"grad {name}: {m}")
