@@ -157,7 +157,7 @@ def _check_layer_batch_sharded(rank, world_size):
         grads = torch.autograd.grad(out, (x_dt, w_dt, b_dt), torch.ones_like(out), retain_graph=True)
         fwd, bwd = torch.ops.selfattn.self_attention_fwd.default, torch.ops.selfattn.self_attention_bwd.default
         _, qkv, lse = fwd(x_dt.detach(), w_dt.detach(), b_dt.detach(), HEADS, True, HEAD_DIM ** -0.5, KV_HEADS)
-        _, gw, _ = bwd(torch.ones_like(out), x_dt.detach(), w_dt.detach(), qkv, out.detach(), lse, HEADS, True,
+        _, gw, _, _ = bwd(torch.ones_like(out), x_dt.detach(), w_dt.detach(), qkv, out.detach(), lse, HEADS, True,
                        HEAD_DIM ** -0.5, [True, True, True, False], KV_HEADS)
     assert gw.placements == (Partial(),)
     counts = {str(op): n for op, n in comm.get_comm_counts().items()}

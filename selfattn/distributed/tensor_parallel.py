@@ -88,24 +88,39 @@ def _with_dropout(args, kwargs, index: Optional[int]) -> bool:
     return bool(value)
 
 
+def _score_tensor_indices(op) -> tuple:
+    names = [a.name for a in op_schema(op).arguments]
+    return tuple(names.index(n) for n in ("alibi_slopes", "sinks") if n in names)
+
+
+def _with_score_tensors(args, kwargs, indices: tuple) -> bool:
+    """Whether the call has ALiBi slopes or sinks: per-head tensors that the sharded rules do not
+    place yet — replication computes them right."""
+    return any((i < len(args) and args[i] is not None) for i in indices) or \
+        any(kwargs.get(n) is not None for n in ("alibi_slopes", "sinks"))
+
+
 def _rule(op, num_outputs: int, sharded: tuple, mask_index: int, dims, num_partial: int = 0,
-          heads: Optional[tuple] = None):
+          heads: Optional[tuple] = None, num_replicated: int = 0):
     """The rule of an op whose tensors at positions ``sharded`` (and the mask) may be sharded on each
-    of ``dims``; the last ``num_partial`` outputs are then Partial (sums over the sharded dim)."""
+    of ``dims``; the last ``num_replicated`` outputs are then Replicate (grad_sinks, empty without
+    sinks) and the ``num_partial`` before them Partial (sums over the sharded dim)."""
     dropout_index = _dropout_index(op)
+    score_indices = _score_tensor_indices(op)
     roles = {i: "shard" for i in sharded}
     roles[mask_index] = "mask"
 
     def rule(*args, **kwargs):
         rules = [_replicated(args, num_outputs)]
-        if _with_dropout(args, kwargs, dropout_index):
+        if _with_dropout(args, kwargs, dropout_index) or _with_score_tensors(args, kwargs, score_indices):
             return rules
         for dim in dims:
             if dim == 1:  # heads: each rank's q heads must read its own kv heads
                 size = args[heads[0]].mesh.size()
                 if not all(_divides(args[i], 1, size) for i in heads):
                     continue
-            outputs = [Shard(dim)] * (num_outputs - num_partial) + [Partial()] * num_partial
+            outputs = ([Shard(dim)] * (num_outputs - num_partial - num_replicated) + [Partial()] * num_partial
+                       + [Replicate()] * num_replicated)
             rules.append((outputs, _inputs(args, roles, dim)))
         return rules
     return rule
@@ -121,12 +136,12 @@ def register_sharding_rules() -> None:
         return
     fwd, bwd = _ops.attention_fwd.default, _ops.attention_bwd.default
     register_sharding(fwd)(_rule(fwd, 2, (0, 1, 2), 5, (0, 1), heads=(0, 1)))
-    register_sharding(bwd)(_rule(bwd, 3, (0, 1, 2, 3, 4, 5), 8, (0, 1), heads=(1, 2)))
+    register_sharding(bwd)(_rule(bwd, 4, (0, 1, 2, 3, 4, 5), 8, (0, 1), heads=(1, 2), num_replicated=1))
     # The fused layer: batch sharding only (head sharding changes num_heads per rank, which is
     # what SelfAttentionParallel does); its weight gradient is a sum over the batch.
     fwd, bwd = _ops.self_attention_fwd.default, _ops.self_attention_bwd.default
     register_sharding(fwd)(_rule(fwd, 3, (0,), 7, (0,)))
-    register_sharding(bwd)(_rule(bwd, 3, (0, 1, 3, 4, 5), 11, (0,), num_partial=2))
+    register_sharding(bwd)(_rule(bwd, 4, (0, 1, 3, 4, 5), 11, (0,), num_partial=2, num_replicated=1))
     _registered = True
 
 
