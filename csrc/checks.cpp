@@ -117,8 +117,10 @@ void check_dropout(double dropout_p, const std::optional<at::Tensor>& rng_state,
 void check_score_mods(double softcap, const std::optional<at::Tensor>& alibi_slopes,
                       const std::optional<at::Tensor>& sinks, const at::Tensor& q, const char* q_name,
                       const c10::SymInt& batch, const c10::SymInt& heads, const char* batch_name) {
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "selfattn: softcap must be a finite number >= 0 (0 = "
-                    "no softcapping), got ", softcap);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
+                    "selfattn: softcap must be a finite number >= 0 (0 = "
+                    "no softcapping), got ",
+                    softcap);
   if (alibi_slopes.has_value()) {
     const at::Tensor& slopes = *alibi_slopes;
     TORCH_CHECK_TYPE(slopes.scalar_type() == at::kFloat, "selfattn: alibi_slopes must be float32, got ",
@@ -137,8 +139,8 @@ void check_score_mods(double softcap, const std::optional<at::Tensor>& alibi_slo
                      "), got ", dtype_name(sink.scalar_type()));
     TORCH_CHECK_VALUE(sink.device() == q.device(), "selfattn: sinks must be on the device of ", q_name, " (",
                       q.device(), "), got ", sink.device());
-    TORCH_CHECK_VALUE(sink.dim() == 1 && sink.sym_size(0) == heads, "selfattn: sinks must have shape (Hq,) = [",
-                      heads, "], got ", sink.sym_sizes());
+    TORCH_CHECK_VALUE(sink.dim() == 1 && sink.sym_size(0) == heads, "selfattn: sinks must have shape (Hq,) = [", heads,
+                      "], got ", sink.sym_sizes());
   }
 }
 

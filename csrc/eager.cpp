@@ -228,10 +228,11 @@ at::Tensor attention_eager(torch::jit::Stack stack) {
   for (const size_t i : plan.non_differentiable) {
     const bool requires_grad = stack[i].isTensor() && stack[i].toTensor().requires_grad();
     const std::string& name = plan.forward.schema().arguments()[i].name();
-    TORCH_CHECK_NOT_IMPLEMENTED(!requires_grad || name != "alibi_slopes",
-                                "selfattn.attention: alibi_slopes requires grad, but ALiBi's slopes are fixed: selfattn "
-                                "does not compute their derivative; detach it, or build the bias as a float attn_mask "
-                                "for F.scaled_dot_product_attention");
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !requires_grad || name != "alibi_slopes",
+        "selfattn.attention: alibi_slopes requires grad, but ALiBi's slopes are fixed: selfattn "
+        "does not compute their derivative; detach it, or build the bias as a float attn_mask "
+        "for F.scaled_dot_product_attention");
     TORCH_CHECK_NOT_IMPLEMENTED(!requires_grad, "selfattn.attention: ", name,
                                 " requires grad, but selfattn does not compute the gradient of a mask; detach it, "
                                 "or use F.scaled_dot_product_attention for a learned additive mask");

@@ -46,12 +46,14 @@ TORCH_LIBRARY(selfattn, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? attn_mask=None, "
       "int window_left=-1, int window_right=-1, int diagonal_offset=0, float dropout_p=0.0, "
-      "Tensor? rng_state=None, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+      "Tensor? rng_state=None, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor out, "
+      "Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "bool causal, float scale, Tensor? attn_mask=None, int window_left=-1, int window_right=-1, "
       "int diagonal_offset=0, float dropout_p=0.0, Tensor? rng_state=None, "
-      "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
+      "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor grad_q, Tensor grad_k, Tensor "
+      "grad_v, Tensor grad_sinks)");
   // Forward-mode derivative (jvp) of attention_fwd: its out and lse, and tangent_out, the derivative of
   // out along tangent_q, tangent_k, tangent_v (the shapes, dtype and device of q, k, v; None: a zero
   // tangent). With S = scale·q kᵀ (+ mask), P = softmax(S) and dS = scale·(dq kᵀ + q dkᵀ):
@@ -61,7 +63,8 @@ TORCH_LIBRARY(selfattn, m) {
   m.def(
       "attention_jvp(Tensor q, Tensor k, Tensor v, Tensor? tangent_q, Tensor? tangent_k, Tensor? tangent_v, "
       "bool causal, float scale, Tensor? attn_mask=None, int window_left=-1, int window_right=-1, "
-      "int diagonal_offset=0, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? tangent_sinks=None) "
+      "int diagonal_offset=0, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? "
+      "tangent_sinks=None) "
       "-> (Tensor out, Tensor lse, Tensor tangent_out)");
   // Variable-length (packed) sequences, FlashAttention's layout (varlen.cpp): q (Tq, Hq, D),
   // k (Tk, Hk, D), v (Tk, Hk, Dv); cu_seqlens_q / cu_seqlens_k int32 (S + 1,), 0 first,

@@ -70,9 +70,8 @@ class VarlenMaskArguments {
   AttentionMask sequence(int64_t nq, int64_t nk, int64_t seq) const {
     AttentionMask mask = scores_;
     mask.band = band_.with_offset(bottom_right_ ? nk - nq : 0);
-    mask.scores.alibi_slopes = scores_.scores.has_alibi()
-                                   ? scores_.scores.alibi_slopes + seq * scores_.scores.alibi_stride_b
-                                   : nullptr;
+    mask.scores.alibi_slopes =
+        scores_.scores.has_alibi() ? scores_.scores.alibi_slopes + seq * scores_.scores.alibi_stride_b : nullptr;
     mask.set_dropout(dropout_p_, rng_state_, seq);
     return mask;
   }

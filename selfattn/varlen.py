@@ -11,8 +11,8 @@ from typing import Optional, Tuple, Union
 from torch import Tensor
 
 from . import _autograd, masks
-from .ops import _score_mods
 from ._args import check_bool, check_int, dropout_args, require_tensor, resolve_scale
+from .ops import _score_mods
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

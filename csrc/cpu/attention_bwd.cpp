@@ -92,10 +92,10 @@ void backward_kernel(const BackwardShape& s, const at::Tensor& grad_out, const a
   const int64_t scratch_size =
       Carver::padded(s.dim * nq_padded) + Carver::padded(s.dim_v * nq_padded) + 2 * Carver::padded(nq_padded) +
       (2 + (dropout.active() ? 1 : 0) + (softcap ? 1 : 0)) * Carver::padded(block_k * block_q) +
-      Carver::padded(split_keys * s.dim_padded) +
-      Carver::padded(split_keys * s.dim_v_padded) + Carver::padded(q_reader.scratch_size(block_q)) +
-      Carver::padded(do_reader.scratch_size(block_q)) + Carver::padded(k_reader.scratch_size(block_k)) +
-      Carver::padded(v_reader.scratch_size(block_k)) + (dq_in_scratch ? Carver::padded(s.nq * s.dim_padded) : 0);
+      Carver::padded(split_keys * s.dim_padded) + Carver::padded(split_keys * s.dim_v_padded) +
+      Carver::padded(q_reader.scratch_size(block_q)) + Carver::padded(do_reader.scratch_size(block_q)) +
+      Carver::padded(k_reader.scratch_size(block_k)) + Carver::padded(v_reader.scratch_size(block_k)) +
+      (dq_in_scratch ? Carver::padded(s.nq * s.dim_padded) : 0);
 
   for_each_item(s.batch * s.heads_kv * s.splits, [&](ItemQueue& items) {
     Scratch<T> scratch(scratch_size);

@@ -208,7 +208,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
       // 6. Normalize and write the rows out, with their logsumexp.
       //    A row that saw no key (sum 0) is written as 0 with lse -inf (with a sink: sum 1, acc 0, so
-//    output 0 and lse the sink's logit).
+      //    output 0 and lse the sink's logit).
       for (int64_t i = 0; i < q_rows; ++i) {
         T* acc_row = acc + i * dim_v_padded;
         const bool seen = row_sum[i] > T(0);
