@@ -16,6 +16,29 @@
 
 namespace selfattn::SELFATTN_CPU_NS {
 
+// tanh for the softcap. float: 1 - 2 / (exp(2|x|) + 1) for |x| >= 0.625, where nothing cancels
+// (exp to 1 ulp), and x + x³·P(x²) below, P a least-squares fit of degree 4 (relative error
+// 1.2e-8 on [0, 0.625]); |x| is capped at 9, past which tanh is 1 in float. About 2 ulp, and
+// cheaper than Sleef's tanh, which cost the forward 1.6x at D = 64. double: Sleef's.
+template <typename T>
+inline Vec<T> softcap_tanh(const Vec<T>& x) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return x.tanh();
+  } else {
+    const Vec<float> one(1.0f), a = at::vec::minimum(x.abs(), Vec<float>(9.0f));
+    const Vec<float> far = one - Vec<float>(2.0f) / ((a + a).exp() + one);
+    const Vec<float> y = a * a;
+    Vec<float> p(-0.005787819704356865f);
+    p = at::vec::fmadd(p, y, Vec<float>(0.02071170596540162f));
+    p = at::vec::fmadd(p, y, Vec<float>(-0.053761385164922064f));
+    p = at::vec::fmadd(p, y, Vec<float>(0.13331692503887832f));
+    p = at::vec::fmadd(p, y, Vec<float>(-0.3333329067069097f));
+    const Vec<float> near = at::vec::fmadd(a * y, p, a);
+    const Vec<float> t = Vec<float>::blendv(far, near, a < Vec<float>(0.625f));
+    return Vec<float>::blendv(t, Vec<float>(0.0f) - t, x < Vec<float>(0.0f));
+  }
+}
+
 // Every column c in [0, cols) of rows [0, k_rows); cols a multiple of the vector width W.
 template <typename T>
 void modify_scores(const ScoreMods& mods, int64_t b, int64_t h, int64_t offset, int64_t q0, int64_t cols, int64_t k0,
@@ -28,7 +51,7 @@ void modify_scores(const ScoreMods& mods, int64_t b, int64_t h, int64_t offset, 
       T* row = p_t + j * ld;
       T* t_row = tanh_t != nullptr ? tanh_t + j * ld : nullptr;
       for (int64_t c = 0; c < cols; c += W) {
-        const Vec<T> t = (Vec<T>::loadu(row + c) * inv_cap).tanh();
+        const Vec<T> t = softcap_tanh<T>(Vec<T>::loadu(row + c) * inv_cap);
         if (t_row != nullptr) {
           t.store(t_row + c);
         }
@@ -64,7 +87,7 @@ void modify_score_row(const ScoreMods& mods, T slope, int64_t distance0, int64_t
     const T cap = static_cast<T>(mods.softcap);
     const Vec<T> cap_vec(cap), inv_cap(T(1) / cap);
     for (int64_t j = 0; j < count; j += W) {
-      ((Vec<T>::loadu(row + j) * inv_cap).tanh() * cap_vec).store(row + j);
+      (softcap_tanh<T>(Vec<T>::loadu(row + j) * inv_cap) * cap_vec).store(row + j);
     }
   }
   if (mods.has_alibi()) {
