@@ -184,6 +184,14 @@ def test_against_oracle(mods, mask_kind, group, dtype, d, shape):
     check(*inputs(2, 4, 4 // group, nq, nk, d, dtype), mods, mask_kind)
 
 
+@pytest.mark.parametrize("shape", [(37, 100), (130, 70), (1, 200)], ids=str)
+@pytest.mark.parametrize("mods", ["alibi (Hq,)", "alibi (B, Hq)", "all"])
+def test_alibi_follows_the_bottom_right_diagonal(mods, shape):
+    """|i + Nk - Nq - j| under causal="bottom_right" with Nq != Nk (the all-pairs rows may pair
+    ALiBi and bottom_right only where Nq = Nk, where the offset is 0)."""
+    check(*inputs(2, 4, 2, *shape, 64), mods, "bottom_right")
+
+
 def test_the_modifications_matter():
     """The inputs the sweep draws change the result: each modification moves out well past the
     tolerance (a kernel that ignored one would fail)."""
