@@ -400,7 +400,120 @@ VARLEN = [
          r"window_left must be >= -1 \(-1: unbounded\), got -2"),
 ]
 
-CASES = ATTENTION + LAYER + VARLEN
+# --- score modifications (softcap, alibi_slopes, sinks) on every op -----------------------------
+
+def scored(softcap=0.0, alibi=None, sinks=None):
+    """attention_fwd's arguments on (2, 2, 5, 8) x (2, 2, 6, 8) x (2, 2, 6, 4), every one by
+    position, with the score modifications (alibi, sinks: device -> tensor)."""
+    def make(device):
+        q, k, v = (randn(*shape, device=device) for shape in ((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 4)))
+        return (q, k, v, False, 0.3, None, -1, -1, 0, 0.0, None, softcap, alibi and alibi(device),
+                sinks and sinks(device))
+    return make
+
+
+def scored_public(q, k, v, causal, scale, attn_mask, window_left, window_right, diagonal_offset, dropout_p, rng_state,
+                  softcap, alibi_slopes, sinks):
+    return selfattn.attention(q, k, v, attn_mask, causal=causal, scale=scale, softcap=softcap,
+                              alibi_slopes=alibi_slopes, sinks=sinks)
+
+
+def scored_bwd(sinks):
+    """attention_bwd's arguments from a real forward on scored()'s inputs, given ``sinks`` (device -> tensor)."""
+    def make(device):
+        q, k, v, *_ = scored()(device)
+        out, lse = ops.attention_fwd(q, k, v, False, 0.3)
+        return (torch.randn_like(out), q, k, v, out, lse, False, 0.3, None, -1, -1, 0, 0.0, None, 0.0, None,
+                sinks(device))
+    return make
+
+
+def sinks_jvp(sinks, tangent_sinks):
+    """attention_jvp's arguments on scored()'s inputs with a tangent for q, and sinks / tangent_sinks."""
+    def make(device):
+        q, k, v, *_ = scored()(device)
+        return (q, k, v, torch.randn_like(q), None, None, False, 0.3, None, -1, -1, 0, 0.0, None,
+                sinks and sinks(device), tangent_sinks(device))
+    return make
+
+
+def scored_layer(**mods):
+    """self_attention_fwd's arguments (layer_fwd's) with the score modifications (device -> tensor)."""
+    def make(device):
+        args = layer_fwd()(device)
+        return (*args, 0.0, None, mods.get("softcap", 0.0), *(mods[n](device) if n in mods else None
+                                                              for n in ("alibi", "sinks")))
+    return make
+
+
+def scored_layer_public(x, w, b, heads, causal, scale, kv_heads, mask, window_left, window_right, dropout_p,
+                        rng_state, softcap, alibi_slopes, sinks):
+    return selfattn.self_attention(x, w, b, num_heads=heads, causal=causal, scale=scale, softcap=softcap,
+                                   alibi_slopes=alibi_slopes, sinks=sinks)
+
+
+def scored_varlen(alibi=None, sinks=None):
+    """varlen_attention_fwd's arguments (varlen_fwd's, S = 2) with slopes or sinks (device -> tensor).
+    No public door: selfattn.attention_varlen takes no score modification."""
+    def make(device):
+        return (*varlen_fwd()(device), 0.0, None, 0.0, alibi and alibi(device), sinks and sinks(device))
+    return make
+
+
+def t(*shape, dtype=torch.float32, device=None):
+    return lambda d: torch.rand(*shape, dtype=dtype, device=device or d)
+
+
+SOFTCAP = r"softcap must be a finite number >= 0 \(0 = no softcapping\), got "
+SLOPES_SHAPE = r"alibi_slopes must have shape \(Hq,\) = \[2\] or \(B, Hq\) = \[2, 2\], got "
+SCORE_MODS = [
+    Case("softcap -1", "attention_fwd", scored(softcap=-1.0), ValueError, SOFTCAP + "-1", scored_public),
+    Case("softcap nan", "attention_fwd", scored(softcap=float("nan")), ValueError, SOFTCAP + "nan", scored_public),
+    Case("softcap inf", "attention_fwd", scored(softcap=float("inf")), ValueError, SOFTCAP + "inf", scored_public),
+    Case("alibi float64", "attention_fwd", scored(alibi=t(2, dtype=f64)), TypeError,
+         r"alibi_slopes must be float32, got torch.float64", scored_public),
+    Case("alibi bfloat16", "attention_fwd", scored(alibi=t(2, 2, dtype=bf16)), TypeError,
+         r"alibi_slopes must be float32, got torch.bfloat16", scored_public),
+    Case("alibi (Hq + 1,)", "attention_fwd", scored(alibi=t(3)), ValueError, SLOPES_SHAPE + r"\[3\]", scored_public),
+    Case("alibi (B + 1, Hq)", "attention_fwd", scored(alibi=t(3, 2)), ValueError, SLOPES_SHAPE + r"\[3, 2\]",
+         scored_public),
+    Case("alibi 3-D", "attention_fwd", scored(alibi=t(1, 2, 2)), ValueError, SLOPES_SHAPE + r"\[1, 2, 2\]",
+         scored_public),
+    Case("alibi on meta", "attention_fwd", scored(alibi=t(2, device="meta")), ValueError,
+         r"alibi_slopes must be on the device of q \((cpu|cuda:0)\), got meta", scored_public, mixes_devices=True),
+    Case("sinks (Hq + 1,)", "attention_fwd", scored(sinks=t(3)), ValueError,
+         r"sinks must have shape \(Hq,\) = \[2\], got \[3\]", scored_public),
+    Case("sinks 2-D", "attention_fwd", scored(sinks=t(2, 1)), ValueError,
+         r"sinks must have shape \(Hq,\) = \[2\], got \[2, 1\]", scored_public),
+    Case("sinks float64 for float32", "attention_fwd", scored(sinks=t(2, dtype=f64)), TypeError,
+         r"sinks must be float32 or the dtype of q \(torch.float32\), got torch.float64", scored_public),
+    Case("sinks integer", "attention_fwd", scored(sinks=lambda d: torch.ones(2, dtype=i64, device=d)), TypeError,
+         r"sinks must be float32 or the dtype of q \(torch.float32\), got torch.int64", scored_public),
+    Case("sinks on meta", "attention_fwd", scored(sinks=t(2, device="meta")), ValueError,
+         r"sinks must be on the device of q \((cpu|cuda:0)\), got meta", scored_public, mixes_devices=True),
+    Case("sinks of bwd shape", "attention_bwd", scored_bwd(t(3)), ValueError,
+         r"sinks must have shape \(Hq,\) = \[2\], got \[3\]"),
+    Case("tangent_sinks shape", "attention_jvp", sinks_jvp(t(2), t(3)), ValueError,
+         r"tangent_sinks must have shape \(Hq,\), that of sinks = \[2\], got \[3\]"),
+    Case("tangent_sinks without sinks", "attention_jvp", sinks_jvp(None, t(2)), ValueError,
+         r"tangent_sinks was given without sinks"),
+    Case("tangent_sinks dtype", "attention_jvp", sinks_jvp(t(2), t(2, dtype=f64)), TypeError,
+         r"tangent_sinks must have the dtype of sinks \(torch.float32\), got torch.float64"),
+    Case("tangent_sinks on meta", "attention_jvp", sinks_jvp(t(2), t(2, device="meta")), ValueError,
+         r"tangent_sinks must be on the device of sinks \((cpu|cuda:0)\), got meta", mixes_devices=True),
+    Case("layer softcap -1", "self_attention_fwd", scored_layer(softcap=-1.0), ValueError, SOFTCAP + "-1",
+         scored_layer_public),
+    Case("layer alibi (B + 1, H)", "self_attention_fwd", scored_layer(alibi=t(3, 2)), ValueError,
+         SLOPES_SHAPE + r"\[3, 2\]", scored_layer_public),
+    Case("layer sinks shape", "self_attention_fwd", scored_layer(sinks=t(3)), ValueError,
+         r"sinks must have shape \(Hq,\) = \[2\], got \[3\]", scored_layer_public),
+    Case("varlen alibi (S + 1, Hq)", "varlen_attention_fwd", scored_varlen(alibi=t(3, 2)), ValueError,
+         r"alibi_slopes must have shape \(Hq,\) = \[2\] or \(S, Hq\) = \[2, 2\], got \[3, 2\]"),
+    Case("varlen sinks float64", "varlen_attention_fwd", scored_varlen(sinks=t(2, dtype=f64)), TypeError,
+         r"sinks must be float32 or the dtype of q \(torch.float32\), got torch.float64"),
+]
+
+CASES = ATTENTION + LAYER + VARLEN + SCORE_MODS
 
 
 def to_meta(args):
@@ -530,6 +643,24 @@ def test_compile_reports_bad_key_padding_mask_at_trace_time():
         compiled(**layer_kwargs(key_padding_mask=kpm(2, 4))("cpu"))
 
 
+@pytest.mark.parametrize("door", ["attention", "op", "self_attention", "varlen op"])
+def test_alibi_slopes_requiring_grad_are_refused(door):
+    """The slopes are not differentiable: refused by name, from the public functions and the ops."""
+    slopes = torch.rand(2, requires_grad=True)
+    if door in ("attention", "op"):
+        q, k, v, *_ = scored()("cpu")
+        call = (lambda: selfattn.attention(q, k, v, alibi_slopes=slopes)) if door == "attention" else \
+            (lambda: ops.attention_fwd(q, k, v, False, 0.3, alibi_slopes=slopes))
+    elif door == "self_attention":
+        x, w = randn(2, 5, 8), randn(24, 8)
+        call = lambda: selfattn.self_attention(x, w, num_heads=2, alibi_slopes=slopes)
+    else:
+        args = scored_varlen()("cpu")
+        call = lambda: ops.varlen_attention_fwd(*args[:-2], slopes, None)
+    with pytest.raises(NotImplementedError, match=r"alibi_slopes requires grad"):
+        call()
+
+
 def test_good_arguments_pass_every_door():
     """The negative control: the same builders, unchanged, raise nowhere."""
     for case in (Case("ok", "attention_fwd", attn_fwd(), ValueError, "", attention_public),
@@ -539,6 +670,12 @@ def test_good_arguments_pass_every_door():
                  Case("ok", "self_attention_fwd", layer_fwd(), ValueError, "", layer_public),
                  Case("ok", "self_attention_bwd", layer_bwd(lambda a: {}), ValueError, ""),
                  Case("ok", "varlen_attention_fwd", varlen_fwd(), ValueError, "", varlen_public),
-                 Case("ok", "varlen_attention_bwd", varlen_bwd(lambda a: {}), ValueError, "")):
+                 Case("ok", "varlen_attention_bwd", varlen_bwd(lambda a: {}), ValueError, ""),
+                 Case("ok", "attention_fwd", scored(1.5, t(2, 2), t(2)), ValueError, "", scored_public),
+                 Case("ok", "attention_bwd", scored_bwd(t(2)), ValueError, ""),
+                 Case("ok", "attention_jvp", sinks_jvp(t(2), t(2)), ValueError, ""),
+                 Case("ok", "self_attention_fwd", scored_layer(softcap=1.0, alibi=t(2), sinks=t(2)), ValueError, "",
+                      scored_layer_public),
+                 Case("ok", "varlen_attention_fwd", scored_varlen(t(2, 2), t(2)), ValueError, "")):
         for _, call in doors(case, "cpu"):
             call()
