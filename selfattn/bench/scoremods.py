@@ -434,6 +434,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "the SDPA ALiBi mask, the eager functions' causal mask and flex_attention's block mask are built before "
              "timing: their construction is not counted",
              f"{passed} of {timed} timed target rows pass"]
+    if flex:
+        notes.append("compiled flex_attention (not in its timed rows): " +
+                     "; ".join(f"{case}: {note}" for case, note in flex.items()))
     if "bfloat16" in dtypes and not bf16_arithmetic():
         notes.append(f"bfloat16 here: {no_bf16_note()}")
     write_json(args, "scoremods", header, outcomes, gemm_size=size, softcap=SOFTCAP, dtypes=dtypes,
