@@ -310,13 +310,11 @@ def test_scoremods_baselines_compute_the_modification(modification, causal, mode
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["not causal", "causal"])
-@pytest.mark.parametrize("mode", [
-    "fwd", pytest.param("fwd+bwd", marks=pytest.mark.xfail(
-        reason="the CPU backward of softcap and ALiBi is not finished (d384847); remove this marker when it lands",
-        strict=True))])
+@pytest.mark.parametrize("mode", scoremods.MODES)
 @pytest.mark.parametrize("modification", ["softcap", "alibi"])
 def test_scoremods_selfattn_rows_apply_softcap_and_alibi(modification, causal, mode):
-    """selfattn's softcap and ALiBi rows compute the modification (a row that drops it fails)."""
+    """selfattn's softcap and ALiBi rows compute the modification, gradients included (a row that
+    drops it fails; fwd+bwd needs the CPU backward of b3cd8b1)."""
     _, ours, _, want = scoremods_results(modification, causal, mode)
     assert torch.allclose(ours, want, atol=2e-5), (ours - want).abs().max()
 
