@@ -1,5 +1,5 @@
 """The sweeps of python -m selfattn.bench built on selfattn/bench/contest.py (overhead, dropout, jvp,
-bf16, transformers) and the ring sweep: each runs tiny and fast on every CPU, and each test checks
+bf16, transformers, scoremods) and the ring sweep: each runs tiny and fast on every CPU, and each test checks
 that the ratios reported are the per-round ratios of the calls named and that those calls compute
 what the sweep says they do (the dtype, the settings, the grad mode, dropout applied, the ranks'
 allocator settings).
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn.bench import bf16, cases, dropout, jvp, measure, overhead
+from selfattn.bench import bf16, cases, dropout, jvp, measure, overhead, scoremods
 from selfattn.bench.__main__ import main
 
 
@@ -214,3 +214,149 @@ def test_transformers_sweep_times_both_models(tmp_path, capsys, monkeypatch):
     for outcome in result["outcomes"]:
         assert set(outcome["times"]) == {"sdpa", "selfattn"}
         assert_ratio(outcome, "selfattn speedup over sdpa", "sdpa", "selfattn")
+
+
+SCOREMODS_TINY = ("--shapes", "1x2x16x8", "--dense-shapes", "1x1x8x256", "--dtypes", "float32")
+
+
+def test_scoremods_sweep_reports_each_target_against_its_calls(tmp_path, capsys):
+    """Each contest times the rows its targets name and the sgemm probe; each target row is the
+    per-round ratio of the calls it names, passing exactly when its median meets the bound; the
+    flex row says why it has no ratio."""
+    result, out = run_sweep(tmp_path, capsys, "scoremods", *SCOREMODS_TINY, "--no-flex")
+    probe = f"sgemm {scoremods.QUICK_GEMM_SIZE}³"
+    mods, dense = "1x2x16x8", "1x1x8x256"
+    expected = [f"{s} float32 {c} {m}" for s in (mods, dense) for c in ("not causal", "causal") for m in ("fwd", "fwd+bwd")]
+    assert [o["case"] for o in result["outcomes"]] == expected
+    targets = {t.label: t for t in (*scoremods.MOD_TARGETS, scoremods.FLEX_TARGET, scoremods.DENSE_TARGET)}
+    for t in targets.values():  # a cost is a selfattn row over plain selfattn; a speedup a baseline over selfattn
+        assert t.under.startswith("selfattn") and t.over.startswith("selfattn") == t.at_most, t
+        assert t.under == scoremods.PLAIN or not t.at_most, t
+    seen_labels = set()
+    for outcome in result["outcomes"]:
+        names = {scoremods.PLAIN, scoremods.SDPA} if outcome["case"].startswith(dense) else {
+            scoremods.PLAIN, scoremods.SOFTCAPPED, scoremods.ALIBI, scoremods.SINKS, scoremods.GEMMA2,
+            scoremods.GPT_OSS, scoremods.SDPA_ALIBI}
+        assert set(outcome["times"]) == names | {probe}, outcome["case"]
+        for label in outcome["ratios"]:
+            assert_ratio(outcome, label, targets[label].over, targets[label].under)
+            seen_labels.add(label)
+        assert outcome["extra"]["sgemm GFLOP/s"] > 0 and outcome["extra"]["selfattn % of sgemm"] > 0
+    assert seen_labels == set(targets) - {scoremods.FLEX_TARGET.label}
+    verdicts = result["targets"]
+    assert len(verdicts) == 4 * (len(scoremods.MOD_TARGETS) + 1) + 4
+    for v in verdicts:
+        t = targets[v["label"]]
+        if v["label"] == scoremods.FLEX_TARGET.label:
+            assert v["note"] == ("not run: --no-flex" if v["case"].endswith("fwd") else
+                                 "FlexAttention's CPU backward raises: selfattn alone"), v
+            continue
+        assert v["median"] == result["outcomes"][expected.index(v["case"])]["ratios"][v["label"]]["median"]
+        assert v["pass"] == (v["median"] <= t.bound if t.at_most else v["median"] >= t.bound), v
+        assert v["target"] == ("≤ " if t.at_most else "≥ ") + f"{t.bound:g}×"
+    assert result["flex"] == {f"{mods} float32 {c} fwd": "not run: --no-flex" for c in ("not causal", "causal")}
+    assert "## Targets" in out and "CPU flags:" in out and f"{probe} in the same rounds: median" in out
+    assert "| 1x2x16x8 float32 causal fwd+bwd | sinks cost, t(sinks) / t(plain) |" in out
+
+
+def math_attention(q, k, v, sinks=None, *, causal, softcap=0.0, slopes=None):
+    """The score modifications written out (ops.py's docstring), in the calls' (B, N, H, D) layout."""
+    n = q.shape[-2]
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if slopes is not None:
+        pos = torch.arange(n, dtype=s.dtype)
+        s = s - slopes.to(s.dtype)[:, None, None] * (pos[:, None] - pos[None, :]).abs()
+    if causal:
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype)[None, :, None, None].expand(*s.shape[:-1], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)[..., :n]
+    return (p @ v).transpose(1, 2)
+
+
+SCOREMODS_ROWS = {"softcap": (scoremods.GEMMA2, scoremods.SOFTCAPPED), "sinks": (scoremods.GPT_OSS, scoremods.SINKS),
+                  "alibi": (scoremods.SDPA_ALIBI, scoremods.ALIBI)}
+
+
+def scoremods_results(modification, causal, mode):
+    """(the baseline's, selfattn's, selfattn-without-it's and the written-out float64 result): the
+    (B, N, H, D) output for fwd; for fwd+bwd, the gradients of q, k, v (and sinks) flattened."""
+    shape = (1, 2, 16, 8)
+    calls = scoremods.mod_calls(shape, torch.float32, causal, mode)
+    baseline, ours = SCOREMODS_ROWS[modification]
+    q, k, v, grad_out, slopes, sinks = scoremods.inputs(shape, torch.float32, mode)
+    leaves = [t.detach().double().requires_grad_() for t in ((q, k, v, sinks) if modification == "sinks" else (q, k, v))]
+    mods = {"softcap": {"softcap": scoremods.SOFTCAP}, "alibi": {"slopes": slopes}, "sinks": {}}[modification]
+    want = math_attention(*leaves, causal=causal, **mods)
+    if mode != "fwd":
+        want = torch.autograd.grad(want, leaves, grad_out.double())
+    flat = (lambda r: r.float()) if mode == "fwd" else (lambda r: torch.cat([g.flatten().float() for g in r]))
+    return flat(calls[baseline]()), flat(calls[ours]()), flat(calls[scoremods.PLAIN]()[:3]) if mode != "fwd" else \
+        flat(calls[scoremods.PLAIN]()), flat(want)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["not causal", "causal"])
+@pytest.mark.parametrize("mode", scoremods.MODES)
+@pytest.mark.parametrize("modification", SCOREMODS_ROWS)
+def test_scoremods_baselines_compute_the_modification(modification, causal, mode):
+    """Gemma 2's eager softcap, GPT-OSS's eager sinks and SDPA's ALiBi mask give the modification
+    written out, outputs (fwd) and gradients (fwd+bwd, sinks' too), and it changes the result: a
+    baseline that drops or bends its modification fails here."""
+    baseline, _, plain, want = scoremods_results(modification, causal, mode)
+    assert baseline.shape == want.shape and torch.allclose(baseline, want, atol=2e-5), (baseline - want).abs().max()
+    assert (want[:plain.numel()] - plain).abs().max() > 1e-3  # the modification takes effect
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["not causal", "causal"])
+@pytest.mark.parametrize("mode", scoremods.MODES)
+@pytest.mark.parametrize("modification", ["softcap", "alibi"])
+def test_scoremods_selfattn_rows_apply_softcap_and_alibi(modification, causal, mode):
+    """selfattn's softcap and ALiBi rows compute the modification, gradients included (a row that
+    drops it fails; fwd+bwd needs the CPU backward of b3cd8b1)."""
+    _, ours, _, want = scoremods_results(modification, causal, mode)
+    assert torch.allclose(ours, want, atol=2e-5), (ours - want).abs().max()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["not causal", "causal"])
+@pytest.mark.parametrize("mode", scoremods.MODES)
+def test_scoremods_selfattn_sinks_row_applies_the_sinks(causal, mode):
+    _, ours, _, want = scoremods_results("sinks", causal, mode)
+    assert torch.allclose(ours, want, atol=2e-5), (ours - want).abs().max()
+
+
+def test_scoremods_calls_return_the_layout_a_model_reads():
+    outs = scoremods.mod_calls((1, 2, 16, 8), torch.float32, False, "fwd")
+    assert {name: fn().shape for name, fn in outs.items()} == {name: (1, 16, 2, 8) for name in outs}
+
+
+def test_scoremods_bfloat16_calls_run_in_bfloat16():
+    outs = {name: fn() for name, fn in scoremods.mod_calls((1, 2, 16, 8), torch.bfloat16, True, "fwd").items()}
+    assert {o.dtype for o in outs.values()} == {torch.bfloat16}
+    assert torch.allclose(outs[scoremods.GEMMA2].float(), outs[scoremods.SOFTCAPPED].float(), atol=3e-2)
+    assert torch.allclose(outs[scoremods.GPT_OSS].float(), outs[scoremods.SINKS].float(), atol=3e-2)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("causal", [False, True], ids=["not causal", "causal"])
+def test_scoremods_flex_score_mod_is_the_softcap(causal):
+    """The flex row's score_mod and block mask (run eagerly here: compiling takes seconds) give
+    selfattn's softcap output."""
+    q, k, v, _, _, _ = scoremods.inputs((1, 2, 16, 8), torch.float32, "fwd")
+    got = scoremods.flex_forward(q, causal, scoremods.SOFTCAP, compiled=False)(q, k, v)
+    want = scoremods.mod_calls((1, 2, 16, 8), torch.float32, causal, "fwd")[scoremods.SOFTCAPPED]()
+    plain = scoremods.mod_calls((1, 2, 16, 8), torch.float32, causal, "fwd")[scoremods.PLAIN]()
+    assert torch.allclose(got, want, atol=2e-5) and not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_scoremods_sweep_reports_flex_unavailable_with_the_reason(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here\nmore")
+    monkeypatch.setattr(scoremods, "flex_forward", broken)
+    result, out = run_sweep(tmp_path, capsys, "scoremods", *SCOREMODS_TINY, "--causal", "yes")
+    reason = "unavailable: RuntimeError: no C++ compiler here"
+    assert result["flex"] == {"1x2x16x8 float32 causal fwd": reason}
+    assert [v["note"] for v in result["targets"] if v["label"] == scoremods.FLEX_TARGET.label] == [
+        reason, "FlexAttention's CPU backward raises: selfattn alone"]
+    assert scoremods.FLEX not in result["outcomes"][0]["times"] and reason in out

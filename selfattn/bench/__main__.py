@@ -25,7 +25,7 @@ from .run import Options, log, run_benchmark
 
 # The sweeps with a runner of their own: --sweep NAME runs selfattn/bench/NAME.py's main with the
 # other arguments (its own options: python -m selfattn.bench --sweep NAME --help).
-RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp", "bf16", "transformers", "ring")
+RUNNERS = ("decode", "blocking", "isa", "overhead", "dropout", "jvp", "bf16", "transformers", "ring", "scoremods")
 
 DESCRIPTION = """\
 Times selfattn against PyTorch's attention: the attention core (selfattn.attention vs SDPA) and the
@@ -44,7 +44,10 @@ what dropout costs selfattn and SDPA; --sweep jvp forward mode (torch.func.jvp) 
 math backend; --sweep bf16 selfattn's bf16 kernels against SDPA-bf16 and its own other paths
 (without bf16 arithmetic on the CPU: fewer rows, said in the output); --sweep transformers a Hugging
 Face Llama under attn_implementation "selfattn" against "sdpa" (needs transformers); --sweep ring
-the per-rank peak memory and time of ring attention at world sizes 1, 2, 4 (it starts the ranks)."""
+the per-rank peak memory and time of ring attention at world sizes 1, 2, 4 (it starts the ranks);
+--sweep scoremods the score modifications (softcap, ALiBi, sinks) against selfattn without them,
+Hugging Face's eager Gemma 2 / GPT-OSS attention, SDPA with an ALiBi mask and compiled flex_attention,
+and D = 256 against SDPA (issue 27's targets)."""
 
 
 def _sweeps_help() -> str:
