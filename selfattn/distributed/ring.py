@@ -206,9 +206,10 @@ def _ring_forward(ring: _Ring, q, k, v, causal, scale, left, right, layout, per_
         _ring_forward_pass(ring, q[:, hq], k[:, hk], v[:, hk], out[:, hq], lse[:, hq], causal, scale, left, right,
                            layout, _pass_scores(scores, hq))
     if sinks is not None:
-        # The sink enters once, here: a part whose keys are none, with lse sinks[h] and output 0.
-        sink_lse = sinks.to(acc_dtype).view(1, -1, 1).expand_as(lse)
-        _merge(out, lse, torch.zeros_like(out), sink_lse.clone())
+        # The sink enters once, here, merged as a part with lse sinks[h] and output 0.
+        with_sink = torch.logaddexp(lse, sinks.to(acc_dtype).view(1, -1, 1))
+        out.mul_(torch.exp(lse - with_sink).unsqueeze(-1))  # (a row with lse -inf: 0 · 0)
+        lse = with_sink
     return out.to(q.dtype), lse
 
 
