@@ -38,17 +38,17 @@ struct AttentionMask {
   bool none() const { return band.unbounded() && !tensor.defined(); }
 
   // The ops' score-modification arguments (checked: check_score_mods). alibi_slopes (Hq,) or
-  // (B, Hq); b of the kernels' tensors plus batch_offset is its row (varlen: the sequence index).
+  // (B, Hq), its row b read for the kernels' b (varlen moves the pointer to each sequence's row).
   // sinks are converted to the accumulation type `acc` (float32, or float64 for float64 inputs).
   void set_scores(double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
-                  at::ScalarType acc, int64_t batch_offset = 0) {
+                  at::ScalarType acc) {
     scores.softcap = softcap;
     if (alibi_slopes.has_value()) {
       alibi_state = alibi_slopes->dim() == 1 ? alibi_slopes->unsqueeze(0) : *alibi_slopes;
       const bool per_batch = alibi_state.size(0) > 1;
       scores.alibi_stride_b = per_batch ? alibi_state.stride(0) : 0;
       scores.alibi_stride_h = alibi_state.stride(1);
-      scores.alibi_slopes = alibi_state.data_ptr<float>() + batch_offset * scores.alibi_stride_b;
+      scores.alibi_slopes = alibi_state.data_ptr<float>();
     }
     if (sinks.has_value()) {
       sinks_state = sinks->to(acc).contiguous();
