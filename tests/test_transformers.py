@@ -93,9 +93,10 @@ def _gpt2_layer_scaled_config():
 
 
 def _gemma3_config():
-    """Gemma 3 text: a sliding and a global layer, the scale from query_pre_attn_scalar (not D)."""
+    """Gemma 3 text: a sliding and a global layer, the scale from query_pre_attn_scalar (not D),
+    and Gemma 3's own head dim, 256."""
     return transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                         num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
+                                         num_key_value_heads=2, head_dim=256, num_hidden_layers=2, vocab_size=VOCAB,
                                          max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=40,
                                          layer_types=["sliding_attention", "full_attention"],
                                          attention_dropout=0.0)
