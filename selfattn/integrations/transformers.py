@@ -54,9 +54,9 @@ HARMLESS_KEYWORDS = frozenset({
 })
 # Refused when not None: they change the result and selfattn does not implement them (yet).
 UNSUPPORTED_KEYWORDS = {
-    # inkling2's (5.x) own sink keyword, beside its position_bias: not read or tested here (the
-    # families that pass sinks as s_aux= are served)
-    "sinks": "attention-sink logits under a keyword other than s_aux",
+    # 5.x inkling2's sinks, one per query token (projected from the hidden states, (B, H, N, 1)):
+    # selfattn's sinks are one per head (the families that pass those as s_aux= are served)
+    "sinks": "per-token attention-sink logits",
     "head_mask": "a per-head mask of the attention weights (sdpa ignores it with a warning)",
     "indices": "sparse key selection",
     "block_indices": "block-sparse key selection",
