@@ -113,12 +113,15 @@ def _gemma2_config():
 
 
 def _gpt_oss_config():
-    """GPT-OSS: GQA, a sliding and a global layer, sinks (drawn from N(0, 1) by SHARPEN). Its MoE
-    runs the experts' plain loop (5.x's default grouped_mm has no float64 for the oracle); the
-    default YaRN RoPE keeps its own max_position_embeddings (a smaller one only draws a warning)."""
+    """GPT-OSS: GQA, a sliding and a global layer, sinks (drawn from N(0, 1) by SHARPEN). Every
+    token takes every expert (2 of 2): a top-k router that picks among them flips at a near-tie on
+    rounding-level differences (seen in bfloat16: one token's expert changes, and its logits by
+    ~0.1), which would test the router, not the attention. The MoE runs the experts' plain loop
+    (5.x's default grouped_mm has no float64 for the oracle); the default YaRN RoPE keeps its own
+    max_position_embeddings (a smaller one only draws a warning)."""
     config = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4,
                                        num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
-                                       num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                       num_local_experts=2, num_experts_per_tok=2, sliding_window=4,
                                        layer_types=["sliding_attention", "full_attention"], attention_dropout=0.0)
     config._experts_implementation = "eager"
     return config
@@ -153,6 +156,11 @@ def _sharpen_gpt_oss(model):
     for layer in model.model.layers:
         layer.self_attn.sinks.normal_(0.0, 1.0)
 
+
+# Families compared in float32 only, and why.
+FLOAT32_ONLY = {"gpt_oss": "the MoE router's gradient is a sum that cancels (a softmax over the experts' logits): in "
+                           "bfloat16, rounding-level differences in the attention move it past 2x eager's error "
+                           "(seen: 1 case in 30 with 2 experts of 2, 4 in 30 with 2 of 4)"}
 
 # Weights that make a family's score modification matter, set on a freshly initialised model.
 SHARPEN = {"gemma2": _sharpen_gemma2, "gpt_oss": _sharpen_gpt_oss}
@@ -236,6 +244,8 @@ def logits_and_grads(model, inputs, real, loss_weights):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_logits_and_grads_match_eager(name, side, dtype):
+    if name in FLOAT32_ONLY and dtype != torch.float32:
+        pytest.skip(FLOAT32_ONLY[name])
     reference = build(name, "eager" if name in ORACLE_EAGER else "sdpa", torch.float64)
     state = reference.state_dict()
     inputs, real = batch_for(name, side)
