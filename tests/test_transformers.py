@@ -5,17 +5,21 @@ attn_implementation="selfattn" against the same weights under "eager" (FlashAtte
 tests/common.py: selfattn's error at most twice eager's at the same dtype). The exact values come
 from the model in float64 under "sdpa" — eager rounds float64 scores to float32 before its softmax
 in most families, so a left-padded row that sees no key is NaN there and spreads to real rows —
-except where 4.57's sdpa lacks the layer's math (ORACLE_EAGER). Models whose attention selfattn does not implement (GPT-OSS's
-sinks, Gemma 2's softcap) must be refused at their first forward, and every keyword the installed
+except where sdpa lacks the layer's math (ORACLE_EAGER: GPT-2's layer scaling in 4.57, Gemma 2's
+softcap, GPT-OSS's sinks), where the oracle is the model in float64 under "eager" with its float32
+softmax upcast lifted. Gemma 2 and GPT-OSS get weights that make their score modification matter
+(large q/k projections against a small softcap; sinks from N(0, 1)). Every keyword the installed
 release's layers pass must be one the backend knows. The attention function itself is checked against an explicit
 float64 softmax with a dense mask built here. Skipped without transformers;
 .ci/test_transformers.sh runs this file against 4.57.x and the newest 5.x.
 """
 
+import contextlib
 import copy
 import inspect
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -39,10 +43,13 @@ class SelfattnCalls(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.named = []  # per call: {argument name: value}, from the op's schema
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "selfattn":
             self.calls.append((func.name(), args))
+            names = [a.name for a in func._schema.arguments]
+            self.named.append({"op": func.name(), **dict(zip(names, args)), **(kwargs or {})})
         return func(*args, **(kwargs or {}))
 
     def count(self, name):
@@ -86,12 +93,38 @@ def _gpt2_layer_scaled_config():
 
 
 def _gemma3_config():
-    """Gemma 3 text: a sliding and a global layer, the scale from query_pre_attn_scalar (not D)."""
+    """Gemma 3 text: a sliding and a global layer, the scale from query_pre_attn_scalar (not D),
+    and Gemma 3's own head dim, 256."""
     return transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                         num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
+                                         num_key_value_heads=2, head_dim=256, num_hidden_layers=2, vocab_size=VOCAB,
                                          max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=40,
                                          layer_types=["sliding_attention", "full_attention"],
                                          attention_dropout=0.0)
+
+
+def _gemma2_config():
+    """Gemma 2: a sliding and a global layer, the scale from query_pre_attn_scalar, and a softcap
+    small enough for the scores that SHARPEN's q/k projections give (|s| up to ~10s)."""
+    return transformers.Gemma2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
+                                     max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=40,
+                                     attn_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"],
+                                     attention_dropout=0.0)
+
+
+def _gpt_oss_config():
+    """GPT-OSS: GQA, a sliding and a global layer, sinks (drawn from N(0, 1) by SHARPEN). Every
+    token takes every expert (2 of 2): a top-k router that picks among them flips at a near-tie on
+    rounding-level differences (seen in bfloat16: one token's expert changes, and its logits by
+    ~0.1), which would test the router, not the attention. The MoE runs the experts' plain loop
+    (5.x's default grouped_mm has no float64 for the oracle); the default YaRN RoPE keeps its own
+    max_position_embeddings (a smaller one only draws a warning)."""
+    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
+                                       num_local_experts=2, num_experts_per_tok=2, sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"], attention_dropout=0.0)
+    config._experts_implementation = "eager"
+    return config
 
 
 MODELS = {  # name: (config, Auto class, attention layers per forward); the families docs/integrations.md lists as covered
@@ -100,23 +133,71 @@ MODELS = {  # name: (config, Auto class, attention layers per forward); the fami
     "gpt2": (_gpt2_config, "AutoModelForCausalLM", 2),
     "gpt2_layer_scaled": (_gpt2_layer_scaled_config, "AutoModelForCausalLM", 2),
     "gemma3": (_gemma3_config, "AutoModelForCausalLM", 2),
+    "gemma2": (_gemma2_config, "AutoModelForCausalLM", 2),
+    "gpt_oss": (_gpt_oss_config, "AutoModelForCausalLM", 2),
     "bart": (_bart_config, "AutoModelForSeq2SeqLM", 2 + 2 * 2),  # encoder; decoder self + cross
 }
 
 
-# Families whose float64 oracle is eager: 4.57's sdpa ignores GPT-2's layer scaling attributes.
-ORACLE_EAGER = {"gpt2_layer_scaled"}
+# Families whose float64 oracle is eager: 4.57's sdpa ignores GPT-2's layer scaling attributes;
+# sdpa has no softcap (4.57's Gemma 2 would run it without) and no sinks (GPT-OSS refuses sdpa).
+ORACLE_EAGER = {"gpt2_layer_scaled", "gemma2", "gpt_oss"}
+
+
+def _sharpen_gemma2(model):
+    """q and k projections of std 0.3: scores well past the softcap of 3, so it changes them."""
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.normal_(0.0, 0.3)
+        layer.self_attn.k_proj.weight.normal_(0.0, 0.3)
+
+
+def _sharpen_gpt_oss(model):
+    """Sinks from N(0, 1) (the init draws them near 0), a weight comparable to a row's keys'."""
+    for layer in model.model.layers:
+        layer.self_attn.sinks.normal_(0.0, 1.0)
+
+
+# Families compared in float32 only, and why.
+FLOAT32_ONLY = {"gpt_oss": "the MoE router's gradient is a sum that cancels (a softmax over the experts' logits): in "
+                           "bfloat16, rounding-level differences in the attention move it past 2x eager's error "
+                           "(seen: 1 case in 30 with 2 experts of 2, 4 in 30 with 2 of 4)"}
+
+# Weights that make a family's score modification matter, set on a freshly initialised model.
+SHARPEN = {"gemma2": _sharpen_gemma2, "gpt_oss": _sharpen_gpt_oss}
 
 
 def build(name, attn_implementation, dtype=torch.float32, state_dict=None):
     """The model, from a config of its own (models built from one config object share it, and
-    from_config(attn_implementation=...) would switch them all)."""
+    from_config(attn_implementation=...) would switch them all); SHARPEN's weights unless
+    state_dict is given."""
     config_fn, cls_name, _ = MODELS[name]
     model = getattr(transformers, cls_name).from_config(copy.deepcopy(config_fn()),
                                                         attn_implementation=attn_implementation)
     if state_dict is not None:
         model.load_state_dict(state_dict)
+    elif name in SHARPEN:
+        with torch.no_grad():
+            SHARPEN[name](model)
     return model.to(dtype)
+
+
+@contextlib.contextmanager
+def float64_softmax():
+    """F.softmax keeps float64 inputs in float64 (eager's dtype=torch.float32 upcast — Gemma 2's —
+    would round the float64 oracle's scores to float32, and make a left-padded row that sees no
+    key, finfo(float64).min -> -inf, NaN that spreads to the real rows)."""
+    softmax = torch.nn.functional.softmax
+
+    def upcast_only(input, dim=None, _stacklevel=3, dtype=None):
+        if input.dtype == torch.float64:
+            dtype = None
+        return softmax(input, dim, _stacklevel, dtype)
+
+    torch.nn.functional.softmax = upcast_only
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = softmax
 
 
 def padding_mask(batch, seq, side):
@@ -163,14 +244,21 @@ def logits_and_grads(model, inputs, real, loss_weights):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_logits_and_grads_match_eager(name, side, dtype):
+    if name in FLOAT32_ONLY and dtype != torch.float32:
+        pytest.skip(FLOAT32_ONLY[name])
     reference = build(name, "eager" if name in ORACLE_EAGER else "sdpa", torch.float64)
     state = reference.state_dict()
     inputs, real = batch_for(name, side)
     weights = torch.randn(int(real.sum()), VOCAB, dtype=torch.float64)
-    expected, expected_grads = logits_and_grads(reference, inputs, real, weights)
+    with float64_softmax():
+        expected, expected_grads = logits_and_grads(reference, inputs, real, weights)
     eager, eager_grads = logits_and_grads(build(name, "eager", dtype, state), inputs, real, weights)
-    with SelfattnCalls() as calls:
-        actual, grads = logits_and_grads(build(name, "selfattn", dtype, state), inputs, real, weights)
+    ours = build(name, "selfattn", dtype, state)
+    with SelfattnCalls() as calls, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual, grads = logits_and_grads(ours, inputs, real, weights)
+    assert not caught, [str(w.message) for w in caught]  # no fallback or other warning
+    assert ours.config._attn_implementation == "selfattn"
     layers = MODELS[name][2]
     assert calls.count("attention_fwd") == layers and calls.count("attention_bwd") == layers
     assert_close(actual, expected, eager, f"{name} logits")
@@ -186,25 +274,32 @@ def _greedy(model, inputs, steps, cache):
 
 
 @pytest.mark.parametrize("name, cache", [(name, "dynamic") for name in MODELS]
-                         + [("llama", "static"), ("mistral", "static"), ("gemma3", "static")])
+                         + [("llama", "static"), ("mistral", "static"), ("gemma3", "static"),
+                            ("gemma2", "static")])
 def test_generate_matches_eager(name, cache):
     """Greedy decoding with the KV cache (a static cache's keys include empty slots past the
     queries): the same tokens as eager. A random-init model may have a near-tie at some step;
     tokens must agree up to a step whose top two eager scores are within rounding, and the scores
-    up to there must agree."""
+    up to there must agree. Prints how many (step, row) pairs of eager's had such a near-tie."""
     eager = build(name, "eager").eval()
     ours = build(name, "selfattn", state_dict=eager.state_dict()).eval()
     inputs, _ = batch_for(name, "left")
-    if name in ("mistral", "gemma3"):  # a prompt longer than the window, then steps past it
+    if name in ("mistral", "gemma3", "gemma2", "gpt_oss"):  # a prompt longer than the window, then steps past it
         inputs, _ = batch_for(name, "left", seq=9)
     steps = 8
     with torch.no_grad():
         expected = _greedy(eager, inputs, steps, cache)
-        with SelfattnCalls() as calls:
+        with SelfattnCalls() as calls, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             actual = _greedy(ours, inputs, steps, cache)
+    assert not [w for w in caught if "selfattn" in str(w.message) or "eager" in str(w.message)], \
+        [str(w.message) for w in caught]  # no fallback
     assert calls.count("attention_fwd") >= steps * MODELS[name][2] // (2 if name == "bart" else 1)
     start = 1 if name == "bart" else inputs["input_ids"].shape[1]  # BART's output starts with its start token
     new_expected, new_actual = expected.sequences[:, start:], actual.sequences[:, start:]
+    margins = torch.stack([s.topk(2, dim=-1).values.diff(dim=-1).neg().squeeze(-1) for s in expected.scores])
+    print(f"generate {name} {cache}: {int((margins < 1e-4).sum())} of {margins.numel()} (step, row) pairs with "
+          f"eager's top-2 margin < 1e-4; tokens {'equal' if torch.equal(new_actual, new_expected) else 'differ'}")
     if torch.equal(new_actual, new_expected):
         differs = steps
     else:
@@ -257,16 +352,23 @@ class _Module(torch.nn.Module):
         self.is_causal = is_causal
 
 
-def explicit_attention(q, k, v, visible, bias=None, scale=None):
-    """float64 softmax attention; visible (B, Hq, Nq, Nk) bool, dense; bias added to the scores."""
+def explicit_attention(q, k, v, visible, bias=None, scale=None, softcap=None, sinks=None):
+    """float64 softmax attention; visible (B, Hq, Nq, Nk) bool, dense; bias added to the scores;
+    softcap · tanh(s / softcap) before the mask; sinks (Hq,) one more logit per row, no value."""
     q, k, v = q.double(), k.double(), v.double()
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.double()
     scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    if sinks is not None:
+        column = sinks.double()[None, :, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, -1).nan_to_num(0.0)
     return (probs @ v).transpose(1, 2)
 
 
@@ -286,12 +388,14 @@ def _band(nq, nk, left=None, top_left=True):
 
 @pytest.mark.parametrize("case", ["causal_none_mask", "decode_one_query", "empty_static_prefill",
                                   "bool_mask_stride0", "float_mask", "not_causal_module",
-                                  "sliding_prefill", "explicit_is_causal_false"])
+                                  "sliding_prefill", "explicit_is_causal_false", "softcap", "s_aux",
+                                  "softcap_s_aux_sliding_decode"])
 def test_attention_forward_against_explicit_softmax(case):
     batch, hq, hk = 2, 4, 2
-    nq, nk = {"decode_one_query": (1, 7), "empty_static_prefill": (5, 9)}.get(case, (6, 6))
+    nq, nk = {"decode_one_query": (1, 7), "empty_static_prefill": (5, 9),
+              "softcap_s_aux_sliding_decode": (1, 7)}.get(case, (6, 6))
     q, k, v = _qkv(batch, hq, hk, nq, nk)
-    module, mask, kwargs, bias = _Module(), None, {}, None
+    module, mask, kwargs, bias, mods = _Module(), None, {}, None, {}
     visible = torch.ones(nq, nk, dtype=torch.bool)
     if case in ("causal_none_mask", "empty_static_prefill"):
         visible = _band(nq, nk)  # SDPA's is_causal: top-left
@@ -311,11 +415,21 @@ def test_attention_forward_against_explicit_softmax(case):
         visible = _band(nq, nk, left=2)
     elif case == "explicit_is_causal_false":
         kwargs["is_causal"] = False
+    elif case in ("softcap", "s_aux"):  # Gemma 2, GPT-OSS (prefill: causal from is_causal, no mask)
+        q = q * 4  # scores past the softcap
+        visible = _band(nq, nk)
+        mods = {"softcap": 2.0} if case == "softcap" else {"sinks": torch.randn(hq)}
+        kwargs = {"softcap": 2.0} if case == "softcap" else {"s_aux": mods["sinks"]}
+    elif case == "softcap_s_aux_sliding_decode":  # one query, the window in transformers' mask
+        mask = _band(nq, nk, left=3, top_left=False)[None, None].expand(batch, 1, nq, nk)
+        visible = mask
+        mods = {"softcap": 2.0, "sinks": torch.randn(hq)}
+        kwargs = {"softcap": 2.0, "s_aux": mods["sinks"], "sliding_window": 4}
     scale = 0.3
     out, weights = selfattn_hf.attention_forward(module, q, k, v, mask, scaling=scale, **kwargs)
     assert weights is None and out.is_contiguous() and out.shape == (batch, nq, hq, v.shape[-1])
     visible = visible.expand(batch, hq, nq, nk)
-    expected = explicit_attention(q, k, v, visible, bias, scale)
+    expected = explicit_attention(q, k, v, visible, bias, scale, **mods)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -333,12 +447,12 @@ def test_position_bias_is_folded_into_the_mask():
 
 def test_unsupported_arguments_are_refused():
     q, k, v = _qkv(1, 2, 2, 3, 3)
-    with pytest.raises(ValueError, match=r"^selfattn: _Module passes softcap= .*attn_implementation='eager'$"):
-        selfattn_hf.attention_forward(_Module(), q, k, v, None, softcap=30.0)
-    with pytest.raises(ValueError, match="head_mask"):
+    with pytest.raises(ValueError, match=r"^selfattn: _Module passes head_mask= .*attn_implementation='eager'$"):
         selfattn_hf.attention_forward(_Module(), q, k, v, None, head_mask=torch.ones(2))
-    with pytest.raises(ValueError, match=r"s_aux= \(attention-sink logits\)"):
-        selfattn_hf.attention_forward(_Module(), q, k, v, None, s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"sinks= \(per-token attention-sink logits\)"):
+        selfattn_hf.attention_forward(_Module(), q, k, v, None, sinks=torch.zeros(2))  # 5.x inkling2's
+    with pytest.raises(ValueError, match=r"^selfattn: _Module passes s_aux= of shape \(1, 2\); .* shape \(2,\)"):
+        selfattn_hf.attention_forward(_Module(), q, k, v, None, s_aux=torch.zeros(1, 2))
     with pytest.raises(ValueError, match=r"the keyword frobnicate=, which the selfattn backend does not know"):
         selfattn_hf.attention_forward(_Module(), q, k, v, None, frobnicate=False)
     relative = _Module()
@@ -351,45 +465,41 @@ def test_unsupported_arguments_are_refused():
     # None leaves them off; bookkeeping passes; a packed batch whose mask carries the packing passes
     visible = _band(3, 3) & (torch.tensor([0, 0, 1])[:, None] == torch.tensor([0, 0, 1])[None, :])
     out, _ = selfattn_hf.attention_forward(_Module(), q, k, v, visible[None, None], softcap=None, s_aux=None,
-                                           head_mask=None, position_ids=torch.arange(3)[None], use_cache=True,
+                                           sinks=None, head_mask=None, position_ids=torch.arange(3)[None], use_cache=True,
                                            cu_seq_lens_q=packed, cu_seq_lens_k=packed, max_length_q=2,
                                            max_length_k=2)
     torch.testing.assert_close(out.double(), explicit_attention(q, k, v, visible.expand(1, 2, 3, 3)),
                                rtol=1e-5, atol=1e-5)
 
 
-def _gpt_oss_config():
-    """The issue's model: GQA, a sliding window, sinks drawn from N(0, 1) after building."""
-    return transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4,
-                                     num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
-                                     num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
-                                     max_position_embeddings=64, layer_types=["sliding_attention", "full_attention"])
-
-
-def _gemma2_config():
-    return transformers.Gemma2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                     num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=VOCAB,
-                                     max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=50.0)
-
-
-@pytest.mark.parametrize("config_fn, layer, keyword", [(_gpt_oss_config, "GptOssAttention", "s_aux"),
-                                                       (_gemma2_config, "Gemma2Attention", "softcap")],
-                         ids=["gpt_oss", "gemma2"])
-def test_models_whose_attention_selfattn_lacks_are_refused_at_the_first_forward(config_fn, layer, keyword):
-    """GPT-OSS's sinks and Gemma 2's softcap change the result: refused in one sentence naming the
-    keyword, the layer's class and the alternative — never dropped (eager differs from the same
-    model without them, so a dropped keyword would be a wrong result, not a no-op)."""
-    model = transformers.AutoModelForCausalLM.from_config(config_fn(), attn_implementation="selfattn")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".sinks"):
-                param.normal_()
-    inputs, _ = batch_for("llama", "left")
-    with pytest.raises(ValueError, match=rf"^selfattn: {layer} passes {keyword}= \(.*\), which the selfattn backend "
-                                         r"does not implement; use attn_implementation='eager'$"):
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])
+def test_softcap_and_sinks_reach_the_op(name):
+    """Gemma 2's softcap and GPT-OSS's s_aux reach every attention_fwd as the op's softcap and sinks
+    (the layer's own parameter, so its gradient flows), and they matter for these weights: eager
+    without them differs from eager with them far beyond any tolerance."""
+    model = build(name, "selfattn")
+    inputs, real = batch_for(name, "left")
+    with torch.no_grad(), SelfattnCalls() as calls:
         model(**inputs)
-    model.set_attn_implementation("eager")
-    model(**inputs)  # the alternative the message names runs
+    layers = model.model.layers
+    assert [c["op"] for c in calls.named] == ["selfattn::attention_fwd"] * len(layers)
+    for call, layer in zip(calls.named, layers):
+        if name == "gemma2":
+            assert call.get("softcap", 0.0) == model.config.attn_logit_softcapping and call.get("sinks") is None
+        else:
+            assert call.get("softcap", 0.0) == 0.0 and call["sinks"].data_ptr() == layer.self_attn.sinks.data_ptr()
+    eager = build(name, "eager", state_dict=model.state_dict())
+    plain = build(name, "eager", state_dict=model.state_dict())
+    if name == "gemma2":
+        plain.config.attn_logit_softcapping = None
+        for layer in plain.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+    else:
+        for layer in plain.model.layers:
+            layer.self_attn.sinks.data.fill_(-float("inf"))  # weight e^-inf = 0: no sink
+    with torch.no_grad():
+        change = (eager(**inputs).logits[real] - plain(**inputs).logits[real]).abs().max()
+    assert change > 0.1, f"{name}: the score modification changes the logits by only {float(change)}"
 
 
 def _attention_call_keywords(root):
@@ -429,6 +539,7 @@ def test_every_keyword_the_installed_models_pass_is_known():
     known = honoured | selfattn_hf.HARMLESS_KEYWORDS | set(selfattn_hf.UNSUPPORTED_KEYWORDS)
     passed = _attention_call_keywords(Path(transformers.__file__).parent)
     assert {"scaling", "dropout", "sliding_window"} <= set(passed) and "gpt_oss" in passed["s_aux"]
+    assert "gemma2" in passed["softcap"] and {"softcap", "s_aux"} <= honoured
     typed = set(TransformersKwargs.__annotations__) | set(FlashAttentionKwargs.__annotations__)
     unknown = {k: v[:5] for k, v in passed.items() if k not in known}
     unknown.update({k: ["TransformersKwargs"] for k in typed - known})

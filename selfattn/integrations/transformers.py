@@ -16,8 +16,9 @@ heads; the kernels read it through its strides).
 
 Works with transformers 4.57.x and 5.x; the differences between their ``sdpa_attention_forward``
 that matter here are handled in ``attention_forward`` (the causal rule, ``position_bias``);
-every other keyword a model passes is either bookkeeping (HARMLESS_KEYWORDS) or refused. This module imports transformers only inside ``register``; ``import selfattn``
-never imports it.
+score modifications come as keywords (``softcap``, ``s_aux`` sinks) and are selfattn's own; every
+other keyword a model passes is either bookkeeping (HARMLESS_KEYWORDS) or refused. This module
+imports transformers only inside ``register``; ``import selfattn`` never imports it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import selfattn
 # release that adds one that changes the result fails loudly instead of being silently wrong.
 #
 # Honoured: the named parameters of attention_forward (attention_mask, dropout, scaling, is_causal,
-# sliding_window, position_bias, output_attentions).
+# sliding_window, position_bias, output_attentions, softcap, s_aux).
 #
 # Harmless: bookkeeping that does not change the attention's result here.
 HARMLESS_KEYWORDS = frozenset({
@@ -53,9 +54,9 @@ HARMLESS_KEYWORDS = frozenset({
 })
 # Refused when not None: they change the result and selfattn does not implement them (yet).
 UNSUPPORTED_KEYWORDS = {
-    "softcap": "attention-logit soft-capping",
-    "s_aux": "attention-sink logits",
-    "sinks": "attention-sink logits",
+    # 5.x inkling2's sinks, one per query token (projected from the hidden states, (B, H, N, 1)):
+    # selfattn's sinks are one per head (the families that pass those as s_aux= are served)
+    "sinks": "per-token attention-sink logits",
     "head_mask": "a per-head mask of the attention weights (sdpa ignores it with a warning)",
     "indices": "sparse key selection",
     "block_indices": "block-sparse key selection",
@@ -110,7 +111,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                       attention_mask: Optional[Tensor] = None, dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                       sliding_window: Optional[int] = None, position_bias: Optional[Tensor] = None,
-                      output_attentions: bool = False, **kwargs) -> Tuple[Tensor, None]:
+                      output_attentions: bool = False, softcap: Optional[float] = None,
+                      s_aux: Optional[Tensor] = None, **kwargs) -> Tuple[Tensor, None]:
     """transformers' attention-function signature, with the meaning of its ``sdpa_attention_forward``.
 
     query (B, Hq, Nq, D); key, value (B, Hkv, Nk, D) with Hkv dividing Hq — never repeated
@@ -133,8 +135,15 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     * ``scaling``: the softmax scale; None is 1/sqrt(D), or 4.57 GPT-2's scale from its layer's
       ``scale_attn_weights`` / ``scale_attn_by_inverse_layer_idx``.
     * ``position_bias`` (5.x, T5-like models): folded into a float mask, as 5.x's sdpa does.
+    * ``softcap`` (Gemma 2's ``attn_logit_softcapping``; also T5Gemma, VaultGemma, 5.x VideoPrism):
+      the scaled score s becomes softcap · tanh(s / softcap) before the mask, as their eager
+      functions do — selfattn's ``softcap``. None or 0 is off (flash-attn's meaning of 0).
+    * ``s_aux`` (GPT-OSS's ``sinks`` parameter; 5.x has more families that pass it): one logit per
+      query head, shape (Hq,), added to every row's softmax with no value — selfattn's ``sinks``,
+      differentiable. Eager's concatenated column, max subtraction and dropped column compute the
+      same softmax; 5.x granite_swa's sigmoid(lse − sink) output scaling is the same quantity too.
     * any other keyword: bookkeeping in HARMLESS_KEYWORDS passes; one in UNSUPPORTED_KEYWORDS
-      (softcap, GPT-OSS's s_aux sinks, head_mask, sparse indices, a paged cache) is refused unless
+      (head_mask, sparse indices, a paged cache, a sink under another keyword) is refused unless
       None, and so is every keyword in neither list.
     """
     _check_keywords(module, attention_mask, kwargs)
@@ -167,9 +176,22 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
     out = selfattn.attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
                              scale=scaling, enable_gqa=query.shape[1] != key.shape[1], causal=causal,
-                             window=window)
+                             window=window, softcap=float(softcap or 0.0), sinks=_sinks(module, s_aux, query))
     # The op lays its output out as (B, Nq, Hq, D): this transpose is already contiguous.
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sinks(module: torch.nn.Module, s_aux: Optional[Tensor], query: Tensor) -> Optional[Tensor]:
+    """The layer's s_aux as selfattn's sinks: (Hq,), float32 or q's dtype (else cast to float32,
+    which keeps its gradient); any other shape is refused in a sentence naming the layer."""
+    if s_aux is None:
+        return None
+    if not isinstance(s_aux, Tensor) or s_aux.dim() != 1 or s_aux.shape[0] != query.shape[1]:
+        shape = tuple(s_aux.shape) if isinstance(s_aux, Tensor) else type(s_aux).__name__
+        raise ValueError(f"selfattn: {type(module).__name__} passes s_aux= of shape {shape}; the selfattn backend "
+                         f"takes one sink logit per query head, shape ({query.shape[1]},); use "
+                         "attn_implementation='eager'")
+    return s_aux if s_aux.dtype in (torch.float32, query.dtype) else s_aux.float()
 
 
 def _fold_position_bias(position_bias: Tensor, attention_mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
