@@ -126,6 +126,10 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(const 
   const Band band = p.band;
   const bool has_mask = p.mask.present();
   const bool modify = p.scores.modify_scores();
+  // The score phase's pairs of a thread share one row (pair % kRows = tid % kRows): its head's
+  // modifications, read once (padding rows past R take the last row's).
+  const int pair_r = imin(r0 + tid % kDecodeRows, p.rows - 1);
+  const HeadMods<A> mods = head_mods<A>(p.scores, band.offset, b, hk * p.group + pair_r / p.nq);
 
   // The chunk's rows: row r = r0 + rl is query r % Nq of head hk * group + r / Nq.
   const int q_chunks = stride / 4;
@@ -185,7 +189,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(const 
         }
         s = dot * p.scale;
         if (modify) {
-          s = head_mods<A>(p.scores, band.offset, b, hk * p.group + r / p.nq).apply(s, r % p.nq, key);
+          s = mods.apply(s, r % p.nq, key);
         }
         if (has_mask) {
           s += mask_bias<T, A>(p.mask, b, hk * p.group + r / p.nq, r % p.nq, key);
