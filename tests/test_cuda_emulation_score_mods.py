@@ -280,3 +280,12 @@ def test_jvp(emu, case, dtype, mods):  # noqa: F811
     if case == "padding_empty_rows":
         assert_empty_rows(out, lse, None, mask, sinks)
         assert (tangent_out[(mask == NEG_INF).all(-1)] == 0).all()
+
+
+@pytest.mark.parametrize("dim", [80, 256])
+def test_tiled_head_dim_buckets(emu, dim, monkeypatch):  # noqa: F811
+    """The tiled kernels' larger tile configurations (D <= 128, <= 256), every modification."""
+    monkeypatch.setenv("SELFATTN_DECODE_SPLITS", "0")
+    batch = 2
+    (hq, hk, nq, nk), causal, mask_args = band_mask_args("causal_bottom_right", batch)
+    run_mods_case(emu, (batch, hq, hk, nq, nk, dim), torch.float32, mod_args("all", batch, hq), causal, mask_args)
