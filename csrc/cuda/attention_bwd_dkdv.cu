@@ -7,6 +7,7 @@
 // queries. No other block writes these rows: no atomics, a fixed summation order.
 #include "kernels.h"
 #include "launch.cuh"
+#include "score_mods.cuh"
 #include "tiles.cuh"
 
 #include <algorithm>
@@ -79,6 +80,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
   for (int g = 0; g < p.group; ++g) {
     const int64_t h = hk * p.group + g;
     const int64_t bh = b * p.heads + h;
+    const HeadMods<float> mods = head_mods<float>(p.scores, band.offset, b, h);
+    const bool modify = mods.active();
     for (int q0 = q_begin; q0 < q_end; q0 += kQueries) {
       __syncthreads();  // every warp is done with the previous tile (and k_s, v_s are complete)
       load_tile<kQueries, Cfg::kThreads>(p.q, b, h, q0, p.nq, p.dim, dim_cols, q_s, S);
@@ -101,7 +104,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
 
       // Pᵀ (keys x queries) from the scores and the forward's lse; with dropout, keep holds
       // M = keep / (1 - p) and Pᵀ ∘ Mᵀ goes into dv.
-      float pt[R][KPL], keep[R][KPL];
+      // grad: the softcap's 1 - tanh², for dSᵀ.
+      float pt[R][KPL], keep[R][KPL], grad[R][KPL];
       tile_scores<R, KPL, S>(k_s + warp_row0 * S, q_s, depth_qk, lane, pt);
 #pragma unroll
       for (int i = 0; i < R; ++i) {
@@ -112,6 +116,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
           const int query = q0 + col;
           const bool visible = key < p.nk && (full || (query < p.nq && band.visible(query, key)));
           float x = pt[i][j] * p.scale;
+          grad[i][j] = 1.f;
+          if (modify) {
+            x = mods.apply(x, query, key, &grad[i][j]);
+          }
           if (has_mask && visible) {
             x += mask_bias<T, float>(p.mask, b, h, query, key);
           }
@@ -144,7 +152,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_kernel(
       for (int i = 0; i < R; ++i) {
 #pragma unroll
         for (int j = 0; j < KPL; ++j) {
-          dst[i][j] = pt[i][j] * (keep[i][j] * dst[i][j] - delta_s[lane.col_group + 8 * j]);
+          dst[i][j] = pt[i][j] * (keep[i][j] * dst[i][j] - delta_s[lane.col_group + 8 * j]) * grad[i][j];
         }
       }
       __syncwarp();  // every lane has read Pᵀ from buf

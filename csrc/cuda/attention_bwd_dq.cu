@@ -6,6 +6,7 @@
 // order (no atomics).
 #include "kernels.h"
 #include "launch.cuh"
+#include "score_mods.cuh"
 #include "tiles.cuh"
 
 #include <algorithm>
@@ -39,6 +40,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(co
   const int dim_cols = round_up(p.dim, 32), dim_v_cols = round_up(p.dim_v, 32);
   const Band band = p.band;
   const bool has_mask = p.mask.present();
+  const HeadMods<float> mods = head_mods<float>(p.scores, band.offset, b, h);
+  const bool modify = mods.active();
   const DropoutKey drop = dropout_key(p.dropout);
 
   load_tile<kRows, Cfg::kThreads>(p.q, b, h, q0, p.nq, p.dim, dim_cols, q_s, S);
@@ -85,13 +88,17 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_kernel(co
         const int key = k0 + lane.col_group + 8 * j;
         const bool visible = row < p.nq && (full || (key < p.nk && band.visible(row, key)));
         float x = ds[i][j] * p.scale;
+        float grad = 1.f;  // the softcap's 1 - tanh²
+        if (modify) {
+          x = mods.apply(x, row, key, &grad);
+        }
         if (has_mask && visible) {
           x += mask_bias<T, float>(p.mask, b, h, row, key);
         }
         const float prob = visible ? exp2f((x - lse[i]) * kLog2e) : 0.f;
-        // Dropout: dS = P ∘ (M ∘ dP - delta), M = keep / (1 - p).
+        // Dropout: dS = P ∘ (M ∘ dP - delta), M = keep / (1 - p); softcap: times 1 - tanh².
         const float keep = drop.active ? dropout_factor(drop, b, h, row, key) : 1.f;
-        ds[i][j] = prob * (keep * dp[i][j] - delta[i]);
+        ds[i][j] = prob * (keep * dp[i][j] - delta[i]) * grad;
       }
     }
 

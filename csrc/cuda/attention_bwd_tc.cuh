@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
   const int n_begin = clip(band.first_key(q0), 0, p.nk) / kBN;
   const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const float scale_log2 = p.scale * kLog2e;
-  const TcScoreMask<true> mask = tc_score_mask<true>(p);
+  const TcScoreMask<true> mask = tc_score_mask<true>(p, b, h);
   const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr q_a = smem_addr(q_s), do_a = smem_addr(do_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
@@ -207,10 +207,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dq_tc_kernel
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = warp_first + g + 8 * (e >> 1), key = k0 + 8 * j + 2 * t + (e & 1);
-        const float x = masked ? mask.apply<T>(s[j][e], b, h, row, key) : s[j][e];
+        float grad = 1.f;  // the softcap's 1 - tanh²
+        const float x = masked ? mask.apply<T>(s[j][e], b, h, row, key, &grad) : s[j][e];
         const float prob = tc_probability(mask, x, scale_log2, lse_sub[e >> 1]);
         const float m = (e & 1) ? keep[e >> 1].y : keep[e >> 1].x;
-        s[j][e] = prob * (m * dp[j][e] - delta[e >> 1]);
+        s[j][e] = prob * (m * dp[j][e] - delta[e >> 1]) * grad;
       }
     }
 
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
   const T* const k_src = p.k.data + b * p.k.stride_b + hk * p.k.stride_h;
   const T* const v_src = p.v.data + b * p.v.stride_b + hk * p.v.stride_h;
   const float scale_log2 = p.scale * kLog2e;
-  const TcScoreMask<true> mask = tc_score_mask<true>(p);
+  TcScoreMask<true> mask = tc_score_mask<true>(p, b, hk * p.group);  // mods.slope: per query head below
   const DropoutKey drop = dropout_key(p.dropout);
   const SmemAddr k_a = smem_addr(k_s), v_a = smem_addr(v_s), stages_a = smem_addr(stages);
   FragOffsets<D> a_off = a_offsets<D>(lane), b_off = b_offsets<D>(lane), bt_off = bt_offsets<D>(lane);
@@ -405,6 +406,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
       // (queries past Nq, keys past Nk, outside the band or the tensor mask) have Pᵀ = 0.
       const int qs0 = q0 + c0;
       const int64_t hq = hk * p.group + it / tiles;  // the tile's query head
+      if (p.scores.has_alibi()) {
+        mask.mods.slope = p.scores.slope(b, hq);
+      }
       const bool masked = mask.per_score() || qs0 + kSubM > p.nq || warp_last >= p.nk ||
                           !band.covers(qs0, qs0 + kSubM, warp_first, warp_last + 1);
 #pragma unroll
@@ -416,13 +420,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_backward_dkdv_tc_kern
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int e = 2 * r + e2;
-            const float x = masked ? mask.apply<T>(st[j][e], b, hq, q0 + col, warp_first + g + 8 * r) : st[j][e];
+            float grad = 1.f;  // the softcap's 1 - tanh²
+            const float x = masked ? mask.apply<T>(st[j][e], b, hq, q0 + col, warp_first + g + 8 * r, &grad) : st[j][e];
             const float prob = tc_probability(mask, x, scale_log2, lse_sub);
             // Dropout: keys run down the rows here, so each decision is a Philox call of its own.
             const float keep =
                 kDropout && drop.active ? dropout_factor(drop, b, hq, q0 + col, warp_first + g + 8 * r) : 1.f;
             st[j][e] = prob * keep;
-            dpt[j][e] = prob * (keep * dpt[j][e] - dlt);
+            dpt[j][e] = prob * (keep * dpt[j][e] - dlt) * grad;
           }
         }
       }

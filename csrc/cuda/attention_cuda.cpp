@@ -3,8 +3,9 @@
 // dtype. Host C++ only; the kernels and their launchers are in the .cu files next to this one
 // (kernels.h lists them).
 //
-// Every kernel takes the whole mask description (attention.h's AttentionMask: the band of mask.h
-// and at most one strided tensor mask) and grouped-query attention (Hk dividing Hq).
+// Every kernel takes the whole mask description (attention.h's AttentionMask: the band of mask.h,
+// at most one strided tensor mask, the score modifications softcap / ALiBi / sinks of
+// score_mods.cuh) and grouped-query attention (Hk dividing Hq).
 //
 //   forward:  half / bfloat16, D = Dv = 64 or 128, aligned layouts
 //                                           -> forward_tc (tensor cores)
@@ -185,6 +186,7 @@ void set_shared_params(Params& p, const at::Tensor& q, const at::Tensor& k, cons
   p.scale = static_cast<acc_t<T>>(scale);
   p.band = mask.band;
   p.mask = tensor_mask(mask.tensor);
+  p.scores = mask.scores;  // alibi_slopes and sinks point into device tensors the mask holds
   p.dropout = mask.dropout;  // rng_state stays on the device: the kernels read it there
 }
 
@@ -287,18 +289,10 @@ void run_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 
 }  // namespace
 
-// The score modifications are not in the CUDA kernels yet: refused rather than ignored.
-void refuse_score_mods(const AttentionMask& mask) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!mask.scores.any(),
-                              "selfattn: softcap, alibi_slopes and sinks are not implemented in the CUDA kernels yet; "
-                              "run on the CPU, or use eager attention on the GPU");
-}
-
 // Shapes as in attention.h; the caller has checked them and allocated the outputs.
 void run_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tangent_q,
              const at::Tensor& tangent_k, const at::Tensor& tangent_v, const AttentionMask& mask, double scale,
              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& tangent_out, cudaStream_t stream) {
-  refuse_score_mods(mask);
   if (q.size(0) * q.size(1) == 0 || q.size(2) == 0) {
     return;
   }
@@ -329,7 +323,6 @@ void run_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 // Shapes as in attention.h; the caller has checked them and allocated out and lse.
 void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask, double scale,
                  const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
-  refuse_score_mods(mask);
   if (q.size(0) * q.size(1) == 0 || q.size(2) == 0) {
     return;
   }
@@ -371,7 +364,6 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask, double scale,
                   const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v, cudaStream_t stream) {
-  refuse_score_mods(mask);
   if (q.size(0) * q.size(1) == 0) {  // no query head (Hq = 0 allows any Hk): k and v unused
     grad_k.zero_();
     grad_v.zero_();

@@ -8,7 +8,8 @@
 // group's query heads at once, so each k/v tile is read once per group (per row chunk), and the
 // splits keep every SM busy. Each split leaves its rows, normalised, and their lse; a second
 // kernel merges the splits in split order (deterministic: no atomics). A split with lse -inf saw
-// no key and weighs 0; a row no split saw gets output 0 and lse -inf.
+// no key and weighs 0; a row no split saw gets output 0 and lse -inf. Sinks (score_mods.cuh) enter
+// once: split 0 starts its rows with them, so its lse includes the sink and the merge weighs it in.
 //
 // Scores are computed as the tiled backward recomputes them (tiles.cuh's tile_scores: one fma
 // chain over d ascending, from float-converted inputs, then times scale, then the mask term), so
@@ -16,6 +17,7 @@
 // several-fold when the two round differently. float64 runs the same code in double.
 #include "kernels.h"
 #include "launch.cuh"
+#include "score_mods.cuh"
 #include "warp_rows.cuh"  // kGenericPerLane
 
 #include <algorithm>
@@ -123,6 +125,11 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(const 
   const int tid = threadIdx.x;
   const Band band = p.band;
   const bool has_mask = p.mask.present();
+  const bool modify = p.scores.modify_scores();
+  // The score phase's pairs of a thread share one row (pair % kRows = tid % kRows): its head's
+  // modifications, read once (padding rows past R take the last row's).
+  const int pair_r = imin(r0 + tid % kDecodeRows, p.rows - 1);
+  const HeadMods<A> mods = head_mods<A>(p.scores, band.offset, b, hk * p.group + pair_r / p.nq);
 
   // The chunk's rows: row r = r0 + rl is query r % Nq of head hk * group + r / Nq.
   const int q_chunks = stride / 4;
@@ -142,7 +149,12 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(const 
 
   // Softmax lanes: row sm_row of the chunk, keys sm_col + 8m of a tile.
   const int sm_row = (tid / 32) * 4 + (tid % 32) / 8, sm_col = tid % 8;
-  A row_max = -INFINITY, row_sum = 0;
+  // A sink enters once: split 0 starts its rows with it (max sink(h), sum 1), the merge weighs it
+  // in with that split's lse. (Padding rows past R take head 0's, harmlessly.)
+  const int sm_r = imin(r0 + sm_row, p.rows - 1);
+  const bool sink_here = split == 0 && p.scores.has_sinks();
+  A row_max = sink_here ? sink_max<A>(p.scores, hk * p.group + sm_r / p.nq) : A(-INFINITY);
+  A row_sum = sink_here ? A(1) : A(0);
   // P · V lanes: columns pv_col .. pv_col + 3, rows pv_row + 2i.
   const int pv_col = (tid % 64) * 4, pv_row = tid / 64;
   const bool pv_active = pv_col < p.dim_v;
@@ -176,6 +188,9 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode_kernel(const 
           dot = fma_acc(qr[d], kr[d], dot);
         }
         s = dot * p.scale;
+        if (modify) {
+          s = mods.apply(s, r % p.nq, key);
+        }
         if (has_mask) {
           s += mask_bias<T, A>(p.mask, b, hk * p.group + r / p.nq, r % p.nq, key);
         }

@@ -9,6 +9,7 @@
 // the warp-per-row kernel of attention_generic.cu.
 #include "kernels.h"
 #include "launch.cuh"
+#include "score_mods.cuh"
 #include "tiles.cuh"
 
 #include <algorithm>
@@ -49,6 +50,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
   const int dim_cols = round_up(p.dim, 32), dim_v_cols = round_up(p.dim_v, 32);
   const Band band = p.band;
   const bool has_mask = p.mask.present();
+  const HeadMods<float> mods = head_mods<float>(p.scores, band.offset, b, h);
+  const bool modify = mods.active();
   const DropoutKey drop = dropout_key(p.dropout);
 
   load_tile<kRows, Cfg::kThreads>(p.q, b, h, q0, p.nq, p.dim, dim_cols, q_s, S);
@@ -64,10 +67,13 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
   float row_max[R];  // running max of the row's scores, the same in all 8 lanes
   float row_sum[R];  // running sum of exp(score - row_max) over this lane's columns only
   float acc[R][C];   // unnormalized output, the lane's columns
+  // A sink starts every row: max sink(h), sum 1 (held by column group 0's lane).
+  const float start_max = sink_max<float>(p.scores, h);
+  const float start_sum = lane.col_group == 0 ? sink_sum<float>(p.scores) : 0.f;
 #pragma unroll
   for (int i = 0; i < R; ++i) {
-    row_max[i] = -INFINITY;
-    row_sum[i] = 0.f;
+    row_max[i] = start_max;
+    row_sum[i] = start_sum;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       acc[i][c] = 0.f;
@@ -100,6 +106,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_kernel(const 
         const int key = k0 + lane.col_group + 8 * j;
         const bool visible = full || (key < p.nk && band.visible(row, key));
         float x = s[i][j] * p.scale;
+        if (modify) {
+          x = mods.apply(x, row, key);
+        }
         if (has_mask && visible && row < p.nq) {
           x += mask_bias<T, float>(p.mask, b, h, row, key);
         }

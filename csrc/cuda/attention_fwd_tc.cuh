@@ -12,9 +12,10 @@
 // sees by the band are never loaded, a warp skips the tiles none of its rows sees, and only tiles
 // the band does not cover for the warp (or that cross the end of the keys) are masked element by
 // element, every tile when there is a tensor mask. With an additive mask the running max is kept
-// in natural units (scale q·k + element; tc_mask.cuh says why). Grouped-query attention: query
-// head h reads kv head h / group. Dropout (philox.h): P is multiplied by 1/(1 - p) or 0 after
-// the running sum took it.
+// in natural units (scale q·k + element; tc_mask.cuh says why). Score modifications (softcap,
+// ALiBi, sinks) take the masked kernel and natural units too; a sink starts each row's max and sum.
+// Grouped-query attention: query head h reads kv head h / group. Dropout (philox.h): P is
+// multiplied by 1/(1 - p) or 0 after the running sum took it.
 // Included by the attention_fwd_tc_*.cu files, one instantiation each (compile time), with and
 // without a tensor mask and with and without dropout (kTensorMask, kDropout: at 255 registers
 // every live value counts, and the unrolled Philox code was most of the plain kernel's loop;
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
   const int n_end = (clip(band.last_key(q_last) + 1, 0, p.nk) + kBN - 1) / kBN;
   const int warp_q1 = imin(p.nq, warp_last + 1);
   const float scale_log2 = p.scale * kLog2e;
-  const TcScoreMask<kTensorMask> mask = tc_score_mask<kTensorMask>(p);
+  const TcScoreMask<kTensorMask> mask = tc_score_mask<kTensorMask>(p, b, h);
   // Scores to base 2: raw ones (times scale_log2), or natural ones with an additive mask.
   const float to_base2 = mask.additive() ? kLog2e : scale_log2;
   const DropoutKey drop = dropout_key(p.dropout);
@@ -101,6 +102,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
   float o[kMT][kOTiles][4];
   float row_max[kMT][2];  // running max of the raw scores, the same in the quad's 4 lanes
   float row_sum[kMT][2];  // running sum of exp2(.) over this lane's columns only
+  // A sink (kTensorMask only, natural units) starts every row: max sink(h), sum 1 in lane t = 0.
+  const float start_max = kTensorMask ? sink_max<float>(p.scores, h) : -INFINITY;
+  const float start_sum = kTensorMask && t == 0 ? sink_sum<float>(p.scores) : 0.f;
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
@@ -112,8 +116,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_forward_tc_kernel(con
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      row_max[mi][r] = -INFINITY;
-      row_sum[mi][r] = 0.f;
+      row_max[mi][r] = start_max;
+      row_sum[mi][r] = start_sum;
     }
   }
 
@@ -316,7 +320,7 @@ void launch_forward_tc(const ForwardParams<T>& p, cudaStream_t stream) {
 template <typename T, typename Cfg>
 void launch_forward_tc(ForwardParams<T> p, cudaStream_t stream) {
   p.row_blocks = static_cast<int>(ceil_div(p.nq, Cfg::kBlockM));
-  if (p.mask.present()) {
+  if (p.mask.present() || p.scores.any()) {  // score modifications take the masked kernel
     launch_forward_tc<T, Cfg, true>(p, stream);
   } else {
     launch_forward_tc<T, Cfg, false>(p, stream);

@@ -3,6 +3,7 @@
 // deterministic (no atomics; every sum in a fixed order).
 #include "kernels.h"
 #include "launch.cuh"
+#include "score_mods.cuh"
 #include "warp_rows.cuh"
 
 namespace selfattn::cuda {
@@ -34,8 +35,9 @@ __global__ void __launch_bounds__(128) attention_forward_generic_kernel(const Fo
   for (int t = 0; t < kGenericPerLane; ++t) {
     acc[t] = 0;
   }
-  A row_max = -INFINITY, row_sum = 0;
+  A row_max = sink_max<A>(p.scores, h), row_sum = sink_sum<A>(p.scores);
   const bool has_mask = p.mask.present();
+  const HeadMods<A> mods = head_mods<A>(p.scores, p.band.offset, b, h);
   const DropoutKey drop = dropout_key(p.dropout);
   const int k_begin = clip(p.band.first_key(i), 0, p.nk);
   const int k_end = clip(p.band.last_key(i) + 1, 0, p.nk);
@@ -44,9 +46,10 @@ __global__ void __launch_bounds__(128) attention_forward_generic_kernel(const Fo
     if (bias == -INFINITY) {
       continue;  // the same in every lane of the warp
     }
-    const A s = warp_dot(q, p.k.row(b, hk, j), p.k.stride_d, p.dim, lane) * p.scale + bias;
+    const A raw = warp_dot(q, p.k.row(b, hk, j), p.k.stride_d, p.dim, lane) * p.scale;
+    const A s = (mods.active() ? mods.apply(raw, i, j) : raw) + bias;
     const A new_max = s > row_max ? s : row_max;
-    const A alpha = exp(row_max - new_max);  // 0 for the first key
+    const A alpha = exp(row_max - new_max);  // 0 for the first key (without a sink)
     const A prob = exp(s - new_max);
     row_sum = row_sum * alpha + prob;
     row_max = new_max;
@@ -96,6 +99,7 @@ __global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(cons
   const A lse = backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n]);
   const A delta = p.delta[row];
   const bool has_mask = p.mask.present();
+  const HeadMods<A> mods = head_mods<A>(p.scores, p.band.offset, b, h);
   const DropoutKey drop = dropout_key(p.dropout);
   const int k_begin = clip(p.band.first_key(i), 0, p.nk);
   const int k_end = clip(p.band.last_key(i) + 1, 0, p.nk);
@@ -105,10 +109,12 @@ __global__ void __launch_bounds__(128) attention_backward_dq_generic_kernel(cons
       continue;
     }
     const T* k_row = p.k.row(b, hk, j);
-    const A prob = exp(warp_dot(q, k_row, p.k.stride_d, p.dim, lane) * p.scale + bias - lse);
+    A grad = 1;  // the softcap's 1 - tanh²
+    const A raw = warp_dot(q, k_row, p.k.stride_d, p.dim, lane) * p.scale;
+    const A prob = exp((mods.active() ? mods.apply(raw, i, j, &grad) : raw) + bias - lse);
     const A dp = warp_dot(grad_out, p.v.row(b, hk, j), p.v.stride_d, p.dim_v, lane);
     const A keep = drop.active ? dropout_keep_factor<A>(p.dropout, drop, b, h, i, j) : A(1);
-    const A ds = prob * (keep * dp - delta);  // dS = P ∘ (M ∘ dP - delta)
+    const A ds = prob * (keep * dp - delta) * grad;  // dS = P ∘ (M ∘ dP - delta) ∘ (1 - tanh²)
 #pragma unroll
     for (int t = 0; t < kGenericPerLane; ++t) {
       const int d = lane + 32 * t;
@@ -154,6 +160,7 @@ __global__ void __launch_bounds__(128) attention_backward_dkdv_generic_kernel(co
   const int i_end = clip(p.band.last_query(j + 1) + 1, 0, p.nq);
   for (int g = 0; g < p.group; ++g) {
     const int64_t h = hk * p.group + g, bh = b * p.heads + h;
+    const HeadMods<A> mods = head_mods<A>(p.scores, p.band.offset, b, h);
     for (int i = i_begin; i < i_end; ++i) {
       const A bias = has_mask ? mask_bias<T, A>(p.mask, b, h, i, j) : A(0);
       if (bias == -INFINITY) {
@@ -162,11 +169,14 @@ __global__ void __launch_bounds__(128) attention_backward_dkdv_generic_kernel(co
       const T* q_row = p.q.row(b, h, i);
       const T* do_row = p.grad_out.row(b, h, i);
       const A lse = backward_lse(p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i * p.lse_stride_n]);
-      const A prob = exp(warp_dot(k, q_row, p.q.stride_d, p.dim, lane) * p.scale + bias - lse);
+      A grad = 1;  // the softcap's 1 - tanh²
+      const A raw = warp_dot(k, q_row, p.q.stride_d, p.dim, lane) * p.scale;
+      const A prob = exp((mods.active() ? mods.apply(raw, i, j, &grad) : raw) + bias - lse);
       const A dp = warp_dot(v, do_row, p.grad_out.stride_d, p.dim_v, lane);
       const A keep = drop.active ? dropout_keep_factor<A>(p.dropout, drop, b, h, i, j) : A(1);
-      const A ds = prob * (keep * dp - p.delta[bh * p.nq + i]);  // dS = P ∘ (M ∘ dP - delta)
-      const A kept = prob * keep;                                 // dv takes P ∘ M
+      // dS = P ∘ (M ∘ dP - delta) ∘ (1 - tanh²); dv takes P ∘ M.
+      const A ds = prob * (keep * dp - p.delta[bh * p.nq + i]) * grad;
+      const A kept = prob * keep;
 #pragma unroll
       for (int t = 0; t < kGenericPerLane; ++t) {
         const int d = lane + 32 * t;

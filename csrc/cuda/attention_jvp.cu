@@ -1,14 +1,17 @@
 // CUDA forward-mode derivative of attention (attention_jvp): out, lse and tangent_out in one pass.
 //
-// With S = scale·q kᵀ (+ mask), P = softmax(S) and dS = scale·(dq kᵀ + q dkᵀ):
+// With S = mods(scale·q kᵀ) (+ mask), P = softmax(S) and dS = mods'·scale·(dq kᵀ + q dkᵀ) (mods:
+// softcap and ALiBi, score_mods.cuh; mods' = 1 − tanh² under softcap, else 1):
 //   tangent_out = P·dv + (P ∘ (dS − rowsum(P ∘ dS)))·v = (acc_t − s_t·out) / l,
 // where per query row l = Σ p, acc_t = Σ p·(dv + ds·v), s_t = Σ p·ds (p = exp(s − max)); the
 // online softmax rescales them with the output's acc when the max moves (as csrc/cpu/attention_jvp.cpp).
 // One warp per query row, a key at a time, the lanes splitting the head dims (attention_generic.cu's
 // scheme): every dtype, accumulated in acc_t<T> (float, double for double), every mask; no Nq x Nk
-// matrix, no atomics, deterministic. A row that sees no key: out 0, tangent 0, lse -inf.
+// matrix, no atomics, deterministic. A row that sees no key: out 0, tangent 0, lse -inf (sink(h)
+// with sinks, which start each row's max and sum; their tangent is added outside: add_sinks_tangent).
 #include "kernels.h"
 #include "launch.cuh"
+#include "score_mods.cuh"
 #include "warp_rows.cuh"
 
 namespace selfattn::cuda {
@@ -32,8 +35,10 @@ __global__ void __launch_bounds__(128) attention_jvp_generic_kernel(const JvpPar
     acc[t] = 0;
     acc_t[t] = 0;
   }
-  A row_max = -INFINITY, row_sum = 0, row_ds = 0;
+  // A sink starts the row (its tangent is added outside the kernel: add_sinks_tangent).
+  A row_max = sink_max<A>(p.scores, h), row_sum = sink_sum<A>(p.scores), row_ds = 0;
   const bool has_mask = p.mask.present();
+  const HeadMods<A> mods = head_mods<A>(p.scores, p.band.offset, b, h);
   const int k_begin = clip(p.band.first_key(i), 0, p.nk);
   const int k_end = clip(p.band.last_key(i) + 1, 0, p.nk);
   for (int j = k_begin; j < k_end; ++j) {
@@ -42,7 +47,9 @@ __global__ void __launch_bounds__(128) attention_jvp_generic_kernel(const JvpPar
       continue;  // the same in every lane of the warp
     }
     const T* k_row = p.k.row(b, hk, j);
-    const A s = warp_dot(q, k_row, p.k.stride_d, p.dim, lane) * p.scale + bias;
+    A grad = 1;  // the softcap's 1 - tanh², on the score's tangent
+    const A raw = warp_dot(q, k_row, p.k.stride_d, p.dim, lane) * p.scale;
+    const A s = (mods.active() ? mods.apply(raw, i, j, &grad) : raw) + bias;
     A ds = 0;
     if (p.has_tangent_q) {
       ds += warp_dot(tq, k_row, p.k.stride_d, p.dim, lane);
@@ -50,7 +57,7 @@ __global__ void __launch_bounds__(128) attention_jvp_generic_kernel(const JvpPar
     if (p.has_tangent_k) {
       ds += warp_dot(q, p.tangent_k.row(b, hk, j), p.tangent_k.stride_d, p.dim, lane);
     }
-    ds *= p.scale;
+    ds *= p.scale * grad;
     const A new_max = s > row_max ? s : row_max;
     const A alpha = exp(row_max - new_max);  // 0 for the first key
     const A prob = exp(s - new_max);

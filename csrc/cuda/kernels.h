@@ -13,7 +13,9 @@
 //   attention_fwd_tc_hd{64,128}_{f16,bf16}.cu   forward_tc        half, bfloat16 (tensor cores)
 //   attention_bwd_tc_hd{64,128}_{f16,bf16}.cu   backward_tc       half, bfloat16 (tensor cores)
 //
-// Every kernel takes the band, the tensor mask and grouped-query attention of params.h. All launch on `stream` and return without synchronising.
+// Every kernel takes the band, the tensor mask, the score modifications (softcap, ALiBi, sinks:
+// score_mods.cuh) and grouped-query attention of params.h. All launch on `stream` and return
+// without synchronising.
 #pragma once
 
 #include "params.h"

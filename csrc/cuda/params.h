@@ -78,7 +78,8 @@ struct SharedParams {
   acc_t<T> scale;
   Band band;
   TensorMask mask;
-  Dropout dropout;  // philox.h; rng_state a device pointer, read by the kernels
+  ScoreMods scores;  // mask.h: softcap, ALiBi slopes and sinks (device pointers), score_mods.cuh
+  Dropout dropout;   // philox.h; rng_state a device pointer, read by the kernels
 };
 
 // Forward: out = softmax(scale * q kᵀ + mask) v and lse, the logsumexp of each row of the

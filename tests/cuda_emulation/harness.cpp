@@ -33,6 +33,17 @@
 
 namespace {
 
+// The score modifications (softcap, alibi_slopes, sinks) every call below applies until they are
+// set again (set_score_mods; none at first): the ops' arguments, as set_scores takes them.
+struct ScoreModArgs {
+  double softcap = 0.0;
+  std::optional<at::Tensor> alibi_slopes, sinks;
+};
+ScoreModArgs& score_mod_args() {
+  static ScoreModArgs args;
+  return args;
+}
+
 // The kernels' mask for checked mask arguments, as the ops' builder makes it (csrc/attention.cpp,
 // attention_mask_arguments): attn_mask broadcast to (B, Hq, Nq, Nk) as a view.
 selfattn::AttentionMask make_mask(const selfattn::AttentionShape& s, bool causal,
@@ -43,6 +54,12 @@ selfattn::AttentionMask make_mask(const selfattn::AttentionShape& s, bool causal
   mask.band = selfattn::make_band(causal, window_left, window_right, diagonal_offset);
   if (attn_mask.has_value()) {
     mask.tensor = attn_mask->expand_symint({s.batch, s.heads, s.nq, s.nk});
+  }
+  const ScoreModArgs& mods = score_mod_args();
+  if (mods.softcap > 0.0 || mods.alibi_slopes.has_value() || mods.sinks.has_value()) {
+    const at::ScalarType acc =
+        mods.sinks.has_value() && mods.sinks->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    mask.set_scores(mods.softcap, mods.alibi_slopes, mods.sinks, acc);
   }
   mask.set_dropout(dropout_p, rng_state);
   return mask;
@@ -129,6 +146,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("jvp", &jvp,
         "jvp(q, k, v, tangent_q, tangent_k, tangent_v, causal, scale, attn_mask, window_left, window_right, "
         "diagonal_offset, out, lse, tangent_out): fills out, lse and tangent_out like attention_jvp_cuda");
+  m.def(
+      "set_score_mods",
+      [](double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
+        score_mod_args() = {softcap, alibi_slopes, sinks};
+      },
+      "set_score_mods(softcap, alibi_slopes, sinks): the score modifications of the calls that follow (sinks in "
+      "the accumulation type: float32, float64 for float64 inputs)");
   m.def(
       "seed", [](int64_t seed) { emu::state().rng.seed(static_cast<uint32_t>(seed)); },
       "seed of the thread-order shuffling");
