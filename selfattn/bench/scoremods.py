@@ -18,7 +18,7 @@ SDPA; Hugging Face's eager functions make it contiguous themselves). The rows an
   before timing: its construction time is not counted.
 * softcap forward against ``torch.compile(flex_attention, dynamic=False)`` with the same
   ``score_mod`` (causal: a ``create_block_mask`` block mask, built before timing and not counted),
-  ≥ 1.0×; its compile time (the first call, after ``torch._dynamo.reset()``) is reported apart.
+  ≥ 1.0×; its compile time (the first call, after ``torch.compiler.reset()``) is reported apart.
   FlexAttention's CPU backward raises, so that row has no fwd+bwd comparison (the fwd+bwd
   contest times selfattn alone). If flex_attention cannot be imported or compiled here, the row
   says so with the reason.
@@ -295,7 +295,7 @@ def flex_call(shape: Tuple[int, int, int, int], dtype: torch.dtype, causal: bool
     The first call compiles (dynamo reset first, so each case compiles its own graph)."""
     q, k, v, _, _, _ = inputs(shape, dtype, "fwd")
     try:
-        torch._dynamo.reset()
+        torch.compiler.reset()
         forward = flex_forward(q, causal, SOFTCAP)
         began = time.perf_counter()
         with torch.no_grad():
