@@ -44,7 +44,7 @@ at::Tensor sink_probabilities(const at::Tensor& sinks, const at::Tensor& lse) {
 at::Tensor sinks_gradient(const at::Tensor& sinks, const at::Tensor& grad_out, const at::Tensor& out,
                           const at::Tensor& lse) {
   const at::Tensor delta = at::mul(widened(grad_out), widened(out)).sum(-1, false, at::kDouble);
-  return (sink_probabilities(sinks, lse) * delta).sum({0, 2}).neg().to(sinks.scalar_type());
+  return (sink_probabilities(sinks, lse) * delta).sum(at::IntArrayRef{0, 2}).neg().to(sinks.scalar_type());
 }
 
 void add_sinks_tangent(const at::Tensor& sinks, const at::Tensor& tangent_sinks, const at::Tensor& out,
