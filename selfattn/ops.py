@@ -162,7 +162,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float 
     if not enable_gqa and q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1]:
         raise ValueError(f"selfattn: q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for "
                          "grouped-query attention (Hk dividing Hq), or give k and v q's heads")
-    scores = _score_mods(softcap, alibi_slopes, sinks)
+    # (The plain call skips building the modifications' dict: one test of each.)
+    scores = (_score_mods(softcap, alibi_slopes, sinks)
+              if softcap != 0.0 or alibi_slopes is not None or sinks is not None else {})
     if (attn_mask is None and window is None and causal is False and not is_causal and rng_state is None
             and not scores):
         # no mask, no dropout, no score modification: skip masks.py
